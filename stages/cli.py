@@ -1,0 +1,118 @@
+"""``aoq``: one command line for every stage; the Makefile calls these sub-commands."""
+
+import logging
+import sys
+from pathlib import Path
+
+import click
+
+from .config import load_config
+from .errors import UserError
+from .log import setup_logging
+
+log = logging.getLogger("aoq")
+
+
+def config_options(func):
+    """``--config FILE`` (repeatable, applied in order) and ``--set key=value`` (repeatable)."""
+    func = click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
+                        help="Override one config value, e.g. --set train.lr=5e-4 "
+                             "(or a bare key that one section has: --set lr=5e-4).")(func)
+    func = click.option("--config", "config_files", multiple=True,
+                        type=click.Path(dir_okay=False, path_type=Path),
+                        help="YAML config under configs/; repeat to layer several.")(func)
+    return func
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def cli() -> None:
+    """Image-text retrieval with offline hard negatives (AOQ over VSE++), stage by stage."""
+    setup_logging()
+
+
+@cli.command()
+@config_options
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path),
+              help="Where to write the vocabulary (default: data.vocab or "
+                   "<data.path>/<data.name>/vocab.json).")
+@click.option("--threshold", default=4, show_default=True,
+              help="Keep words seen at least this often in the training captions.")
+def vocab(config_files, overrides, out, threshold) -> None:
+    """Build the vocabulary from the training captions only."""
+    from .data.vocab import build_vocab_file
+
+    config = load_config(config_files, overrides)
+    captions = config.dataset_dir() / f"{config.data.train_split}_caps.txt"
+    if not captions.is_file():
+        raise UserError(f"training captions {captions} not found; check DATA_PATH and DATA")
+    build_vocab_file(captions, out or config.vocab_path(), threshold)
+
+
+@cli.command()
+@config_options
+@click.option("--run-dir", type=click.Path(file_okay=False, path_type=Path),
+              help="Run folder (default: runs/<data.name>/base).")
+@click.option("--resume", is_flag=True,
+              help="Continue the run in --run-dir from its last.pt (or start it if it has "
+                   "none); without it an existing run folder is refused.")
+def train(config_files, overrides, run_dir, resume) -> None:
+    """Train a base model with online hard negatives (VSE++)."""
+    from .train import train as run_training
+
+    config = load_config(config_files, overrides)
+    run_training(config, run_dir or Path("runs") / config.data.name / "base", resume=resume)
+
+
+@cli.command(name="eval")
+@config_options
+@click.option("--ckpt", "checkpoints", multiple=True, required=True,
+              type=click.Path(dir_okay=False, path_type=Path),
+              help="Checkpoint to evaluate; repeat for an ensemble (averaged similarities).")
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path),
+              help="metrics.jsonl to append to (default: beside the first checkpoint).")
+def evaluate(config_files, overrides, checkpoints, out) -> None:
+    """Recall@K, medr, meanr, rsum on data.eval_split (eval.fold5 for COCO 5-fold 1K)."""
+    from .evaluate import evaluate as run_eval
+
+    run_eval(list(checkpoints), config_files, overrides, out)
+
+
+@cli.command(name="demo-data")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True,
+              help="Dataset folder to write (precomp layout).")
+@click.option("--train-images", default=5000, show_default=True)
+@click.option("--dev-images", default=500, show_default=True)
+@click.option("--test-images", default=1000, show_default=True)
+@click.option("--testall-images", default=0, show_default=True,
+              help="Also write a COCO-style testall split (5 folds) of this many images.")
+@click.option("--feature-dim", default=256, show_default=True)
+@click.option("--seed", default=0, show_default=True)
+def demo_data(out, train_images, dev_images, test_images, testall_images, feature_dim,
+              seed) -> None:
+    """Generate the synthetic demo dataset (scenes, region features, 5 captions each)."""
+    from .data.synthetic import write_synthetic_dataset
+
+    splits = {"train": train_images, "dev": dev_images, "test": test_images}
+    if testall_images:
+        splits["testall"] = testall_images
+    write_synthetic_dataset(out, splits, seed=seed, feature_dim=feature_dim)
+
+
+def main() -> None:
+    """Entry point: user errors print one clear line and exit with status 2."""
+    try:
+        cli(standalone_mode=False)
+    except (click.exceptions.Abort, KeyboardInterrupt):
+        log.error("interrupted; outputs are written atomically, rerun (with --resume for "
+                  "train) to continue")
+        sys.exit(130)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except UserError as exc:
+        log.error("%s", exc)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

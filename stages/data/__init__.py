@@ -1,0 +1,1 @@
+"""Datasets, captions and vocabulary: the data contract every stage reads."""

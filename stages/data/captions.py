@@ -1,0 +1,37 @@
+"""Caption files: ``{split}_caps.txt``, one caption per line, 5 consecutive lines per image."""
+
+from pathlib import Path
+
+from ..errors import UserError
+
+CAPTIONS_PER_IMAGE = 5
+
+
+def read_captions(path: str | Path) -> list[str]:
+    """All captions of a caption file, stripped, in order.
+
+    Raises :class:`UserError` naming the file and line for a missing file, bytes that are
+    not UTF-8, or an empty line (which would silently shift every later caption to the
+    wrong image).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"caption file {path} not found")
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line_no = raw[: exc.start].count(b"\n") + 1
+        raise UserError(f"{path}:{line_no}: not UTF-8 ({exc.reason} at byte {exc.start}); "
+                        "re-encode the file as UTF-8 (e.g. iconv -f latin1 -t utf-8)") from exc
+    lines = text.split("\n")
+    if lines and lines[-1] == "":
+        lines.pop()
+    captions = []
+    for i, line in enumerate(lines, 1):
+        caption = line.strip()
+        if not caption:
+            raise UserError(f"{path}:{i}: empty caption line; every image needs exactly "
+                            f"{CAPTIONS_PER_IMAGE} non-empty consecutive caption lines")
+        captions.append(caption)
+    return captions

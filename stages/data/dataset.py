@@ -1,0 +1,198 @@
+"""Torch datasets over one split: (image, caption) pairs for training, and images and
+captions separately for embedding. Caption ``c`` belongs to image ``c // 5``.
+"""
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from ..errors import UserError
+from .captions import CAPTIONS_PER_IMAGE, read_captions
+from .features import FeatureStore, open_features
+from .vocab import PAD, Vocab
+
+log = logging.getLogger(__name__)
+
+
+class TokenizedCaptions:
+    """Every caption of a split encoded once: token ids in one flat int32 array.
+
+    ``tokens[c]`` is caption c's ids (with ``<start>``/``<end>``) as a (L,) long tensor.
+    Tokenizing once up front instead of per item keeps it out of the training loop.
+    """
+
+    def __init__(self, captions: list[str], vocab: Vocab):
+        encoded = [vocab.encode(c) for c in captions]
+        lengths = np.fromiter((len(e) for e in encoded), dtype=np.int64, count=len(encoded))
+        self.offsets = np.zeros(len(encoded) + 1, dtype=np.int64)
+        np.cumsum(lengths, out=self.offsets[1:])
+        self.flat = np.fromiter((t for e in encoded for t in e), dtype=np.int32,
+                                count=int(self.offsets[-1]))
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    def __getitem__(self, c: int) -> torch.Tensor:
+        return torch.from_numpy(self.flat[self.offsets[c]:self.offsets[c + 1]].astype(np.int64))
+
+
+@dataclass
+class Split:
+    """One split of a dataset folder: features of N images and their 5N captions."""
+
+    name: str
+    features: FeatureStore
+    captions: list[str]
+
+    @property
+    def num_images(self) -> int:
+        return len(self.features)
+
+    def tokenized(self, vocab: Vocab) -> TokenizedCaptions:
+        """The captions encoded with ``vocab``, computed once per (split, vocab)."""
+        cache = self.__dict__.setdefault("_tokenized", {})
+        if id(vocab) not in cache:
+            cache[id(vocab)] = (vocab, TokenizedCaptions(self.captions, vocab))
+        return cache[id(vocab)][1]
+
+    def limit(self, num_images: int) -> "Split":
+        """The first ``num_images`` images and their captions (COCO validates on 1000)."""
+        if num_images <= 0 or num_images >= self.num_images:
+            return self
+        store = FeatureStore(self.features.path, num_images * self.features.row_step,
+                             self.features.item_shape, self.features.row_step)
+        return Split(self.name, store, self.captions[: num_images * CAPTIONS_PER_IMAGE])
+
+
+def open_split(dataset_dir: str | Path, split: str) -> Split:
+    """Open ``split`` of a dataset folder and check that captions match images 5 to 1."""
+    dataset_dir = Path(dataset_dir)
+    if not dataset_dir.is_dir():
+        raise UserError(f"dataset folder {dataset_dir} not found; set DATA_PATH to the folder "
+                        "holding it (make ... DATA_PATH=/datasets) or run the features stage")
+    caps_path = dataset_dir / f"{split}_caps.txt"
+    if not caps_path.is_file():
+        raise UserError(f"caption file {caps_path} not found for split {split!r}; a precomp "
+                        "dataset folder holds {split}_caps.txt beside its features")
+    features = open_features(dataset_dir, split)
+    captions = read_captions(caps_path)
+    n_caps, rows = len(captions), features.num_images
+    if n_caps == CAPTIONS_PER_IMAGE * rows:
+        pass
+    elif n_caps == rows and rows % CAPTIONS_PER_IMAGE == 0:
+        log.info("%s: %d feature rows for %d captions: one row per caption, reading every "
+                 "%dth row as the image", features.path, rows, n_caps, CAPTIONS_PER_IMAGE)
+        features = FeatureStore(features.path, rows, features.item_shape, CAPTIONS_PER_IMAGE)
+    else:
+        raise UserError(f"{caps_path} has {n_caps} captions but {features.path} has {rows} "
+                        f"images; expected exactly {CAPTIONS_PER_IMAGE} consecutive captions "
+                        "per image: check that both files come from the same split and release")
+    return Split(split, features, captions)
+
+
+class PairDataset(Dataset):
+    """Training pairs, one item per caption c: ``(image, regions, tokens, c, c // 5)``.
+
+    ``image`` is (R, D) or (D,) float32. ``__getitems__`` fetches a whole batch with one
+    feature read (DataLoader uses it when present).
+    """
+
+    def __init__(self, split: Split, vocab: Vocab):
+        self.split = split
+        self.tokens = split.tokenized(vocab)
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    def __getitem__(self, c: int):
+        return self.__getitems__([c])[0]
+
+    def __getitems__(self, captions: list[int]) -> list[tuple]:
+        images = [c // CAPTIONS_PER_IMAGE for c in captions]
+        feats = torch.from_numpy(self.split.features.read_many(images))
+        regions = self.split.features.regions_many(images)
+        return [(feats[k], int(regions[k]), self.tokens[c], c, i)
+                for k, (c, i) in enumerate(zip(captions, images, strict=True))]
+
+
+class ImageDataset(Dataset):
+    """Unique images of a split: ``(image, regions, i)``."""
+
+    def __init__(self, split: Split):
+        self.split = split
+
+    def __len__(self) -> int:
+        return self.split.num_images
+
+    def __getitem__(self, i: int):
+        return self.__getitems__([i])[0]
+
+    def __getitems__(self, images: list[int]) -> list[tuple]:
+        feats = torch.from_numpy(self.split.features.read_many(images))
+        regions = self.split.features.regions_many(images)
+        return [(feats[k], int(regions[k]), i) for k, i in enumerate(images)]
+
+
+class CaptionDataset(Dataset):
+    """All captions of a split: ``(tokens, c)``."""
+
+    def __init__(self, split: Split, vocab: Vocab):
+        self.tokens = split.tokenized(vocab)
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    def __getitem__(self, c: int):
+        return self.tokens[c], c
+
+
+def pad_tokens(token_lists: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pad variable-length token id sequences: ((B, L) long, lengths (B,) long)."""
+    lengths = torch.tensor([len(t) for t in token_lists], dtype=torch.long)
+    tokens = torch.full((len(token_lists), int(lengths.max())), PAD, dtype=torch.long)
+    for row, t in enumerate(token_lists):
+        tokens[row, : len(t)] = t
+    return tokens, lengths
+
+
+def collate_pairs(batch) -> dict[str, torch.Tensor]:
+    """Stack a list of :class:`PairDataset` items.
+
+    Returns ``images`` (B, R, D) or (B, D) float, ``regions`` (B,) long, ``tokens`` (B, L)
+    long, ``lengths`` (B,) long, ``caption_ids`` (B,) long, ``image_ids`` (B,) long.
+    """
+    images, regions, tokens, caption_ids, image_ids = zip(*batch, strict=True)
+    tokens, lengths = pad_tokens(list(tokens))
+    return {
+        "images": torch.stack(images),
+        "regions": torch.tensor(regions, dtype=torch.long),
+        "tokens": tokens,
+        "lengths": lengths,
+        "caption_ids": torch.tensor(caption_ids, dtype=torch.long),
+        "image_ids": torch.tensor(image_ids, dtype=torch.long),
+    }
+
+
+def collate_images(batch) -> dict[str, torch.Tensor]:
+    """``images`` (B, R, D) | (B, D), ``regions`` (B,), ``image_ids`` (B,)."""
+    images, regions, image_ids = zip(*batch, strict=True)
+    return {"images": torch.stack(images), "regions": torch.tensor(regions, dtype=torch.long),
+            "image_ids": torch.tensor(image_ids, dtype=torch.long)}
+
+
+def collate_captions(batch) -> dict[str, torch.Tensor]:
+    """``tokens`` (B, L), ``lengths`` (B,), ``caption_ids`` (B,)."""
+    tokens, caption_ids = zip(*batch, strict=True)
+    tokens, lengths = pad_tokens(list(tokens))
+    return {"tokens": tokens, "lengths": lengths,
+            "caption_ids": torch.tensor(caption_ids, dtype=torch.long)}
+
+
+def epoch_permutation(num_items: int, seed: int, epoch: int) -> np.ndarray:
+    """The shuffled item order of an epoch, a pure function of (seed, epoch), so a resumed
+    run sees exactly the batches the interrupted one would have."""
+    return np.random.default_rng([seed, epoch]).permutation(num_items)

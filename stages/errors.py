@@ -1,0 +1,9 @@
+"""The one exception type that stages raise for problems a user can fix.
+
+The CLI prints these as a single clear message (no traceback): what is wrong, which file,
+and what to do about it.
+"""
+
+
+class UserError(Exception):
+    """Bad input or an impossible request; the message names the file and the fix."""

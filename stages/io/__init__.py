@@ -1,0 +1,1 @@
+"""File I/O shared by the stages: atomic writes, checkpoints, hashing."""

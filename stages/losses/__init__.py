@@ -1,0 +1,15 @@
+"""Training losses, one per module, picked by registered name (``loss.name`` in configs)."""
+
+import dataclasses
+
+from ..registry import Registry
+
+LOSSES = Registry("loss")
+
+from . import vse_hinge  # noqa: E402,F401  (registers vse_max, vse_sum)
+from .base import RetrievalLoss  # noqa: E402
+
+
+def build_loss(loss_config) -> RetrievalLoss:
+    """The loss named ``loss_config.name``, given the config fields its constructor takes."""
+    return LOSSES.build(loss_config.name, dataclasses.asdict(loss_config))

@@ -1,0 +1,1 @@
+"""Retrieval metrics: the one recall@K implementation every stage uses."""

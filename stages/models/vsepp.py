@@ -1,0 +1,90 @@
+"""VSE++ (Faghri et al. 2018) on precomputed image features.
+
+Image side: linear projection of the features (regions mean-pooled over the valid ones),
+L2-normalised. Text side: word embedding + GRU, final hidden state, L2-normalised.
+Similarity is the inner product of the normalised embeddings (cosine).
+"""
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.utils.rnn import pack_padded_sequence
+
+from . import MODELS
+
+
+def masked_mean(images: torch.Tensor, regions: torch.Tensor) -> torch.Tensor:
+    """Mean over the first ``regions[b]`` regions: (B, R, D), (B,) -> (B, D)."""
+    num = images.shape[1]
+    if bool((regions == num).all()):
+        return images.mean(dim=1)
+    mask = torch.arange(num, device=images.device)[None, :] < regions[:, None]
+    mask = mask.to(images.dtype)
+    return (images * mask[..., None]).sum(1) / mask.sum(1, keepdim=True).clamp(min=1)
+
+
+class ImageEncoder(nn.Module):
+    """Precomputed features -> embedding: (B, R, D) or (B, D) -> (B, E).
+
+    Mean pooling then projection equals projecting every region then pooling (the
+    projection is linear), at 1/R of the cost.
+    """
+
+    def __init__(self, img_dim: int, embed_size: int, img_norm: bool = True):
+        super().__init__()
+        self.fc = nn.Linear(img_dim, embed_size)
+        self.img_norm = img_norm
+        bound = math.sqrt(6.0) / math.sqrt(img_dim + embed_size)  # VSE++'s Xavier init
+        nn.init.uniform_(self.fc.weight, -bound, bound)
+        nn.init.zeros_(self.fc.bias)
+
+    def forward(self, images: torch.Tensor, regions: torch.Tensor) -> torch.Tensor:
+        pooled = masked_mean(images, regions) if images.dim() == 3 else images
+        emb = self.fc(pooled)
+        return F.normalize(emb, dim=-1) if self.img_norm else emb
+
+
+class TextEncoder(nn.Module):
+    """Token ids -> embedding: (B, L) long, lengths (B,) -> (B, E)."""
+
+    def __init__(self, vocab_size: int, word_dim: int, embed_size: int, num_layers: int = 1,
+                 bidirectional: bool = False):
+        super().__init__()
+        self.embed = nn.Embedding(vocab_size, word_dim)
+        self.rnn = nn.GRU(word_dim, embed_size, num_layers, batch_first=True,
+                          bidirectional=bidirectional)
+        self.bidirectional = bidirectional
+        nn.init.uniform_(self.embed.weight, -0.1, 0.1)
+
+    def forward(self, tokens: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        packed = pack_padded_sequence(self.embed(tokens), lengths.cpu(), batch_first=True,
+                                      enforce_sorted=False)
+        _, hidden = self.rnn(packed)  # (layers * directions, B, E)
+        emb = (hidden[-2] + hidden[-1]) / 2 if self.bidirectional else hidden[-1]
+        return F.normalize(emb, dim=-1)
+
+
+@MODELS.register("vsepp")
+class VSEPP(nn.Module):
+    """VSE++ on precomputed features; ``args`` rebuilds it (stored in checkpoints)."""
+
+    def __init__(self, img_dim: int, vocab_size: int, embed_size: int = 1024,
+                 word_dim: int = 300, num_layers: int = 1, bidirectional: bool = False,
+                 img_norm: bool = True):
+        super().__init__()
+        self.args = {"img_dim": img_dim, "vocab_size": vocab_size, "embed_size": embed_size,
+                     "word_dim": word_dim, "num_layers": num_layers,
+                     "bidirectional": bidirectional, "img_norm": img_norm}
+        self.image_encoder = ImageEncoder(img_dim, embed_size, img_norm)
+        self.text_encoder = TextEncoder(vocab_size, word_dim, embed_size, num_layers,
+                                        bidirectional)
+
+    def encode_images(self, images: torch.Tensor, regions: torch.Tensor) -> torch.Tensor:
+        """(B, R, D) | (B, D) features, (B,) valid regions -> (B, E) embeddings."""
+        return self.image_encoder(images, regions)
+
+    def encode_captions(self, tokens: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """(B, L) token ids, (B,) lengths -> (B, E) embeddings."""
+        return self.text_encoder(tokens, lengths)

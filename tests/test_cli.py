@@ -1,0 +1,61 @@
+"""The command line end to end, through the real entry point, on tiny generated data."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+TINY = ["--set", "model.embed_size=32", "--set", "model.word_dim=16",
+        "--set", "train.batch_size=16", "--set", "train.epochs=1", "--set", "data.workers=0"]
+
+
+def aoq(*args, cwd):
+    return subprocess.run([sys.executable, "-m", "stages.cli", *map(str, args)], cwd=cwd,
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_every_stage_has_help(tmp_path):
+    for command in ([], ["vocab"], ["train"], ["eval"], ["demo-data"]):
+        result = aoq(*command, "--help", cwd=tmp_path)
+        assert result.returncode == 0, result.stderr
+        assert "Usage:" in result.stdout
+    assert "--config" in aoq("train", "--help", cwd=tmp_path).stdout
+
+
+def test_demo_data_vocab_train_eval(tmp_path):
+    data = ["--set", f"data.path={tmp_path / 'data'}", "--set", "data.name=tiny"]
+    steps = [
+        ["demo-data", "--out", tmp_path / "data" / "tiny", "--train-images", 30,
+         "--dev-images", 6, "--test-images", 8, "--feature-dim", 16],
+        ["vocab", *data, "--threshold", 1],
+        ["train", *data, *TINY, "--run-dir", tmp_path / "run"],
+        ["eval", "--ckpt", tmp_path / "run" / "checkpoint.pt", *data],
+    ]
+    for step in steps:
+        result = aoq(*step, cwd=tmp_path)
+        assert result.returncode == 0, (step, result.stderr)
+    assert "image->text" in result.stdout and "rsum" in result.stdout
+    records = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["stage"] for r in records] == ["train", "eval"]
+    assert "| INFO | stages.train |" in (tmp_path / "run" / "train.log").read_text()
+
+    again = aoq("train", *data, *TINY, "--run-dir", tmp_path / "run", cwd=tmp_path)
+    assert again.returncode == 2
+    assert "already exists; pass --resume" in again.stderr
+    assert "Traceback" not in again.stderr
+
+
+@pytest.mark.parametrize("args, message", [
+    (["train", "--set", "train.lrr=1"], "unknown key train.lrr"),
+    (["train", "--set", "loss.name=nope"], "unknown loss 'nope'; known:"),
+    (["train", "--set", "data.path=/nonexistent"], "vocabulary /nonexistent"),
+    (["eval", "--ckpt", "missing.pt"], "checkpoint missing.pt not found"),
+])
+def test_user_errors_are_one_clear_line(tmp_path, args, message):
+    result = aoq(*args, "--run-dir", tmp_path / "r", cwd=tmp_path) if args[0] == "train" \
+        else aoq(*args, cwd=tmp_path)
+    assert result.returncode == 2
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "r").exists()  # a failed start leaves no run folder behind

@@ -1,0 +1,72 @@
+import argparse
+import json
+
+import pytest
+import torch
+
+from stages.errors import UserError
+from stages.evaluate import evaluate, format_table
+from stages.train import train
+
+
+@pytest.fixture
+def trained(tiny_config, tmp_path):
+    return train(tiny_config, tmp_path / "run")
+
+
+def test_eval_appends_a_record_beside_the_checkpoint(trained):
+    record = evaluate([trained])
+    assert record["split"] == "test" and record["protocol"] == "all"
+    assert record["images"] == 10 and record["epoch"] >= 1
+    lines = (trained.parent / "metrics.jsonl").read_text().splitlines()
+    assert json.loads(lines[-1]) == record
+    assert record["rsum"] == pytest.approx(sum(record[f"r{k}_{d}"] for k in (1, 5, 10)
+                                               for d in ("i2t", "t2i")))
+
+
+def test_ensemble_of_a_model_with_itself_equals_the_model(trained, tmp_path):
+    single = evaluate([trained], out=tmp_path / "a.jsonl")
+    double = evaluate([trained, trained], out=tmp_path / "b.jsonl")
+    for key in ("r1_i2t", "r5_t2i", "meanr_t2i", "rsum"):
+        assert double[key] == pytest.approx(single[key])
+    assert len(double["checkpoints"]) == 2
+
+
+def test_five_fold_on_testall(tiny_root, trained, tmp_path):
+    from stages.data.synthetic import write_synthetic_dataset
+
+    write_synthetic_dataset(tiny_root / "tiny5", {"testall": 20, "test": 7}, seed=4,
+                            feature_dim=32)
+    tiny5 = ["data.name=tiny5", "eval.fold5=1"]
+    record = evaluate([trained], overrides=[*tiny5, "data.eval_split=testall"],
+                      out=tmp_path / "m.jsonl")
+    assert record["protocol"] == "5fold" and record["images"] == 4
+    with pytest.raises(UserError, match="5 equal folds.*has 7 images"):
+        evaluate([trained], overrides=tiny5, out=tmp_path / "m.jsonl")
+
+
+def test_foreign_checkpoints_are_refused(tmp_path):
+    torch.save({"model": {}, "opt": 1}, tmp_path / "dict.pt")
+    with pytest.raises(UserError, match="dict.pt: not a checkpoint of this project"):
+        evaluate([tmp_path / "dict.pt"])
+    # What VSE++ and SCAN save: a pickled argparse.Namespace among the weights.
+    torch.save({"opt": argparse.Namespace(lr=1), "model": []}, tmp_path / "vsepp.pth.tar")
+    with pytest.raises(UserError, match="vsepp.pth.tar: not a checkpoint.*argparse"):
+        evaluate([tmp_path / "vsepp.pth.tar"])
+    with pytest.raises(UserError, match="not found"):
+        evaluate([tmp_path / "missing.pt"])
+
+
+def test_weights_that_do_not_fit_the_model_are_refused(trained, tmp_path):
+    state = torch.load(trained, weights_only=True)
+    state["model"]["args"]["embed_size"] = 64
+    torch.save(state, tmp_path / "bad.pt")
+    with pytest.raises(UserError, match="bad.pt: weights do not fit model 'vsepp'"):
+        evaluate([tmp_path / "bad.pt"])
+
+
+def test_table_layout():
+    metrics = {f"{m}_{d}": 1.0 for m in ("r1", "r5", "r10", "medr", "meanr")
+               for d in ("i2t", "t2i")}
+    text = format_table({"base": {**metrics, "rsum": 6.0}})
+    assert "image->text" in text and "text->image" in text and "6.0" in text
