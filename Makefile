@@ -22,10 +22,18 @@ EXP ?=
 FOLD5 ?= 0
 SET ?=
 
+AOQ_RUN ?= aoq
+
 DATASET := $(DATA_PATH)/$(DATA)
 VOCAB ?= $(DATASET)/vocab.json
 RUN_DIR := runs/$(DATA)/$(RUN)
-CKPT ?= $(RUN_DIR)/checkpoint.pt
+BASE_CKPT := $(RUN_DIR)/checkpoint.pt
+EMBEDDINGS := $(RUN_DIR)/embeddings_train.h5
+OFFCANDI_DIR ?= offcandi/$(DATA)
+CANDIDATES := $(OFFCANDI_DIR)/t2i.h5
+AOQ_DIR := runs/$(DATA)/$(AOQ_RUN)
+AOQ_CKPT := $(AOQ_DIR)/checkpoint.pt
+CKPT ?= $(AOQ_CKPT)
 
 BIN := $(VENV)/bin
 AOQ := $(BIN)/aoq
@@ -33,16 +41,22 @@ STAMP := $(VENV)/.installed
 CONFIGS := --config configs/data/$(DATA).yaml $(if $(EXP),--config configs/experiment/$(EXP).yaml)
 OVERRIDES := --set data.path=$(DATA_PATH) --set data.vocab=$(VOCAB) $(foreach s,$(SET),--set $(s))
 
-.PHONY: help install test lint demo vocab train eval bench clean-demo
+.PHONY: help install test lint demo vocab train embed offcandi retrain eval compare \
+	f30k-all coco-all bench clean-demo
 
 help:
 	@echo "make demo          set up, generate the demo dataset, train and evaluate (CPU, minutes)"
 	@echo "make test          set up, then lint and run the test suite"
 	@echo "make vocab         vocabulary of DATA's training captions   -> DATA_PATH/DATA/vocab.json"
 	@echo "make train         base VSE++ model                         -> runs/DATA/RUN/checkpoint.pt"
-	@echo "make eval          R@K of CKPT on DATA's eval split (FOLD5=1: COCO 5-fold 1K)"
+	@echo "make embed         embed the training split with the base model -> runs/DATA/RUN/embeddings_train.h5"
+	@echo "make offcandi      FAISS offline candidates                 -> offcandi/DATA/{i2t,t2i}.h5"
+	@echo "make retrain       AOQ quintuplet-loss model                -> runs/DATA/AOQ_RUN/checkpoint.pt"
+	@echo "make eval          R@K of CKPT (default: the AOQ model) on DATA's eval split (FOLD5=1: COCO 5-fold 1K)"
+	@echo "make compare       base and AOQ side by side (the whole chain if needed)"
+	@echo "make f30k-all      the whole chain on f30k_precomp; coco-all likewise on coco_precomp"
 	@echo "make bench         speed figures                            -> bench/results.json"
-	@echo "variables: DATA=$(DATA) DATA_PATH=$(DATA_PATH) RUN=$(RUN) EXP=$(EXP) FOLD5=$(FOLD5)"
+	@echo "variables: DATA=$(DATA) DATA_PATH=$(DATA_PATH) RUN=$(RUN) AOQ_RUN=$(AOQ_RUN) EXP=$(EXP) FOLD5=$(FOLD5)"
 	@echo "           CKPT=$(CKPT) SET='section.key=value ...' TORCH=$(TORCH)"
 
 # --- environment: a virtual environment made from nothing --------------------------------
@@ -78,15 +92,39 @@ $(VOCAB): $(DATASET)/train_caps.txt | $(STAMP)
 	$(AOQ) vocab $(CONFIGS) $(OVERRIDES)
 
 # --- stages ------------------------------------------------------------------------------
-train: $(RUN_DIR)/checkpoint.pt
-$(RUN_DIR)/checkpoint.pt: $(VOCAB) | $(STAMP)
+train: $(BASE_CKPT)
+$(BASE_CKPT): $(VOCAB) | $(STAMP)
 	$(AOQ) train $(CONFIGS) $(OVERRIDES) --run-dir $(RUN_DIR) --resume
+
+embed: $(EMBEDDINGS)
+$(EMBEDDINGS): $(BASE_CKPT)
+	$(AOQ) embed --ckpt $< $(OVERRIDES) --out $@
+
+# i2t.h5 is written before t2i.h5, each atomically: t2i.h5 stands for both.
+offcandi: $(CANDIDATES)
+$(CANDIDATES): $(EMBEDDINGS)
+	$(AOQ) offcandi --embeddings $< $(CONFIGS) $(OVERRIDES) --out-dir $(OFFCANDI_DIR)
+
+retrain: $(AOQ_CKPT)
+$(AOQ_CKPT): $(CANDIDATES)
+	$(AOQ) retrain $(CONFIGS) $(OVERRIDES) --set offcandi.dir=$(OFFCANDI_DIR) \
+	    --set offcandi.base_ckpt=$(BASE_CKPT) --run-dir $(AOQ_DIR) --resume
 
 eval: $(CKPT) | $(STAMP)
 	$(AOQ) eval $(foreach c,$(CKPT),--ckpt $(c)) $(CONFIGS) $(OVERRIDES) --set eval.fold5=$(FOLD5)
 
+compare: $(BASE_CKPT) $(AOQ_CKPT)
+	$(AOQ) eval --each --ckpt $(BASE_CKPT) --ckpt $(AOQ_CKPT) $(CONFIGS) $(OVERRIDES) \
+	    --set eval.fold5=$(FOLD5)
+
+f30k-all:
+	$(MAKE) --no-print-directory compare DATA=f30k_precomp
+
+coco-all:
+	$(MAKE) --no-print-directory compare DATA=coco_precomp FOLD5=1
+
 demo:
-	$(MAKE) --no-print-directory eval DATA=demo EXP=demo DATA_PATH=data RUN=base
+	$(MAKE) --no-print-directory compare DATA=demo EXP=demo DATA_PATH=data
 
 clean-demo:
 	rm -rf data/demo runs/demo

@@ -70,11 +70,84 @@ def train(config_files, overrides, run_dir, resume) -> None:
               help="Checkpoint to evaluate; repeat for an ensemble (averaged similarities).")
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path),
               help="metrics.jsonl to append to (default: beside the first checkpoint).")
-def evaluate(config_files, overrides, checkpoints, out) -> None:
+@click.option("--each", is_flag=True,
+              help="Evaluate the checkpoints one by one and print them side by side, "
+                   "instead of as an ensemble.")
+def evaluate(config_files, overrides, checkpoints, out, each) -> None:
     """Recall@K, medr, meanr, rsum on data.eval_split (eval.fold5 for COCO 5-fold 1K)."""
     from .evaluate import evaluate as run_eval
+    from .evaluate import print_results, run_name
 
-    run_eval(list(checkpoints), config_files, overrides, out)
+    if not each:
+        run_eval(list(checkpoints), config_files, overrides, out)
+        return
+    records = {run_name([c]): run_eval([c], config_files, overrides, out, show=False)
+               for c in checkpoints}
+    print_results(records)
+
+
+@cli.command()
+@config_options
+@click.option("--ckpt", "checkpoint", required=True,
+              type=click.Path(dir_okay=False, path_type=Path), help="The model to embed with.")
+@click.option("--split", default="", help="Split to embed (default: data.train_split).")
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path),
+              help="Output HDF5 (default: embeddings_<split>.h5 beside the checkpoint).")
+def embed(config_files, overrides, checkpoint, split, out) -> None:
+    """Embed every image and caption of a split, unshuffled, into one HDF5 file."""
+    from .embed import embed as run_embed
+
+    run_embed(checkpoint, split, config_files, overrides, out)
+
+
+@cli.command()
+@config_options
+@click.option("--embeddings", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="Training-split embeddings from `aoq embed`.")
+@click.option("--out-dir", type=click.Path(file_okay=False, path_type=Path),
+              help="Where i2t.h5 and t2i.h5 go (default: offcandi.dir or "
+                   "offcandi/<dataset>).")
+def offcandi(config_files, overrides, embeddings, out_dir) -> None:
+    """Mine offline hard-negative candidates (i2t, t2i) with FAISS."""
+    from .offcandi import offcandi as run_offcandi
+
+    config = load_config(config_files, overrides)
+    run_offcandi(embeddings, out_dir or config.candidates_dir(), config.offcandi)
+
+
+@cli.command(name="offcandi-import")
+@config_options
+@click.option("--i2t", "i2t_file", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="AOQ's published i2t_<data>.npy, int32 (N, K).")
+@click.option("--t2i", "t2i_file", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="AOQ's published t2i_<data>.npy, int32 (5N, K).")
+@click.option("--out-dir", type=click.Path(file_okay=False, path_type=Path),
+              help="Default: offcandi.dir or offcandi/<data.name>.")
+def offcandi_import(config_files, overrides, i2t_file, t2i_file, out_dir) -> None:
+    """Convert AOQ's published candidate .npy files, checked against the dataset."""
+    from .candidates import import_published
+
+    config = load_config(config_files, overrides)
+    import_published(i2t_file, t2i_file, config, out_dir or config.candidates_dir())
+
+
+@cli.command()
+@config_options
+@click.option("--run-dir", type=click.Path(file_okay=False, path_type=Path),
+              help="Run folder (default: runs/<data.name>/aoq).")
+@click.option("--resume", is_flag=True, help="As for train.")
+def retrain(config_files, overrides, run_dir, resume) -> None:
+    """Train with offline hard negatives: loss.name defaults to aoq (or offquin, offtri)."""
+    from .losses import LOSSES
+    from .train import train as run_training
+
+    config = load_config(config_files, overrides,
+                         base=load_config(overrides=["loss.name=aoq"]))
+    if not LOSSES.class_of(config.loss.name).requires_offline:
+        offline = [n for n in LOSSES.names() if LOSSES.class_of(n).requires_offline]
+        raise UserError(f"retrain needs a loss that uses offline negatives "
+                        f"({', '.join(offline)}), not {config.loss.name!r}; use `aoq train`")
+    run_training(config, run_dir or Path("runs") / config.data.name / "aoq", resume=resume)
 
 
 @cli.command(name="demo-data")

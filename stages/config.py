@@ -48,12 +48,21 @@ class ModelConfig:
 
 @dataclass
 class LossConfig:
-    """The training loss, picked by registered name (VSE++: max violation, margin 0.2)."""
+    """The training loss, picked by registered name (VSE++: max violation, margin 0.2).
+
+    The AOQ losses (``aoq``, ``offquin``, ``offtri``) also use ``offline_margin``,
+    ``alpha``, ``beta``, ``clamp_weights`` and ``detach_weights``.
+    """
 
     name: str = "vse_max"
-    margin: float = 0.2
+    margin: float = 0.2  # online margin (m_on)
     warmup_epochs: int = 0  # epochs of sum-of-violations before the max-violation loss
     mask_same_image: bool = False  # also mask in-batch pairs that share an image
+    offline_margin: float = 0.0  # m_off
+    alpha: float = 0.3
+    beta: float = 1.5
+    clamp_weights: bool = False  # clamp the adaptive weights at 0 (the reference does not)
+    detach_weights: bool = False  # no gradient through the weights (the reference has one)
 
 
 @dataclass
@@ -69,6 +78,22 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     ckpt_every: int = 0  # also save last.pt every N steps within an epoch (0: epoch ends only)
+    init_from: str = ""  # start from this checkpoint's weights (default: from scratch)
+
+
+@dataclass
+class OffcandiConfig:
+    """Offline candidates: how they are mined, and how retraining samples them."""
+
+    dir: str = ""  # candidate folder; empty: offcandi/<data.name>
+    k_i2t: int = 300  # captions kept per image
+    k_t2i: int = 60  # images kept per caption
+    index: str = "flat"  # flat (exact) | hnsw | ivf (approximate, recall reported)
+    block_size: int = 4096  # queries per search block
+    recall_sample: int = 1000  # queries on which an approximate index is checked
+    threads: int = 0  # FAISS threads (0: all this process may use)
+    hardest: int = 300  # h: a negative is drawn uniformly from the top h (t2i: top h / 5)
+    base_ckpt: str = ""  # retrain refuses candidates not mined with this checkpoint
 
 
 @dataclass
@@ -87,6 +112,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    offcandi: OffcandiConfig = field(default_factory=OffcandiConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
 
     def to_dict(self) -> dict:
@@ -100,6 +126,9 @@ class Config:
 
     def dataset_dir(self) -> Path:
         return Path(self.data.path) / self.data.name
+
+    def candidates_dir(self) -> Path:
+        return Path(self.offcandi.dir) if self.offcandi.dir else Path("offcandi") / self.data.name
 
     def vocab_path(self) -> Path:
         return Path(self.data.vocab) if self.data.vocab else self.dataset_dir() / "vocab.json"

@@ -25,21 +25,26 @@ FOLDS = 5
 
 
 def format_table(results: dict[str, dict]) -> str:
-    """A text table of R@K / medr / meanr per direction and rsum, one block per result."""
-    head = "".join(f"{'R@' + str(k):>7}" for k in RECALL_KS) + f"{'medr':>7}{'meanr':>8}"
-    lines = []
-    for name, m in results.items():
-        lines.append(f"{name:<24}{head}")
-        for direction, label in (("i2t", "image->text"), ("t2i", "text->image")):
-            values = "".join(f"{m[f'r{k}_{direction}']:>7.1f}" for k in RECALL_KS)
-            lines.append(f"  {label:<22}{values}{m[f'medr_{direction}']:>7.1f}"
-                         f"{m[f'meanr_{direction}']:>8.1f}")
-        lines.append(f"  {'rsum':<22}{m['rsum']:>7.1f}")
-    return "\n".join(lines)
+    """Metrics side by side: a row per metric, a column per named result."""
+    names = list(results)
+    width = max(10, *(len(n) + 2 for n in names))
+    rows = [f"{'':<18}" + "".join(f"{n:>{width}}" for n in names)]
+    for direction, label in (("i2t", "image->text"), ("t2i", "text->image")):
+        for key, text in [*((f"r{k}", f"R@{k}") for k in RECALL_KS), ("medr", "medr"),
+                          ("meanr", "meanr")]:
+            values = "".join(f"{results[n][f'{key}_{direction}']:>{width}.1f}" for n in names)
+            rows.append(f"{label + ' ' + text:<18}{values}")
+    rows.append(f"{'rsum':<18}" + "".join(f"{results[n]['rsum']:>{width}.1f}" for n in names))
+    return "\n".join(rows)
+
+
+def run_name(checkpoints: list[str | Path]) -> str:
+    """How a result is labelled in tables: the run folder's name, or 'ensemble'."""
+    return "ensemble" if len(checkpoints) > 1 else Path(checkpoints[0]).parent.name
 
 
 def evaluate(checkpoints: list[str | Path], config_files=(), overrides=(),
-             out: str | Path | None = None) -> dict:
+             out: str | Path | None = None, show: bool = True) -> dict:
     """Evaluate ``checkpoints`` (an ensemble if several) on ``data.eval_split``.
 
     The data config starts from the first checkpoint's and is changed by ``config_files``
@@ -81,10 +86,16 @@ def evaluate(checkpoints: list[str | Path], config_files=(), overrides=(),
               "images": split.num_images // folds, **metrics}
     out = Path(out) if out else Path(checkpoints[0]).parent / "metrics.jsonl"
     append_jsonl(out, record)
-    name = "ensemble" if len(checkpoints) > 1 else Path(checkpoints[0]).parent.name
-    protocol = (f"{folds}-fold {split.num_images // folds}" if folds > 1
-                else f"{split.num_images} images")
-    print(f"\n{config.data.name} {config.data.eval_split} ({protocol})")
-    print(format_table({name: metrics}))
     log.info("appended to %s", out)
+    if show:
+        print_results({run_name(checkpoints): record})
     return record
+
+
+def print_results(records: dict[str, dict]) -> None:
+    """Print eval records (of one dataset, split and protocol) as one table."""
+    first = next(iter(records.values()))
+    protocol = (f"5-fold {first['images']}" if first["protocol"] == "5fold"
+                else f"{first['images']} images")
+    print(f"\n{first['dataset']} {first['split']} ({protocol})")
+    print(format_table(records))

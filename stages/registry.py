@@ -31,6 +31,11 @@ class Registry:
             raise UserError(f"unknown {self.kind} {name!r}; known: {', '.join(self.names())}")
         return self._factories[name]
 
+    def class_of(self, name: str) -> type:
+        """The class behind ``name`` (without its preset arguments)."""
+        factory = self.get(name)
+        return getattr(factory, "func", factory)
+
     def build(self, name: str, options: dict):
         """Instantiate ``name`` with the entries of ``options`` that its constructor takes."""
         factory = self.get(name)

@@ -16,14 +16,16 @@ import torch
 import yaml
 from torch.utils.data import DataLoader
 
+from .candidates import load_candidates
 from .config import Config, config_diff
-from .data.dataset import PairDataset, collate_pairs, epoch_permutation, open_split
+from .data.dataset import PairDataset, Split, collate_pairs, epoch_permutation, open_split
+from .data.offline import OfflineNegativeSampler, OfflinePairDataset, collate_offline
 from .data.vocab import Vocab, file_sha256
 from .device import resolve_device
 from .encode import encode_split
 from .errors import UserError
 from .io.atomic import append_jsonl, atomic_path, write_text
-from .io.checkpoint import load_checkpoint, save_checkpoint
+from .io.checkpoint import load_checkpoint, save_checkpoint, weights_hash
 from .log import setup_logging
 from .losses import build_loss
 from .metrics.retrieval import evaluate_embeddings
@@ -78,10 +80,60 @@ def _prepare_run_dir(run_dir: Path, config: Config, resume: bool) -> dict | None
     return None
 
 
+def _offline_dataset(config: Config, split: Split, vocab: Vocab, fingerprint: dict):
+    """The AOQ training set: pairs plus negatives from checked candidate files."""
+    h = config.offcandi.hardest
+    expected = ""
+    if config.offcandi.base_ckpt:
+        expected = weights_hash(load_checkpoint(config.offcandi.base_ckpt)["state_dict"])
+    folder = config.candidates_dir()
+    i2t, t2i = (load_candidates(folder, direction, config.data.name, split.name,
+                                split.num_images, min_k, expected)
+                for direction, min_k in (("i2t", h), ("t2i", -(-h // 5))))
+    if i2t.attrs["weights"] != t2i.attrs["weights"]:
+        raise UserError(f"{i2t.path} and {t2i.path} were mined with different models "
+                        f"({i2t.attrs['weights']} vs {t2i.attrs['weights']}); mine both "
+                        "again with `make offcandi`")
+    fingerprint["candidates_weights"] = i2t.attrs["weights"]
+    log.info("offline negatives from %s (mined with %s), sampled from the top %d",
+             folder, i2t.attrs.get("checkpoint"), h)
+    sampler = OfflineNegativeSampler(i2t.indices, t2i.indices, h, config.train.seed)
+    return OfflinePairDataset(split, vocab, sampler), collate_offline
+
+
+def _init_weights(model, model_name: str, model_args: dict, path: str) -> None:
+    """Start from another checkpoint's weights (``train.init_from``)."""
+    source = load_checkpoint(path)
+    if source["model"] != {"name": model_name, "args": model_args}:
+        raise UserError(f"train.init_from={path} holds model {source['model']}, which "
+                        f"differs from this run's {model_name} {model_args}")
+    model.load_state_dict(source["state_dict"])
+    log.info("initialised from %s (weights %s)", path, weights_hash(source["state_dict"]))
+
+
 def _validate(model, val_split, vocab, config: Config, device) -> dict:
     img, cap = encode_split(model, val_split, vocab, device, workers=config.data.workers,
                             desc=f"validate {val_split.name}")
     return evaluate_embeddings(img, cap, folds=1, block_size=config.eval.block_size)
+
+
+def _batch_loss(model, loss_fn, batch: dict, device: torch.device) -> torch.Tensor:
+    """Encode a batch's images and captions (each side in one call) and apply the loss.
+
+    Offline batches stack anchors and negatives (see ``collate_offline``): rows [0, B)
+    are the anchors, [B, 2B) the first and [2B, 3B) the second offline negatives.
+    """
+    img = model.encode_images(batch["images"].to(device, non_blocking=True),
+                              batch["regions"].to(device, non_blocking=True))
+    cap = model.encode_captions(batch["tokens"].to(device, non_blocking=True),
+                                batch["lengths"])
+    image_ids = batch["image_ids"].to(device)
+    if not loss_fn.requires_offline:
+        return loss_fn(img, cap, image_ids)
+    b = img.shape[0] // 3
+    offline = {"images": img[b:2 * b], "images2": img[2 * b:],
+               "captions": cap[b:2 * b], "captions2": cap[2 * b:]}
+    return loss_fn(img[:b], cap[:b], image_ids[:b], offline=offline)
 
 
 def train(config: Config, run_dir: str | Path, resume: bool = False) -> Path:
@@ -107,6 +159,10 @@ def train(config: Config, run_dir: str | Path, resume: bool = False) -> Path:
              config.data.val_split)
 
     fingerprint = data_fingerprint(config, vocab_path, train_split.num_images)
+    if loss_fn.requires_offline:
+        dataset, collate = _offline_dataset(config, train_split, vocab, fingerprint)
+    else:
+        dataset, collate = PairDataset(train_split, vocab), collate_pairs
     device = resolve_device(t.device)
 
     state = _prepare_run_dir(run_dir, config, resume)
@@ -118,16 +174,20 @@ def train(config: Config, run_dir: str | Path, resume: bool = False) -> Path:
                   "embed_size": m.embed_size, "word_dim": m.word_dim,
                   "num_layers": m.num_layers, "bidirectional": m.bidirectional,
                   "img_norm": m.img_norm}
-    model = build_model(m.name, **model_args).to(device)
+    model = build_model(m.name, **model_args)
+    if t.init_from and state is None:
+        _init_weights(model, m.name, model_args, t.init_from)
+    model.to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=t.lr)
 
     epoch = epoch_step = step = 0
     best_rsum, best_epoch, metrics = -math.inf, -1, {}
     if state is not None:
         if state["data_fingerprint"] != fingerprint:
-            raise UserError(f"cannot resume {run_dir}: its data fingerprint "
-                            f"{state['data_fingerprint']} differs from the data now at "
-                            f"{dataset_dir} ({fingerprint})")
+            raise UserError(f"cannot resume {run_dir}: it was trained on other data or "
+                            f"candidates ({state['data_fingerprint']}) than those now given "
+                            f"({fingerprint}); delete {run_dir} to start it over, or use "
+                            "another run folder")
         model.load_state_dict(state["state_dict"])
         optimizer.load_state_dict(state["optimizer"])
         epoch, epoch_step, step = state["epoch"], state["epoch_step"], state["step"]
@@ -150,16 +210,17 @@ def train(config: Config, run_dir: str | Path, resume: bool = False) -> Path:
                 "rng": {"torch": torch.get_rng_state(), "cuda": cuda_rng},
                 "metrics": metrics}
 
-    dataset = PairDataset(train_split, vocab)
     while epoch < t.epochs:
         lr = learning_rate(config, epoch)
         for group in optimizer.param_groups:
             group["lr"] = lr
         loss_fn.set_epoch(epoch)
+        if hasattr(dataset, "set_epoch"):
+            dataset.set_epoch(epoch)
         order = epoch_permutation(len(dataset), t.seed, epoch).tolist()
         batches = [order[i:i + t.batch_size] for i in range(0, len(order), t.batch_size)]
         loader = DataLoader(dataset, batch_sampler=batches[epoch_step:],
-                            collate_fn=collate_pairs, num_workers=config.data.workers,
+                            collate_fn=collate, num_workers=config.data.workers,
                             pin_memory=device.type == "cuda",
                             generator=torch.Generator().manual_seed(t.seed))
         model.train()
@@ -168,11 +229,7 @@ def train(config: Config, run_dir: str | Path, resume: bool = False) -> Path:
         with Progress(len(batches), f"epoch {epoch + 1}/{t.epochs}", unit="it",
                       start=epoch_step) as bar:
             for batch in loader:
-                img = model.encode_images(batch["images"].to(device, non_blocking=True),
-                                          batch["regions"].to(device, non_blocking=True))
-                cap = model.encode_captions(batch["tokens"].to(device, non_blocking=True),
-                                            batch["lengths"])
-                loss = loss_fn(img, cap, batch["image_ids"].to(device))
+                loss = _batch_loss(model, loss_fn, batch, device)
                 if not torch.isfinite(loss):
                     raise UserError(
                         f"loss is {loss.item()} at epoch {epoch + 1}, step {step + 1} (batch "

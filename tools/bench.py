@@ -1,23 +1,33 @@
-"""Speed figures for README: every figure is a ratio to a baseline timed in the same run.
+"""Speed figures for README: every figure is compared with a baseline timed in the same run.
 
 * train step: one VSE++ step (encode both sides, max-violation loss, backward, clip, Adam)
   at batch 128 on demo data, against a bare GRU + Linear forward/backward of the same
   sizes (the floor any implementation pays);
 * eval: recall ranks of 5,000 images x 25,000 captions (d=1024) with the blocked
   implementation, against the reference repos' per-anchor argsort loop timed on a sample
-  of anchors and extrapolated.
+  of anchors and extrapolated;
+* offcandi at Flickr30K scale (29,000 images x 145,000 captions, d=1024, K=300/60, clustered
+  L2-normalised embeddings): the whole stage (in a subprocess, for its peak RSS) against a
+  bare ``faiss.IndexFlatIP`` search of the same queries, against AOQ's per-anchor
+  dot-and-argsort loop on a sample of anchors (extrapolated), and the IVF option's time
+  and recall@K against exact search.
 
 Usage: python tools/bench.py --out bench/results.json
 """
 
 import json
 import platform
+import resource
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 import click
+import faiss
+import h5py
 import numpy as np
 import torch
 
@@ -25,6 +35,7 @@ from stages.config import LossConfig
 from stages.data.dataset import PairDataset, collate_pairs, open_split
 from stages.data.synthetic import write_synthetic_dataset
 from stages.data.vocab import Vocab
+from stages.knn import set_threads
 from stages.losses import build_loss
 from stages.metrics.retrieval import retrieval_ranks
 from stages.models import build_model
@@ -102,16 +113,104 @@ def bench_eval(num_images: int, dim: int, sample: int) -> dict:
             "reference_sample_anchors": sample, "speedup": round(reference / ours, 1)}
 
 
+def clustered_embeddings(num_images: int, dim: int, seed: int = 0,
+                         clusters: int = 500) -> tuple[np.ndarray, np.ndarray]:
+    """L2-normalised image (N, d) and caption (5N, d) embeddings around shared clusters."""
+    rng = np.random.default_rng(seed)
+    centers = rng.standard_normal((clusters, dim), dtype=np.float32)
+    img = centers[rng.integers(clusters, size=num_images)]
+    img += 0.8 * rng.standard_normal(img.shape, dtype=np.float32)
+    img /= np.linalg.norm(img, axis=1, keepdims=True)
+    cap = np.repeat(img, 5, axis=0)
+    cap += 0.05 * rng.standard_normal(cap.shape, dtype=np.float32)
+    cap /= np.linalg.norm(cap, axis=1, keepdims=True)
+    return img, cap
+
+
+STAGE_SCRIPT = """
+import resource, sys, time
+from stages.config import OffcandiConfig
+from stages.offcandi import offcandi
+t0 = time.perf_counter()
+offcandi(sys.argv[1], sys.argv[2], OffcandiConfig(index=sys.argv[3]))
+print(time.perf_counter() - t0, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+"""
+
+
+def _run_stage(embeddings: Path, out_dir: Path, index: str) -> tuple[float, float]:
+    """(seconds, peak RSS in MiB) of the offcandi stage in a fresh process."""
+    result = subprocess.run([sys.executable, "-c", STAGE_SCRIPT, str(embeddings), str(out_dir),
+                             index], capture_output=True, text=True, check=True)
+    seconds, rss_kib = result.stdout.split()
+    return float(seconds), int(rss_kib) / 1024
+
+
+def _reference_mining(img: np.ndarray, cap: np.ndarray, anchors: int, k_i2t: int,
+                      k_t2i: int) -> float:
+    """Seconds per anchor pair of AOQ's loop: a dot product and a full argsort per anchor."""
+    t0 = time.perf_counter()
+    for i in range(anchors):
+        order = np.argsort(cap @ img[i])[::-1]
+        _ = [c for c in order[:k_i2t + 5] if c // 5 != i][:k_i2t]
+    i2t = (time.perf_counter() - t0) / anchors
+    t0 = time.perf_counter()
+    for c in range(anchors):
+        order = np.argsort(img @ cap[c])[::-1]
+        _ = [i for i in order[:k_t2i + 1] if i != c // 5][:k_t2i]
+    t2i = (time.perf_counter() - t0) / anchors
+    return i2t * len(img) + t2i * len(cap)
+
+
+def bench_offcandi(num_images: int, dim: int, sample: int) -> dict:
+    img, cap = clustered_embeddings(num_images, dim)
+    threads = set_threads()
+    with tempfile.TemporaryDirectory() as tmp:
+        embeddings = Path(tmp) / "embeddings_train.h5"
+        with h5py.File(embeddings, "w") as f:
+            f.create_dataset("images", data=img)
+            f.create_dataset("captions", data=cap)
+            f.attrs.update({"format": "aoq-embeddings", "checkpoint": "bench", "weights": "b",
+                            "dataset": "bench", "split": "train", "num_images": num_images,
+                            "train_captions_sha256": ""})
+        stage_s, stage_rss = _run_stage(embeddings, Path(tmp) / "flat", "flat")
+        t0 = time.perf_counter()  # the floor: index build + search, nothing else
+        for items, queries, k in ((cap, img, 305), (img, cap, 61)):
+            index = faiss.IndexFlatIP(dim)
+            index.add(items)
+            index.search(queries, k)
+        bare_s = time.perf_counter() - t0
+        ivf_s, ivf_rss = _run_stage(embeddings, Path(tmp) / "ivf", "ivf")
+        recall = {}
+        for direction in ("i2t", "t2i"):
+            with h5py.File(Path(tmp) / "ivf" / f"{direction}.h5", "r") as f:
+                recall[direction] = round(float(f.attrs["recall_at_k"]), 4)
+    reference_s = _reference_mining(img, cap, sample, 300, 60)
+    embeddings_mib = (img.nbytes + cap.nbytes) / 2**20
+    return {"images": num_images, "captions": 5 * num_images, "dim": dim, "k_i2t": 300,
+            "k_t2i": 60, "threads": threads, "stage_s": round(stage_s, 1),
+            "bare_faiss_s": round(bare_s, 1), "ratio_to_bare": round(stage_s / bare_s, 3),
+            "reference_loop_s_extrapolated": round(reference_s),
+            "reference_sample_anchors": sample,
+            "speedup_vs_reference": round(reference_s / stage_s, 1),
+            "stage_peak_rss_mib": round(stage_rss), "embeddings_mib": round(embeddings_mib),
+            "ivf_stage_s": round(ivf_s, 1), "ivf_peak_rss_mib": round(ivf_rss),
+            "ivf_recall_at_k": recall}
+
+
 @click.command()
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path),
               default=Path("bench/results.json"), show_default=True)
 @click.option("--repeats", default=10, show_default=True)
-def main(out: Path, repeats: int) -> None:
+@click.option("--offcandi-images", default=29000, show_default=True,
+              help="Images in the offcandi benchmark (29000: Flickr30K's training set).")
+def main(out: Path, repeats: int, offcandi_images: int) -> None:
     results = {
         "machine": {"cpu_threads": torch.get_num_threads(), "python": platform.python_version(),
-                    "torch": torch.__version__},
+                    "torch": torch.__version__, "faiss": faiss.__version__},
         "train_step": [bench_train_step(256, repeats), bench_train_step(1024, repeats)],
         "eval_5k": bench_eval(5000, 1024, sample=200),
+        "offcandi": bench_offcandi(offcandi_images, 1024, sample=100),
+        "bench_peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
     }
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=1) + "\n")

@@ -47,3 +47,9 @@ def append_jsonl(path: str | os.PathLike, record: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a", encoding="utf-8") as f:
         f.write(json.dumps(record) + "\n")
+
+
+def plain_attrs(attrs) -> dict:
+    """HDF5 attributes as plain Python values (numpy scalars -> int/float/str/bool)."""
+    return {k: v.item() if hasattr(v, "item") and getattr(v, "ndim", 1) == 0 else v
+            for k, v in attrs.items()}

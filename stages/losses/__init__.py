@@ -6,7 +6,7 @@ from ..registry import Registry
 
 LOSSES = Registry("loss")
 
-from . import vse_hinge  # noqa: E402,F401  (registers vse_max, vse_sum)
+from . import aoq, vse_hinge  # noqa: E402,F401  (register aoq, offquin, offtri, vse_*)
 from .base import RetrievalLoss  # noqa: E402
 
 

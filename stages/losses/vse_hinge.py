@@ -29,7 +29,7 @@ class VSEHingeLoss(RetrievalLoss):
     def set_epoch(self, epoch: int) -> None:
         self.hardest = self.max_violation and epoch >= self.warmup_epochs
 
-    def compute(self, sims: torch.Tensor, positives: torch.Tensor) -> torch.Tensor:
+    def compute(self, sims: torch.Tensor, positives: torch.Tensor, **context) -> torch.Tensor:
         diagonal = sims.diag()
         cost_captions = (self.margin + sims - diagonal[:, None]).clamp(min=0)
         cost_images = (self.margin + sims - diagonal[None, :]).clamp(min=0)

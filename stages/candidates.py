@@ -1,0 +1,146 @@
+"""Offline candidate files: for every training image its K hardest captions of *other*
+images (i2t), for every caption its K hardest *other* images (t2i), hardest first.
+
+``offcandi/<DATA>/{i2t,t2i}.h5``: datasets ``indices`` int32 (Q, K) (caption ids for
+i2t, Q = N; image ids for t2i, Q = 5N) and ``scores`` float32 (Q, K) (absent for imported
+files); attributes ``format="aoq-offcandi"``, ``version``, ``direction``, ``dataset``,
+``split``, ``num_images``, ``weights`` (hash of the model that mined them), ``checkpoint``,
+``index``, ``k``, and for approximate indexes ``recall_at_k`` against exact search.
+"""
+
+import hashlib
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from .errors import UserError
+from .io.atomic import atomic_path, plain_attrs
+
+log = logging.getLogger(__name__)
+
+CANDIDATES_FORMAT = "aoq-offcandi"
+CAPTIONS_PER_IMAGE = 5
+DIRECTIONS = ("i2t", "t2i")
+
+
+@dataclass
+class Candidates:
+    """A loaded candidate file: ``indices`` (Q, K) int32 and its attributes."""
+
+    path: Path
+    indices: np.ndarray
+    attrs: dict
+
+    @property
+    def k(self) -> int:
+        return self.indices.shape[1]
+
+
+def candidate_path(folder: str | Path, direction: str) -> Path:
+    return Path(folder) / f"{direction}.h5"
+
+
+def positives_present(direction: str, indices: np.ndarray) -> np.ndarray:
+    """(Q, K) bool: True where a candidate is a positive of its query (must never be)."""
+    queries = np.arange(indices.shape[0])[:, None]
+    if direction == "i2t":
+        return indices // CAPTIONS_PER_IMAGE == queries
+    return indices == queries // CAPTIONS_PER_IMAGE
+
+
+def write_candidates(path: str | Path, indices: np.ndarray, scores: np.ndarray | None,
+                     attrs: dict) -> None:
+    """Write a candidate file atomically (temporary name, then rename)."""
+    with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
+        f.create_dataset("indices", data=indices.astype(np.int32))
+        if scores is not None:
+            f.create_dataset("scores", data=scores.astype(np.float32))
+        f.attrs.update({"format": CANDIDATES_FORMAT, "version": 1, **attrs})
+
+
+def load_candidates(folder: str | Path, direction: str, dataset: str, split: str,
+                    num_images: int, min_k: int, weights: str = "") -> Candidates:
+    """Load and check one candidate file against the run that will use it.
+
+    Refuses (naming the file and the fix) a file from another dataset, split, image count
+    or model (``weights``, when given), with fewer than ``min_k`` candidates, with indices
+    out of range, or listing a query's own positives.
+    """
+    path = candidate_path(folder, direction)
+    remake = f"rebuild it with `make offcandi DATA={dataset}` (or `aoq offcandi`)"
+    if not path.is_file():
+        raise UserError(f"candidate file {path} not found; {remake}")
+    try:
+        with h5py.File(path, "r") as f:
+            attrs = plain_attrs(f.attrs)
+            if attrs.get("format") != CANDIDATES_FORMAT:
+                raise UserError(f"{path}: not a candidate file of this project; {remake}")
+            indices = np.asarray(f["indices"])
+    except OSError as exc:
+        raise UserError(f"{path}: cannot be read as HDF5 ({exc}); {remake}") from exc
+    for key, want in (("direction", direction), ("dataset", dataset), ("split", split),
+                      ("num_images", num_images)):
+        if attrs.get(key) != want:
+            raise UserError(f"{path} was built for {key}={attrs.get(key)!r}, but this run "
+                            f"uses {key}={want!r}; {remake}")
+    if weights and attrs.get("weights") != weights:
+        raise UserError(f"{path} was mined with model weights {attrs.get('weights')} "
+                        f"({attrs.get('checkpoint')}), not with the expected checkpoint "
+                        f"(weights {weights}); {remake}")
+    queries = num_images * (CAPTIONS_PER_IMAGE if direction == "t2i" else 1)
+    if indices.ndim != 2 or indices.shape[0] != queries:
+        raise UserError(f"{path}: indices of shape {indices.shape}, expected ({queries}, K)")
+    if indices.shape[1] < min_k:
+        raise UserError(f"{path} holds K={indices.shape[1]} candidates per query but the run "
+                        f"samples from the top {min_k}; lower offcandi.hardest or mine "
+                        f"again with a larger K")
+    limit = num_images * (CAPTIONS_PER_IMAGE if direction == "i2t" else 1)
+    if indices.min() < 0 or indices.max() >= limit:
+        raise UserError(f"{path}: indices out of range [0, {limit}); {remake}")
+    if positives_present(direction, indices[:, :min_k]).any():
+        raise UserError(f"{path}: lists queries' own positives as negatives (built for "
+                        f"another caption order?); {remake}")
+    return Candidates(path, indices, attrs)
+
+
+def import_published(i2t_file: str | Path, t2i_file: str | Path, config, out_dir: str | Path
+                     ) -> list[Path]:
+    """Convert AOQ's published ``i2t_<data>.npy`` (N, K) / ``t2i_<data>.npy`` (5N, K') int32
+    files into candidate files for ``config``'s dataset, after checking shapes, ranges and
+    that no query lists its own positive (which would mean another caption order)."""
+    from .data.dataset import open_split
+    from .data.vocab import file_sha256
+
+    split = open_split(config.dataset_dir(), config.data.train_split)
+    n = split.num_images
+    for path in (Path(i2t_file), Path(t2i_file)):
+        if not path.is_file():
+            raise UserError(f"{path} not found")
+    # One tag for the pair, so a run can tell both files come from the same release.
+    tag = "imported:" + hashlib.sha256(
+        (file_sha256(i2t_file) + file_sha256(t2i_file)).encode()).hexdigest()[:16]
+    outputs = []
+    for direction, path, queries, limit in (("i2t", Path(i2t_file), n, CAPTIONS_PER_IMAGE * n),
+                                            ("t2i", Path(t2i_file), CAPTIONS_PER_IMAGE * n, n)):
+        indices = np.load(path, mmap_mode="r")
+        if indices.ndim != 2 or indices.shape[0] != queries:
+            raise UserError(f"{path}: shape {indices.shape}, but {config.data.name} "
+                            f"{split.name} needs ({queries}, K) for {direction}: is it the "
+                            "file of another dataset?")
+        indices = np.asarray(indices, dtype=np.int64)
+        if indices.min() < 0 or indices.max() >= limit:
+            raise UserError(f"{path}: indices outside [0, {limit}) for {config.data.name}")
+        if positives_present(direction, indices).any():
+            raise UserError(f"{path}: some queries list their own positives; it does not "
+                            f"follow the caption order of {split.name}_caps.txt")
+        out = candidate_path(out_dir, direction)
+        write_candidates(out, indices, None, {
+            "direction": direction, "dataset": config.data.name, "split": split.name,
+            "num_images": n, "weights": tag,
+            "checkpoint": str(path), "index": "imported", "k": indices.shape[1]})
+        log.info("imported %s %s -> %s", path, indices.shape, out)
+        outputs.append(out)
+    return outputs

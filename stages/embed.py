@@ -1,0 +1,77 @@
+"""The embed stage: encode a whole split with a checkpoint, unshuffled, into one HDF5 file.
+
+``embeddings_<split>.h5``: datasets ``images`` float32 (N, E) and ``captions`` float32
+(5N, E), caption c belonging to image c // 5; attributes ``format="aoq-embeddings"``,
+``checkpoint`` (path), ``weights`` (hash of the model weights), ``dataset``, ``split``,
+``num_images``, ``train_captions_sha256`` (from the checkpoint's data fingerprint).
+"""
+
+import logging
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from .config import Config, load_config
+from .data.dataset import open_split
+from .device import resolve_device
+from .encode import encode_split
+from .errors import UserError
+from .io.atomic import atomic_path, plain_attrs
+from .io.checkpoint import load_checkpoint, model_from_checkpoint, weights_hash
+
+log = logging.getLogger(__name__)
+
+EMBEDDINGS_FORMAT = "aoq-embeddings"
+
+
+def embed(checkpoint: str | Path, split_name: str = "", config_files=(), overrides=(),
+          out: str | Path | None = None) -> Path:
+    """Encode ``split_name`` (default: the training split) of the checkpoint's dataset."""
+    checkpoint = Path(checkpoint)
+    state = load_checkpoint(checkpoint)
+    config = load_config(config_files, overrides,
+                         base=Config.from_dict(state["config"], str(checkpoint)))
+    split_name = split_name or config.data.train_split
+    split = open_split(config.dataset_dir(), split_name)
+    out = Path(out) if out else checkpoint.parent / f"embeddings_{split_name}.h5"
+    device = resolve_device(config.train.device)
+    model, vocab = model_from_checkpoint(state, str(checkpoint))
+    model.to(device)
+    img, cap = encode_split(model, split, vocab, device, workers=config.data.workers,
+                            desc=f"embed {split_name}")
+    with atomic_path(out) as tmp, h5py.File(tmp, "w") as f:
+        f.create_dataset("images", data=img)
+        f.create_dataset("captions", data=cap)
+        f.attrs.update({
+            "format": EMBEDDINGS_FORMAT, "checkpoint": str(checkpoint),
+            "weights": weights_hash(state["state_dict"]), "dataset": config.data.name,
+            "split": split_name, "num_images": split.num_images,
+            "train_captions_sha256": state["data_fingerprint"]["train_captions_sha256"],
+        })
+    log.info("%d images and %d captions (%d-d) -> %s", img.shape[0], cap.shape[0],
+             img.shape[1], out)
+    return out
+
+
+class Embeddings:
+    """A loaded embeddings file: ``images`` (N, E), ``captions`` (5N, E), ``attrs``."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise UserError(f"embeddings {self.path} not found; make them with `aoq embed` "
+                            "(or `make embed DATA=...`)")
+        try:
+            with h5py.File(self.path, "r") as f:
+                self.attrs = plain_attrs(f.attrs)
+                if self.attrs.get("format") != EMBEDDINGS_FORMAT:
+                    raise UserError(f"{self.path}: not an embeddings file of this project")
+                self.images = np.asarray(f["images"], dtype=np.float32)
+                self.captions = np.asarray(f["captions"], dtype=np.float32)
+        except OSError as exc:
+            raise UserError(f"{self.path}: cannot be read as HDF5 ({exc}); rerun "
+                            "`aoq embed`") from exc
+        if self.captions.shape[0] != 5 * self.images.shape[0]:
+            raise UserError(f"{self.path}: {self.captions.shape[0]} captions for "
+                            f"{self.images.shape[0]} images; expected 5 per image")

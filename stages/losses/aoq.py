@@ -1,0 +1,80 @@
+"""The Adaptive Offline Quintuplet loss (Chen, Deng & Luo 2020) and its ablations.
+
+Per batch item k, with S the cosine similarity, p_k = S(I_k, T_k), online hardest
+negatives Ŝc_k = max_{j≠k} S(I_k, T_j) and Ŝi_k = max_{j≠k} S(I_j, T_k), and the
+offline negatives T' (of I_k), I' (of T_k), T'' (a caption of I'), I'' (the image of T'):
+
+    wc_k = β − (S(I_k, T'_k) − Ŝc_k) / α        wi_k = β − (S(I'_k, T_k) − Ŝi_k) / α
+    L_adap = Σ_k wc_k [m_on + Ŝc_k − p_k]₊ + wi_k [m_on + Ŝi_k − p_k]₊
+    L_quin = Σ_k [m_off + S(I_k, T'_k) − p_k]₊ + [m_off + S(I'_k, T_k) − p_k]₊
+               + [m_off + S(I'_k, T'_k) − p_k]₊ + [m_off + S(I''_k, T''_k) − p_k]₊
+
+``aoq`` is L_adap + L_quin. The reference neither clamps nor detaches w (it turns negative
+once an offline negative beats the online one by more than αβ); ``clamp_weights`` and
+``detach_weights`` change that. Ablations from the paper: ``offquin`` (w = 1, all four
+offline terms) and ``offtri`` (w = 1, the two offline triplet terms).
+"""
+
+import torch
+
+from . import LOSSES
+from .base import RetrievalLoss
+
+VARIANTS = ("aoq", "offquin", "offtri")
+
+
+def _hinge(margin: float, negative: torch.Tensor, positive: torch.Tensor) -> torch.Tensor:
+    return (margin + negative - positive).clamp(min=0)
+
+
+@LOSSES.register("aoq", variant="aoq")
+@LOSSES.register("offquin", variant="offquin")
+@LOSSES.register("offtri", variant="offtri")
+class AOQLoss(RetrievalLoss):
+    """Online hardest negatives (adaptively weighted for ``aoq``) plus offline ones."""
+
+    requires_offline = True
+
+    def __init__(self, variant: str = "aoq", margin: float = 0.2, offline_margin: float = 0.0,
+                 alpha: float = 0.3, beta: float = 1.5, clamp_weights: bool = False,
+                 detach_weights: bool = False, mask_same_image: bool = False):
+        super().__init__(mask_same_image)
+        if variant not in VARIANTS:
+            raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
+        self.variant = variant
+        self.margin = margin
+        self.offline_margin = offline_margin
+        self.alpha = alpha
+        self.beta = beta
+        self.clamp_weights = clamp_weights
+        self.detach_weights = detach_weights
+
+    def adaptive_weights(self, offline_sim: torch.Tensor,
+                         online_hardest: torch.Tensor) -> torch.Tensor:
+        """β − (offline − online) / α per item, (B,), clamped/detached as configured."""
+        weights = self.beta - (offline_sim - online_hardest) / self.alpha
+        if self.clamp_weights:
+            weights = weights.clamp(min=0)
+        return weights.detach() if self.detach_weights else weights
+
+    def compute(self, sims: torch.Tensor, positives: torch.Tensor, *, img_emb, cap_emb,
+                offline, **context) -> torch.Tensor:
+        positive = sims.diag()  # p_k
+        negatives = sims.masked_fill(positives, float("-inf"))
+        hardest_caption = negatives.max(dim=1).values  # Ŝc_k, over captions of image k
+        hardest_image = negatives.max(dim=0).values  # Ŝi_k, over images of caption k
+        s_img_t1 = (img_emb * offline["captions"]).sum(1)  # S(I_k, T'_k)
+        s_i1_cap = (offline["images"] * cap_emb).sum(1)  # S(I'_k, T_k)
+        online_c = _hinge(self.margin, hardest_caption, positive)
+        online_i = _hinge(self.margin, hardest_image, positive)
+        if self.variant == "aoq":
+            online_c = self.adaptive_weights(s_img_t1, hardest_caption) * online_c
+            online_i = self.adaptive_weights(s_i1_cap, hardest_image) * online_i
+        m = self.offline_margin
+        offline_terms = _hinge(m, s_img_t1, positive) + _hinge(m, s_i1_cap, positive)
+        if self.variant != "offtri":
+            s_i1_t1 = (offline["images"] * offline["captions"]).sum(1)  # S(I'_k, T'_k)
+            s_i2_t2 = (offline["images2"] * offline["captions2"]).sum(1)  # S(I''_k, T''_k)
+            offline_terms = (offline_terms + _hinge(m, s_i1_t1, positive)
+                             + _hinge(m, s_i2_t2, positive))
+        return (online_c + online_i + offline_terms).sum()

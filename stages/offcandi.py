@@ -1,0 +1,112 @@
+"""The offcandi stage: mine offline hard-negative candidates from training embeddings.
+
+For each image its K most similar captions of other images (i2t), for each caption its K
+most similar other images (t2i), hardest first. One FAISS search per block of queries
+fetches K plus the number of positives a query can have (5 captions, 1 image), the
+positives are removed exactly, and the first K remain: no query ever lists its own
+positive, whatever K. Memory: the embeddings, the index and one block of results.
+"""
+
+import logging
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from .candidates import CAPTIONS_PER_IMAGE, candidate_path
+from .config import OffcandiConfig
+from .embed import Embeddings
+from .errors import UserError
+from .io.atomic import atomic_path
+from .knn import INDEX_KINDS, approximate_recall, build_index, search_blocks, set_threads
+from .progress import Progress
+
+log = logging.getLogger(__name__)
+
+
+def drop_positives(direction: str, query_start: int, ids: np.ndarray, scores: np.ndarray,
+                   k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Remove each query's positives from its ranked ``ids`` (b, k + p), keep the first k.
+
+    Rows keep their order (hardest first); a stable sort moves positives to the end.
+    """
+    queries = np.arange(query_start, query_start + ids.shape[0])[:, None]
+    if direction == "i2t":
+        positive = ids // CAPTIONS_PER_IMAGE == queries
+    else:
+        positive = ids == queries // CAPTIONS_PER_IMAGE
+    positive |= ids < 0  # FAISS pads missing results with -1
+    order = np.argsort(positive, axis=1, kind="stable")[:, :k]
+    kept_ids = np.take_along_axis(ids, order, axis=1)
+    if (kept_ids < 0).any():
+        raise UserError(f"the {direction} index returned fewer than {k} negatives for some "
+                        "queries; raise ef_search/nprobe or use the exact index")
+    return kept_ids, np.take_along_axis(scores, order, axis=1)
+
+
+def mine_direction(direction: str, embeddings: Embeddings, options: OffcandiConfig,
+                   out: Path) -> dict:
+    """Mine one direction into ``out``; returns its attributes (timings, recall)."""
+    if direction == "i2t":
+        queries, items, k, positives = (embeddings.images, embeddings.captions,
+                                        options.k_i2t, CAPTIONS_PER_IMAGE)
+    else:
+        queries, items, k, positives = (embeddings.captions, embeddings.images,
+                                        options.k_t2i, 1)
+    if k + positives > items.shape[0]:
+        raise UserError(f"{direction}: K={k} is more than the {items.shape[0] - positives} "
+                        "negatives each query has; lower the K")
+    t0 = time.perf_counter()
+    index = build_index(items, options.index)
+    build_seconds = time.perf_counter() - t0
+    attrs = {"direction": direction, "index": options.index, "k": k,
+             "index_build_seconds": round(build_seconds, 2)}
+    if options.index != "flat":
+        attrs["recall_at_k"] = approximate_recall(index, items, queries, k + positives,
+                                                  options.recall_sample)
+        log.info("%s: %s index recall@%d against exact search on %d queries: %.4f",
+                 direction, options.index, k, min(options.recall_sample, len(queries)),
+                 attrs["recall_at_k"])
+    t0 = time.perf_counter()
+    with atomic_path(out) as tmp, h5py.File(tmp, "w") as f:
+        ids_out = f.create_dataset("indices", (len(queries), k), dtype=np.int32)
+        scores_out = f.create_dataset("scores", (len(queries), k), dtype=np.float32)
+        with Progress(len(queries), f"offcandi {direction}", unit="queries") as bar:
+            for start, scores, ids in search_blocks(index, queries, k + positives,
+                                                    options.block_size):
+                ids, scores = drop_positives(direction, start, ids, scores, k)
+                ids_out[start:start + len(ids)] = ids
+                scores_out[start:start + len(ids)] = scores
+                bar.update(len(ids))
+        attrs["search_seconds"] = round(time.perf_counter() - t0, 2)
+        f.attrs.update({**_provenance(embeddings), **attrs})
+    return attrs
+
+
+def _provenance(embeddings: Embeddings) -> dict:
+    a = embeddings.attrs
+    return {"format": "aoq-offcandi", "version": 1, "dataset": a["dataset"],
+            "split": a["split"], "num_images": int(a["num_images"]), "weights": a["weights"],
+            "checkpoint": a["checkpoint"], "embeddings": str(embeddings.path)}
+
+
+def offcandi(embeddings_path: str | Path, out_dir: str | Path,
+             options: OffcandiConfig | None = None) -> list[Path]:
+    """Mine both directions from an embeddings file into ``out_dir/{i2t,t2i}.h5``."""
+    options = options or OffcandiConfig()
+    if options.index not in INDEX_KINDS:
+        raise UserError(f"unknown index {options.index!r}; known: {', '.join(INDEX_KINDS)}")
+    embeddings = Embeddings(embeddings_path)
+    threads = set_threads(options.threads)
+    log.info("mining %s: %d images, %d captions, %d-d, %s index, %d threads",
+             embeddings.path, len(embeddings.images), len(embeddings.captions),
+             embeddings.images.shape[1], options.index, threads)
+    outputs = []
+    for direction in ("i2t", "t2i"):
+        out = candidate_path(out_dir, direction)
+        attrs = mine_direction(direction, embeddings, options, out)
+        log.info("%s: K=%d in %.1f s -> %s", direction, attrs["k"], attrs["search_seconds"],
+                 out)
+        outputs.append(out)
+    return outputs
