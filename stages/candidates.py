@@ -43,12 +43,18 @@ def candidate_path(folder: str | Path, direction: str) -> Path:
     return Path(folder) / f"{direction}.h5"
 
 
+def is_positive(direction: str, queries: np.ndarray, candidates: np.ndarray) -> np.ndarray:
+    """(b, k) bool: candidate ``candidates[r, j]`` is a positive of query ``queries[r]``
+    (i2t: a caption of the image; t2i: the caption's own image)."""
+    queries = np.asarray(queries)[:, None]
+    if direction == "i2t":
+        return candidates // CAPTIONS_PER_IMAGE == queries
+    return candidates == queries // CAPTIONS_PER_IMAGE
+
+
 def positives_present(direction: str, indices: np.ndarray) -> np.ndarray:
     """(Q, K) bool: True where a candidate is a positive of its query (must never be)."""
-    queries = np.arange(indices.shape[0])[:, None]
-    if direction == "i2t":
-        return indices // CAPTIONS_PER_IMAGE == queries
-    return indices == queries // CAPTIONS_PER_IMAGE
+    return is_positive(direction, np.arange(indices.shape[0]), indices)
 
 
 def write_candidates(path: str | Path, indices: np.ndarray, scores: np.ndarray | None,

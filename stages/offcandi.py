@@ -14,7 +14,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from .candidates import CAPTIONS_PER_IMAGE, candidate_path
+from .candidates import CAPTIONS_PER_IMAGE, candidate_path, is_positive
 from .config import OffcandiConfig
 from .embed import Embeddings
 from .errors import UserError
@@ -31,12 +31,8 @@ def drop_positives(direction: str, query_start: int, ids: np.ndarray, scores: np
 
     Rows keep their order (hardest first); a stable sort moves positives to the end.
     """
-    queries = np.arange(query_start, query_start + ids.shape[0])[:, None]
-    if direction == "i2t":
-        positive = ids // CAPTIONS_PER_IMAGE == queries
-    else:
-        positive = ids == queries // CAPTIONS_PER_IMAGE
-    positive |= ids < 0  # FAISS pads missing results with -1
+    queries = np.arange(query_start, query_start + ids.shape[0])
+    positive = is_positive(direction, queries, ids) | (ids < 0)  # FAISS pads with -1
     order = np.argsort(positive, axis=1, kind="stable")[:, :k]
     kept_ids = np.take_along_axis(ids, order, axis=1)
     if (kept_ids < 0).any():
