@@ -151,10 +151,8 @@ def test_load_refuses_corrupt_files(mined):
         load_candidates(mined / "nope", "t2i", "tiny", "train", 20, min_k=4)
 
 
-def test_import_published_npy(tiny_root, mined, tmp_path):
+def test_import_published_npy(tiny_root, tmp_path):
     config = load_config(overrides=[f"data.path={tiny_root}", "data.name=tiny"])
-    i2t, _, _ = read(mined / "i2t.h5")
-    t2i, _, _ = read(mined / "t2i.h5")
     # The tiny dataset has 40 images: make published-style files for it.
     rng = np.random.default_rng(0)
     i2t = np.array([rng.choice([c for c in range(200) if c // 5 != i], 30, replace=False)
