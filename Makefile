@@ -30,9 +30,9 @@ RUN_DIR := runs/$(DATA)/$(RUN)
 BASE_CKPT := $(RUN_DIR)/checkpoint.pt
 EMBEDDINGS := $(RUN_DIR)/embeddings_train.h5
 OFFCANDI_DIR ?= offcandi/$(DATA)
-CANDIDATES := $(OFFCANDI_DIR)/t2i.h5
-AOQ_DIR := runs/$(DATA)/$(AOQ_RUN)
-AOQ_CKPT := $(AOQ_DIR)/checkpoint.pt
+ROUNDS ?= 1
+AOQ_CKPT = $(call round_run,$(ROUNDS))/checkpoint.pt
+ROUND_CKPTS = $(foreach r,$(ROUND_NUMBERS),$(call round_run,$(r))/checkpoint.pt)
 CKPT ?= $(AOQ_CKPT)
 
 BIN := $(VENV)/bin
@@ -52,11 +52,14 @@ help:
 	@echo "make embed         embed the training split with the base model -> runs/DATA/RUN/embeddings_train.h5"
 	@echo "make offcandi      FAISS offline candidates                 -> offcandi/DATA/{i2t,t2i}.h5"
 	@echo "make retrain       AOQ quintuplet-loss model                -> runs/DATA/AOQ_RUN/checkpoint.pt"
+	@echo "                   ROUNDS=n: mine again with round r-1's model and retrain, n times"
+	@echo "                   (round r > 1: offcandi/DATA/round<r>, runs/DATA/AOQ_RUN_round<r>)"
 	@echo "make eval          R@K of CKPT (default: the AOQ model) on DATA's eval split (FOLD5=1: COCO 5-fold 1K)"
 	@echo "make compare       base and AOQ side by side (the whole chain if needed)"
 	@echo "make f30k-all      the whole chain on f30k_precomp; coco-all likewise on coco_precomp"
 	@echo "make bench         speed figures                            -> bench/results.json"
-	@echo "variables: DATA=$(DATA) DATA_PATH=$(DATA_PATH) RUN=$(RUN) AOQ_RUN=$(AOQ_RUN) EXP=$(EXP) FOLD5=$(FOLD5)"
+	@echo "variables: DATA=$(DATA) DATA_PATH=$(DATA_PATH) RUN=$(RUN) AOQ_RUN=$(AOQ_RUN) ROUNDS=$(ROUNDS)"
+	@echo "           EXP=$(EXP) FOLD5=$(FOLD5)"
 	@echo "           CKPT=$(CKPT) SET='section.key=value ...' TORCH=$(TORCH)"
 
 # --- environment: a virtual environment made from nothing --------------------------------
@@ -96,25 +99,40 @@ train: $(BASE_CKPT)
 $(BASE_CKPT): $(VOCAB) | $(STAMP)
 	$(AOQ) train $(CONFIGS) $(OVERRIDES) --run-dir $(RUN_DIR) --resume
 
-embed: $(EMBEDDINGS)
-$(EMBEDDINGS): $(BASE_CKPT)
+# Any run's training-split embeddings, from its checkpoint.
+runs/$(DATA)/%/embeddings_train.h5: runs/$(DATA)/%/checkpoint.pt
 	$(AOQ) embed --ckpt $< $(OVERRIDES) --out $@
 
-# i2t.h5 is written before t2i.h5, each atomically: t2i.h5 stands for both.
-offcandi: $(CANDIDATES)
-$(CANDIDATES): $(EMBEDDINGS)
-	$(AOQ) offcandi --embeddings $< $(CONFIGS) $(OVERRIDES) --out-dir $(OFFCANDI_DIR)
+embed: $(EMBEDDINGS)
 
+# Mining and retraining, once per round. Round 1 mines with the base model into
+# offcandi/DATA and trains runs/DATA/AOQ_RUN; round r > 1 mines with round r-1's model into
+# offcandi/DATA/round<r> and trains runs/DATA/AOQ_RUN_round<r>. i2t.h5 is written before
+# t2i.h5, each atomically: t2i.h5 stands for both.
+round_run = runs/$(DATA)/$(AOQ_RUN)$(if $(filter-out 1,$(1)),_round$(1))
+round_offcandi = $(OFFCANDI_DIR)$(if $(filter-out 1,$(1)),/round$(1))
+round_miner = $(if $(filter-out 1,$(1)),$(call round_run,$(shell expr $(1) - 1)),$(RUN_DIR))
+
+define ROUND_RULES
+$(call round_offcandi,$(1))/t2i.h5: $(call round_miner,$(1))/embeddings_train.h5
+	$$(AOQ) offcandi --embeddings $$< $$(CONFIGS) $$(OVERRIDES) --out-dir $(call round_offcandi,$(1))
+
+$(call round_run,$(1))/checkpoint.pt: $(call round_offcandi,$(1))/t2i.h5
+	$$(AOQ) retrain $$(CONFIGS) $$(OVERRIDES) --set offcandi.dir=$(call round_offcandi,$(1)) \
+	    --set offcandi.base_ckpt=$(call round_miner,$(1))/checkpoint.pt \
+	    --run-dir $(call round_run,$(1)) --resume
+endef
+ROUND_NUMBERS := $(shell seq 1 $(ROUNDS))
+$(foreach r,$(ROUND_NUMBERS),$(eval $(call ROUND_RULES,$(r))))
+
+offcandi: $(call round_offcandi,$(ROUNDS))/t2i.h5
 retrain: $(AOQ_CKPT)
-$(AOQ_CKPT): $(CANDIDATES)
-	$(AOQ) retrain $(CONFIGS) $(OVERRIDES) --set offcandi.dir=$(OFFCANDI_DIR) \
-	    --set offcandi.base_ckpt=$(BASE_CKPT) --run-dir $(AOQ_DIR) --resume
 
 eval: $(CKPT) | $(STAMP)
 	$(AOQ) eval $(foreach c,$(CKPT),--ckpt $(c)) $(CONFIGS) $(OVERRIDES) --set eval.fold5=$(FOLD5)
 
-compare: $(BASE_CKPT) $(AOQ_CKPT)
-	$(AOQ) eval --each --ckpt $(BASE_CKPT) --ckpt $(AOQ_CKPT) $(CONFIGS) $(OVERRIDES) \
+compare: $(BASE_CKPT) $(ROUND_CKPTS)
+	$(AOQ) eval --each $(foreach c,$(BASE_CKPT) $(ROUND_CKPTS),--ckpt $(c)) $(CONFIGS) $(OVERRIDES) \
 	    --set eval.fold5=$(FOLD5)
 
 f30k-all:

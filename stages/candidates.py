@@ -2,8 +2,8 @@
 images (i2t), for every caption its K hardest *other* images (t2i), hardest first.
 
 ``offcandi/<DATA>/{i2t,t2i}.h5``: datasets ``indices`` int32 (Q, K) (caption ids for
-i2t, Q = N; image ids for t2i, Q = 5N) and ``scores`` float32 (Q, K) (absent for imported
-files); attributes ``format="aoq-offcandi"``, ``version``, ``direction``, ``dataset``,
+i2t, Q = N; image ids for t2i, Q = 5N), ``scores`` float32 (Q, K) and ``positive_scores``
+float32 (Q,) (both absent for imported files); attributes ``format="aoq-offcandi"``, ``version``, ``direction``, ``dataset``,
 ``split``, ``num_images``, ``weights`` (hash of the model that mined them), ``checkpoint``,
 ``index``, ``k``, and for approximate indexes ``recall_at_k`` against exact search.
 """
@@ -22,17 +22,21 @@ from .io.atomic import atomic_path, plain_attrs
 log = logging.getLogger(__name__)
 
 CANDIDATES_FORMAT = "aoq-offcandi"
+CANDIDATES_VERSION = 2  # 2: positive_scores added
 CAPTIONS_PER_IMAGE = 5
 DIRECTIONS = ("i2t", "t2i")
 
 
 @dataclass
 class Candidates:
-    """A loaded candidate file: ``indices`` (Q, K) int32 and its attributes."""
+    """A loaded candidate file: ``indices`` (Q, K) int32, its attributes and, when asked
+    for, ``scores`` (Q, K) and ``positive_scores`` (Q,) float32."""
 
     path: Path
     indices: np.ndarray
     attrs: dict
+    scores: np.ndarray | None = None
+    positive_scores: np.ndarray | None = None
 
     @property
     def k(self) -> int:
@@ -64,16 +68,19 @@ def write_candidates(path: str | Path, indices: np.ndarray, scores: np.ndarray |
         f.create_dataset("indices", data=indices.astype(np.int32))
         if scores is not None:
             f.create_dataset("scores", data=scores.astype(np.float32))
-        f.attrs.update({"format": CANDIDATES_FORMAT, "version": 1, **attrs})
+        f.attrs.update({"format": CANDIDATES_FORMAT, "version": CANDIDATES_VERSION,
+                        **attrs})
 
 
 def load_candidates(folder: str | Path, direction: str, dataset: str, split: str,
-                    num_images: int, min_k: int, weights: str = "") -> Candidates:
+                    num_images: int, min_k: int, weights: str = "",
+                    with_scores: bool = False) -> Candidates:
     """Load and check one candidate file against the run that will use it.
 
     Refuses (naming the file and the fix) a file from another dataset, split, image count
     or model (``weights``, when given), with fewer than ``min_k`` candidates, with indices
-    out of range, or listing a query's own positives.
+    out of range, or listing a query's own positives. ``with_scores`` also loads the
+    candidate and positive scores (an error for files that have none).
     """
     path = candidate_path(folder, direction)
     remake = f"rebuild it with `make offcandi DATA={dataset}` (or `aoq offcandi`)"
@@ -85,6 +92,15 @@ def load_candidates(folder: str | Path, direction: str, dataset: str, split: str
             if attrs.get("format") != CANDIDATES_FORMAT:
                 raise UserError(f"{path}: not a candidate file of this project; {remake}")
             indices = np.asarray(f["indices"])
+            scores = positive = None
+            if with_scores:
+                if "scores" not in f or "positive_scores" not in f:
+                    raise UserError(f"{path} has no candidate or positive scores (imported, "
+                                    "or mined before version 2), which the false-negative "
+                                    "filter needs; mine again with `make offcandi` or set "
+                                    "offcandi.false_negative_ratio=0")
+                scores = np.asarray(f["scores"], dtype=np.float32)
+                positive = np.asarray(f["positive_scores"], dtype=np.float32)
     except OSError as exc:
         raise UserError(f"{path}: cannot be read as HDF5 ({exc}); {remake}") from exc
     for key, want in (("direction", direction), ("dataset", dataset), ("split", split),
@@ -109,7 +125,26 @@ def load_candidates(folder: str | Path, direction: str, dataset: str, split: str
     if positives_present(direction, indices[:, :min_k]).any():
         raise UserError(f"{path}: lists queries' own positives as negatives (built for "
                         f"another caption order?); {remake}")
-    return Candidates(path, indices, attrs)
+    return Candidates(path, indices, attrs, scores, positive)
+
+
+def false_negative_skips(candidates: Candidates, ratio: float, keep: int) -> np.ndarray:
+    """(Q,) int64: how many of each query's hardest candidates to skip as likely false
+    negatives, those scoring above ``ratio`` x the query's positive score.
+
+    Candidates are sorted hardest first, so the suspects are a prefix of each row. At most
+    K − ``keep`` are skipped, so ``keep`` candidates always remain to sample from.
+    """
+    if candidates.scores is None or candidates.positive_scores is None:
+        raise ValueError("load the candidates with with_scores=True")
+    if candidates.k <= keep:
+        raise UserError(f"{candidates.path} holds K={candidates.k} candidates per query and "
+                        f"the run samples from the top {keep}: the false-negative filter has "
+                        "none to spare; mine with a larger K (offcandi.k_i2t / k_t2i) or "
+                        "lower offcandi.hardest")
+    threshold = ratio * candidates.positive_scores[:, None]
+    skips = (candidates.scores > threshold).sum(axis=1)
+    return np.minimum(skips, candidates.k - keep).astype(np.int64)
 
 
 def import_published(i2t_file: str | Path, t2i_file: str | Path, config, out_dir: str | Path

@@ -94,6 +94,9 @@ class OffcandiConfig:
     threads: int = 0  # FAISS threads (0: all this process may use)
     hardest: int = 300  # h: a negative is drawn uniformly from the top h (t2i: top h / 5)
     base_ckpt: str = ""  # retrain refuses candidates not mined with this checkpoint
+    # False-negative filter (0: off): skip candidates scoring above ratio x the query's
+    # positive score (i2t: mean over the image's captions), likely true matches.
+    false_negative_ratio: float = 0.0
 
 
 @dataclass

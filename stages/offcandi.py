@@ -4,7 +4,10 @@ For each image its K most similar captions of other images (i2t), for each capti
 most similar other images (t2i), hardest first. One FAISS search per block of queries
 fetches K plus the number of positives a query can have (5 captions, 1 image), the
 positives are removed exactly, and the first K remain: no query ever lists its own
-positive, whatever K. Memory: the embeddings, the index and one block of results.
+positive, whatever K. Each query's positive score is stored too (i2t: the mean over the
+image's 5 captions; t2i: the caption's own image), so retraining can skip likely false
+negatives (``offcandi.false_negative_ratio``). Memory: the embeddings, the index and one
+block of results.
 """
 
 import logging
@@ -14,7 +17,13 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from .candidates import CAPTIONS_PER_IMAGE, candidate_path, is_positive
+from .candidates import (
+    CANDIDATES_FORMAT,
+    CANDIDATES_VERSION,
+    CAPTIONS_PER_IMAGE,
+    candidate_path,
+    is_positive,
+)
 from .config import OffcandiConfig
 from .embed import Embeddings
 from .errors import UserError
@@ -39,6 +48,24 @@ def drop_positives(direction: str, query_start: int, ids: np.ndarray, scores: np
         raise UserError(f"the {direction} index returned fewer than {k} negatives for some "
                         "queries; raise ef_search/nprobe or use the exact index")
     return kept_ids, np.take_along_axis(scores, order, axis=1)
+
+
+def positive_scores(direction: str, embeddings: Embeddings, block_size: int = 65536
+                    ) -> np.ndarray:
+    """(Q,) float32 score of each query's positives: i2t, the mean over the image's 5
+    captions (N,); t2i, the caption with its own image (5N,)."""
+    images, captions = embeddings.images, embeddings.captions
+    n, dim = images.shape
+    grouped = captions.reshape(n, CAPTIONS_PER_IMAGE, dim)
+    out = np.empty(n if direction == "i2t" else n * CAPTIONS_PER_IMAGE, dtype=np.float32)
+    for start in range(0, n, block_size):
+        stop = min(n, start + block_size)
+        sims = np.einsum("nd,ncd->nc", images[start:stop], grouped[start:stop])  # (b, 5)
+        if direction == "i2t":
+            out[start:stop] = sims.mean(axis=1)
+        else:
+            out[start * CAPTIONS_PER_IMAGE:stop * CAPTIONS_PER_IMAGE] = sims.reshape(-1)
+    return out
 
 
 def mine_direction(direction: str, embeddings: Embeddings, options: OffcandiConfig,
@@ -68,6 +95,7 @@ def mine_direction(direction: str, embeddings: Embeddings, options: OffcandiConf
     with atomic_path(out) as tmp, h5py.File(tmp, "w") as f:
         ids_out = f.create_dataset("indices", (len(queries), k), dtype=np.int32)
         scores_out = f.create_dataset("scores", (len(queries), k), dtype=np.float32)
+        f.create_dataset("positive_scores", data=positive_scores(direction, embeddings))
         with Progress(len(queries), f"offcandi {direction}", unit="queries") as bar:
             for start, scores, ids in search_blocks(index, queries, k + positives,
                                                     options.block_size):
@@ -82,7 +110,7 @@ def mine_direction(direction: str, embeddings: Embeddings, options: OffcandiConf
 
 def _provenance(embeddings: Embeddings) -> dict:
     a = embeddings.attrs
-    return {"format": "aoq-offcandi", "version": 1, "dataset": a["dataset"],
+    return {"format": CANDIDATES_FORMAT, "version": CANDIDATES_VERSION, "dataset": a["dataset"],
             "split": a["split"], "num_images": int(a["num_images"]), "weights": a["weights"],
             "checkpoint": a["checkpoint"], "embeddings": str(embeddings.path)}
 

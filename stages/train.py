@@ -16,7 +16,7 @@ import torch
 import yaml
 from torch.utils.data import DataLoader
 
-from .candidates import load_candidates
+from .candidates import false_negative_skips, load_candidates
 from .config import Config, config_diff
 from .data.dataset import PairDataset, Split, collate_pairs, epoch_permutation, open_split
 from .data.offline import OfflineNegativeSampler, OfflinePairDataset, collate_offline
@@ -87,8 +87,9 @@ def _offline_dataset(config: Config, split: Split, vocab: Vocab, fingerprint: di
     if config.offcandi.base_ckpt:
         expected = weights_hash(load_checkpoint(config.offcandi.base_ckpt)["state_dict"])
     folder = config.candidates_dir()
+    ratio = config.offcandi.false_negative_ratio
     i2t, t2i = (load_candidates(folder, direction, config.data.name, split.name,
-                                split.num_images, min_k, expected)
+                                split.num_images, min_k, expected, with_scores=ratio > 0)
                 for direction, min_k in (("i2t", h), ("t2i", -(-h // 5))))
     if i2t.attrs["weights"] != t2i.attrs["weights"]:
         raise UserError(f"{i2t.path} and {t2i.path} were mined with different models "
@@ -97,7 +98,17 @@ def _offline_dataset(config: Config, split: Split, vocab: Vocab, fingerprint: di
     fingerprint["candidates_weights"] = i2t.attrs["weights"]
     log.info("offline negatives from %s (mined with %s), sampled from the top %d",
              folder, i2t.attrs.get("checkpoint"), h)
-    sampler = OfflineNegativeSampler(i2t.indices, t2i.indices, h, config.train.seed)
+    skips = {}
+    if ratio > 0:
+        for candidates, keep in ((i2t, h), (t2i, -(-h // 5))):
+            skips[candidates.attrs["direction"]] = skip = false_negative_skips(
+                candidates, ratio, keep)
+            log.info("false-negative filter (ratio %g): %s skips %.2f candidates per query "
+                     "on average, %.1f%% of queries skip any, %d hit the cap of K - %d",
+                     ratio, candidates.path, skip.mean(), 100 * (skip > 0).mean(),
+                     int((skip == candidates.k - keep).sum()), keep)
+    sampler = OfflineNegativeSampler(i2t.indices, t2i.indices, h, config.train.seed,
+                                     skips.get("i2t"), skips.get("t2i"))
     return OfflinePairDataset(split, vocab, sampler), collate_offline
 
 

@@ -3,7 +3,12 @@ import numpy as np
 import pytest
 
 import stages.offcandi as offcandi_module
-from stages.candidates import import_published, load_candidates, positives_present
+from stages.candidates import (
+    false_negative_skips,
+    import_published,
+    load_candidates,
+    positives_present,
+)
 from stages.config import OffcandiConfig, load_config
 from stages.errors import UserError
 from stages.offcandi import offcandi
@@ -46,6 +51,11 @@ def read(path):
         return np.asarray(f["indices"]), np.asarray(f["scores"]), dict(f.attrs)
 
 
+def read_positive_scores(path):
+    with h5py.File(path, "r") as f:
+        return np.asarray(f["positive_scores"])
+
+
 @pytest.mark.parametrize("block_size", [7, 4096])
 def test_exact_mining_matches_brute_force(tmp_path, block_size):
     img, cap = random_embeddings(40)
@@ -60,6 +70,12 @@ def test_exact_mining_matches_brute_force(tmp_path, block_size):
     np.testing.assert_allclose(i2t_scores, np.take_along_axis(sims, want_i2t, 1), atol=1e-5)
     np.testing.assert_allclose(t2i_scores, np.take_along_axis(sims.T, want_t2i, 1), atol=1e-5)
     assert (np.diff(i2t_scores, axis=1) <= 1e-6).all()  # hardest first
+    want_i2t_positive = [sims[i, 5 * i:5 * i + 5].mean() for i in range(40)]
+    want_t2i_positive = [sims[c // 5, c] for c in range(200)]
+    np.testing.assert_allclose(read_positive_scores(tmp_path / "out" / "i2t.h5"),
+                               want_i2t_positive, atol=1e-5)
+    np.testing.assert_allclose(read_positive_scores(tmp_path / "out" / "t2i.h5"),
+                               want_t2i_positive, atol=1e-5)
     assert attrs["dataset"] == "tiny" and attrs["weights"] == "w0" and attrs["k"] == 12
     assert attrs["index"] == "flat" and attrs["num_images"] == 40
 
@@ -135,6 +151,42 @@ def test_load_refuses_a_mismatch(mined, kwargs, message):
             "weights": "w0", **kwargs}
     with pytest.raises(UserError, match=message):
         load_candidates(mined, "i2t", **args)
+
+
+@pytest.mark.parametrize("ratio", [0.5, 0.9, 1.0, 2.0])
+def test_false_negative_skips_match_a_loop(mined, ratio):
+    for direction, keep in (("i2t", 4), ("t2i", 1)):
+        c = load_candidates(mined, direction, "tiny", "train", 20, min_k=keep,
+                            with_scores=True)
+        skips = false_negative_skips(c, ratio, keep)
+        for q in range(len(c.indices)):
+            suspects = 0
+            for score in c.scores[q]:  # hardest first: suspects are a prefix
+                if score <= ratio * c.positive_scores[q]:
+                    break
+                suspects += 1
+            assert skips[q] == min(suspects, c.k - keep)
+        if ratio == 0.5:  # positives ~0.8, hardest negatives above 0.4: some are skipped
+            assert skips.any() and (skips <= c.k - keep).all()
+        if ratio == 2.0:  # no cosine exceeds 2 x a positive score
+            assert not skips.any()
+
+
+def test_false_negative_filter_needs_scores_and_spare_candidates(mined, tiny_root, tmp_path):
+    c = load_candidates(mined, "i2t", "tiny", "train", 20, min_k=10, with_scores=True)
+    with pytest.raises(UserError, match="K=10 .* top 10: the false-negative filter has none"):
+        false_negative_skips(c, 0.9, keep=10)
+    config = load_config(overrides=[f"data.path={tiny_root}", "data.name=tiny"])
+    rng = np.random.default_rng(0)
+    i2t = np.array([rng.choice([c for c in range(200) if c // 5 != i], 6, replace=False)
+                    for i in range(40)], dtype=np.int32)
+    t2i = np.array([rng.choice([i for i in range(40) if i != c // 5], 2, replace=False)
+                    for c in range(200)], dtype=np.int32)
+    np.save(tmp_path / "i2t.npy", i2t)
+    np.save(tmp_path / "t2i.npy", t2i)
+    import_published(tmp_path / "i2t.npy", tmp_path / "t2i.npy", config, tmp_path / "imp")
+    with pytest.raises(UserError, match="no candidate or positive scores"):
+        load_candidates(tmp_path / "imp", "i2t", "tiny", "train", 40, 5, with_scores=True)
 
 
 def test_load_refuses_corrupt_files(mined):

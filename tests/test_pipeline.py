@@ -5,6 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import h5py
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
@@ -12,7 +13,7 @@ TINY_EXPERIMENT = """\
 model: {embed_size: 32, word_dim: 16}
 train: {batch_size: 16, epochs: 1, device: cpu}
 data: {workers: 0}
-offcandi: {k_i2t: 20, k_t2i: 5, hardest: 20}
+offcandi: {k_i2t: 25, k_t2i: 6, hardest: 20, false_negative_ratio: 0.9}
 """
 
 
@@ -40,10 +41,10 @@ def make(work, *args, dry_run=False):
     return result.stdout
 
 
-def stages_to_run(work) -> list[str]:
+def stages_to_run(work, *args) -> list[str]:
     """The aoq sub-commands `make compare` would run now."""
     return [line.split("stages.cli ")[1].split()[0]
-            for line in make(work, "compare", dry_run=True).splitlines()
+            for line in make(work, "compare", *args, dry_run=True).splitlines()
             if "stages.cli " in line]
 
 
@@ -68,3 +69,18 @@ def test_chain_end_to_end_then_only_missing_stages_rerun(workdir):
 
     (work / "runs/tiny/base/embeddings_train.h5").unlink()
     assert stages_to_run(work) == ["embed", "offcandi", "retrain", "eval"]
+
+
+def test_rounds_mine_again_with_the_retrained_model(workdir):
+    work = workdir
+    make(work, "compare")
+    assert stages_to_run(work, "ROUNDS=2") == ["embed", "offcandi", "retrain", "eval"]
+    out = make(work, "compare", "ROUNDS=2")
+    for path in ("runs/tiny/aoq/embeddings_train.h5", "offcandi/tiny/round2/t2i.h5",
+                 "runs/tiny/aoq_round2/checkpoint.pt"):
+        assert (work / path).is_file(), path
+    assert "aoq_round2" in out
+    with h5py.File(work / "offcandi/tiny/round2/i2t.h5", "r") as f:
+        miner = f.attrs["checkpoint"]
+    assert miner.endswith("runs/tiny/aoq/checkpoint.pt")
+    assert stages_to_run(work, "ROUNDS=2") == ["eval"]

@@ -8,6 +8,9 @@ DataLoader workers draw the same), and gives
 * I'  = t2i[c][n // 5]     the anchor caption's offline negative image,
 * T'' = a random caption of I',
 * I'' = the image of T'.
+
+With the false-negative filter on, each query's row starts after its skipped suspects:
+T' = i2t[i][skip_i2t[i] + n] and I' = t2i[c][skip_t2i[c] + n // 5].
 """
 
 import numpy as np
@@ -35,12 +38,18 @@ def counter_hash(seed: int, epoch: int, items: np.ndarray) -> np.ndarray:
 
 
 class OfflineNegativeSampler:
-    """Draws (T', I', T'', I'') for captions from i2t (N, K) and t2i (5N, K') indices."""
+    """Draws (T', I', T'', I'') for captions from i2t (N, K) and t2i (5N, K') indices,
+    optionally skipping the first ``skip_i2t`` (N,) / ``skip_t2i`` (5N,) of each row."""
 
-    def __init__(self, i2t: np.ndarray, t2i: np.ndarray, hardest: int, seed: int):
-        if i2t.shape[1] < hardest or t2i.shape[1] < -(-hardest // CAPTIONS_PER_IMAGE):
-            raise ValueError(f"need K >= {hardest} (i2t) and >= {-(-hardest // 5)} (t2i), "
-                             f"got {i2t.shape[1]} and {t2i.shape[1]}")
+    def __init__(self, i2t: np.ndarray, t2i: np.ndarray, hardest: int, seed: int,
+                 skip_i2t: np.ndarray | None = None, skip_t2i: np.ndarray | None = None):
+        need_t2i = -(-hardest // CAPTIONS_PER_IMAGE)
+        self.skip_i2t = np.zeros(len(i2t), np.int64) if skip_i2t is None else skip_i2t
+        self.skip_t2i = np.zeros(len(t2i), np.int64) if skip_t2i is None else skip_t2i
+        if (i2t.shape[1] < hardest + self.skip_i2t.max(initial=0)
+                or t2i.shape[1] < need_t2i + self.skip_t2i.max(initial=0)):
+            raise ValueError(f"need K >= {hardest} (i2t) and >= {need_t2i} (t2i) after the "
+                             f"skipped candidates, got {i2t.shape[1]} and {t2i.shape[1]}")
         self.i2t, self.t2i = i2t, t2i
         self.hardest = hardest
         self.seed = seed
@@ -53,8 +62,9 @@ class OfflineNegativeSampler:
         words = counter_hash(self.seed, self.epoch, c)
         rank = (words % np.uint64(self.hardest)).astype(np.int64)
         which = (_splitmix64(words) % np.uint64(CAPTIONS_PER_IMAGE)).astype(np.int64)
-        t1 = self.i2t[c // CAPTIONS_PER_IMAGE, rank].astype(np.int64)
-        i1 = self.t2i[c, rank // CAPTIONS_PER_IMAGE].astype(np.int64)
+        image = c // CAPTIONS_PER_IMAGE
+        t1 = self.i2t[image, self.skip_i2t[image] + rank].astype(np.int64)
+        i1 = self.t2i[c, self.skip_t2i[c] + rank // CAPTIONS_PER_IMAGE].astype(np.int64)
         return {"captions": t1, "images": i1, "captions2": i1 * CAPTIONS_PER_IMAGE + which,
                 "images2": t1 // CAPTIONS_PER_IMAGE}
 

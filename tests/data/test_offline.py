@@ -52,6 +52,24 @@ def test_draws_are_a_function_of_seed_epoch_and_caption():
     assert min(ranks) < 30 and max(ranks) > 270
 
 
+def test_skipped_candidates_are_never_drawn():
+    n = 30
+    i2t, t2i = mined_candidates(n, 25, 6)
+    rng = np.random.default_rng(3)
+    skip_i2t, skip_t2i = rng.integers(0, 6, n), rng.integers(0, 3, 5 * n)
+    sampler = OfflineNegativeSampler(i2t, t2i, 20, 1, skip_i2t, skip_t2i)
+    captions = np.arange(5 * n)
+    for epoch in range(4):
+        sampler.epoch = epoch
+        d = sampler.draw(captions.tolist())
+        for c in captions:
+            i = c // 5
+            assert d["captions"][c] in i2t[i, skip_i2t[i]:skip_i2t[i] + 20]
+            assert d["images"][c] in t2i[c, skip_t2i[c]:skip_t2i[c] + 4]
+    with pytest.raises(ValueError, match="after the skipped candidates"):
+        OfflineNegativeSampler(i2t, t2i, 20, 1, skip_i2t + 1, skip_t2i)
+
+
 def test_k_smaller_than_h_is_refused():
     i2t, t2i = mined_candidates(10, 20, 3)
     with pytest.raises(ValueError, match="need K >= 20 .* and >= 4"):
