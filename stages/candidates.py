@@ -3,9 +3,10 @@ images (i2t), for every caption its K hardest *other* images (t2i), hardest firs
 
 ``offcandi/<DATA>/{i2t,t2i}.h5``: datasets ``indices`` int32 (Q, K) (caption ids for
 i2t, Q = N; image ids for t2i, Q = 5N), ``scores`` float32 (Q, K) and ``positive_scores``
-float32 (Q,) (both absent for imported files); attributes ``format="aoq-offcandi"``, ``version``, ``direction``, ``dataset``,
-``split``, ``num_images``, ``weights`` (hash of the model that mined them), ``checkpoint``,
-``index``, ``k``, and for approximate indexes ``recall_at_k`` against exact search.
+float32 (Q,) (both absent for imported files); attributes ``format="aoq-offcandi"``,
+``version``, ``direction``, ``dataset``, ``split``, ``num_images``, ``weights`` (hash of
+the model that mined them), ``checkpoint``, ``index``, ``k``, and for approximate indexes
+``recall_at_k`` against exact search.
 """
 
 import hashlib

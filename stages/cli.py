@@ -150,6 +150,91 @@ def retrain(config_files, overrides, run_dir, resume) -> None:
     run_training(config, run_dir or Path("runs") / config.data.name / "aoq", resume=resume)
 
 
+@cli.command()
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True,
+              help="Dataset folder to write {split}_caps.txt, _ids.txt, _images.txt into.")
+@click.option("--karpathy", type=click.Path(dir_okay=False, path_type=Path),
+              help="Karpathy split file: dataset_coco.json, dataset_flickr30k.json, ...")
+@click.option("--restval", type=click.Choice(["train", "apart"]), default="train",
+              show_default=True,
+              help="Karpathy COCO's restval images: folded into train (as SCAN's 113,287 "
+                   "training images) or kept as a split of their own.")
+@click.option("--coco-json", "coco_json", multiple=True,
+              type=click.Path(dir_okay=False, path_type=Path),
+              help="COCO caption JSON (captions_train2014.json ...); repeatable.")
+@click.option("--split", "split_ids", multiple=True, metavar="NAME=IDS_FILE",
+              help="With --coco-json: a split and its file of COCO image ids; repeatable. "
+                   "Default: one split per JSON file, named from it (train/dev/test).")
+def captions(out, karpathy, restval, coco_json, split_ids) -> None:
+    """Write captions, image ids and image paths per split from the annotation sources."""
+    from .features.annotations import coco_splits, karpathy_splits, write_splits
+
+    if bool(karpathy) == bool(coco_json):
+        raise UserError("give either --karpathy FILE or --coco-json FILE (not both)")
+    if karpathy:
+        splits = karpathy_splits(karpathy, restval_into_train=restval == "train")
+    else:
+        named = {}
+        for text in split_ids:
+            if "=" not in text:
+                raise UserError(f"--split {text!r}: expected NAME=IDS_FILE, e.g. "
+                                "--split train=coco_train_ids.txt")
+            name, path = text.split("=", 1)
+            named[name] = path
+        splits = coco_splits(list(coco_json), named)
+    write_splits(splits, out)
+
+
+@cli.group()
+def features() -> None:
+    """Image features into the dataset folder's {split}.h5 (BUTD TSV, precomp .npy)."""
+
+
+def _splits_option(func):
+    return click.option("--splits", default="",
+                        help="Comma-separated splits (default: every split the folder "
+                             "lists).")(func)
+
+
+def _dtype_option(func):
+    return click.option("--dtype", type=click.Choice(["float32", "float16"]),
+                        default="float32", show_default=True,
+                        help="Stored feature type; float16 halves the file.")(func)
+
+
+@features.command(name="tsv")
+@click.option("--tsv", "tsv_files", multiple=True, required=True,
+              type=click.Path(dir_okay=False, path_type=Path),
+              help="BUTD feature TSV; repeat for releases split over several files.")
+@click.option("--dataset-dir", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Dataset folder holding {split}_ids.txt; {split}.h5 are written there.")
+@_splits_option
+@click.option("--max-regions", default=36, show_default=True,
+              help="Regions stored per image (images with fewer are padded, their count "
+                   "kept); the adaptive 10-100 release needs 100.")
+@click.option("--feature-dim", default=2048, show_default=True)
+@_dtype_option
+def features_tsv(tsv_files, dataset_dir, splits, max_regions, feature_dim, dtype) -> None:
+    """Bottom-up-attention region features from TSV, streamed, resumable."""
+    from .features.butd_tsv import tsv_to_hdf5
+    from .features.splits import listed_splits
+
+    names = [s for s in splits.split(",") if s] or listed_splits(dataset_dir)
+    tsv_to_hdf5(list(tsv_files), dataset_dir, names, max_regions, feature_dim, dtype)
+
+
+@features.command(name="precomp")
+@click.option("--dataset-dir", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="SCAN/VSE++ precomp folder; each {split}_ims.npy becomes {split}.h5.")
+@_splits_option
+@_dtype_option
+def features_precomp(dataset_dir, splits, dtype) -> None:
+    """Convert a precomp folder's .npy features into the HDF5 layout, streamed."""
+    from .features.precomp import precomp_to_hdf5
+
+    precomp_to_hdf5(dataset_dir, [s for s in splits.split(",") if s] or None, dtype)
+
+
 @cli.command(name="demo-data")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True,
               help="Dataset folder to write (precomp layout).")

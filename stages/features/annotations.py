@@ -1,0 +1,198 @@
+"""Captions and splits from the usual sources, written as the dataset folder's text files.
+
+For each split: ``{split}_caps.txt`` (5 consecutive captions per image, raw sentences),
+``{split}_ids.txt`` (one image id per image, see :mod:`.splits`) and ``{split}_images.txt``
+(each image's path relative to the image root, for CNN features).
+
+Sources:
+
+* Karpathy's split files (``dataset_coco.json``, ``dataset_flickr30k.json``,
+  ``dataset_flickr8k.json``): splits train / val -> ``dev`` / test, and COCO's restval
+  folded into train (as SCAN's COCO train, 113,287 images) unless asked to keep it apart.
+* COCO caption JSON (``captions_train2014.json`` ...) through pycocotools, with split id
+  lists, or one split per JSON file (train / val -> dev / test by its name).
+
+Images with more than 5 captions (some of COCO's have 6 or 7) keep their first 5, and the
+log says how many; an image with fewer than 5 is an error naming it.
+"""
+
+import contextlib
+import io
+import json
+import logging
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..data.captions import CAPTIONS_PER_IMAGE
+from ..errors import UserError
+from ..io.atomic import write_text
+
+log = logging.getLogger(__name__)
+
+KARPATHY_SPLITS = {"train": "train", "val": "dev", "test": "test", "restval": "restval"}
+
+
+@dataclass
+class ImageRecord:
+    """One image of a split: its id, its path under the image root, its 5 captions."""
+
+    image_id: int
+    file: str
+    captions: list[str]
+
+
+def clean_caption(text: str) -> str:
+    """One line of text: inner newlines and tabs become spaces, ends stripped."""
+    return re.sub(r"\s+", " ", text).strip()
+
+
+def first_five(captions: list[str], image: str, source: Path) -> tuple[list[str], bool]:
+    """The first 5 non-empty captions, and whether any were dropped."""
+    kept = [c for c in (clean_caption(t) for t in captions) if c]
+    if len(kept) < CAPTIONS_PER_IMAGE:
+        raise UserError(f"{source}: image {image} has {len(kept)} non-empty captions; every "
+                        f"image needs at least {CAPTIONS_PER_IMAGE}")
+    return kept[:CAPTIONS_PER_IMAGE], len(kept) > CAPTIONS_PER_IMAGE
+
+
+def karpathy_splits(path: str | Path, restval_into_train: bool = True
+                    ) -> dict[str, list[ImageRecord]]:
+    """Read a Karpathy split file: {split: [ImageRecord]} in the file's order."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"Karpathy split file {path} not found (dataset_coco.json, "
+                        "dataset_flickr30k.json or dataset_flickr8k.json)")
+    try:
+        with open(path, encoding="utf-8") as f:
+            images = json.load(f)["images"]
+    except (json.JSONDecodeError, KeyError, TypeError) as exc:
+        raise UserError(f"{path}: not a Karpathy split file (expected JSON with an 'images' "
+                        f"list): {exc}") from exc
+    splits: dict[str, list[ImageRecord]] = {}
+    trimmed = 0
+    for entry in images:
+        try:
+            name = KARPATHY_SPLITS[entry["split"]]
+            filename = entry["filename"]
+            raw = [s["raw"] for s in entry["sentences"]]
+        except KeyError as exc:
+            raise UserError(f"{path}: image entry {entry.get('imgid', '?')} lacks {exc} or "
+                            f"has an unknown split; expected splits "
+                            f"{', '.join(KARPATHY_SPLITS)}") from exc
+        if name == "restval" and restval_into_train:
+            name = "train"
+        captions, dropped = first_five(raw, filename, path)
+        trimmed += dropped
+        file = f"{entry['filepath']}/{filename}" if entry.get("filepath") else filename
+        splits.setdefault(name, []).append(ImageRecord(_image_id(entry, path), file, captions))
+    if trimmed:
+        log.info("%s: %d images have more than %d captions; their first %d are kept", path,
+                 trimmed, CAPTIONS_PER_IMAGE, CAPTIONS_PER_IMAGE)
+    return splits
+
+
+def _image_id(entry: dict, path: Path) -> int:
+    """COCO's ``cocoid``; else the numeric file name stem (Flickr ids, the BUTD TSV's)."""
+    if "cocoid" in entry:
+        return int(entry["cocoid"])
+    stem = Path(entry["filename"]).stem
+    if not stem.isdigit():
+        raise UserError(f"{path}: cannot tell the image id of {entry['filename']!r} (no "
+                        "cocoid, and the file name is not a number)")
+    return int(stem)
+
+
+def coco_splits(json_files: list[str | Path], split_ids: dict[str, str | Path] | None = None
+                ) -> dict[str, list[ImageRecord]]:
+    """Read COCO caption JSON files through pycocotools.
+
+    ``split_ids`` maps a split name to a file of COCO image ids (one per line), looked up
+    across all the JSON files; without it each file is one split named from the file
+    (``captions_train2017.json`` -> train, ``*val*`` -> dev, ``*test*`` -> test). An image's
+    path is ``<folder>/<file_name>``, the folder being the file's suffix (``train2017``).
+    """
+    from pycocotools.coco import COCO
+
+    images: dict[int, tuple[str, list[str], Path]] = {}  # id -> (file, captions, source)
+    default_splits: dict[str, list[int]] = {}
+    for json_file in map(Path, json_files):
+        if not json_file.is_file():
+            raise UserError(f"COCO caption file {json_file} not found")
+        with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints timings
+            try:
+                coco = COCO(str(json_file))
+            except (json.JSONDecodeError, KeyError, TypeError) as exc:
+                raise UserError(f"{json_file}: not a COCO annotation file: {exc}") from exc
+        folder = json_file.stem.split("_")[-1]
+        ids = sorted(coco.getImgIds())
+        for image_id in ids:
+            info = coco.imgs[image_id]
+            captions = [a["caption"] for a in coco.imgToAnns.get(image_id, [])
+                        if "caption" in a]
+            images[image_id] = (f"{folder}/{info['file_name']}", captions, json_file)
+        if not split_ids:
+            name = _split_name(json_file)
+            if name in default_splits:
+                raise UserError(f"two caption files map to split {name!r}; name the splits "
+                                "with --split NAME=IDS_FILE")
+            default_splits[name] = [i for i in ids if coco.imgToAnns.get(i)]
+    wanted = ({name: _read_ids(p) for name, p in split_ids.items()} if split_ids
+              else default_splits)
+    splits: dict[str, list[ImageRecord]] = {}
+    for name, ids in wanted.items():
+        missing = [i for i in ids if i not in images]
+        if missing:
+            raise UserError(f"split {name}: {len(missing)} image ids are in none of the "
+                            f"caption files (first: {', '.join(map(str, missing[:5]))})")
+        records, trimmed = [], 0
+        for image_id in ids:
+            file, captions, source = images[image_id]
+            kept, dropped = first_five(captions, str(image_id), source)
+            trimmed += dropped
+            records.append(ImageRecord(image_id, file, kept))
+        if trimmed:
+            log.info("split %s: %d images have more than %d captions; their first %d are "
+                     "kept", name, trimmed, CAPTIONS_PER_IMAGE, CAPTIONS_PER_IMAGE)
+        splits[name] = records
+    return splits
+
+
+def _split_name(json_file: Path) -> str:
+    suffix = json_file.stem.split("_")[-1]
+    for key, name in (("train", "train"), ("val", "dev"), ("test", "test")):
+        if key in suffix:
+            return name
+    raise UserError(f"cannot tell which split {json_file} is; name it with "
+                    "--split NAME=IDS_FILE")
+
+
+def _read_ids(path: str | Path) -> list[int]:
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"split id file {path} not found")
+    try:
+        return [int(line) for line in path.read_text(encoding="utf-8").split() if line]
+    except ValueError as exc:
+        raise UserError(f"{path}: not a list of integer image ids ({exc})") from exc
+
+
+def write_splits(splits: dict[str, list[ImageRecord]], dataset_dir: str | Path) -> list[Path]:
+    """Write ``{split}_caps.txt``, ``{split}_ids.txt``, ``{split}_images.txt`` atomically."""
+    dataset_dir = Path(dataset_dir)
+    written = []
+    # train last: make takes train_caps.txt as the sign that every split is written.
+    for name in sorted(splits, key=lambda split: split == "train"):
+        records = splits[name]
+        files = {
+            "caps": "".join(f"{c}\n" for r in records for c in r.captions),
+            "ids": "".join(f"{r.image_id}\n" for r in records),
+            "images": "".join(f"{r.file}\n" for r in records),
+        }
+        for kind in ("ids", "images", "caps"):
+            path = dataset_dir / f"{name}_{kind}.txt"
+            write_text(path, files[kind])
+            written.append(path)
+        log.info("split %s: %d images, %d captions -> %s", name, len(records),
+                 CAPTIONS_PER_IMAGE * len(records), dataset_dir / f"{name}_caps.txt")
+    return written

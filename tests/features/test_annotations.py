@@ -1,0 +1,126 @@
+import json
+import logging
+
+import numpy as np
+import pytest
+
+from stages.data.captions import read_captions
+from stages.errors import UserError
+from stages.features.annotations import coco_splits, karpathy_splits, write_splits
+from stages.features.splits import read_split_ids
+
+
+def karpathy_entry(imgid, split, n_captions, cocoid=None, filepath=None, filename=None):
+    entry = {"imgid": imgid, "split": split,
+             "filename": filename or f"COCO_{imgid:06d}.jpg",
+             "sentences": [{"raw": f"image {imgid} caption {j}\n", "tokens": []}
+                           for j in range(n_captions)]}
+    if cocoid is not None:
+        entry["cocoid"] = cocoid
+    if filepath:
+        entry["filepath"] = filepath
+    return entry
+
+
+def test_karpathy_coco_restval_and_extra_captions(tmp_path, caplog):
+    caplog.set_level(logging.INFO)
+    images = [karpathy_entry(0, "train", 5, 100, "train2014"),
+              karpathy_entry(1, "restval", 7, 101, "val2014"),
+              karpathy_entry(2, "val", 5, 102, "val2014"),
+              karpathy_entry(3, "test", 6, 103, "val2014"),
+              karpathy_entry(4, "train", 5, 104, "train2014")]
+    path = tmp_path / "dataset_coco.json"
+    path.write_text(json.dumps({"images": images, "dataset": "coco"}))
+    splits = karpathy_splits(path)
+    assert {k: [r.image_id for r in v] for k, v in splits.items()} == {
+        "train": [100, 101, 104], "dev": [102], "test": [103]}
+    assert splits["train"][1].captions == [f"image 1 caption {j}" for j in range(5)]
+    assert splits["train"][1].file == "val2014/COCO_000001.jpg"
+    assert "2 images have more than 5 captions" in caplog.text
+    apart = karpathy_splits(path, restval_into_train=False)
+    assert [r.image_id for r in apart["restval"]] == [101]
+
+    out = tmp_path / "coco"
+    write_splits(splits, out)
+    assert read_captions(out / "train_caps.txt")[5:7] == ["image 1 caption 0",
+                                                           "image 1 caption 1"]
+    np.testing.assert_array_equal(read_split_ids(out, "train"), [100, 101, 104])
+    assert (out / "test_images.txt").read_text() == "val2014/COCO_000003.jpg\n"
+    # train_caps.txt is written last: make takes it as the sign that all splits exist.
+    mtimes = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    assert max(mtimes, key=mtimes.get) == "train_caps.txt"
+
+
+def test_karpathy_flickr_ids_from_file_names(tmp_path):
+    images = [karpathy_entry(0, "train", 5, filename="1000092795.jpg"),
+              karpathy_entry(1, "test", 5, filename="10002456.jpg")]
+    path = tmp_path / "dataset_flickr30k.json"
+    path.write_text(json.dumps({"images": images}))
+    splits = karpathy_splits(path)
+    assert splits["train"][0].image_id == 1000092795 and splits["test"][0].file == "10002456.jpg"
+
+
+@pytest.mark.parametrize("entry, message", [
+    (karpathy_entry(0, "train", 4, 100), "image COCO_000000.jpg has 4 non-empty captions"),
+    (karpathy_entry(0, "bogus", 5, 100), "unknown split"),
+    (karpathy_entry(0, "train", 5, filename="abc.jpg"), "cannot tell the image id of 'abc.jpg'"),
+])
+def test_karpathy_errors(tmp_path, entry, message):
+    path = tmp_path / "dataset_x.json"
+    path.write_text(json.dumps({"images": [entry]}))
+    with pytest.raises(UserError, match=message):
+        karpathy_splits(path)
+    with pytest.raises(UserError, match="not found"):
+        karpathy_splits(tmp_path / "nope.json")
+
+
+def coco_json(path, image_ids, captions_per_image):
+    images = [{"id": i, "file_name": f"{i:012d}.jpg", "width": 640, "height": 480}
+              for i in image_ids]
+    annotations, ann_id = [], 1
+    for i, n in zip(image_ids, captions_per_image, strict=True):
+        for j in range(n):
+            annotations.append({"id": ann_id, "image_id": i, "caption": f"coco {i} says {j}"})
+            ann_id += 1
+    path.write_text(json.dumps({"images": images, "annotations": annotations,
+                                "info": {}, "licenses": []}))
+    return path
+
+
+def test_coco_json_default_splits_and_id_lists(tmp_path, caplog):
+    caplog.set_level(logging.INFO)
+    train = coco_json(tmp_path / "captions_train2017.json", [9, 4, 7], [5, 6, 5])
+    val = coco_json(tmp_path / "captions_val2017.json", [30, 12], [5, 5])
+    splits = coco_splits([train, val])
+    assert [r.image_id for r in splits["train"]] == [4, 7, 9]  # by id
+    assert [r.image_id for r in splits["dev"]] == [12, 30]
+    assert splits["train"][0].captions == [f"coco 4 says {j}" for j in range(5)]
+    assert splits["dev"][0].file == "val2017/000000000012.jpg"
+    assert "1 images have more than 5 captions" in caplog.text
+    # Karpathy-style splits that mix the two files, from id lists.
+    (tmp_path / "mine.txt").write_text("30\n9\n")
+    mixed = coco_splits([train, val], {"test": tmp_path / "mine.txt"})
+    assert [r.file for r in mixed["test"]] == ["val2017/000000000030.jpg",
+                                               "train2017/000000000009.jpg"]
+    (tmp_path / "bad.txt").write_text("30\n555\n")
+    with pytest.raises(UserError, match=r"split test: 1 image ids are in none .*first: 555"):
+        coco_splits([train, val], {"test": tmp_path / "bad.txt"})
+    few = coco_json(tmp_path / "captions_test.json", [1], [3])
+    with pytest.raises(UserError, match="image 1 has 3 non-empty captions"):
+        coco_splits([few])
+
+
+def test_ids_file_checks(tmp_path, caplog):
+    caplog.set_level(logging.INFO)
+    (tmp_path / "train_ids.txt").write_text("".join(f"{i}\n" for i in [5] * 5 + [8] * 5))
+    np.testing.assert_array_equal(read_split_ids(tmp_path, "train"), [5, 8])  # per caption
+    assert "once per caption" in caplog.text
+    (tmp_path / "train_caps.txt").write_text("a\n" * 9)
+    with pytest.raises(UserError, match="train_caps.txt has 9 captions but the ids file lists 2"):
+        read_split_ids(tmp_path, "train")
+    (tmp_path / "dev_ids.txt").write_text("1\n2\n1\n")
+    with pytest.raises(UserError, match="1 image ids listed more than once"):
+        read_split_ids(tmp_path, "dev")
+    (tmp_path / "test_ids.txt").write_text("1\nx2\n")
+    with pytest.raises(UserError, match="test_ids.txt:2: 'x2' is not an integer"):
+        read_split_ids(tmp_path, "test")

@@ -1,0 +1,56 @@
+import numpy as np
+import pytest
+
+from stages.data.dataset import open_split
+from stages.errors import UserError
+from stages.features import precomp
+from stages.features.precomp import precomp_to_hdf5
+from tests.conftest import write_precomp
+
+
+def test_precomp_npy_becomes_hdf5_that_reads_the_same(tmp_path):
+    rng = np.random.default_rng(0)
+    regions = rng.normal(size=(6, 4, 8)).astype(np.float32)
+    write_precomp(tmp_path, "train", regions, [f"cap {i}" for i in range(30)])
+    # A release with one row per caption (5N rows) for dev, global features.
+    glob = rng.normal(size=(3, 16)).astype(np.float32)
+    write_precomp(tmp_path, "dev", np.repeat(glob, 5, axis=0), [f"c {i}" for i in range(15)])
+    (tmp_path / "dev_ids.txt").write_text("7\n8\n9\n")
+    outputs = precomp_to_hdf5(tmp_path, dtype="float32")
+    assert [p.name for p in outputs] == ["dev.h5", "train.h5"]
+    (tmp_path / "train_ims.npy").unlink()  # the HDF5 alone is now read
+    (tmp_path / "dev_ims.npy").rename(tmp_path / "dev_ims.bak")
+    train, dev = open_split(tmp_path, "train"), open_split(tmp_path, "dev")
+    np.testing.assert_array_equal(train.features.read_many(range(6)), regions)
+    np.testing.assert_array_equal(dev.features.read_many(range(3)), glob)
+    with pytest.raises(UserError, match="no \\*_ims.npy"):
+        precomp_to_hdf5(tmp_path / "empty_nothing", None)
+
+
+def test_killed_precomp_conversion_resumes(tmp_path, monkeypatch):
+    features = np.arange(10 * 3, dtype=np.float32).reshape(10, 3)
+    write_precomp(tmp_path, "train", features, [f"c {i}" for i in range(50)])
+    monkeypatch.setattr(precomp, "CHECKPOINT_IMAGES", 4)
+    real_update = precomp.Progress.update
+    seen = []
+
+    def die_after_six(self, n=1, **kw):
+        seen.append(n)
+        if len(seen) == 6:
+            raise KeyboardInterrupt
+        real_update(self, n, **kw)
+
+    monkeypatch.setattr(precomp.Progress, "update", die_after_six)
+    with pytest.raises(KeyboardInterrupt):
+        precomp_to_hdf5(tmp_path)
+    assert (tmp_path / "train.h5.partial").exists() and not (tmp_path / "train.h5").exists()
+    monkeypatch.setattr(precomp.Progress, "update", real_update)
+    written = []
+    real_write = precomp.SplitWriter.write
+    monkeypatch.setattr(precomp.SplitWriter, "write",
+                        lambda self, i, f, *a: written.append(i) or real_write(self, i, f))
+    precomp_to_hdf5(tmp_path)
+    assert written == list(range(4, 10))  # from the last checkpoint (after image 4)
+    (tmp_path / "train_ims.npy").unlink()
+    np.testing.assert_array_equal(open_split(tmp_path, "train").features.read_many(range(10)),
+                                  features)
