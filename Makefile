@@ -11,9 +11,11 @@ SHELL := /bin/bash
 
 PYTHON ?= python3
 VENV ?= .venv
-# The torch wheel to install; on a CUDA box pick the build you need, e.g. TORCH='torch==2.13.0'
-# with PIP_INDEX_URL pointing at PyTorch's CUDA index.
-TORCH ?= torch==2.13.0
+# The torch and torchvision wheels to install, a matching pair (torchvision computes the CNN
+# features). On a CUDA box pick the build you need, e.g. TORCH='torch==2.5.1 torchvision==0.20.1'
+# with PIP_INDEX_URL pointing at PyTorch's CUDA index; on aarch64 here, torch==2.9.1
+# torchvision==0.24.1.
+TORCH ?= torch==2.14.1 torchvision==0.29.1
 
 DATA ?= f30k_precomp
 DATA_PATH ?= data
@@ -41,12 +43,14 @@ STAMP := $(VENV)/.installed
 CONFIGS := --config configs/data/$(DATA).yaml $(if $(EXP),--config configs/experiment/$(EXP).yaml)
 OVERRIDES := --set data.path=$(DATA_PATH) --set data.vocab=$(VOCAB) $(foreach s,$(SET),--set $(s))
 
-.PHONY: help install test lint demo vocab train embed offcandi retrain eval compare \
+.PHONY: help install test lint demo features vocab train embed offcandi retrain eval compare \
 	f30k-all coco-all bench clean-demo
 
 help:
 	@echo "make demo          set up, generate the demo dataset, train and evaluate (CPU, minutes)"
 	@echo "make test          set up, then lint and run the test suite"
+	@echo "make features      captions/splits and features of DATA     -> DATA_PATH/DATA/{split}_caps.txt, {split}.h5"
+	@echo "                   (KARPATHY= or COCO_JSON= for captions; TSV= or IMAGES= for features)"
 	@echo "make vocab         vocabulary of DATA's training captions   -> DATA_PATH/DATA/vocab.json"
 	@echo "make train         base VSE++ model                         -> runs/DATA/RUN/checkpoint.pt"
 	@echo "make embed         embed the training split with the base model -> runs/DATA/RUN/embeddings_train.h5"
@@ -65,7 +69,7 @@ help:
 # --- environment: a virtual environment made from nothing --------------------------------
 $(STAMP): setup.cfg pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet "$(TORCH)"
+	$(BIN)/pip install --quiet $(TORCH)
 	$(BIN)/pip install --quiet -e ".[test]"
 	touch $@
 
@@ -81,14 +85,58 @@ test: lint
 bench: $(STAMP)
 	$(BIN)/python tools/bench.py --out bench/results.json
 
-# --- data --------------------------------------------------------------------------------
-$(DATA_PATH)/demo/train_caps.txt: | $(STAMP)
+# --- data: the features stage -------------------------------------------------------------
+# A dataset folder needs captions/splits ({split}_caps.txt) and features ({split}_ims.npy
+# from a precomp download, or {split}.h5). Missing ones are made from the sources given:
+#   captions: KARPATHY=dataset_coco.json, or COCO_JSON='captions_train2014.json ...'
+#             (with COCO_SPLITS='train=ids.txt ...')
+#   features: TSV='trainval_36.tsv ...' (BUTD regions), or IMAGES=<image root> (CNN=resnet152)
+# FEATURE_OPTS passes more options, e.g. FEATURE_OPTS='--dtype float16 --max-regions 100'.
+KARPATHY ?=
+COCO_JSON ?=
+COCO_SPLITS ?=
+TSV ?=
+IMAGES ?=
+CNN ?= resnet152
+WEIGHTS ?= imagenet
+FEATURE_OPTS ?=
+ifeq ($(DATA),demo)
+TRAIN_FEATURES := $(DATASET)/train_ims.npy
+else
+TRAIN_FEATURES := $(firstword $(wildcard $(DATASET)/train_ims.npy $(DATASET)/train.h5) \
+	$(DATASET)/train.h5)
+endif
+
+$(DATA_PATH)/demo/train_caps.txt $(DATA_PATH)/demo/train_ims.npy &: | $(STAMP)
 	$(AOQ) demo-data --out $(DATA_PATH)/demo
 
-$(DATASET)/%_caps.txt:
+$(DATASET)/%_caps.txt: | $(STAMP)
+ifneq ($(KARPATHY),)
+	$(AOQ) captions --karpathy $(KARPATHY) --out $(DATASET)
+else ifneq ($(COCO_JSON),)
+	$(AOQ) captions $(foreach j,$(COCO_JSON),--coco-json $(j)) \
+	    $(foreach s,$(COCO_SPLITS),--split $(s)) --out $(DATASET)
+else
 	@echo "error: $@ not found. Put the $(DATA) precomp folder under DATA_PATH=$(DATA_PATH)" \
-	      "(see README.md, 'Datasets'), or point DATA_PATH at the folder that holds it." >&2
+	      "(see README.md, 'Datasets'), point DATA_PATH at the folder that holds it, or" \
+	      "make it with KARPATHY=dataset_<data>.json or COCO_JSON=captions_*.json." >&2
 	@exit 1
+endif
+
+# train.h5 is written last of the splits: it stands for all of them.
+$(DATASET)/train.h5: $(DATASET)/train_caps.txt | $(STAMP)
+ifneq ($(TSV),)
+	$(AOQ) features tsv $(foreach t,$(TSV),--tsv $(t)) --dataset-dir $(DATASET) $(FEATURE_OPTS)
+else ifneq ($(IMAGES),)
+	$(AOQ) features cnn --images $(IMAGES) --dataset-dir $(DATASET) --arch $(CNN) \
+	    --weights $(WEIGHTS) $(FEATURE_OPTS)
+else
+	@echo "error: no features in $(DATASET): put the precomp {split}_ims.npy there, or" \
+	      "make them with TSV=<BUTD .tsv files> or IMAGES=<image folder> (see README.md)." >&2
+	@exit 1
+endif
+
+features: $(DATASET)/train_caps.txt $(TRAIN_FEATURES)
 
 vocab: $(VOCAB)
 $(VOCAB): $(DATASET)/train_caps.txt | $(STAMP)
@@ -96,7 +144,7 @@ $(VOCAB): $(DATASET)/train_caps.txt | $(STAMP)
 
 # --- stages ------------------------------------------------------------------------------
 train: $(BASE_CKPT)
-$(BASE_CKPT): $(VOCAB) | $(STAMP)
+$(BASE_CKPT): $(VOCAB) $(TRAIN_FEATURES) | $(STAMP)
 	$(AOQ) train $(CONFIGS) $(OVERRIDES) --run-dir $(RUN_DIR) --resume
 
 # Any run's training-split embeddings, from its checkpoint.

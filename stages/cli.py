@@ -187,7 +187,7 @@ def captions(out, karpathy, restval, coco_json, split_ids) -> None:
 
 @cli.group()
 def features() -> None:
-    """Image features into the dataset folder's {split}.h5 (BUTD TSV, precomp .npy)."""
+    """Image features into the dataset folder's {split}.h5 (BUTD TSV, CNN, precomp .npy)."""
 
 
 def _splits_option(func):
@@ -221,6 +221,41 @@ def features_tsv(tsv_files, dataset_dir, splits, max_regions, feature_dim, dtype
 
     names = [s for s in splits.split(",") if s] or listed_splits(dataset_dir)
     tsv_to_hdf5(list(tsv_files), dataset_dir, names, max_regions, feature_dim, dtype)
+
+
+@features.command(name="cnn")
+@click.option("--images", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Image root; {split}_images.txt paths are relative to it.")
+@click.option("--dataset-dir", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Dataset folder holding {split}_images.txt and _ids.txt (`aoq captions`).")
+@_splits_option
+@click.option("--arch", default="resnet152", show_default=True,
+              help="resnet152 (2048-d), vgg19 (4096-d), mobilenet_v3_large (1280-d), "
+                   "resnet101/50/18.")
+@click.option("--weights", default="imagenet", show_default=True,
+              help="A state-dict file, 'imagenet' (torchvision's cache) or 'random' (tests).")
+@click.option("--crops", type=click.Choice(["1", "10"]), default="1", show_default=True,
+              help="Center crop, or 10 crops (corners, center, mirrored) averaged.")
+@click.option("--grid", is_flag=True,
+              help="Store the last conv map as regions (e.g. 49 x 2048) instead of a vector.")
+@click.option("--crop-size", default=224, show_default=True)
+@click.option("--batch-size", default=32, show_default=True)
+@click.option("--workers", default=4, show_default=True, help="Image decoding processes.")
+@click.option("--device", default="auto", show_default=True, help="auto | cpu | cuda[:N]")
+@_dtype_option
+@click.option("--on-bad-image", type=click.Choice(["fail", "skip"]), default="fail",
+              show_default=True,
+              help="An unreadable image stops the run, or is dropped from the split with its "
+                   "captions (listed in {split}_skipped.txt).")
+def features_cnn(images, dataset_dir, splits, arch, weights, crops, grid, crop_size,
+                 batch_size, workers, device, dtype, on_bad_image) -> None:
+    """CNN features of raw images (torchvision), batched, resumable."""
+    from .features.cnn import cnn_features
+    from .features.splits import listed_splits
+
+    names = [s for s in splits.split(",") if s] or listed_splits(dataset_dir)
+    cnn_features(images, dataset_dir, names, arch, weights, int(crops), grid, crop_size,
+                 batch_size, workers, device, dtype, on_bad_image)
 
 
 @features.command(name="precomp")

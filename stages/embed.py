@@ -10,19 +10,17 @@ import logging
 from pathlib import Path
 
 import h5py
-import numpy as np
 
 from .config import Config, load_config
 from .data.dataset import open_split
 from .device import resolve_device
+from .embeddings import EMBEDDINGS_FORMAT
 from .encode import encode_split
-from .errors import UserError
-from .io.atomic import atomic_path, plain_attrs
+from .io.atomic import atomic_path
 from .io.checkpoint import load_checkpoint, model_from_checkpoint, weights_hash
 
 log = logging.getLogger(__name__)
 
-EMBEDDINGS_FORMAT = "aoq-embeddings"
 
 
 def embed(checkpoint: str | Path, split_name: str = "", config_files=(), overrides=(),
@@ -52,26 +50,3 @@ def embed(checkpoint: str | Path, split_name: str = "", config_files=(), overrid
     log.info("%d images and %d captions (%d-d) -> %s", img.shape[0], cap.shape[0],
              img.shape[1], out)
     return out
-
-
-class Embeddings:
-    """A loaded embeddings file: ``images`` (N, E), ``captions`` (5N, E), ``attrs``."""
-
-    def __init__(self, path: str | Path):
-        self.path = Path(path)
-        if not self.path.is_file():
-            raise UserError(f"embeddings {self.path} not found; make them with `aoq embed` "
-                            "(or `make embed DATA=...`)")
-        try:
-            with h5py.File(self.path, "r") as f:
-                self.attrs = plain_attrs(f.attrs)
-                if self.attrs.get("format") != EMBEDDINGS_FORMAT:
-                    raise UserError(f"{self.path}: not an embeddings file of this project")
-                self.images = np.asarray(f["images"], dtype=np.float32)
-                self.captions = np.asarray(f["captions"], dtype=np.float32)
-        except OSError as exc:
-            raise UserError(f"{self.path}: cannot be read as HDF5 ({exc}); rerun "
-                            "`aoq embed`") from exc
-        if self.captions.shape[0] != 5 * self.images.shape[0]:
-            raise UserError(f"{self.path}: {self.captions.shape[0]} captions for "
-                            f"{self.images.shape[0]} images; expected 5 per image")

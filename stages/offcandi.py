@@ -6,8 +6,9 @@ fetches K plus the number of positives a query can have (5 captions, 1 image), t
 positives are removed exactly, and the first K remain: no query ever lists its own
 positive, whatever K. Each query's positive score is stored too (i2t: the mean over the
 image's 5 captions; t2i: the caption's own image), so retraining can skip likely false
-negatives (``offcandi.false_negative_ratio``). Memory: the embeddings, the index and one
-block of results.
+negatives (``offcandi.false_negative_ratio``). Memory: the images and the index; captions
+are read from the embeddings file block by block, so the peak is about the size of the
+embeddings plus one block of results.
 """
 
 import logging
@@ -25,7 +26,7 @@ from .candidates import (
     is_positive,
 )
 from .config import OffcandiConfig
-from .embed import Embeddings
+from .embeddings import Embeddings
 from .errors import UserError
 from .io.atomic import atomic_path
 from .knn import INDEX_KINDS, approximate_recall, build_index, search_blocks, set_threads
@@ -50,17 +51,18 @@ def drop_positives(direction: str, query_start: int, ids: np.ndarray, scores: np
     return kept_ids, np.take_along_axis(scores, order, axis=1)
 
 
-def positive_scores(direction: str, embeddings: Embeddings, block_size: int = 65536
+def positive_scores(direction: str, embeddings: Embeddings, block_size: int = 2048
                     ) -> np.ndarray:
     """(Q,) float32 score of each query's positives: i2t, the mean over the image's 5
     captions (N,); t2i, the caption with its own image (5N,)."""
     images, captions = embeddings.images, embeddings.captions
     n, dim = images.shape
-    grouped = captions.reshape(n, CAPTIONS_PER_IMAGE, dim)
     out = np.empty(n if direction == "i2t" else n * CAPTIONS_PER_IMAGE, dtype=np.float32)
     for start in range(0, n, block_size):
         stop = min(n, start + block_size)
-        sims = np.einsum("nd,ncd->nc", images[start:stop], grouped[start:stop])  # (b, 5)
+        grouped = np.asarray(captions[start * CAPTIONS_PER_IMAGE:stop * CAPTIONS_PER_IMAGE],
+                             dtype=np.float32).reshape(-1, CAPTIONS_PER_IMAGE, dim)
+        sims = np.einsum("nd,ncd->nc", images[start:stop], grouped)  # (b, 5)
         if direction == "i2t":
             out[start:stop] = sims.mean(axis=1)
         else:
@@ -121,16 +123,16 @@ def offcandi(embeddings_path: str | Path, out_dir: str | Path,
     options = options or OffcandiConfig()
     if options.index not in INDEX_KINDS:
         raise UserError(f"unknown index {options.index!r}; known: {', '.join(INDEX_KINDS)}")
-    embeddings = Embeddings(embeddings_path)
     threads = set_threads(options.threads)
-    log.info("mining %s: %d images, %d captions, %d-d, %s index, %d threads",
-             embeddings.path, len(embeddings.images), len(embeddings.captions),
-             embeddings.images.shape[1], options.index, threads)
     outputs = []
-    for direction in ("i2t", "t2i"):
-        out = candidate_path(out_dir, direction)
-        attrs = mine_direction(direction, embeddings, options, out)
-        log.info("%s: K=%d in %.1f s -> %s", direction, attrs["k"], attrs["search_seconds"],
-                 out)
-        outputs.append(out)
+    with Embeddings(embeddings_path) as embeddings:
+        log.info("mining %s: %d images, %d captions, %d-d, %s index, %d threads",
+                 embeddings.path, len(embeddings.images), len(embeddings.captions),
+                 embeddings.images.shape[1], options.index, threads)
+        for direction in ("i2t", "t2i"):
+            out = candidate_path(out_dir, direction)
+            attrs = mine_direction(direction, embeddings, options, out)
+            log.info("%s: K=%d in %.1f s -> %s", direction, attrs["k"],
+                     attrs["search_seconds"], out)
+            outputs.append(out)
     return outputs

@@ -127,13 +127,16 @@ def clustered_embeddings(num_images: int, dim: int, seed: int = 0,
     return img, cap
 
 
+# Peak RSS is read from VmHWM, the high-water mark of this process's own memory: ru_maxrss
+# would also count the parent's pages, inherited through fork and kept across exec.
 STAGE_SCRIPT = """
-import resource, sys, time
+import sys, time
 from stages.config import OffcandiConfig
 from stages.offcandi import offcandi
 t0 = time.perf_counter()
 offcandi(sys.argv[1], sys.argv[2], OffcandiConfig(index=sys.argv[3]))
-print(time.perf_counter() - t0, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+hwm = next(line for line in open("/proc/self/status") if line.startswith("VmHWM"))
+print(time.perf_counter() - t0, hwm.split()[1])
 """
 
 

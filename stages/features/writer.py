@@ -119,6 +119,10 @@ class SplitWriter:
             f["image_size"][position] = image_size
         self.written[position] = True
 
+    def read(self, position: int) -> np.ndarray:
+        """The stored features of image ``position`` (padded, as written)."""
+        return np.asarray(self._file["features"][position])
+
     def checkpoint(self, **state) -> None:
         """Persist which images are written and the caller's input position ``state``."""
         self._file["written"][:] = self.written

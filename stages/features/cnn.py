@@ -1,0 +1,297 @@
+"""CNN features from raw images (VSE++'s image side): torchvision backbones -> ``{split}.h5``.
+
+Global features per image, (N, D): ResNet-152 (2048-d, the pooled last conv map), VGG19
+(4096-d, fc7 after its ReLU), MobileNetV3-large (1280-d, the penultimate layer); or, with
+``grid``, the last conv map as regions, (N, h*w, C) (7x7x2048 for ResNet-152 at 224).
+Images are resized (shorter side to 256/224 of the crop) and center-cropped (1 crop), or
+ten-cropped (corners + center, and their mirror images) with the 10 crop features averaged.
+
+Weights come from a local file (``weights=PATH``), from torchvision's cache
+(``weights="imagenet"``: the architecture's default ImageNet weights, fetched into
+``$TORCH_HOME/hub/checkpoints`` if the machine can download) or are random
+(``weights="random"``, for tests only). An image that cannot be read is reported with
+its path; ``on_bad_image="skip"`` drops it (and its captions) from the split and lists it
+in ``{split}_skipped.txt``, ``"fail"`` stops the run.
+"""
+
+import json
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from ..data.captions import CAPTIONS_PER_IMAGE, read_captions
+from ..device import resolve_device
+from ..errors import UserError
+from ..io.atomic import write_text
+from ..progress import Progress
+from .splits import read_split_ids
+from .writer import SplitWriter
+
+log = logging.getLogger(__name__)
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+CHECKPOINT_SECONDS = 60.0
+
+
+@dataclass(frozen=True)
+class Backbone:
+    """How to cut a torchvision classifier: ``trunk`` gives the conv map (B, C, h, w),
+    ``head`` turns it into the global feature (B, D)."""
+
+    trunk: Callable[[nn.Module], nn.Module]
+    head: Callable[[nn.Module], nn.Module]
+    feature_dim: int
+
+
+def _resnet_trunk(m: nn.Module) -> nn.Module:
+    return nn.Sequential(m.conv1, m.bn1, m.relu, m.maxpool, m.layer1, m.layer2, m.layer3,
+                         m.layer4)
+
+
+def _pooled(_: nn.Module) -> nn.Module:
+    return nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten())
+
+
+def _vgg_head(m: nn.Module) -> nn.Module:  # fc7 after its ReLU (VSE++)
+    return nn.Sequential(m.avgpool, nn.Flatten(), *list(m.classifier.children())[:5])
+
+
+def _mobilenet_head(m: nn.Module) -> nn.Module:  # the 1280-d layer after its Hardswish
+    return nn.Sequential(m.avgpool, nn.Flatten(), *list(m.classifier.children())[:2])
+
+
+BACKBONES = {
+    "resnet152": Backbone(_resnet_trunk, _pooled, 2048),
+    "resnet101": Backbone(_resnet_trunk, _pooled, 2048),
+    "resnet50": Backbone(_resnet_trunk, _pooled, 2048),
+    "resnet18": Backbone(_resnet_trunk, _pooled, 512),
+    "vgg19": Backbone(lambda m: m.features, _vgg_head, 4096),
+    "mobilenet_v3_large": Backbone(lambda m: m.features, _mobilenet_head, 1280),
+}
+
+
+class FeatureExtractor(nn.Module):
+    """(B, 3, H, W) normalised images -> (B, D) global features, or (B, h*w, C) with grid."""
+
+    def __init__(self, arch: str, weights: str = "imagenet", grid: bool = False):
+        super().__init__()
+        import torchvision
+
+        if arch not in BACKBONES:
+            raise UserError(f"unknown CNN {arch!r}; known: {', '.join(BACKBONES)}")
+        model = torchvision.models.get_model(arch, weights=None)
+        if weights == "random":
+            log.warning("%s with random weights: for tests only, the features mean nothing",
+                        arch)
+        else:
+            model.load_state_dict(load_weights(arch, weights))
+        spec = BACKBONES[arch]
+        self.trunk = spec.trunk(model)
+        self.head = spec.head(model)
+        self.grid = grid
+        self.eval()
+
+    @torch.no_grad()
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        conv = self.trunk(images)  # (B, C, h, w)
+        if self.grid:
+            return conv.flatten(2).transpose(1, 2)  # (B, h*w, C)
+        return self.head(conv)
+
+
+def load_weights(arch: str, weights: str) -> dict:
+    """A state dict from a file path, or torchvision's default weights for ``imagenet``."""
+    if weights == "imagenet":
+        import torchvision
+
+        enum = torchvision.models.get_model_weights(arch).DEFAULT
+        try:
+            return enum.get_state_dict(progress=False, check_hash=False)
+        except (OSError, RuntimeError) as exc:  # URLError is an OSError
+            cache = Path(torch.hub.get_dir()) / "checkpoints" / Path(enum.url).name
+            raise UserError(
+                f"the ImageNet weights of {arch} are not in torchvision's cache ({cache}) and "
+                f"cannot be downloaded here ({exc}); fetch {enum.url} on a machine with "
+                f"internet and put it at {cache}, or pass --weights /path/to/file.pth"
+            ) from exc
+    path = Path(weights)
+    if not path.is_file():
+        raise UserError(f"weights file {path} not found; pass a torchvision state dict for "
+                        f"{arch} (e.g. the file behind torchvision.models."
+                        f"get_model_weights({arch!r}).DEFAULT.url), or --weights imagenet to "
+                        "use torchvision's cache")
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    return state.get("state_dict", state) if isinstance(state, dict) else state
+
+
+def image_transform(crops: int, crop_size: int = 224):
+    """PIL image -> (crops, 3, crop_size, crop_size) normalised float tensor."""
+    from torchvision import transforms
+
+    normalise = transforms.Compose([transforms.ToTensor(),
+                                    transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+    resize = transforms.Resize(crop_size * 256 // 224)
+    if crops == 1:
+        return transforms.Compose([resize, transforms.CenterCrop(crop_size), normalise,
+                                   transforms.Lambda(lambda t: t.unsqueeze(0))])
+    if crops == 10:
+        return transforms.Compose([
+            resize, transforms.TenCrop(crop_size),
+            transforms.Lambda(lambda views: torch.stack([normalise(v) for v in views]))])
+    raise UserError(f"crops must be 1 or 10, got {crops}")
+
+
+class ImageFiles(Dataset):
+    """Images of a split by position: item -> (position, (crops, 3, S, S) tensor or None,
+    error message)."""
+
+    def __init__(self, root: Path, files: list[str], positions: list[int], transform):
+        self.root, self.files, self.positions, self.transform = root, files, positions, transform
+
+    def __len__(self) -> int:
+        return len(self.positions)
+
+    def __getitem__(self, i: int):
+        from PIL import Image
+
+        position = self.positions[i]
+        path = self.root / self.files[position]
+        try:
+            with Image.open(path) as image:
+                return position, self.transform(image.convert("RGB")), ""
+        except (OSError, ValueError, SyntaxError) as exc:  # missing, truncated, not an image
+            return position, None, f"{path}: {exc}"
+
+
+def _collate(items):
+    return items
+
+
+def read_image_list(dataset_dir: Path, split: str) -> list[str]:
+    path = dataset_dir / f"{split}_images.txt"
+    if not path.is_file():
+        raise UserError(f"{path} not found; write it with `aoq captions` (it lists each "
+                        "image's path under the image root, in caption order)")
+    return [line.strip() for line in path.read_text(encoding="utf-8").splitlines()
+            if line.strip()]
+
+
+def cnn_features(images_root: str | Path, dataset_dir: str | Path, splits: list[str],
+                 arch: str = "resnet152", weights: str = "imagenet", crops: int = 1,
+                 grid: bool = False, crop_size: int = 224, batch_size: int = 32,
+                 workers: int = 4, device: str = "auto", dtype: str = "float32",
+                 on_bad_image: str = "fail",
+                 checkpoint_seconds: float = CHECKPOINT_SECONDS) -> list[Path]:
+    """Compute features of each split's images (``{split}_images.txt`` under
+    ``images_root``) into ``dataset_dir/{split}.h5``; resumable."""
+    if on_bad_image not in ("fail", "skip"):
+        raise UserError(f"on_bad_image must be fail or skip, got {on_bad_image!r}")
+    if grid and crops != 1:
+        raise UserError("grid features are taken from one center crop: use crops=1")
+    images_root, dataset_dir = Path(images_root), Path(dataset_dir)
+    if not images_root.is_dir():
+        raise UserError(f"image folder {images_root} not found")
+    torch_device = resolve_device(device)
+    model = FeatureExtractor(arch, weights, grid).to(torch_device)
+    transform = image_transform(crops, crop_size)
+    with torch.no_grad():
+        probe = model(torch.zeros(1, 3, crop_size, crop_size, device=torch_device))
+    item_shape = tuple(probe.shape[1:])
+    outputs = []
+    for split in splits:
+        files = read_image_list(dataset_dir, split)
+        ids = read_split_ids(dataset_dir, split)
+        if len(ids) != len(files):
+            raise UserError(f"{dataset_dir / f'{split}_images.txt'} lists {len(files)} images "
+                            f"but {split}_ids.txt {len(ids)}; write both again with "
+                            "`aoq captions`")
+        source = {"source": "cnn", "arch": arch, "weights": weights, "crops": crops,
+                  "grid": grid, "crop_size": crop_size, "images_root": str(images_root.resolve())}
+        writer = SplitWriter(dataset_dir / f"{split}.h5", ids, item_shape, dtype, source)
+        try:
+            bad = _run_split(model, writer, images_root, files, transform, batch_size, workers,
+                             torch_device, on_bad_image, checkpoint_seconds, split)
+            if bad:
+                outputs.append(_drop_bad_images(writer, dataset_dir, split, bad))
+            else:
+                outputs.append(writer.finish(skipped_images=0))
+        except UserError:
+            writer.discard()
+            raise
+        finally:
+            writer.close()
+        log.info("wrote %s", outputs[-1])
+    return outputs
+
+
+def _run_split(model, writer, images_root, files, transform, batch_size, workers, device,
+               on_bad_image, checkpoint_seconds, split) -> list[int]:
+    """Embed the split's unwritten images; returns the positions of unreadable ones."""
+    bad = json.loads(writer.resume_state.get("bad", "[]"))
+    todo = sorted(set(np.flatnonzero(~writer.written).tolist()) - set(bad))
+    loader = DataLoader(ImageFiles(images_root, files, todo, transform), batch_size=batch_size,
+                        num_workers=workers, collate_fn=_collate)
+    last = time.monotonic()
+    with Progress(len(files), f"{split} images", unit="images",
+                  start=len(files) - len(todo)) as bar:
+        for items in loader:
+            good = [(p, t) for p, t, err in items if t is not None]
+            for position, _, error in items:
+                if error:
+                    if on_bad_image == "fail":
+                        raise UserError(f"cannot read image {error}; fix or remove it, or "
+                                        "pass --on-bad-image skip to drop it from the split")
+                    log.warning("skipping unreadable image %s", error)
+                    bad.append(position)
+            if good:
+                crops = torch.cat([t for _, t in good]).to(device)  # (B * crops, 3, S, S)
+                feats = model(crops).float()
+                feats = feats.view(len(good), -1, *feats.shape[1:]).mean(1)  # average crops
+                for (position, _), row in zip(good, feats.cpu().numpy(), strict=True):
+                    writer.write(position, row)
+            bar.update(len(items))
+            if time.monotonic() - last > checkpoint_seconds:
+                writer.checkpoint(bad=json.dumps(bad))
+                last = time.monotonic()
+    writer.checkpoint(bad=json.dumps(bad))
+    return sorted(bad)
+
+
+def _drop_bad_images(writer: SplitWriter, dataset_dir: Path, split: str,
+                     bad: list[int]) -> Path:
+    """Remove unreadable images from the split: copy the others (streamed) into a new file,
+    rewrite the caption, id and image lists to match, list the dropped ones in
+    ``{split}_skipped.txt``, then rename the new file into place."""
+    keep = np.ones(len(writer.image_ids), dtype=bool)
+    keep[bad] = False
+    files = read_image_list(dataset_dir, split)
+    captions = read_captions(dataset_dir / f"{split}_caps.txt")
+    kept_ids = writer.image_ids[keep]
+    source = {k: v for k, v in writer.identity.items()
+              if k not in ("format", "dtype", "item_shape", "padded", "with_boxes")}
+    compact = SplitWriter(dataset_dir / f"{split}.kept.h5", kept_ids, writer.item_shape,
+                          writer.identity["dtype"], source)
+    for new, old in enumerate(np.flatnonzero(keep)):
+        compact.write(new, writer.read(old))
+    kept = compact.finish(skipped_images=len(bad))
+    write_text(dataset_dir / f"{split}_skipped.txt", "".join(f"{files[p]}\n" for p in bad))
+    write_text(dataset_dir / f"{split}_images.txt",
+               "".join(f"{f}\n" for f, k in zip(files, keep, strict=True) if k))
+    write_text(dataset_dir / f"{split}_ids.txt", "".join(f"{i}\n" for i in kept_ids))
+    write_text(dataset_dir / f"{split}_caps.txt",
+               "".join(f"{c}\n" for i, c in enumerate(captions)
+                       if keep[i // CAPTIONS_PER_IMAGE]))
+    kept.replace(writer.path)
+    writer.path.touch()  # newer than the rewritten caption file, so make takes it as done
+    writer.discard()
+    log.warning("%s: %d unreadable images dropped from the split (and their captions), "
+                "listed in %s", split, len(bad), dataset_dir / f"{split}_skipped.txt")
+    return writer.path

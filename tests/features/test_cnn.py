@@ -1,0 +1,173 @@
+import json
+
+import h5py
+import numpy as np
+import pytest
+import torch
+import torchvision
+from PIL import Image
+from torchvision import transforms
+
+from stages.data.dataset import open_split
+from stages.errors import UserError
+from stages.features import cnn
+from stages.features.annotations import coco_splits, write_splits
+from stages.features.cnn import FeatureExtractor, cnn_features
+
+CROP = 64
+
+
+@pytest.fixture
+def image_dataset(tmp_path):
+    """Real JPEG files and COCO caption JSON for 5 train / 2 dev images, written as a
+    dataset folder by the captions stage."""
+    rng = np.random.default_rng(0)
+    root = tmp_path / "images"
+    for folder, ids in (("train2017", [1, 2, 3, 4, 5]), ("val2017", [6, 7])):
+        (root / folder).mkdir(parents=True)
+        images = [{"id": i, "file_name": f"{i:012d}.jpg"} for i in ids]
+        annotations = [{"id": 10 * i + j, "image_id": i, "caption": f"photo {i} number {j}"}
+                       for i in ids for j in range(5)]
+        for i in ids:
+            size = (int(rng.integers(70, 120)), int(rng.integers(70, 120)))
+            pixels = rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(root / folder / f"{i:012d}.jpg", quality=90)
+        (tmp_path / f"captions_{folder}.json").write_text(
+            json.dumps({"images": images, "annotations": annotations}))
+    dataset = tmp_path / "ds"
+    write_splits(coco_splits([tmp_path / "captions_train2017.json",
+                              tmp_path / "captions_val2017.json"]), dataset)
+    return root, dataset
+
+
+@pytest.fixture
+def resnet18_weights(tmp_path):
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(weights=None)
+    path = tmp_path / "resnet18.pth"
+    torch.save(model.state_dict(), path)
+    return path
+
+
+def reference_resnet18(weights_path):
+    """torchvision's own forward, up to the pooled features (fc replaced by identity)."""
+    model = torchvision.models.resnet18(weights=None)
+    model.load_state_dict(torch.load(weights_path, weights_only=True))
+    model.fc = torch.nn.Identity()
+    return model.eval()
+
+
+def load_image(root, dataset, split, row):
+    rel = (dataset / f"{split}_images.txt").read_text().split()[row]
+    return Image.open(root / rel).convert("RGB")
+
+
+def normalise(t):
+    return transforms.Normalize(cnn.IMAGENET_MEAN, cnn.IMAGENET_STD)(t)
+
+
+def read(path):
+    with h5py.File(path, "r") as f:
+        return np.asarray(f["features"]), np.asarray(f["image_ids"]), dict(f.attrs)
+
+
+def test_global_features_match_torchvision(image_dataset, resnet18_weights):
+    root, dataset = image_dataset
+    outputs = cnn_features(root, dataset, ["dev", "train"], "resnet18", str(resnet18_weights),
+                           crop_size=CROP, batch_size=3, workers=0, device="cpu")
+    assert [p.name for p in outputs] == ["dev.h5", "train.h5"]
+    feats, ids, attrs = read(dataset / "train.h5")
+    assert feats.shape == (5, 512) and ids.tolist() == [1, 2, 3, 4, 5]
+    assert attrs["arch"] == "resnet18" and attrs["crops"] == 1
+    reference = reference_resnet18(resnet18_weights)
+    resize_crop = transforms.Compose([transforms.Resize(CROP * 256 // 224),
+                                      transforms.CenterCrop(CROP), transforms.ToTensor()])
+    for row in range(5):
+        x = normalise(resize_crop(load_image(root, dataset, "train", row)))[None]
+        with torch.no_grad():
+            want = reference(x)[0].numpy()
+        np.testing.assert_allclose(feats[row], want, rtol=1e-4, atol=1e-5)
+    split = open_split(dataset, "train")  # training reads it
+    assert split.features.read_many([0]).shape == (1, 512)
+
+
+def test_ten_crops_average_and_grid(image_dataset, resnet18_weights):
+    root, dataset = image_dataset
+    cnn_features(root, dataset, ["dev"], "resnet18", str(resnet18_weights), crops=10,
+                 crop_size=CROP, workers=0, device="cpu")
+    ten, _, _ = read(dataset / "dev.h5")
+    reference = reference_resnet18(resnet18_weights)
+    views = transforms.Compose([transforms.Resize(CROP * 256 // 224),
+                                transforms.TenCrop(CROP)])(load_image(root, dataset, "dev", 1))
+    x = torch.stack([normalise(transforms.ToTensor()(v)) for v in views])
+    with torch.no_grad():
+        want = reference(x).mean(0).numpy()
+    np.testing.assert_allclose(ten[1], want, rtol=1e-4, atol=1e-5)
+
+    (dataset / "dev.h5").unlink()
+    cnn_features(root, dataset, ["dev"], "resnet18", str(resnet18_weights), grid=True,
+                 crop_size=CROP, workers=0, device="cpu")
+    grid, _, _ = read(dataset / "dev.h5")
+    assert grid.shape == (2, 4, 512)  # 64 / 32 = a 2 x 2 map of 512 channels
+    one_crop = FeatureExtractor("resnet18", str(resnet18_weights))
+    x = cnn.image_transform(1, CROP)(load_image(root, dataset, "dev", 0))
+    np.testing.assert_allclose(grid[0].mean(0), one_crop(x)[0].numpy(), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("arch, dim", [("vgg19", 4096), ("mobilenet_v3_large", 1280)])
+def test_vgg_fc7_and_mobilenet_penultimate(arch, dim):
+    torch.manual_seed(0)
+    extractor = FeatureExtractor(arch, "random")
+    reference = torchvision.models.get_model(arch, weights=None)
+    reference.load_state_dict({**extractor.trunk.state_dict(prefix="features."),
+                               **_head_state(extractor, reference)}, strict=False)
+    reference.classifier = reference.classifier[:5 if arch == "vgg19" else 2]
+    x = torch.randn(2, 3, CROP, CROP)
+    with torch.no_grad():
+        got, want = extractor(x), reference.eval()(x)
+    assert got.shape == (2, dim)
+    torch.testing.assert_close(got, want)
+
+
+def _head_state(extractor, reference):
+    """The extractor's head weights under the reference's classifier names."""
+    names = [n for n, _ in reference.classifier.named_parameters()]
+    return {f"classifier.{n}": p for n, p in zip(names, extractor.head.parameters(),
+                                                    strict=False)}
+
+
+def test_unreadable_images_fail_or_are_dropped_with_their_captions(image_dataset,
+                                                                    resnet18_weights):
+    root, dataset = image_dataset
+    broken = root / "train2017" / "000000000003.jpg"
+    broken.write_bytes(broken.read_bytes()[:200])  # a truncated download
+    with pytest.raises(UserError, match="cannot read image .*000000000003.jpg.*--on-bad-image"):
+        cnn_features(root, dataset, ["train"], "resnet18", str(resnet18_weights),
+                     crop_size=CROP, workers=0, device="cpu")
+    assert not list(dataset.glob("train.h5*"))
+    cnn_features(root, dataset, ["train"], "resnet18", str(resnet18_weights), crop_size=CROP,
+                 workers=0, device="cpu", on_bad_image="skip")
+    feats, ids, attrs = read(dataset / "train.h5")
+    assert ids.tolist() == [1, 2, 4, 5] and feats.shape == (4, 512)
+    assert attrs["skipped_images"] == 1
+    assert (dataset / "train_skipped.txt").read_text() == "train2017/000000000003.jpg\n"
+    split = open_split(dataset, "train")
+    assert len(split.captions) == 20 and "photo 3 number 0" not in split.captions
+    assert not list(dataset.glob("*.partial")) and not list(dataset.glob("*.kept.h5"))
+    # train.h5 is newer than the rewritten captions: make takes the stage as done.
+    assert (dataset / "train.h5").stat().st_mtime >= (dataset / "train_caps.txt").stat().st_mtime
+
+
+def test_missing_weights_say_how_to_get_them(tmp_path, monkeypatch):
+    with pytest.raises(UserError, match="weights file .*nope.pth not found"):
+        FeatureExtractor("resnet18", str(tmp_path / "nope.pth"))
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+
+    def offline(*args, **kwargs):
+        raise OSError("no network")
+
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", offline)
+    with pytest.raises(UserError, match=r"not in torchvision's cache .*resnet18-.*\.pth"):
+        FeatureExtractor("resnet18", "imagenet")
+    with pytest.raises(UserError, match="unknown CNN 'alexnet9'"):
+        FeatureExtractor("alexnet9", "random")
