@@ -40,8 +40,12 @@ CKPT ?= $(AOQ_CKPT)
 BIN := $(VENV)/bin
 AOQ := $(BIN)/aoq
 STAMP := $(VENV)/.installed
-CONFIGS := --config configs/data/$(DATA).yaml $(if $(EXP),--config configs/experiment/$(EXP).yaml)
-OVERRIDES := --set data.path=$(DATA_PATH) --set data.vocab=$(VOCAB) $(foreach s,$(SET),--set $(s))
+# configs/data/$(DATA).yaml when there is one (a dataset made by `make features` under a new
+# name needs none unless its splits differ from train/dev/test).
+CONFIGS := $(if $(wildcard configs/data/$(DATA).yaml),--config configs/data/$(DATA).yaml) \
+	$(if $(EXP),--config configs/experiment/$(EXP).yaml)
+OVERRIDES := --set data.name=$(DATA) --set data.path=$(DATA_PATH) --set data.vocab=$(VOCAB) \
+	$(foreach s,$(SET),--set $(s))
 
 .PHONY: help install test lint demo features vocab train embed offcandi retrain eval compare \
 	f30k-all coco-all bench clean-demo

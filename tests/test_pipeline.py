@@ -1,5 +1,6 @@
 """The Makefile chain (train -> embed -> offcandi -> retrain -> compare) on tiny data."""
 
+import json
 import shutil
 import subprocess
 import sys
@@ -7,6 +8,9 @@ from pathlib import Path
 
 import h5py
 import pytest
+
+from tests.features.test_annotations import karpathy_entry
+from tests.features.test_butd_tsv import make_images, write_tsv
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_EXPERIMENT = """\
@@ -33,9 +37,8 @@ def workdir(tiny_root):
 
 def make(work, *args, dry_run=False):
     command = ["make", "-f", str(REPO / "Makefile"), "--no-print-directory",
-               *(["-n"] if dry_run else []), *args,
-               f"AOQ={sys.executable} -m stages.cli", "STAMP=stamp", "DATA=tiny", "EXP=tiny",
-               f"DATA_PATH={work.parent}"]
+               *(["-n"] if dry_run else []), f"AOQ={sys.executable} -m stages.cli",
+               "STAMP=stamp", "DATA=tiny", "EXP=tiny", f"DATA_PATH={work.parent}", *args]
     result = subprocess.run(command, cwd=work, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout + result.stderr
     return result.stdout
@@ -84,3 +87,25 @@ def test_rounds_mine_again_with_the_retrained_model(workdir):
         miner = f.attrs["checkpoint"]
     assert miner.endswith("runs/tiny/aoq/checkpoint.pt")
     assert stages_to_run(work, "ROUNDS=2") == ["eval"]
+
+
+def test_features_from_karpathy_json_and_butd_tsv_then_train(workdir):
+    """`make features` builds the dataset folder from raw sources; `make train` uses it."""
+    work, sources = workdir, workdir.parent / "sources"
+    sources.mkdir()
+    splits = ["train"] * 16 + ["val"] * 2 + ["test"] * 2
+    entries = [karpathy_entry(i, split, 5, filename=f"{1000 + i}.jpg")
+               for i, split in enumerate(splits)]
+    (sources / "dataset_flickr30k.json").write_text(json.dumps({"images": entries}))
+    ids = [1000 + i for i in range(len(splits))]
+    write_tsv(sources / "feats.tsv", make_images(ids, [4] * len(ids)), order=ids[::-1])
+    args = ["DATA=kp", f"KARPATHY={sources / 'dataset_flickr30k.json'}",
+            f"TSV={sources / 'feats.tsv'}", "FEATURE_OPTS=--feature-dim 8 --max-regions 4"]
+    make(work, "features", *args)
+    dataset = work.parent / "kp"
+    for name in ("train_caps.txt", "dev_ids.txt", "test_images.txt", "train.h5", "dev.h5",
+                 "test.h5"):
+        assert (dataset / name).is_file(), name
+    assert "stages.cli" not in make(work, "features", *args, dry_run=True)  # up to date
+    make(work, "train", *args)
+    assert (work / "runs/kp/base/checkpoint.pt").is_file()

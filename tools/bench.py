@@ -10,11 +10,17 @@
   L2-normalised embeddings): the whole stage (in a subprocess, for its peak RSS) against a
   bare ``faiss.IndexFlatIP`` search of the same queries, against AOQ's per-anchor
   dot-and-argsort loop on a sample of anchors (extrapolated), and the IVF option's time
-  and recall@K against exact search.
+  and recall@K against exact search;
+* features, BUTD TSV -> HDF5: a generated TSV of 36 x 2048 rows at two sizes, converted in a
+  subprocess (throughput in MB/s of decoded features, peak RSS: it must not grow with the
+  rows), against a bare read + base64-decode loop over the same file;
+* features, CNN: ResNet-152 (random weights) images/s on the CPU at batch 32, against
+  torchvision's own forward of the whole classifier.
 
 Usage: python tools/bench.py --out bench/results.json
 """
 
+import base64
 import json
 import platform
 import resource
@@ -200,19 +206,96 @@ def bench_offcandi(num_images: int, dim: int, sample: int) -> dict:
             "ivf_recall_at_k": recall}
 
 
+TSV_SCRIPT = """
+import sys, time
+from stages.features.butd_tsv import tsv_to_hdf5
+t0 = time.perf_counter()
+tsv_to_hdf5([sys.argv[1]], sys.argv[2], ["train"])
+hwm = next(line for line in open("/proc/self/status") if line.startswith("VmHWM"))
+print(time.perf_counter() - t0, hwm.split()[1])
+"""
+
+
+def _write_bench_tsv(path: Path, rows: int, boxes: int = 36, dim: int = 2048) -> None:
+    """``rows`` BUTD rows (8 distinct random payloads, cycled: decoding costs the same)."""
+    rng = np.random.default_rng(0)
+    payloads = [(base64.b64encode(rng.random((boxes, 4), dtype=np.float32).tobytes()),
+                 base64.b64encode(rng.standard_normal((boxes, dim), dtype=np.float32)
+                                  .tobytes())) for _ in range(8)]
+    with open(path, "wb") as f:
+        for i in range(rows):
+            b, feats = payloads[i % len(payloads)]
+            f.write(b"%d\t640\t480\t%d\t%s\t%s\n" % (i, boxes, b, feats))
+
+
+def _bare_decode_seconds(path: Path) -> float:
+    """The floor: read each line, split it, base64-decode both arrays, nothing stored."""
+    t0 = time.perf_counter()
+    with open(path, "rb") as f:
+        for line in f:
+            fields = line.rstrip(b"\n").split(b"\t")
+            np.frombuffer(base64.b64decode(fields[4]), dtype=np.float32)
+            np.frombuffer(base64.b64decode(fields[5]), dtype=np.float32)
+    return time.perf_counter() - t0
+
+
+def bench_tsv(sizes: tuple[int, ...]) -> list[dict]:
+    results = []
+    for rows in sizes:
+        with tempfile.TemporaryDirectory() as tmp:
+            tsv, folder = Path(tmp) / "feats.tsv", Path(tmp) / "ds"
+            _write_bench_tsv(tsv, rows)
+            folder.mkdir()
+            ids = np.random.default_rng(1).permutation(rows)  # rows land in random order
+            (folder / "train_ids.txt").write_text("".join(f"{i}\n" for i in ids))
+            bare_s = _bare_decode_seconds(tsv)
+            result = subprocess.run([sys.executable, "-c", TSV_SCRIPT, str(tsv), str(folder)],
+                                    capture_output=True, text=True, check=True)
+            seconds, hwm_kib = map(float, result.stdout.split())
+            decoded_mb = rows * 36 * 2048 * 4 / 1e6
+            results.append({"rows": rows, "tsv_mb": round(tsv.stat().st_size / 1e6),
+                            "stage_s": round(seconds, 1), "bare_decode_s": round(bare_s, 1),
+                            "ratio_to_bare": round(seconds / bare_s, 2),
+                            "decoded_mb_per_s": round(decoded_mb / seconds),
+                            "peak_rss_mib": round(hwm_kib / 1024)})
+    return results
+
+
+def bench_cnn(batch: int = 32, repeats: int = 2) -> dict:
+    import torchvision
+
+    from stages.features.cnn import FeatureExtractor
+
+    torch.manual_seed(0)
+    ours = FeatureExtractor("resnet152", "random")
+    full = torchvision.models.resnet152(weights=None).eval()
+    x = torch.randn(batch, 3, 224, 224)
+    ours_s = _median_seconds(lambda: ours(x), repeats, warmup=1)
+    with torch.no_grad():
+        full_s = _median_seconds(lambda: full(x), repeats, warmup=1)
+    return {"arch": "resnet152", "batch": batch, "threads": torch.get_num_threads(),
+            "images_per_s": round(batch / ours_s, 2),
+            "torchvision_forward_images_per_s": round(batch / full_s, 2),
+            "ratio_to_torchvision": round(ours_s / full_s, 3)}
+
+
 @click.command()
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path),
               default=Path("bench/results.json"), show_default=True)
 @click.option("--repeats", default=10, show_default=True)
 @click.option("--offcandi-images", default=29000, show_default=True,
               help="Images in the offcandi benchmark (29000: Flickr30K's training set).")
-def main(out: Path, repeats: int, offcandi_images: int) -> None:
+@click.option("--tsv-rows", default="1000,4000", show_default=True,
+              help="Sizes (rows) of the generated BUTD TSV files.")
+def main(out: Path, repeats: int, offcandi_images: int, tsv_rows: str) -> None:
     results = {
         "machine": {"cpu_threads": torch.get_num_threads(), "python": platform.python_version(),
                     "torch": torch.__version__, "faiss": faiss.__version__},
         "train_step": [bench_train_step(256, repeats), bench_train_step(1024, repeats)],
         "eval_5k": bench_eval(5000, 1024, sample=200),
         "offcandi": bench_offcandi(offcandi_images, 1024, sample=100),
+        "features_tsv": bench_tsv(tuple(int(r) for r in tsv_rows.split(","))),
+        "features_cnn": bench_cnn(),
         "bench_peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
     }
     out.parent.mkdir(parents=True, exist_ok=True)

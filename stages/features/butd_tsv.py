@@ -157,7 +157,7 @@ def _stream(tsv_files: list[Path], start: tuple[int, int], positions: dict,
                 for line in f:
                     offset += len(line)
                     line_no = line_no + 1 if line_no is not None else None
-                    if not line.strip():
+                    if len(line) < 3 and not line.strip():  # a blank line (cheap test first)
                         continue
                     where = f"{path}:{line_no}" if line_no else f"{path} (byte {offset})"
                     image_id = _peek_id(line, where)

@@ -56,6 +56,12 @@ class SplitWriter:
         self.resume_state: dict = {}
         self._file = self._reopen() or self._create(dtype, padded, with_boxes)
         self.written = np.asarray(self._file["written"], dtype=bool)
+        # Dataset handles looked up once; per-image scalars kept in memory (a few bytes per
+        # image, like ``written``) and stored at each checkpoint.
+        self._features = self._file["features"]
+        self._boxes = self._file["boxes"] if with_boxes else None
+        self._num_regions = (np.asarray(self._file["num_regions"]) if padded else None)
+        self._image_size = (np.asarray(self._file["image_size"]) if with_boxes else None)
 
     # --- opening ---------------------------------------------------------------------------
     def _reopen(self) -> h5py.File | None:
@@ -95,7 +101,7 @@ class SplitWriter:
             f.create_dataset("num_regions", (n,), dtype=np.int32)
         if with_boxes:
             f.create_dataset("boxes", (n, self.item_shape[0], 4), dtype=np.float32,
-                             chunks=(min(n, 1024), self.item_shape[0], 4))
+                             chunks=(min(n, 64), self.item_shape[0], 4))
             f.create_dataset("image_size", (n, 2), dtype=np.int32)
         f.attrs.update(self.identity)
         return f
@@ -104,19 +110,18 @@ class SplitWriter:
     def write(self, position: int, features: np.ndarray, boxes: np.ndarray | None = None,
               image_size: tuple[int, int] | None = None) -> None:
         """Store image ``position``'s features (r, D) with r <= R (padded with zeros) or (D,)."""
-        f = self._file
-        if "num_regions" in f:
+        if self._num_regions is not None:
             r = features.shape[0]
             padded = np.zeros(self.item_shape, dtype=np.float32)
             padded[:r] = features
-            f["num_regions"][position] = r
+            self._num_regions[position] = r
             features = padded
-        f["features"][position] = features
+        self._features[position] = features
         if boxes is not None:
             padded_boxes = np.zeros((self.item_shape[0], 4), dtype=np.float32)
             padded_boxes[:len(boxes)] = boxes
-            f["boxes"][position] = padded_boxes
-            f["image_size"][position] = image_size
+            self._boxes[position] = padded_boxes
+            self._image_size[position] = image_size
         self.written[position] = True
 
     def read(self, position: int) -> np.ndarray:
@@ -125,9 +130,16 @@ class SplitWriter:
 
     def checkpoint(self, **state) -> None:
         """Persist which images are written and the caller's input position ``state``."""
-        self._file["written"][:] = self.written
+        self._store_scalars()
         self._file.attrs.update({f"resume_{k}": v for k, v in state.items()})
         self._file.flush()
+
+    def _store_scalars(self) -> None:
+        self._file["written"][:] = self.written
+        if self._num_regions is not None:
+            self._file["num_regions"][:] = self._num_regions
+        if self._image_size is not None:
+            self._file["image_size"][:] = self._image_size
 
     def missing_ids(self) -> np.ndarray:
         return self.image_ids[~self.written]
@@ -138,6 +150,7 @@ class SplitWriter:
         if len(missing):
             raise UserError(f"{self.path}: {len(missing)} images never written "
                             f"(first: {', '.join(map(str, missing[:5]))})")
+        self._store_scalars()
         f = self._file
         del f["written"]
         for key in [k for k in f.attrs if k.startswith("resume_")]:
