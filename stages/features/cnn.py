@@ -213,8 +213,9 @@ def cnn_features(images_root: str | Path, dataset_dir: str | Path, splits: list[
             raise UserError(f"{dataset_dir / f'{split}_images.txt'} lists {len(files)} images "
                             f"but {split}_ids.txt {len(ids)}; write both again with "
                             "`aoq captions`")
-        source = {"source": "cnn", "arch": arch, "weights": weights, "crops": crops,
-                  "grid": grid, "crop_size": crop_size, "images_root": str(images_root.resolve())}
+        source = {"source": "cnn", "kind": "grid" if grid else "global", "arch": arch,
+                  "weights": weights, "crops": crops, "crop_size": crop_size,
+                  "images_root": str(images_root.resolve())}
         writer = SplitWriter(dataset_dir / f"{split}.h5", ids, item_shape, dtype, source)
         try:
             bad = _run_split(model, writer, images_root, files, transform, batch_size, workers,
@@ -276,7 +277,8 @@ def _drop_bad_images(writer: SplitWriter, dataset_dir: Path, split: str,
     captions = read_captions(dataset_dir / f"{split}_caps.txt")
     kept_ids = writer.image_ids[keep]
     source = {k: v for k, v in writer.identity.items()
-              if k not in ("format", "dtype", "item_shape", "padded", "with_boxes")}
+              if k not in ("format", "version", "dtype", "item_shape", "padded",
+                           "with_boxes")}
     compact = SplitWriter(dataset_dir / f"{split}.kept.h5", kept_ids, writer.item_shape,
                           writer.identity["dtype"], source)
     for new, old in enumerate(np.flatnonzero(keep)):

@@ -4,7 +4,9 @@
 chunked one image per chunk and uncompressed (random item reads stay at about 0.1 ms;
 lzf/gzip made them 10-700x slower), and optionally ``num_regions`` (N,) for padded
 adaptive region sets, ``boxes`` (N, R, 4), ``image_size`` (N, 2) (width, height) and
-``image_ids`` (N,). Attributes name the source and the options.
+``image_ids`` (N,). Attributes: ``format`` ("aoq-features"), ``version``, ``kind``
+(``regions``, ``global``, or ``grid`` for CNN conv maps), ``dtype``, ``source`` and the
+options that made the file.
 
 While it is written the file is called ``{split}.h5.partial``: a later ``make`` never
 takes it as done. Every :meth:`SplitWriter.checkpoint` saves which images are written
@@ -27,6 +29,7 @@ from ..io.atomic import plain_attrs
 log = logging.getLogger(__name__)
 
 FEATURE_DTYPES = ("float32", "float16")
+FEATURES_VERSION = 1
 
 
 def partial_path(path: Path) -> Path:
@@ -50,9 +53,10 @@ class SplitWriter:
         self.partial = partial_path(self.path)
         self.image_ids = np.asarray(image_ids, dtype=np.int64)
         self.item_shape = tuple(item_shape)
-        self.identity = {"format": HDF5_FORMAT, "dtype": dtype,
-                         "item_shape": list(self.item_shape), "padded": padded,
-                         "with_boxes": with_boxes, **(source or {})}
+        kind = "global" if len(self.item_shape) == 1 else "regions"
+        self.identity = {"format": HDF5_FORMAT, "version": FEATURES_VERSION, "kind": kind,
+                         "dtype": dtype, "item_shape": list(self.item_shape),
+                         "padded": padded, "with_boxes": with_boxes, **(source or {})}
         self.resume_state: dict = {}
         self._file = self._reopen() or self._create(dtype, padded, with_boxes)
         self.written = np.asarray(self._file["written"], dtype=bool)
