@@ -33,6 +33,11 @@ BASE_CKPT := $(RUN_DIR)/checkpoint.pt
 EMBEDDINGS := $(RUN_DIR)/embeddings_train.h5
 OFFCANDI_DIR ?= offcandi/$(DATA)
 ROUNDS ?= 1
+# Retraining starts from scratch (as the reference) or, RETRAIN_INIT=miner, from the model
+# that mined its candidates (the base model in round 1). RETRAIN_SET: overrides for the
+# retrain stage only (SET applies to every stage), e.g. RETRAIN_SET=loss.detach_weights=1.
+RETRAIN_INIT ?= scratch
+RETRAIN_SET ?=
 AOQ_CKPT = $(call round_run,$(ROUNDS))/checkpoint.pt
 ROUND_CKPTS = $(foreach r,$(ROUND_NUMBERS),$(call round_run,$(r))/checkpoint.pt)
 CKPT ?= $(AOQ_CKPT)
@@ -62,6 +67,8 @@ help:
 	@echo "make retrain       AOQ quintuplet-loss model                -> runs/DATA/AOQ_RUN/checkpoint.pt"
 	@echo "                   ROUNDS=n: mine again with round r-1's model and retrain, n times"
 	@echo "                   (round r > 1: offcandi/DATA/round<r>, runs/DATA/AOQ_RUN_round<r>)"
+	@echo "                   RETRAIN_INIT=miner: start from the model that mined (default scratch)"
+	@echo "                   RETRAIN_SET='key=value ...': overrides for retrain only"
 	@echo "make eval          R@K of CKPT (default: the AOQ model) on DATA's eval split (FOLD5=1: COCO 5-fold 1K)"
 	@echo "make compare       base and AOQ side by side (the whole chain if needed)"
 	@echo "make f30k-all      the whole chain on f30k_precomp; coco-all likewise on coco_precomp"
@@ -172,7 +179,8 @@ $(call round_offcandi,$(1))/t2i.h5: $(call round_miner,$(1))/embeddings_train.h5
 $(call round_run,$(1))/checkpoint.pt: $(call round_offcandi,$(1))/t2i.h5
 	$$(AOQ) retrain $$(CONFIGS) $$(OVERRIDES) --set offcandi.dir=$(call round_offcandi,$(1)) \
 	    --set offcandi.base_ckpt=$(call round_miner,$(1))/checkpoint.pt \
-	    --run-dir $(call round_run,$(1)) --resume
+	    $(if $(filter miner,$(RETRAIN_INIT)),--set train.init_from=$(call round_miner,$(1))/checkpoint.pt) \
+	    $$(foreach s,$$(RETRAIN_SET),--set $$(s)) --run-dir $(call round_run,$(1)) --resume
 endef
 ROUND_NUMBERS := $(shell seq 1 $(ROUNDS))
 $(foreach r,$(ROUND_NUMBERS),$(eval $(call ROUND_RULES,$(r))))

@@ -89,6 +89,9 @@ class OffcandiConfig:
     k_i2t: int = 300  # captions kept per image
     k_t2i: int = 60  # images kept per caption
     index: str = "flat"  # flat (exact) | hnsw | ivf (approximate, recall reported)
+    nlist: int = 0  # ivf: inverted lists (0: 4 * sqrt(items))
+    nprobe: int = 32  # ivf: lists visited per query
+    ef_search: int = 256  # hnsw: candidates kept per query (at least K)
     block_size: int = 4096  # queries per search block
     recall_sample: int = 1000  # queries on which an approximate index is checked
     threads: int = 0  # FAISS threads (0: all this process may use)

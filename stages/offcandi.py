@@ -83,9 +83,12 @@ def mine_direction(direction: str, embeddings: Embeddings, options: OffcandiConf
         raise UserError(f"{direction}: K={k} is more than the {items.shape[0] - positives} "
                         "negatives each query has; lower the K")
     t0 = time.perf_counter()
-    index = build_index(items, options.index)
+    index = build_index(items, options.index, ef_search=options.ef_search,
+                        nlist=options.nlist, nprobe=options.nprobe)
     build_seconds = time.perf_counter() - t0
     attrs = {"direction": direction, "index": options.index, "k": k,
+             **({"nlist": index.nlist, "nprobe": index.nprobe} if options.index == "ivf"
+                else {"ef_search": options.ef_search} if options.index == "hnsw" else {}),
              "index_build_seconds": round(build_seconds, 2)}
     if options.index != "flat":
         attrs["recall_at_k"] = approximate_recall(index, items, queries, k + positives,

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import h5py
 import pytest
+import yaml
 
 from tests.features.test_annotations import karpathy_entry
 from tests.features.test_butd_tsv import make_images, write_tsv
@@ -78,7 +79,8 @@ def test_rounds_mine_again_with_the_retrained_model(workdir):
     work = workdir
     make(work, "compare")
     assert stages_to_run(work, "ROUNDS=2") == ["embed", "offcandi", "retrain", "eval"]
-    out = make(work, "compare", "ROUNDS=2")
+    out = make(work, "compare", "ROUNDS=2", "RETRAIN_INIT=miner",
+               "RETRAIN_SET=loss.detach_weights=1")
     for path in ("runs/tiny/aoq/embeddings_train.h5", "offcandi/tiny/round2/t2i.h5",
                  "runs/tiny/aoq_round2/checkpoint.pt"):
         assert (work / path).is_file(), path
@@ -86,6 +88,11 @@ def test_rounds_mine_again_with_the_retrained_model(workdir):
     with h5py.File(work / "offcandi/tiny/round2/i2t.h5", "r") as f:
         miner = f.attrs["checkpoint"]
     assert miner.endswith("runs/tiny/aoq/checkpoint.pt")
+    config = yaml.safe_load((work / "runs/tiny/aoq_round2/config.yaml").read_text())
+    assert config["train"]["init_from"] == "runs/tiny/aoq/checkpoint.pt"  # from its miner
+    assert config["loss"]["detach_weights"] is True
+    base = yaml.safe_load((work / "runs/tiny/base/config.yaml").read_text())
+    assert base["loss"]["detach_weights"] is False  # RETRAIN_SET is for retrain only
     assert stages_to_run(work, "ROUNDS=2") == ["eval"]
 
 

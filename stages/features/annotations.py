@@ -93,14 +93,17 @@ def karpathy_splits(path: str | Path, restval_into_train: bool = True
 
 
 def _image_id(entry: dict, path: Path) -> int:
-    """COCO's ``cocoid``; else the numeric file name stem (Flickr ids, the BUTD TSV's)."""
+    """COCO's ``cocoid``; else the numeric file name stem (Flickr30K's ids, which its BUTD
+    TSVs use); else (Flickr8K's ``2513260012_03d33305cf.jpg``) Karpathy's ``imgid``."""
     if "cocoid" in entry:
         return int(entry["cocoid"])
     stem = Path(entry["filename"]).stem
-    if not stem.isdigit():
-        raise UserError(f"{path}: cannot tell the image id of {entry['filename']!r} (no "
-                        "cocoid, and the file name is not a number)")
-    return int(stem)
+    if stem.isdigit():
+        return int(stem)
+    if "imgid" in entry:
+        return int(entry["imgid"])
+    raise UserError(f"{path}: cannot tell the image id of {entry['filename']!r} (no cocoid "
+                    "or imgid, and the file name is not a number)")
 
 
 def coco_splits(json_files: list[str | Path], split_ids: dict[str, str | Path] | None = None

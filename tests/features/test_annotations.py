@@ -58,12 +58,16 @@ def test_karpathy_flickr_ids_from_file_names(tmp_path):
     path.write_text(json.dumps({"images": images}))
     splits = karpathy_splits(path)
     assert splits["train"][0].image_id == 1000092795 and splits["test"][0].file == "10002456.jpg"
+    flickr8k = [karpathy_entry(7, "train", 5, filename="2513260012_03d33305cf.jpg")]
+    path.write_text(json.dumps({"images": flickr8k}))
+    assert karpathy_splits(path)["train"][0].image_id == 7  # Karpathy's imgid
 
 
 @pytest.mark.parametrize("entry, message", [
     (karpathy_entry(0, "train", 4, 100), "image COCO_000000.jpg has 4 non-empty captions"),
     (karpathy_entry(0, "bogus", 5, 100), "unknown split"),
-    (karpathy_entry(0, "train", 5, filename="abc.jpg"), "cannot tell the image id of 'abc.jpg'"),
+    ({k: v for k, v in karpathy_entry(0, "train", 5, filename="abc.jpg").items()
+      if k != "imgid"}, "cannot tell the image id of 'abc.jpg'"),
 ])
 def test_karpathy_errors(tmp_path, entry, message):
     path = tmp_path / "dataset_x.json"
