@@ -224,10 +224,7 @@ def cnn_features(images_root: str | Path, dataset_dir: str | Path, splits: list[
                 outputs.append(_drop_bad_images(writer, dataset_dir, split, bad))
             else:
                 outputs.append(writer.finish(skipped_images=0))
-        except UserError:
-            writer.discard()
-            raise
-        finally:
+        finally:  # a failed run keeps its partial file: fix the image and rerun to resume
             writer.close()
         log.info("wrote %s", outputs[-1])
     return outputs
@@ -248,6 +245,7 @@ def _run_split(model, writer, images_root, files, transform, batch_size, workers
             for position, _, error in items:
                 if error:
                     if on_bad_image == "fail":
+                        writer.checkpoint(bad=json.dumps(bad))  # keep what is done
                         raise UserError(f"cannot read image {error}; fix or remove it, or "
                                         "pass --on-bad-image skip to drop it from the split")
                     log.warning("skipping unreadable image %s", error)
