@@ -124,33 +124,36 @@ def tsv_to_hdf5(tsv_files: list[str | Path], dataset_dir: str | Path, splits: li
     return outputs
 
 
-def _common_resume_point(writers: list[SplitWriter]) -> tuple[int, int]:
-    """(file index, byte offset) where every split's partial file stopped; (0, 0) when they
-    disagree (a kill between their checkpoints) or none has one: then all restart."""
-    points = {(int(w.resume_state.get("file", 0)), int(w.resume_state.get("offset", 0)))
-              for w in writers}
+RESUME_KEYS = ("file", "offset", "rows", "skipped")
+
+
+def _common_resume_point(writers: list[SplitWriter]) -> dict[str, int]:
+    """Where every split's partial file stopped: TSV file index, byte offset, rows written
+    and skipped so far; all zero when they disagree (a kill between their checkpoints) or
+    none has one: then all restart."""
+    points = {tuple(int(w.resume_state.get(k, 0)) for k in RESUME_KEYS) for w in writers}
     if len(points) == 1:
-        return points.pop()
+        return dict(zip(RESUME_KEYS, points.pop(), strict=True))
     log.warning("the partial split files stopped at different points: starting again")
     for w in writers:
         w.written[:] = False
-    return 0, 0
+    return dict.fromkeys(RESUME_KEYS, 0)
 
 
-def _stream(tsv_files: list[Path], start: tuple[int, int], positions: dict,
+def _stream(tsv_files: list[Path], start: dict[str, int], positions: dict,
             writers: list[SplitWriter], max_regions: int, feature_dim: int,
             checkpoint_seconds: float) -> dict:
     """One pass over the TSV rows from ``start``; returns counts for the files' attributes."""
     sizes = [p.stat().st_size for p in tsv_files]
     before = np.concatenate([[0], np.cumsum(sizes)]).tolist()  # bytes before each file
-    done = before[start[0]] + start[1]
-    skipped = rows = 0
+    done = before[start["file"]] + start["offset"]
+    rows, skipped = start["rows"], start["skipped"]
     last_checkpoint = time.monotonic()
     t0 = time.perf_counter()
     with Progress(before[-1] >> 20, "BUTD TSV -> HDF5", unit="MB", start=done >> 20) as bar:
-        for file_index in range(start[0], len(tsv_files)):
+        for file_index in range(start["file"], len(tsv_files)):
             path = tsv_files[file_index]
-            offset = start[1] if file_index == start[0] else 0
+            offset = start["offset"] if file_index == start["file"] else 0
             line_no = None if offset else 0  # line numbers are unknown after a resumed seek
             with open(path, "rb") as f:
                 f.seek(offset)
@@ -170,21 +173,23 @@ def _stream(tsv_files: list[Path], start: tuple[int, int], positions: dict,
                         rows += 1
                     if time.monotonic() - last_checkpoint > checkpoint_seconds:
                         for w in writers:
-                            w.checkpoint(file=file_index, offset=offset)
+                            w.checkpoint(file=file_index, offset=offset, rows=rows,
+                                         skipped=skipped)
                         last_checkpoint = time.monotonic()
                     new_done = (before[file_index] + offset) >> 20
                     if new_done > bar.done:
                         bar.update(new_done - bar.done, rows=rows)
     seconds = time.perf_counter() - t0
-    log.info("%d rows written, %d rows of ids no split lists skipped, in %.1f s", rows,
-             skipped, seconds)
+    log.info("%d rows written, %d rows of ids no split lists skipped; this pass took %.1f s",
+             rows, skipped, seconds)
     return {"tsv_rows_written": rows, "tsv_rows_skipped": skipped}
 
 
 def _peek_id(line: bytes, where: str) -> int:
     """The row's image id, read without decoding the rest (rows of other splits are skipped
     cheaply)."""
-    head = line[:line.find(b"\t")] if b"\t" in line else line
+    tab = line.find(b"\t")
+    head = line[:tab] if tab >= 0 else line
     try:
         return int(head)
     except ValueError as exc:

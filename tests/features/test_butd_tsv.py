@@ -162,7 +162,8 @@ def test_killed_conversion_resumes_where_it_stopped(folder, tmp_path, monkeypatc
         decoded_after.append(int(line.split(b"\t")[0])) or real_parse(line, where, dim)))
     tsv_to_hdf5([path], folder, SPLITS, max_regions=4, feature_dim=DIM)
     assert decoded_after == ALL_IDS[6:]  # only the rows after the last checkpoint
-    data, _ = read_split(folder / "train.h5")
+    data, attrs = read_split(folder / "train.h5")
+    assert attrs["tsv_rows_written"] == 10 and attrs["tsv_rows_skipped"] == 0
     for row, image_id in enumerate([11, 3, 7, 20, 5, 9]):
         np.testing.assert_array_equal(data["features"][row], images[image_id][3])
     assert not list(folder.glob("*.partial"))
