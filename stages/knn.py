@@ -111,13 +111,16 @@ def search_blocks(index: faiss.Index | ExactIndex, queries, k: int,
 
 def exact_top_k(vectors, queries: np.ndarray, k: int) -> np.ndarray:
     """(q, k) ids of each query's k highest inner products, best first, by one pass over
-    ``vectors`` in blocks (no index, no copy of the vectors)."""
+    ``vectors`` in blocks (each block's top k by ``faiss.knn``, merged; no copy of the
+    vectors)."""
+    queries = np.ascontiguousarray(queries, dtype=np.float32)
     best_scores = np.full((len(queries), 0), -np.inf, dtype=np.float32)
     best_ids = np.zeros((len(queries), 0), dtype=np.int64)
     for start, block in _blocks(vectors):
-        scores = np.concatenate([best_scores, queries @ block.T], axis=1)
-        ids = np.concatenate([best_ids, np.broadcast_to(
-            np.arange(start, start + len(block)), (len(queries), len(block)))], axis=1)
+        scores, ids = faiss.knn(queries, block, min(k, len(block)),
+                                metric=faiss.METRIC_INNER_PRODUCT)
+        scores = np.concatenate([best_scores, scores], axis=1)
+        ids = np.concatenate([best_ids, ids + start], axis=1)
         keep = np.argsort(-scores, axis=1, kind="stable")[:, :k]
         best_scores = np.take_along_axis(scores, keep, axis=1)
         best_ids = np.take_along_axis(ids, keep, axis=1)

@@ -140,16 +140,17 @@ import sys, time
 from stages.config import OffcandiConfig
 from stages.offcandi import offcandi
 t0 = time.perf_counter()
-offcandi(sys.argv[1], sys.argv[2], OffcandiConfig(index=sys.argv[3]))
+offcandi(sys.argv[1], sys.argv[2], OffcandiConfig(index=sys.argv[3], nprobe=int(sys.argv[4])))
 hwm = next(line for line in open("/proc/self/status") if line.startswith("VmHWM"))
 print(time.perf_counter() - t0, hwm.split()[1])
 """
 
 
-def _run_stage(embeddings: Path, out_dir: Path, index: str) -> tuple[float, float]:
+def _run_stage(embeddings: Path, out_dir: Path, index: str,
+               nprobe: int = 32) -> tuple[float, float]:
     """(seconds, peak RSS in MiB) of the offcandi stage in a fresh process."""
     result = subprocess.run([sys.executable, "-c", STAGE_SCRIPT, str(embeddings), str(out_dir),
-                             index], capture_output=True, text=True, check=True)
+                             index, str(nprobe)], capture_output=True, text=True, check=True)
     seconds, rss_kib = result.stdout.split()
     return float(seconds), int(rss_kib) / 1024
 
@@ -188,11 +189,17 @@ def bench_offcandi(num_images: int, dim: int, sample: int) -> dict:
             index.add(items)
             index.search(queries, k)
         bare_s = time.perf_counter() - t0
-        ivf_s, ivf_rss = _run_stage(embeddings, Path(tmp) / "ivf", "ivf")
-        recall = {}
-        for direction in ("i2t", "t2i"):
-            with h5py.File(Path(tmp) / "ivf" / f"{direction}.h5", "r") as f:
-                recall[direction] = round(float(f.attrs["recall_at_k"]), 4)
+        ivf = []
+        for nprobe in IVF_NPROBES:
+            out = Path(tmp) / f"ivf{nprobe}"
+            ivf_s, ivf_rss = _run_stage(embeddings, out, "ivf", nprobe)
+            recall = {}
+            for direction in ("i2t", "t2i"):
+                with h5py.File(out / f"{direction}.h5", "r") as f:
+                    recall[direction] = round(float(f.attrs["recall_at_k"]), 4)
+            ivf.append({"nprobe": nprobe, "stage_s": round(ivf_s, 1),
+                        "ratio_to_exact_stage": round(ivf_s / stage_s, 3),
+                        "peak_rss_mib": round(ivf_rss), "recall_at_k": recall})
     reference_s = _reference_mining(img, cap, sample, 300, 60)
     embeddings_mib = (img.nbytes + cap.nbytes) / 2**20
     return {"images": num_images, "captions": 5 * num_images, "dim": dim, "k_i2t": 300,
@@ -202,9 +209,10 @@ def bench_offcandi(num_images: int, dim: int, sample: int) -> dict:
             "reference_sample_anchors": sample,
             "speedup_vs_reference": round(reference_s / stage_s, 1),
             "stage_peak_rss_mib": round(stage_rss), "embeddings_mib": round(embeddings_mib),
-            "ivf_stage_s": round(ivf_s, 1), "ivf_peak_rss_mib": round(ivf_rss),
-            "ivf_recall_at_k": recall}
+            "ivf": ivf}
 
+
+IVF_NPROBES = (32, 128)
 
 TSV_SCRIPT = """
 import sys, time
