@@ -27,6 +27,7 @@ from pathlib import Path
 from ..data.captions import CAPTIONS_PER_IMAGE
 from ..errors import UserError
 from ..io.atomic import write_text
+from .splits import read_ids_file
 
 log = logging.getLogger(__name__)
 
@@ -140,7 +141,7 @@ def coco_splits(json_files: list[str | Path], split_ids: dict[str, str | Path] |
                 raise UserError(f"two caption files map to split {name!r}; name the splits "
                                 "with --split NAME=IDS_FILE")
             default_splits[name] = [i for i in ids if coco.imgToAnns.get(i)]
-    wanted = ({name: _read_ids(p) for name, p in split_ids.items()} if split_ids
+    wanted = ({name: read_ids_file(p).tolist() for name, p in split_ids.items()} if split_ids
               else default_splits)
     splits: dict[str, list[ImageRecord]] = {}
     for name, ids in wanted.items():
@@ -168,16 +169,6 @@ def _split_name(json_file: Path) -> str:
             return name
     raise UserError(f"cannot tell which split {json_file} is; name it with "
                     "--split NAME=IDS_FILE")
-
-
-def _read_ids(path: str | Path) -> list[int]:
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"split id file {path} not found")
-    try:
-        return [int(line) for line in path.read_text(encoding="utf-8").split() if line]
-    except ValueError as exc:
-        raise UserError(f"{path}: not a list of integer image ids ({exc})") from exc
 
 
 def write_splits(splits: dict[str, list[ImageRecord]], dataset_dir: str | Path) -> list[Path]:

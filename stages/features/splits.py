@@ -30,13 +30,12 @@ def listed_splits(dataset_dir: str | Path) -> list[str]:
     return names
 
 
-def read_split_ids(dataset_dir: str | Path, split: str) -> np.ndarray:
-    """(N,) int64 image ids of ``split``, checked against ``{split}_caps.txt`` when present."""
-    path = ids_path(dataset_dir, split)
+def read_ids_file(path: str | Path) -> np.ndarray:
+    """(N,) int64 image ids from a file of one integer per line; a file listing each id 5
+    consecutive times (once per caption) is read as one id per image; repeats are errors."""
+    path = Path(path)
     if not path.is_file():
-        raise UserError(f"split id list {path} not found; write it (with the captions) by "
-                        "`aoq captions --karpathy dataset_<data>.json` or `aoq captions "
-                        "--coco-json ...`, or put the precomp download's ids file there")
+        raise UserError(f"image id list {path} not found")
     ids = []
     with open(path, encoding="utf-8") as f:
         for line_no, line in enumerate(f, 1):
@@ -60,6 +59,17 @@ def read_split_ids(dataset_dir: str | Path, split: str) -> np.ndarray:
         raise UserError(f"{path}: {len(repeated)} image ids listed more than once (first: "
                         f"{', '.join(map(str, repeated[:5]))}); each image once, in caption "
                         "order")
+    return ids
+
+
+def read_split_ids(dataset_dir: str | Path, split: str) -> np.ndarray:
+    """(N,) int64 image ids of ``split``, checked against ``{split}_caps.txt`` when present."""
+    path = ids_path(dataset_dir, split)
+    if not path.is_file():
+        raise UserError(f"split id list {path} not found; write it (with the captions) by "
+                        "`aoq captions --karpathy dataset_<data>.json` or `aoq captions "
+                        "--coco-json ...`, or put the precomp download's ids file there")
+    ids = read_ids_file(path)
     _check_caption_count(Path(dataset_dir) / f"{split}_caps.txt", len(ids))
     return ids
 
