@@ -172,16 +172,23 @@ def test_false_negative_skips_match_a_loop(mined, ratio):
             assert not skips.any()
 
 
+def published_style(n, k_i2t, k_t2i, seed=0):
+    """Random candidates in AOQ's published format: int32 i2t (n, k_i2t), t2i (5n, k_t2i),
+    never a query's own positive."""
+    rng = np.random.default_rng(seed)
+    i2t = np.array([rng.choice([c for c in range(5 * n) if c // 5 != i], k_i2t, replace=False)
+                    for i in range(n)], dtype=np.int32)
+    t2i = np.array([rng.choice([i for i in range(n) if i != c // 5], k_t2i, replace=False)
+                    for c in range(5 * n)], dtype=np.int32)
+    return i2t, t2i
+
+
 def test_false_negative_filter_needs_scores_and_spare_candidates(mined, tiny_root, tmp_path):
     c = load_candidates(mined, "i2t", "tiny", "train", 20, min_k=10, with_scores=True)
     with pytest.raises(UserError, match="K=10 .* top 10: the false-negative filter has none"):
         false_negative_skips(c, 0.9, keep=10)
     config = load_config(overrides=[f"data.path={tiny_root}", "data.name=tiny"])
-    rng = np.random.default_rng(0)
-    i2t = np.array([rng.choice([c for c in range(200) if c // 5 != i], 6, replace=False)
-                    for i in range(40)], dtype=np.int32)
-    t2i = np.array([rng.choice([i for i in range(40) if i != c // 5], 2, replace=False)
-                    for c in range(200)], dtype=np.int32)
+    i2t, t2i = published_style(40, 6, 2)
     np.save(tmp_path / "i2t.npy", i2t)
     np.save(tmp_path / "t2i.npy", t2i)
     import_published(tmp_path / "i2t.npy", tmp_path / "t2i.npy", config, tmp_path / "imp")
@@ -205,12 +212,7 @@ def test_load_refuses_corrupt_files(mined):
 
 def test_import_published_npy(tiny_root, tmp_path):
     config = load_config(overrides=[f"data.path={tiny_root}", "data.name=tiny"])
-    # The tiny dataset has 40 images: make published-style files for it.
-    rng = np.random.default_rng(0)
-    i2t = np.array([rng.choice([c for c in range(200) if c // 5 != i], 30, replace=False)
-                    for i in range(40)], dtype=np.int32)
-    t2i = np.array([rng.choice([i for i in range(40) if i != c // 5], 8, replace=False)
-                    for c in range(200)], dtype=np.int32)
+    i2t, t2i = published_style(40, 30, 8)  # the tiny dataset has 40 images
     np.save(tmp_path / "i2t_tiny.npy", i2t)
     np.save(tmp_path / "t2i_tiny.npy", t2i)
     import_published(tmp_path / "i2t_tiny.npy", tmp_path / "t2i_tiny.npy", config,
