@@ -7,6 +7,7 @@
 #   make eval DATA=coco_precomp FOLD5=1 CKPT=runs/coco_precomp/base/checkpoint.pt
 
 SHELL := /bin/bash
+comma := ,
 .DEFAULT_GOAL := help
 
 PYTHON ?= python3
@@ -93,8 +94,11 @@ lint: $(STAMP)
 test: lint
 	$(BIN)/python -m pytest
 
+# BENCH_ONLY=train_step,eval_5k runs some sections (into bench/results-<sections>.json).
+BENCH_ONLY ?=
 bench: $(STAMP)
-	$(BIN)/python tools/bench.py --out bench/results.json
+	$(BIN)/python tools/bench.py $(if $(BENCH_ONLY),--only $(BENCH_ONLY) \
+	    --out bench/results-$(subst $(comma),-,$(BENCH_ONLY)).json,--out bench/results.json)
 
 # --- data: the features stage -------------------------------------------------------------
 # A dataset folder needs captions/splits ({split}_caps.txt) and features ({split}_ims.npy

@@ -137,16 +137,15 @@ def offcandi_import(config_files, overrides, i2t_file, t2i_file, out_dir) -> Non
               help="Run folder (default: runs/<data.name>/aoq).")
 @click.option("--resume", is_flag=True, help="As for train.")
 def retrain(config_files, overrides, run_dir, resume) -> None:
-    """Train with offline hard negatives: loss.name defaults to aoq (or offquin, offtri)."""
-    from .losses import LOSSES
+    """Train with offline hard negatives: loss.name defaults to aoq; any loss may be used
+    (offline negatives then join its reference set)."""
     from .train import train as run_training
 
-    config = load_config(config_files, overrides,
-                         base=load_config(overrides=["loss.name=aoq"]))
-    if not LOSSES.class_of(config.loss.name).requires_offline:
-        offline = [n for n in LOSSES.names() if LOSSES.class_of(n).requires_offline]
-        raise UserError(f"retrain needs a loss that uses offline negatives "
-                        f"({', '.join(offline)}), not {config.loss.name!r}; use `aoq train`")
+    config = load_config(config_files, overrides, base=load_config(
+        overrides=["loss.name=aoq", "train.offline_negatives=true"]))
+    if not config.train.offline_negatives:
+        raise UserError("retrain trains with offline negatives; for a model without them "
+                        "use `aoq train`")
     run_training(config, run_dir or Path("runs") / config.data.name / "aoq", resume=resume)
 
 

@@ -1,23 +1,36 @@
 """Typed configuration: dataclasses with VSE++'s published defaults, YAML files, overrides.
 
-A config has sections (``data``, ``model``, ``loss``, ``train``, ``eval``). YAML files under
-``configs/`` set some of their fields and are applied in order; then ``--set key=value``
-overrides apply, where ``key`` is ``section.field`` or a bare field name that only one
-section has (``--set lr=5e-4``). Unknown keys and values of the wrong type are errors that
-list what is allowed.
+A config has sections (``data``, ``model``, ``loss``, ``train``, ``memory``, ``offcandi``,
+``eval``). YAML files under ``configs/`` set some of their fields and are applied in order;
+then ``--set key=value`` overrides apply, where ``key`` is ``section.field`` or a bare field
+name that only one section has (``--set lr=5e-4``). Unknown keys, values of the wrong type
+and values out of range are errors that say what is allowed.
+
+``model`` and ``loss`` are *named blocks*: ``name`` picks a registered class and the other
+keys are that class's constructor options (``model.embed_size``, ``loss.temperature``). They
+are checked once the whole config is read (so ``--set loss.temperature=0.05 --set
+loss.name=infonce`` works in either order); an option the chosen class does not take is an
+error that names the classes that take it.
 """
 
-import contextlib
 import copy
 import dataclasses
-import types
+import logging
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Annotated
 
 import yaml
 
 from .errors import UserError
+from .settings import OneOf, Range, check_value
+
+log = logging.getLogger(__name__)
+
+NonNegative = Range(min=0)
+Positive = Range(min=0, min_open=True)
+AtLeastOne = Range(min=1)
 
 
 @dataclass
@@ -28,57 +41,65 @@ class DataConfig:
     path: str = "data"  # the datasets root (DATA_PATH); the dataset is path/name
     train_split: str = "train"
     val_split: str = "dev"
-    val_images: int = 0  # validate on the first N dev images (0: all); COCO uses 1000
+    # validate on the first N dev images (0: all); COCO and Flickr30K use 1000
+    val_images: Annotated[int, NonNegative] = 0
     eval_split: str = "test"
     vocab: str = ""  # vocabulary JSON; empty: <path>/<name>/vocab.json
-    workers: int = 2  # DataLoader worker processes
+    workers: Annotated[int, NonNegative] = 2  # DataLoader worker processes
 
 
 @dataclass
-class ModelConfig:
-    """The embedding model (VSE++ defaults)."""
+class NamedBlock:
+    """A config block naming a registered class (``kind``: model | loss) and its options.
 
-    name: str = "vsepp"
-    embed_size: int = 1024
-    word_dim: int = 300
-    num_layers: int = 1
-    bidirectional: bool = False
-    img_norm: bool = True
-
-
-@dataclass
-class LossConfig:
-    """The training loss, picked by registered name (VSE++: max violation, margin 0.2).
-
-    The AOQ losses (``aoq``, ``offquin``, ``offtri``) also use ``offline_margin``,
-    ``alpha``, ``beta``, ``clamp_weights`` and ``detach_weights``.
+    ``values`` holds the options set explicitly (raw); :meth:`options` gives every option of
+    the named class, defaults filled in and each value checked.
     """
 
-    name: str = "vse_max"
-    margin: float = 0.2  # online margin (m_on)
-    warmup_epochs: int = 0  # epochs of sum-of-violations before the max-violation loss
-    mask_same_image: bool = False  # also mask in-batch pairs that share an image
-    offline_margin: float = 0.0  # m_off
-    alpha: float = 0.3
-    beta: float = 1.5
-    clamp_weights: bool = False  # clamp the adaptive weights at 0 (the reference does not)
-    detach_weights: bool = False  # no gradient through the weights (the reference has one)
+    kind: str
+    name: str
+    values: dict = field(default_factory=dict)
+
+    def registry(self):
+        if self.kind == "model":
+            from .models import MODELS
+            return MODELS
+        from .losses import LOSSES
+        return LOSSES
+
+    def options(self, source: str = "config") -> dict:
+        return self.registry().resolve(self.name, self.values, source)
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, **self.options()}
 
 
 @dataclass
 class TrainConfig:
     """Optimisation (VSE++ defaults: Adam 2e-4, x0.1 at epoch 15 of 30, batch 128, clip 2)."""
 
-    epochs: int = 30
-    batch_size: int = 128
-    lr: float = 2e-4
-    lr_update: int = 15
-    lr_decay: float = 0.1
-    grad_clip: float = 2.0
-    seed: int = 0
+    epochs: Annotated[int, AtLeastOne] = 30
+    batch_size: Annotated[int, AtLeastOne] = 128
+    lr: Annotated[float, Positive] = 2e-4
+    lr_update: Annotated[int, NonNegative] = 15  # decay every N epochs (0: never)
+    lr_decay: Annotated[float, Range(min=0, max=1, min_open=True)] = 0.1
+    grad_clip: Annotated[float, NonNegative] = 2.0  # max gradient norm (0: no clipping)
+    seed: Annotated[int, NonNegative] = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
-    ckpt_every: int = 0  # also save last.pt every N steps within an epoch (0: epoch ends only)
+    # also save last.pt every N steps within an epoch (0: epoch ends only)
+    ckpt_every: Annotated[int, NonNegative] = 0
     init_from: str = ""  # start from this checkpoint's weights (default: from scratch)
+    # pairs plus offline negatives from the candidate files (the retrain stage sets it)
+    offline_negatives: bool = False
+
+
+@dataclass
+class MemoryConfig:
+    """Cross-batch memory (Wang et al. 2020, XBM): the last ``size`` image and caption
+    embeddings (detached) join every loss's reference set as extra negatives."""
+
+    size: Annotated[int, NonNegative] = 0  # embeddings kept per side (0: off)
+    warmup_steps: Annotated[int, NonNegative] = 0  # steps before the bank is used
 
 
 @dataclass
@@ -86,20 +107,23 @@ class OffcandiConfig:
     """Offline candidates: how they are mined, and how retraining samples them."""
 
     dir: str = ""  # candidate folder; empty: offcandi/<data.name>
-    k_i2t: int = 300  # captions kept per image
-    k_t2i: int = 60  # images kept per caption
-    index: str = "flat"  # flat (exact) | hnsw | ivf (approximate, recall reported)
-    nlist: int = 0  # ivf: inverted lists (0: 4 * sqrt(items))
-    nprobe: int = 32  # ivf: lists visited per query
-    ef_search: int = 256  # hnsw: candidates kept per query (at least K)
-    block_size: int = 4096  # queries per search block
-    recall_sample: int = 1000  # queries on which an approximate index is checked
-    threads: int = 0  # FAISS threads (0: all this process may use)
-    hardest: int = 300  # h: a negative is drawn uniformly from the top h (t2i: top h / 5)
+    k_i2t: Annotated[int, AtLeastOne] = 300  # captions kept per image
+    k_t2i: Annotated[int, AtLeastOne] = 60  # images kept per caption
+    # flat (exact) | hnsw | ivf (approximate, recall reported)
+    index: Annotated[str, OneOf("flat", "hnsw", "ivf")] = "flat"
+    nlist: Annotated[int, NonNegative] = 0  # ivf: inverted lists (0: 4 * sqrt(items))
+    nprobe: Annotated[int, AtLeastOne] = 32  # ivf: lists visited per query
+    ef_search: Annotated[int, AtLeastOne] = 256  # hnsw: candidates kept per query (>= K)
+    block_size: Annotated[int, AtLeastOne] = 4096  # queries per search block
+    # queries on which an approximate index is checked
+    recall_sample: Annotated[int, NonNegative] = 1000
+    threads: Annotated[int, NonNegative] = 0  # FAISS threads (0: all this process may use)
+    # h: a negative is drawn uniformly from the top h (t2i: top h / 5)
+    hardest: Annotated[int, AtLeastOne] = 300
     base_ckpt: str = ""  # retrain refuses candidates not mined with this checkpoint
     # False-negative filter (0: off): skip candidates scoring above ratio x the query's
     # positive score (i2t: mean over the image's captions), likely true matches.
-    false_negative_ratio: float = 0.0
+    false_negative_ratio: Annotated[float, NonNegative] = 0.0
 
 
 @dataclass
@@ -107,7 +131,10 @@ class EvalConfig:
     """Evaluation protocol."""
 
     fold5: bool = False  # COCO 5-fold 1K on a 5000-image split, instead of the whole split
-    block_size: int = 1024  # images per block of the similarity matrix
+    block_size: Annotated[int, AtLeastOne] = 1024  # images per block of the similarity matrix
+
+
+NAMED = ("model", "loss")
 
 
 @dataclass
@@ -115,20 +142,46 @@ class Config:
     """The resolved configuration of a run; saved in run folders and checkpoints."""
 
     data: DataConfig = field(default_factory=DataConfig)
-    model: ModelConfig = field(default_factory=ModelConfig)
-    loss: LossConfig = field(default_factory=LossConfig)
+    model: NamedBlock = field(default_factory=lambda: NamedBlock("model", "vsepp"))
+    loss: NamedBlock = field(default_factory=lambda: NamedBlock("loss", "vse_max"))
     train: TrainConfig = field(default_factory=TrainConfig)
+    memory: MemoryConfig = field(default_factory=MemoryConfig)
     offcandi: OffcandiConfig = field(default_factory=OffcandiConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        return {s: (getattr(self, s).to_dict() if s in NAMED
+                    else dataclasses.asdict(getattr(self, s))) for s in SECTIONS}
 
     @classmethod
-    def from_dict(cls, values: dict, source: str = "config") -> "Config":
+    def from_dict(cls, values: dict, source: str = "config",
+                  stored: bool = False) -> "Config":
+        """A config from a ``{section: {field: value}}`` mapping.
+
+        ``stored``: the mapping comes from a checkpoint or run folder written by an older
+        version; model/loss options its class no longer takes are dropped (and logged)
+        instead of refused, since only the data and evaluation settings are reused.
+        """
         config = cls()
+        if stored:
+            values = copy.deepcopy(values)
+            for kind in NAMED:
+                block = values.get(kind)
+                if isinstance(block, dict) and "name" in block:
+                    known = NamedBlock(kind, block["name"]).registry().options(block["name"])
+                    dropped = [k for k in block if k != "name" and k not in known]
+                    for key in dropped:
+                        del block[key]
+                    if dropped:
+                        log.debug("%s: ignoring stored %s options %s", source, kind, dropped)
         apply_mapping(config, values, source)
+        config.check(source)
         return config
+
+    def check(self, source: str = "config") -> None:
+        """Check the named blocks' options (fields are checked as they are set)."""
+        for kind in NAMED:
+            getattr(self, kind).options(source)
 
     def dataset_dir(self) -> Path:
         return Path(self.data.path) / self.data.name
@@ -144,39 +197,16 @@ SECTIONS = tuple(f.name for f in dataclasses.fields(Config))
 
 
 def _field_types(section_obj) -> dict[str, type]:
-    hints = typing.get_type_hints(type(section_obj))
+    hints = typing.get_type_hints(type(section_obj), include_extras=True)
     return {f.name: hints[f.name] for f in dataclasses.fields(section_obj)}
 
 
-def _coerce(value, target: type, key: str, source: str):
-    """Check ``value`` against the field type ``target``; YAML strings like '5e-4' are parsed."""
-    origin = typing.get_origin(target)
-    if origin in (typing.Union, types.UnionType):
-        target = next(t for t in typing.get_args(target) if t is not type(None))
-    ok = False
-    if target is bool:
-        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
-            value = value.lower() in ("true", "1", "yes")
-        elif type(value) is int and value in (0, 1):  # FOLD5=1 on a make command line
-            value = bool(value)
-        ok = isinstance(value, bool)
-    elif target is int:
-        if isinstance(value, str):
-            with contextlib.suppress(ValueError):
-                value = int(value)
-        ok = isinstance(value, int) and not isinstance(value, bool)
-    elif target is float:
-        if isinstance(value, str):
-            with contextlib.suppress(ValueError):
-                value = float(value)
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-        value = float(value) if ok else value
-    elif target is str:
-        ok = value is not None and not isinstance(value, (dict, list))
-        value = str(value) if ok else value
-    if not ok:
-        raise UserError(f"{source}: {key} must be {target.__name__}, got {value!r}")
-    return value
+def _section_keys(config: Config, section: str) -> list[str]:
+    """The keys a section takes now (a named block's: ``name`` and its class's options)."""
+    obj = getattr(config, section)
+    if section in NAMED:
+        return ["name", *obj.registry().options(obj.name)]
+    return list(_field_types(obj))
 
 
 def set_value(config: Config, key: str, value, source: str) -> None:
@@ -187,24 +217,35 @@ def set_value(config: Config, key: str, value, source: str) -> None:
             raise UserError(f"{source}: unknown section {section!r} in {key!r}; "
                             f"sections are {', '.join(SECTIONS)}")
     else:
-        owners = [s for s in SECTIONS if key in _field_types(getattr(config, s))]
+        owners = [s for s in SECTIONS if key in _section_keys(config, s)]
         if not owners:
-            known = sorted(f"{s}.{n}" for s in SECTIONS for n in _field_types(getattr(config, s)))
+            known = sorted(f"{s}.{n}" for s in SECTIONS for n in _section_keys(config, s))
             raise UserError(f"{source}: unknown key {key!r}; known keys: {', '.join(known)}")
         if len(owners) > 1:
             raise UserError(f"{source}: {key!r} is ambiguous, write one of "
                             + ", ".join(f"{s}.{key}" for s in owners))
         section, name = owners[0], key
     section_obj = getattr(config, section)
+    if section in NAMED:
+        if name == "name":
+            section_obj.name = check_value(value, str, None, f"{section}.name", source)
+            section_obj.registry().get(section_obj.name)  # unknown names fail here
+        else:
+            section_obj.values[name] = value  # checked by Config.check, once name is final
+        return
     types_ = _field_types(section_obj)
     if name not in types_:
         raise UserError(f"{source}: unknown key {section}.{name}; {section} has: "
                         f"{', '.join(types_)}")
-    setattr(section_obj, name, _coerce(value, types_[name], f"{section}.{name}", source))
+    setattr(section_obj, name, check_value(value, types_[name], None, f"{section}.{name}",
+                                           source))
 
 
 def apply_mapping(config: Config, values: dict, source: str) -> None:
-    """Apply a nested ``{section: {field: value}}`` mapping (a YAML file's content)."""
+    """Apply a nested ``{section: {field: value}}`` mapping (a YAML file's content).
+
+    A named block's ``name`` is applied before its options.
+    """
     if not isinstance(values, dict):
         raise UserError(f"{source}: expected a mapping of sections ({', '.join(SECTIONS)})")
     for section, fields_ in values.items():
@@ -213,8 +254,8 @@ def apply_mapping(config: Config, values: dict, source: str) -> None:
                             f"sections are {', '.join(SECTIONS)}")
         if not isinstance(fields_, dict):
             raise UserError(f"{source}: section {section!r} must be a mapping")
-        for name, value in fields_.items():
-            set_value(config, f"{section}.{name}", value, source)
+        for name in sorted(fields_, key=lambda n: n != "name"):
+            set_value(config, f"{section}.{name}", fields_[name], source)
 
 
 def parse_override(text: str) -> tuple[str, object]:
@@ -244,9 +285,12 @@ def load_config(config_files: typing.Iterable[str | Path] = (),
             except yaml.YAMLError as exc:
                 raise UserError(f"{path}: not valid YAML: {exc}") from exc
         apply_mapping(config, values, str(path))
+    overrides = list(overrides)
     for text in overrides:
         key, value = parse_override(text)
         set_value(config, key, value, f"--set {text}")
+    config.check(" ".join([*map(str, config_files), *(f"--set {o}" for o in overrides)])
+                 or "config")
     return config
 
 

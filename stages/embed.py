@@ -29,7 +29,7 @@ def embed(checkpoint: str | Path, split_name: str = "", config_files=(), overrid
     checkpoint = Path(checkpoint)
     state = load_checkpoint(checkpoint)
     config = load_config(config_files, overrides,
-                         base=Config.from_dict(state["config"], str(checkpoint)))
+                         base=Config.from_dict(state["config"], str(checkpoint), stored=True))
     split_name = split_name or config.data.train_split
     split = open_split(config.dataset_dir(), split_name)
     out = Path(out) if out else checkpoint.parent / f"embeddings_{split_name}.h5"

@@ -56,7 +56,8 @@ def evaluate(checkpoints: list[str | Path], config_files=(), overrides=(),
         raise UserError("no checkpoint given; pass --ckpt PATH (repeat it for an ensemble)")
     states = [load_checkpoint(p) for p in checkpoints]
     config = load_config(config_files, overrides,
-                         base=Config.from_dict(states[0]["config"], str(checkpoints[0])))
+                         base=Config.from_dict(states[0]["config"], str(checkpoints[0]),
+                                               stored=True))
     split = open_split(config.dataset_dir(), config.data.eval_split)
     folds = FOLDS if config.eval.fold5 else 1
     if folds > 1 and split.num_images % folds:

@@ -6,15 +6,17 @@ from stages.errors import UserError
 
 def test_defaults_are_vsepp_published_settings():
     c = Config()
-    assert (c.model.embed_size, c.model.word_dim, c.model.num_layers) == (1024, 300, 1)
+    model = c.model.options()
+    assert (model["embed_size"], model["word_dim"], model["num_layers"]) == (1024, 300, 1)
     assert (c.train.lr, c.train.lr_update, c.train.epochs, c.train.lr_decay) == (
         2e-4, 15, 30, 0.1)
     assert (c.train.batch_size, c.train.grad_clip) == (128, 2.0)
-    assert (c.loss.name, c.loss.margin) == ("vse_max", 0.2)
+    assert (c.loss.name, c.loss.options()["margin"]) == ("vse_max", 0.2)
 
 
 def test_shipped_model_config_matches_defaults():
-    assert load_config(["configs/model/vsepp.yaml", "configs/loss/vse_max.yaml"]) == Config()
+    shipped = load_config(["configs/model/vsepp.yaml", "configs/loss/vse_max.yaml"])
+    assert shipped.to_dict() == Config().to_dict()
 
 
 def test_yaml_files_layer_in_order_then_overrides(tmp_path):
@@ -33,7 +35,15 @@ def test_yaml_files_layer_in_order_then_overrides(tmp_path):
     ("optim.lr=1", "unknown section 'optim'"),
     ("train.epochs=abc", "train.epochs must be int"),
     ("train.epochs=2.5", "train.epochs must be int"),
-    ("train.lr=fast", "train.lr must be float"),
+    ("train.lr=fast", "train.lr must be a finite float"),
+    ("train.lr=.nan", "train.lr must be a finite float"),
+    ("train.lr=0", "train.lr must be > 0"),
+    ("train.epochs=0", "train.epochs must be >= 1"),
+    ("offcandi.hardest=0", "offcandi.hardest must be >= 1"),
+    ("offcandi.index=annoy", "offcandi.index must be one of flat, hnsw, ivf"),
+    ("loss.margin=-0.1", "loss.margin must be >= 0"),
+    ("loss.name=nope", "unknown loss 'nope'; known:"),
+    ("model.embed_size=0", "model.embed_size must be >= 1"),
     ("model.bidirectional=maybe", "model.bidirectional must be bool"),
     ("name=x", "ambiguous"),
     ("novalue", "expected key=value"),
@@ -59,5 +69,28 @@ def test_bad_yaml_names_the_file(tmp_path):
 
 def test_round_trip_and_diff():
     c = load_config(overrides=["train.lr=1e-3"])
-    assert Config.from_dict(c.to_dict()) == c
+    assert Config.from_dict(c.to_dict()).to_dict() == c.to_dict()
     assert config_diff(Config().to_dict(), c.to_dict()) == ["train.lr: 0.0002 -> 0.001"]
+
+
+def test_an_option_the_chosen_loss_does_not_take_is_refused():
+    with pytest.raises(UserError, match=r"loss 'vse_max' has no option 'alpha'; alpha is an "
+                                        r"option of aoq, offquin, offtri"):
+        load_config(overrides=["loss.alpha=0.5"])
+    with pytest.raises(UserError, match="model 'vsepp' has no option 'temperature'"):
+        load_config(overrides=["model.temperature=0.5"])
+
+
+def test_named_block_options_apply_in_any_order():
+    a = load_config(overrides=["loss.alpha=0.5", "loss.name=aoq"])
+    b = load_config(overrides=["loss.name=aoq", "loss.alpha=0.5"])
+    assert a.to_dict() == b.to_dict()
+    assert a.to_dict()["loss"]["alpha"] == 0.5 and a.to_dict()["loss"]["beta"] == 1.5
+
+
+def test_stored_configs_drop_options_a_class_no_longer_takes():
+    stored = Config().to_dict()
+    stored["loss"]["alpha"] = 0.3  # an older version kept every loss's options in one block
+    with pytest.raises(UserError, match="no option 'alpha'"):
+        Config.from_dict(stored)
+    assert Config.from_dict(stored, stored=True).to_dict() == Config().to_dict()

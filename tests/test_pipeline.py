@@ -92,7 +92,8 @@ def test_rounds_mine_again_with_the_retrained_model(workdir):
     assert config["train"]["init_from"] == "runs/tiny/aoq/checkpoint.pt"  # from its miner
     assert config["loss"]["detach_weights"] is True
     base = yaml.safe_load((work / "runs/tiny/base/config.yaml").read_text())
-    assert base["loss"]["detach_weights"] is False  # RETRAIN_SET is for retrain only
+    assert base["loss"]["name"] == "vse_max"  # RETRAIN_SET is for retrain only
+    assert "detach_weights" not in base["loss"] and not base["train"]["offline_negatives"]
     assert stages_to_run(work, "ROUNDS=2") == ["eval"]
 
 

@@ -4,11 +4,12 @@ import numpy as np
 import pytest
 import torch
 
-import stages.train as train_module
+import stages.training.loop as loop_module
 from stages.config import load_config
 from stages.errors import UserError
 from stages.io.checkpoint import load_checkpoint
-from stages.train import learning_rate, train
+from stages.train import train
+from stages.training.loop import learning_rate
 
 
 def _weights(path):
@@ -40,7 +41,7 @@ def test_resume_after_interruption_gives_the_same_weights(tiny_config, tmp_path,
     tiny_config.train.ckpt_every = 5  # 200 captions / 16 = 13 steps per epoch
     train(tiny_config, tmp_path / "whole")
 
-    real_save = train_module.save_checkpoint
+    real_save = loop_module.save_checkpoint
     saves = []
 
     def save_then_die(path, state):
@@ -49,10 +50,10 @@ def test_resume_after_interruption_gives_the_same_weights(tiny_config, tmp_path,
         if len(saves) == 5:  # last.pt at step 5 of epoch 2: mid-epoch
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(train_module, "save_checkpoint", save_then_die)
+    monkeypatch.setattr(loop_module, "save_checkpoint", save_then_die)
     with pytest.raises(KeyboardInterrupt):
         train(tiny_config, tmp_path / "killed")
-    monkeypatch.setattr(train_module, "save_checkpoint", real_save)
+    monkeypatch.setattr(loop_module, "save_checkpoint", real_save)
     killed = tmp_path / "killed"
     assert not (killed / "checkpoint.pt").exists()  # make must not take it as done
     assert load_checkpoint(killed / "last.pt")["epoch_step"] == 5
@@ -63,15 +64,75 @@ def test_resume_after_interruption_gives_the_same_weights(tiny_config, tmp_path,
     whole, resumed = _weights(tmp_path / "whole" / "last.pt"), _weights(killed / "last.pt")
     for name in whole:
         assert torch.equal(whole[name], resumed[name]), name
-    lines = (killed / "metrics.jsonl").read_text().splitlines()
-    assert [json.loads(x)["epoch"] for x in lines] == [1, 2]
+    assert _metrics(killed) == _metrics(tmp_path / "whole")  # train_loss included
+
+
+def _metrics(run_dir):
+    """metrics.jsonl's lines without their timings."""
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return [{k: v for k, v in json.loads(x).items() if k != "epoch_seconds"} for x in lines]
+
+
+def test_a_kill_after_the_metrics_line_leaves_no_duplicate(tiny_config, tmp_path, monkeypatch):
+    train(tiny_config, tmp_path / "whole")
+    real_save = loop_module.save_checkpoint
+    saves = []
+
+    def die_at_epoch_2_end(path, state):
+        saves.append(path.name)
+        if state["epoch"] == 2:  # the metrics line of epoch 2 is written, last.pt is not
+            raise KeyboardInterrupt
+        real_save(path, state)
+
+    monkeypatch.setattr(loop_module, "save_checkpoint", die_at_epoch_2_end)
+    with pytest.raises(KeyboardInterrupt):
+        train(tiny_config, tmp_path / "killed")
+    monkeypatch.setattr(loop_module, "save_checkpoint", real_save)
+    assert [r["epoch"] for r in _metrics(tmp_path / "killed")] == [1, 2]
+    train(tiny_config, tmp_path / "killed", resume=True)
+    assert _metrics(tmp_path / "killed") == _metrics(tmp_path / "whole")
+
+
+def test_resume_with_the_memory_bank_equals_uninterrupted(tiny_config, tmp_path,
+                                                          monkeypatch):
+    config = load_config(base=tiny_config, overrides=["memory.size=24",
+                                                      "memory.warmup_steps=3",
+                                                      "train.ckpt_every=4"])
+    train(config, tmp_path / "whole")
+    whole = load_checkpoint(tmp_path / "whole" / "last.pt")
+    assert whole["memory"]["filled"] == 24 and whole["memory"]["steps"] == 26
+    real_save = loop_module.save_checkpoint
+    saves = []
+
+    def save_then_die(path, state):
+        real_save(path, state)
+        saves.append(path.name)
+        if len(saves) == 6:  # last.pt at step 4 of epoch 2, the bank full
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(loop_module, "save_checkpoint", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        train(config, tmp_path / "killed")
+    monkeypatch.setattr(loop_module, "save_checkpoint", real_save)
+    train(config, tmp_path / "killed", resume=True)
+    resumed = load_checkpoint(tmp_path / "killed" / "last.pt")
+    for name in whole["state_dict"]:
+        assert torch.equal(whole["state_dict"][name], resumed["state_dict"][name]), name
+    assert torch.equal(whole["memory"]["images"], resumed["memory"]["images"])
+    # The bank changes training: the same run without it ends elsewhere.
+    train(tiny_config, tmp_path / "plain")
+    plain = load_checkpoint(tmp_path / "plain" / "last.pt")["state_dict"]
+    assert not all(torch.equal(plain[n], whole["state_dict"][n]) for n in plain)
 
 
 def test_resume_refuses_a_changed_experiment(tiny_config, tmp_path):
     train(tiny_config, tmp_path / "run")
     changed = load_config(base=tiny_config, overrides=["train.lr=1e-2", "train.epochs=3"])
-    with pytest.raises(UserError, match=r"config differs.*train.lr"):
+    with pytest.raises(UserError, match=r"other settings: train.lr.*AOQ_RUN=<name>"):
         train(changed, tmp_path / "run", resume=True)
+    shorter = load_config(base=tiny_config, overrides=["train.epochs=1"])
+    with pytest.raises(UserError, match="already trained 2 epochs; give train.epochs >= 2"):
+        train(shorter, tmp_path / "run", resume=True)
     longer = load_config(base=tiny_config, overrides=["train.epochs=3"])
     train(longer, tmp_path / "run", resume=True)  # more epochs: allowed
     assert load_checkpoint(tmp_path / "run" / "last.pt")["epoch"] == 3
@@ -82,7 +143,7 @@ def test_nan_loss_stops_with_the_step(tiny_root, tiny_config, tmp_path):
     feats = np.load(path)
     feats[:] = np.nan
     np.save(path, feats)
-    with pytest.raises(UserError, match=r"loss is nan at epoch 1, step 1 .*train_ims.npy"):
+    with pytest.raises(UserError, match=r"loss is nan \(.*\) at epoch 1, step 1 .*train_ims.npy"):
         train(tiny_config, tmp_path / "run")
     assert not (tmp_path / "run" / "checkpoint.pt").exists()
 
@@ -96,5 +157,5 @@ def test_vocab_of_another_dataset_is_refused(tiny_root, tiny_config, tmp_path):
 
 def test_learning_rate_schedule():
     config = load_config(overrides=["train.lr=1e-3", "train.lr_update=2"])
-    assert [learning_rate(config, e) for e in range(5)] == pytest.approx(
+    assert [learning_rate(config.train, e) for e in range(5)] == pytest.approx(
         [1e-3, 1e-3, 1e-4, 1e-4, 1e-5])

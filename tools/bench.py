@@ -37,14 +37,16 @@ import h5py
 import numpy as np
 import torch
 
-from stages.config import LossConfig
-from stages.data.dataset import PairDataset, collate_pairs, open_split
+from stages.config import load_config
+from stages.data.dataset import collate_pairs, open_split
 from stages.data.synthetic import write_synthetic_dataset
 from stages.data.vocab import Vocab
 from stages.knn import set_threads
 from stages.losses import build_loss
 from stages.metrics.retrieval import retrieval_ranks
 from stages.models import build_model
+from stages.training.loop import Trainer
+from stages.training.tasks import PairTask
 
 
 def _median_seconds(fn, repeats: int, warmup: int = 2) -> float:
@@ -58,26 +60,53 @@ def _median_seconds(fn, repeats: int, warmup: int = 2) -> float:
     return statistics.median(times)
 
 
+def _legacy_vse_step(model, optimizer, batch) -> None:
+    """The train step as it was before the training engine (frozen here as the baseline):
+    both encoders, the square max-violation hinge inline, backward, clip, Adam."""
+    img = model.encode_images(batch["images"], batch["regions"])
+    cap = model.encode_captions(batch["tokens"], batch["lengths"])
+    sims = img @ cap.t()
+    diagonal = sims.diag()
+    eye = torch.eye(sims.shape[0], dtype=torch.bool)
+    cost_c = (0.2 + sims - diagonal[:, None]).clamp(min=0).masked_fill(eye, 0)
+    cost_i = (0.2 + sims - diagonal[None, :]).clamp(min=0).masked_fill(eye, 0)
+    loss = cost_c.max(dim=1).values.sum() + cost_i.max(dim=0).values.sum()
+    if not torch.isfinite(loss):
+        raise RuntimeError("non-finite loss")
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 2.0)
+    optimizer.step()
+    loss.item()
+
+
 def bench_train_step(embed_size: int, repeats: int) -> dict:
-    torch.manual_seed(0)
+    """The training engine's step (Trainer.step: task, model output, named loss terms,
+    memory-bank hook) against the pre-engine step, timed alternately on one batch."""
     with tempfile.TemporaryDirectory() as tmp:
         write_synthetic_dataset(tmp, {"train": 600}, seed=0)
         split = open_split(Path(tmp), "train")
         vocab = Vocab.build(split.captions, threshold=4)
-        pairs = PairDataset(split, vocab)
-        batch = collate_pairs(pairs.__getitems__(list(range(0, 3000, 3000 // 128))[:128]))
-    model = build_model("vsepp", img_dim=256, vocab_size=len(vocab), embed_size=embed_size)
-    loss_fn = build_loss(LossConfig())
-    optimizer = torch.optim.Adam(model.parameters(), lr=2e-4)
-
-    def step():
-        img = model.encode_images(batch["images"], batch["regions"])
-        cap = model.encode_captions(batch["tokens"], batch["lengths"])
-        loss = loss_fn(img, cap, batch["image_ids"])
-        optimizer.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 2.0)
-        optimizer.step()
+        task = PairTask(split, vocab)
+        batch = collate_pairs(task.dataset.__getitems__(list(range(0, 3000, 3000 // 128))[:128]))
+        config = load_config(overrides=[f"model.embed_size={embed_size}"])
+        models = []
+        for _ in range(2):
+            torch.manual_seed(0)
+            models.append(build_model("vsepp", config.model.values, img_dim=256,
+                                      vocab_size=len(vocab)))
+        trainer = Trainer(models[0], build_loss("vse_max"), task, config.train, config.memory,
+                          torch.device("cpu"), Path(tmp), validate=None, checkpoint_info={})
+        legacy_optimizer = torch.optim.Adam(models[1].parameters(), lr=2e-4)
+        engine_times, legacy_times = [], []
+        for i in range(repeats + 2):
+            for fn, times in ((lambda: trainer.step(batch), engine_times),
+                              (lambda: _legacy_vse_step(models[1], legacy_optimizer, batch),
+                               legacy_times)):
+                t0 = time.perf_counter()
+                fn()
+                if i >= 2:  # warm-up
+                    times.append(time.perf_counter() - t0)
 
     gru = torch.nn.GRU(300, embed_size, batch_first=True)
     fc = torch.nn.Linear(256, embed_size)
@@ -87,8 +116,11 @@ def bench_train_step(embed_size: int, repeats: int) -> dict:
         _, hidden = gru(words)
         (hidden[-1].sum() + fc(batch["images"].mean(1)).sum()).backward()
 
-    ours, floor = _median_seconds(step, repeats), _median_seconds(bare, repeats)
+    ours, legacy = statistics.median(engine_times), statistics.median(legacy_times)
+    floor = _median_seconds(bare, repeats)
     return {"embed_size": embed_size, "batch": 128, "step_ms": round(ours * 1e3, 1),
+            "pre_engine_step_ms": round(legacy * 1e3, 1),
+            "ratio_to_pre_engine": round(ours / legacy, 3),
             "bare_gru_ms": round(floor * 1e3, 1), "ratio_to_bare": round(ours / floor, 2)}
 
 
@@ -301,17 +333,27 @@ def bench_cnn(batch: int = 32, repeats: int = 2) -> dict:
               help="Images in the offcandi benchmark (29000: Flickr30K's training set).")
 @click.option("--tsv-rows", default="1000,4000", show_default=True,
               help="Sizes (rows) of the generated BUTD TSV files.")
-def main(out: Path, repeats: int, offcandi_images: int, tsv_rows: str) -> None:
-    results = {
-        "machine": {"cpu_threads": torch.get_num_threads(), "python": platform.python_version(),
-                    "torch": torch.__version__, "faiss": faiss.__version__},
-        "train_step": [bench_train_step(256, repeats), bench_train_step(1024, repeats)],
-        "eval_5k": bench_eval(5000, 1024, sample=200),
-        "offcandi": bench_offcandi(offcandi_images, 1024, sample=100),
-        "features_tsv": bench_tsv(tuple(int(r) for r in tsv_rows.split(","))),
-        "features_cnn": bench_cnn(),
-        "bench_peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
+@click.option("--only", default="", help="Comma-separated sections to run (default: all): "
+              "train_step, eval_5k, offcandi, features_tsv, features_cnn.")
+def main(out: Path, repeats: int, offcandi_images: int, tsv_rows: str, only: str) -> None:
+    sections = {
+        "train_step": lambda: [bench_train_step(256, repeats), bench_train_step(1024, repeats)],
+        "eval_5k": lambda: bench_eval(5000, 1024, sample=200),
+        "offcandi": lambda: bench_offcandi(offcandi_images, 1024, sample=100),
+        "features_tsv": lambda: bench_tsv(tuple(int(r) for r in tsv_rows.split(","))),
+        "features_cnn": bench_cnn,
     }
+    chosen = [s for s in only.split(",") if s] or list(sections)
+    unknown = sorted(set(chosen) - set(sections))
+    if unknown:
+        raise click.BadParameter(f"unknown sections {unknown}; known: {', '.join(sections)}",
+                                 param_hint="--only")
+    results = {"machine": {"cpu_threads": torch.get_num_threads(),
+                           "python": platform.python_version(), "torch": torch.__version__,
+                           "faiss": faiss.__version__}}
+    results.update({name: sections[name]() for name in chosen})
+    results["bench_peak_rss_mib"] = round(
+        resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=1) + "\n")
     print(json.dumps(results, indent=1))

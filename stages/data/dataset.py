@@ -191,8 +191,3 @@ def collate_captions(batch) -> dict[str, torch.Tensor]:
     return {"tokens": tokens, "lengths": lengths,
             "caption_ids": torch.tensor(caption_ids, dtype=torch.long)}
 
-
-def epoch_permutation(num_items: int, seed: int, epoch: int) -> np.ndarray:
-    """The shuffled item order of an epoch, a pure function of (seed, epoch), so a resumed
-    run sees exactly the batches the interrupted one would have."""
-    return np.random.default_rng([seed, epoch]).permutation(num_items)

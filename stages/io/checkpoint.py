@@ -15,7 +15,7 @@ import torch
 
 from ..data.vocab import Vocab
 from ..errors import UserError
-from ..models import build_model
+from ..models import MODELS, build_model
 from .atomic import atomic_path
 
 CHECKPOINT_FORMAT = "aoq-checkpoint"
@@ -52,7 +52,9 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
 def model_from_checkpoint(state: dict, source: str = "checkpoint"):
     """Rebuild (model, vocab) from a loaded checkpoint; the model is on the CPU, eval mode."""
     spec = state["model"]
-    model = build_model(spec["name"], **spec["args"])
+    options = MODELS.options(spec["name"])
+    model = build_model(spec["name"], {k: v for k, v in spec["args"].items() if k in options},
+                        **{k: v for k, v in spec["args"].items() if k not in options})
     try:
         model.load_state_dict(state["state_dict"])
     except RuntimeError as exc:

@@ -15,10 +15,13 @@ once an offline negative beats the online one by more than αβ); ``clamp_weight
 offline terms) and ``offtri`` (w = 1, the two offline triplet terms).
 """
 
+from typing import Annotated
+
 import torch
 
+from ..settings import OneOf, Range
 from . import LOSSES
-from .base import RetrievalLoss
+from .base import RetrievalLoss, Similarities
 
 VARIANTS = ("aoq", "offquin", "offtri")
 
@@ -31,14 +34,24 @@ def _hinge(margin: float, negative: torch.Tensor, positive: torch.Tensor) -> tor
 @LOSSES.register("offquin", variant="offquin")
 @LOSSES.register("offtri", variant="offtri")
 class AOQLoss(RetrievalLoss):
-    """Online hardest negatives (adaptively weighted for ``aoq``) plus offline ones."""
+    """Online hardest negatives (adaptively weighted for ``aoq``) plus offline ones.
+
+    The online hardest negative is taken over the whole reference set (the batch, plus a
+    memory bank when one is on). A query with no negative at all (a batch of one, or every
+    other caption from its own image under ``mask_same_image``) has no online term, as in
+    the reference, whose masked cost matrix gives a hinge of 0 there. Terms
+    ``online_i2t``, ``online_t2i`` and ``offline``.
+    """
 
     requires_offline = True
 
-    def __init__(self, variant: str = "aoq", margin: float = 0.2, offline_margin: float = 0.0,
-                 alpha: float = 0.3, beta: float = 1.5, clamp_weights: bool = False,
-                 detach_weights: bool = False, mask_same_image: bool = False):
-        super().__init__(mask_same_image)
+    def __init__(self, variant: str = "aoq", margin: Annotated[float, Range(min=0)] = 0.2,
+                 offline_margin: Annotated[float, Range(min=0)] = 0.0,
+                 alpha: Annotated[float, Range(min=0, min_open=True)] = 0.3,
+                 beta: float = 1.5, clamp_weights: bool = False, detach_weights: bool = False,
+                 mask_same_image: bool = False,
+                 reduction: Annotated[str, OneOf("sum", "mean")] = "sum"):
+        super().__init__(mask_same_image, reduction)
         if variant not in VARIANTS:
             raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
         self.variant = variant
@@ -57,24 +70,31 @@ class AOQLoss(RetrievalLoss):
             weights = weights.clamp(min=0)
         return weights.detach() if self.detach_weights else weights
 
-    def compute(self, sims: torch.Tensor, positives: torch.Tensor, *, img_emb, cap_emb,
-                offline, **context) -> torch.Tensor:
-        positive = sims.diag()  # p_k
-        negatives = sims.masked_fill(positives, float("-inf"))
-        hardest_caption = negatives.max(dim=1).values  # Ŝc_k, over captions of image k
-        hardest_image = negatives.max(dim=0).values  # Ŝi_k, over images of caption k
-        s_img_t1 = (img_emb * offline["captions"]).sum(1)  # S(I_k, T'_k)
-        s_i1_cap = (offline["images"] * cap_emb).sum(1)  # S(I'_k, T_k)
-        online_c = _hinge(self.margin, hardest_caption, positive)
-        online_i = _hinge(self.margin, hardest_image, positive)
+    def _online(self, scores: torch.Tensor, mask: torch.Tensor, positive: torch.Tensor,
+                offline_sim: torch.Tensor) -> torch.Tensor:
+        """(B,) online term of one direction: the (weighted) hinge on the hardest negative."""
+        has_negative = ~mask.all(dim=1)
+        hardest = scores.masked_fill(mask, float("-inf")).max(dim=1).values
+        # Rows without a negative get a finite stand-in, so no inf reaches the gradient.
+        hardest = torch.where(has_negative, hardest, positive.detach())
+        online = _hinge(self.margin, hardest, positive)
         if self.variant == "aoq":
-            online_c = self.adaptive_weights(s_img_t1, hardest_caption) * online_c
-            online_i = self.adaptive_weights(s_i1_cap, hardest_image) * online_i
+            online = self.adaptive_weights(offline_sim, hardest) * online
+        return torch.where(has_negative, online, torch.zeros_like(online))
+
+    def compute(self, sims: Similarities, *, img_emb, cap_emb, offline,
+                **context) -> dict[str, torch.Tensor]:
+        positive = sims.positive  # p_k
+        s_img_t1 = (img_emb * offline.captions).sum(1)  # S(I_k, T'_k)
+        s_i1_cap = (offline.images * cap_emb).sum(1)  # S(I'_k, T_k)
+        online_c = self._online(sims.i2t, sims.i2t_mask, positive, s_img_t1)  # Ŝc_k
+        online_i = self._online(sims.t2i, sims.t2i_mask, positive, s_i1_cap)  # Ŝi_k
         m = self.offline_margin
         offline_terms = _hinge(m, s_img_t1, positive) + _hinge(m, s_i1_cap, positive)
         if self.variant != "offtri":
-            s_i1_t1 = (offline["images"] * offline["captions"]).sum(1)  # S(I'_k, T'_k)
-            s_i2_t2 = (offline["images2"] * offline["captions2"]).sum(1)  # S(I''_k, T''_k)
+            s_i1_t1 = (offline.images * offline.captions).sum(1)  # S(I'_k, T'_k)
+            s_i2_t2 = (offline.images2 * offline.captions2).sum(1)  # S(I''_k, T''_k)
             offline_terms = (offline_terms + _hinge(m, s_i1_t1, positive)
                              + _hinge(m, s_i2_t2, positive))
-        return (online_c + online_i + offline_terms).sum()
+        return {"online_i2t": self.reduce(online_c), "online_t2i": self.reduce(online_i),
+                "offline": self.reduce(offline_terms)}

@@ -1,26 +1,30 @@
 """VSE++'s hinge triplet loss (Faghri et al. 2018): sum of violations or max violation."""
 
+from typing import Annotated
+
 import torch
 
+from ..settings import OneOf, Range
 from . import LOSSES
-from .base import RetrievalLoss
+from .base import RetrievalLoss, Similarities
 
 
 @LOSSES.register("vse_max", max_violation=True)
 @LOSSES.register("vse_sum", max_violation=False)
 class VSEHingeLoss(RetrievalLoss):
-    """Bidirectional hinge on the batch's negatives.
+    """Bidirectional hinge on the negatives of the reference set.
 
-    For image i and caption j != i (not masked as positive):
-    caption negatives ``[margin + s(i, j) - s(i, i)]+`` and image negatives
-    ``[margin + s(j, i) - s(i, i)]+`` for caption i. With max violation only the hardest
-    negative of each anchor counts; otherwise all are summed. Summed over the batch.
-    ``warmup_epochs`` epochs of sum-of-violations come before the max (VSE-infinity's trick).
+    For image query k and every caption reference j that is a negative:
+    ``[margin + s(k, j) - s(k, k)]+``; likewise for caption query k against the image
+    references. With max violation only the hardest negative of each query counts (VSE++);
+    otherwise all are summed (VSE0). ``warmup_epochs`` epochs of sum-of-violations come
+    before the max (VSE-infinity's trick). Terms ``i2t`` and ``t2i``.
     """
 
-    def __init__(self, margin: float = 0.2, max_violation: bool = True, warmup_epochs: int = 0,
-                 mask_same_image: bool = False):
-        super().__init__(mask_same_image)
+    def __init__(self, margin: Annotated[float, Range(min=0)] = 0.2, max_violation: bool = True,
+                 warmup_epochs: Annotated[int, Range(min=0)] = 0, mask_same_image: bool = False,
+                 reduction: Annotated[str, OneOf("sum", "mean")] = "sum"):
+        super().__init__(mask_same_image, reduction)
         self.margin = margin
         self.max_violation = max_violation
         self.warmup_epochs = warmup_epochs
@@ -29,12 +33,11 @@ class VSEHingeLoss(RetrievalLoss):
     def set_epoch(self, epoch: int) -> None:
         self.hardest = self.max_violation and epoch >= self.warmup_epochs
 
-    def compute(self, sims: torch.Tensor, positives: torch.Tensor, **context) -> torch.Tensor:
-        diagonal = sims.diag()
-        cost_captions = (self.margin + sims - diagonal[:, None]).clamp(min=0)
-        cost_images = (self.margin + sims - diagonal[None, :]).clamp(min=0)
-        cost_captions = cost_captions.masked_fill(positives, 0)
-        cost_images = cost_images.masked_fill(positives, 0)
-        if self.hardest:
-            return cost_captions.max(dim=1).values.sum() + cost_images.max(dim=0).values.sum()
-        return cost_captions.sum() + cost_images.sum()
+    def compute(self, sims: Similarities, **context) -> dict[str, torch.Tensor]:
+        terms = {}
+        for name, scores, mask in sims.directions():
+            cost = (self.margin + scores - sims.positive[:, None]).clamp(min=0)
+            cost = cost.masked_fill(mask, 0)
+            per_query = cost.max(dim=1).values if self.hardest else cost.sum(dim=1)
+            terms[name] = self.reduce(per_query)
+        return terms

@@ -5,8 +5,10 @@ from ..registry import Registry
 MODELS = Registry("model")
 
 from . import vsepp  # noqa: E402,F401  (registers "vsepp")
+from .base import EmbeddingModel, ModelOutput  # noqa: E402,F401
 
 
-def build_model(name: str, **args):
-    """Instantiate the registered model ``name`` with keyword ``args``."""
-    return MODELS.get(name)(**args)
+def build_model(name: str, options: dict, **data_args) -> EmbeddingModel:
+    """The registered model ``name`` with checked ``options`` (its config block) and the
+    data-derived constructor arguments (``img_dim``, ``vocab_size``)."""
+    return MODELS.build(name, options, f"model {name}", **data_args)

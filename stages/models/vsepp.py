@@ -6,13 +6,16 @@ Similarity is the inner product of the normalised embeddings (cosine).
 """
 
 import math
+from typing import Annotated
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence
 
+from ..settings import Range
 from . import MODELS
+from .base import EmbeddingModel
 
 
 def masked_mean(images: torch.Tensor, regions: torch.Tensor) -> torch.Tensor:
@@ -67,16 +70,15 @@ class TextEncoder(nn.Module):
 
 
 @MODELS.register("vsepp")
-class VSEPP(nn.Module):
-    """VSE++ on precomputed features; ``args`` rebuilds it (stored in checkpoints)."""
+class VSEPP(EmbeddingModel):
+    """VSE++ on precomputed features (defaults: the published 1024-d, 300-d words, 1 GRU)."""
 
-    def __init__(self, img_dim: int, vocab_size: int, embed_size: int = 1024,
-                 word_dim: int = 300, num_layers: int = 1, bidirectional: bool = False,
+    def __init__(self, img_dim: int, vocab_size: int,
+                 embed_size: Annotated[int, Range(min=1)] = 1024,
+                 word_dim: Annotated[int, Range(min=1)] = 300,
+                 num_layers: Annotated[int, Range(min=1)] = 1, bidirectional: bool = False,
                  img_norm: bool = True):
         super().__init__()
-        self.args = {"img_dim": img_dim, "vocab_size": vocab_size, "embed_size": embed_size,
-                     "word_dim": word_dim, "num_layers": num_layers,
-                     "bidirectional": bidirectional, "img_norm": img_norm}
         self.image_encoder = ImageEncoder(img_dim, embed_size, img_norm)
         self.text_encoder = TextEncoder(vocab_size, word_dim, embed_size, num_layers,
                                         bidirectional)

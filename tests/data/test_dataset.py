@@ -9,10 +9,10 @@ from stages.data.dataset import (
     ImageDataset,
     PairDataset,
     collate_pairs,
-    epoch_permutation,
     open_split,
 )
 from stages.data.vocab import Vocab
+from stages.training.batches import epoch_batches, epoch_permutation
 from tests.conftest import write_precomp
 
 CAPTIONS = [f"image {i} caption {j}" for i in range(6) for j in range(5)]
@@ -101,3 +101,12 @@ def test_epoch_permutation_depends_only_on_seed_and_epoch():
     np.testing.assert_array_equal(a, epoch_permutation(100, seed=1, epoch=3))
     assert sorted(a) == list(range(100))
     assert not np.array_equal(a, epoch_permutation(100, seed=1, epoch=4))
+
+
+def test_epoch_batches_split_across_ranks_cover_the_single_process_order():
+    single = epoch_batches(103, 4, seed=2, epoch=1)
+    assert [i for b in single for i in b] == epoch_permutation(103, 2, 1).tolist()
+    ranks = [epoch_batches(103, 2, seed=2, epoch=1, rank=r, world_size=2) for r in (0, 1)]
+    merged = [sorted(a + b) for a, b in zip(ranks[0], ranks[1], strict=False)]
+    assert merged[:25] == [sorted(b) for b in single[:25]]
+    assert sorted(i for r in ranks for b in r for i in b) == list(range(103))

@@ -2,8 +2,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from stages.config import LossConfig
 from stages.losses import build_loss
+from tests.losses.helpers import offline_negatives, total
 
 
 def _unit(*shape):
@@ -45,8 +45,8 @@ def batch(size=8, dim=6, seed=0):
 @pytest.mark.parametrize("m_off", [0.0, 0.2])
 def test_matches_naive_loop(variant, m_off):
     I, T, off = batch()
-    loss = build_loss(LossConfig(name=variant, offline_margin=m_off))
-    got = loss(I, T, torch.arange(8), offline=off).item()
+    loss = build_loss(variant, {"offline_margin": m_off})
+    got = total(loss(I, T, torch.arange(8), offline=offline_negatives(off))).item()
     assert got == pytest.approx(naive_aoq(I, T, off, variant, m_off=m_off), rel=1e-10)
 
 
@@ -55,24 +55,24 @@ def test_negative_weights_as_in_the_reference_and_clamped_option():
     # Make an offline negative far harder than any online one: w = 1.5 - (0.99 - s)/0.3 < 0.
     off["captions"] = I.clone() * 0.999 + 0.001 * off["captions"]
     off["captions"] = F.normalize(off["captions"], dim=1)
-    loss = build_loss(LossConfig(name="aoq"))
+    loss = build_loss("aoq")
     sims = I @ T.t()
     hard_c = sims.masked_fill(torch.eye(8, dtype=torch.bool), float("-inf")).max(1).values
     weights = loss.adaptive_weights((I * off["captions"]).sum(1), hard_c)
     assert (weights < 0).any()
-    got = loss(I, T, torch.arange(8), offline=off).item()
+    got = total(loss(I, T, torch.arange(8), offline=offline_negatives(off))).item()
     assert got == pytest.approx(naive_aoq(I, T, off, "aoq"), rel=1e-10)
-    clamped = build_loss(LossConfig(name="aoq", clamp_weights=True))
-    assert clamped(I, T, torch.arange(8), offline=off).item() == pytest.approx(
-        naive_aoq(I, T, off, "aoq", clamp=True), rel=1e-10)
+    clamped = build_loss("aoq", {"clamp_weights": True})
+    got = total(clamped(I, T, torch.arange(8), offline=offline_negatives(off))).item()
+    assert got == pytest.approx(naive_aoq(I, T, off, "aoq", clamp=True), rel=1e-10)
 
 
 def test_detached_weights_change_only_the_gradient():
     I, T, off = batch()
     off = {k: v.clone().requires_grad_() for k, v in off.items()}
-    plain = build_loss(LossConfig(name="aoq"))(I, T, torch.arange(8), offline=off)
-    detached = build_loss(LossConfig(name="aoq", detach_weights=True))(
-        I, T, torch.arange(8), offline=off)
+    plain = total(build_loss("aoq")(I, T, torch.arange(8), offline=offline_negatives(off)))
+    detached = total(build_loss("aoq", {"detach_weights": True})(
+        I, T, torch.arange(8), offline=offline_negatives(off)))
     assert plain.item() == pytest.approx(detached.item())
     g_plain = torch.autograd.grad(plain, off["captions"])[0]
     g_detached = torch.autograd.grad(detached, off["captions"])[0]
@@ -81,5 +81,5 @@ def test_detached_weights_change_only_the_gradient():
 
 def test_offline_embeddings_are_required():
     I, T, _ = batch()
-    with pytest.raises(ValueError, match="needs offline embeddings"):
-        build_loss(LossConfig(name="aoq"))(I, T, torch.arange(8))
+    with pytest.raises(ValueError, match="needs offline negatives"):
+        build_loss("aoq")(I, T, torch.arange(8))

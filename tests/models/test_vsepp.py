@@ -14,7 +14,7 @@ def test_masked_mean_ignores_padding():
 
 def test_embeddings_are_unit_norm_and_padding_free():
     torch.manual_seed(0)
-    model = build_model("vsepp", img_dim=6, vocab_size=20, embed_size=8, word_dim=5)
+    model = build_model("vsepp", {"embed_size": 8, "word_dim": 5}, img_dim=6, vocab_size=20)
     img = model.encode_images(torch.randn(4, 3, 6), torch.tensor([3, 3, 2, 1]))
     tokens = torch.tensor([[1, 5, 6, 2], [1, 7, 2, 0]])
     cap = model.encode_captions(tokens, torch.tensor([4, 3]))
@@ -29,7 +29,7 @@ def test_embeddings_are_unit_norm_and_padding_free():
 def test_final_state_equals_output_at_last_word():
     """The GRU's final hidden state is VSE++'s gather of the output at length - 1."""
     torch.manual_seed(0)
-    model = build_model("vsepp", img_dim=6, vocab_size=20, embed_size=8, word_dim=5)
+    model = build_model("vsepp", {"embed_size": 8, "word_dim": 5}, img_dim=6, vocab_size=20)
     tokens, lengths = torch.tensor([[1, 5, 6, 2], [1, 7, 2, 0]]), torch.tensor([4, 3])
     out, _ = model.text_encoder.rnn(model.text_encoder.embed(tokens))
     gathered = torch.nn.functional.normalize(out[torch.arange(2), lengths - 1], dim=1)
@@ -37,8 +37,8 @@ def test_final_state_equals_output_at_last_word():
 
 
 def test_bidirectional_and_unnormalised_images():
-    model = build_model("vsepp", img_dim=6, vocab_size=20, embed_size=8, word_dim=5,
-                        bidirectional=True, img_norm=False)
+    model = build_model("vsepp", {"embed_size": 8, "word_dim": 5, "bidirectional": True,
+                                 "img_norm": False}, img_dim=6, vocab_size=20)
     cap = model.encode_captions(torch.tensor([[1, 5, 2]]), torch.tensor([3]))
     assert cap.shape == (1, 8)
     img = model.encode_images(torch.randn(2, 6) * 100, torch.ones(2, dtype=torch.long))

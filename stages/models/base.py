@@ -1,0 +1,47 @@
+"""What every embedding model is: two encoders into one joint space, and a forward pass over
+a training batch that returns a :class:`ModelOutput`.
+
+A model's constructor takes the data-derived arguments without defaults (``img_dim``,
+``vocab_size``) and its options with defaults: those are its config block (``model.*``),
+checked by the registry. ``param_groups`` gives the optimiser its parameter groups (a
+learning-rate scale per part, frozen parts left out); auxiliary losses a model owns (VSRN's
+caption generation) come back in ``ModelOutput.aux_losses``, never computed by the trainer.
+"""
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+
+@dataclass
+class ModelOutput:
+    """A training forward pass: ``img_emb`` (B, E), ``cap_emb`` (B, E) (row k of each from
+    batch row k) and the model's own losses, ``{name: scalar}``, already weighted."""
+
+    img_emb: torch.Tensor
+    cap_emb: torch.Tensor
+    aux_losses: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+class EmbeddingModel(nn.Module):
+    """Base of registered models: ``encode_images``, ``encode_captions`` and ``forward``."""
+
+    def encode_images(self, images: torch.Tensor, regions: torch.Tensor) -> torch.Tensor:
+        """(B, R, D) | (B, D) features, (B,) valid regions -> (B, E) embeddings."""
+        raise NotImplementedError
+
+    def encode_captions(self, tokens: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """(B, L) token ids, (B,) lengths -> (B, E) embeddings."""
+        raise NotImplementedError
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> ModelOutput:
+        """Encode a batch's ``images``/``regions`` and ``tokens``/``lengths`` (each side in
+        one call); tensors already on the model's device."""
+        return ModelOutput(self.encode_images(batch["images"], batch["regions"]),
+                           self.encode_captions(batch["tokens"], batch["lengths"]))
+
+    def param_groups(self) -> list[dict]:
+        """Optimiser parameter groups, each with an ``lr_scale`` (x the scheduled rate);
+        parameters with ``requires_grad=False`` are left out."""
+        return [{"params": [p for p in self.parameters() if p.requires_grad], "lr_scale": 1.0}]

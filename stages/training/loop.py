@@ -1,0 +1,235 @@
+"""The training loop: forward, named loss terms, backward, clip, step; validation at each
+epoch's end; checkpoints that hold every stateful part, so a resumed run equals an
+uninterrupted one (model, optimiser, loss parameters, memory bank, RNG, position in the
+epoch, the epoch's running loss sums).
+
+Files a run folder gets from the loop (rank 0 only): ``last.pt`` (every epoch and every
+``ckpt_every`` steps), ``best.pt`` (best validation rsum), ``metrics.jsonl`` (one line per
+epoch: validation metrics, the epoch's mean of each loss term, lr, time).
+"""
+
+import json
+import logging
+import math
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader
+
+from ..config import MemoryConfig, TrainConfig
+from ..errors import UserError
+from ..io.atomic import append_jsonl, write_text
+from ..io.checkpoint import save_checkpoint
+from ..losses.base import RetrievalLoss
+from ..models.base import EmbeddingModel
+from ..progress import Progress
+from .batches import epoch_batches
+from .distributed import is_main, rank, world_size
+from .memory import MemoryBank
+
+log = logging.getLogger(__name__)
+
+
+def learning_rate(train: TrainConfig, epoch: int) -> float:
+    """VSE++'s step schedule: ``lr * lr_decay ** (epoch // lr_update)``."""
+    return train.lr * train.lr_decay ** (epoch // train.lr_update) if train.lr_update else train.lr
+
+
+def build_optimizer(model: EmbeddingModel, loss_fn: RetrievalLoss,
+                    lr: float) -> torch.optim.Optimizer:
+    """Adam over the model's parameter groups plus the loss's own parameters (a learnable
+    temperature); each group keeps its ``lr_scale``."""
+    groups = model.param_groups()
+    loss_params = [p for p in loss_fn.parameters() if p.requires_grad]
+    if loss_params:
+        groups.append({"params": loss_params, "lr_scale": 1.0})
+    for group in groups:
+        group["lr"] = lr * group["lr_scale"]
+    return torch.optim.Adam(groups, lr=lr)
+
+
+@dataclass
+class Progression:
+    """Where a run is: ``epoch`` (epochs completed), ``epoch_step`` (batches done in the
+    current epoch), ``step`` (batches in all), the best validation so far, the last
+    validation's metrics, and the current epoch's sums of each loss term."""
+
+    epoch: int = 0
+    epoch_step: int = 0
+    step: int = 0
+    best_rsum: float = -math.inf
+    best_epoch: int = -1
+    metrics: dict = field(default_factory=dict)
+    loss_sums: dict = field(default_factory=dict)
+
+
+def _to_device(batch: dict, device: torch.device) -> dict:
+    """Batch tensors onto ``device``; ``lengths`` stay on the CPU (packing wants them there)."""
+    return {k: v if k == "lengths" else v.to(device, non_blocking=True)
+            for k, v in batch.items()}
+
+
+class Trainer:
+    """Trains ``model`` on ``task``'s batches with ``loss_fn``.
+
+    ``validate(model) -> metrics`` (with ``rsum``) runs at each epoch's end;
+    ``checkpoint_info`` (model spec, config, vocab, data fingerprint) goes into every
+    checkpoint beside the training state; ``scalars`` (optional) receives every step's loss
+    terms and every validation, e.g. a TensorBoard writer with ``add(step, values,
+    prefix)``.
+    """
+
+    def __init__(self, model: EmbeddingModel, loss_fn: RetrievalLoss, task, train: TrainConfig,
+                 memory: MemoryConfig, device: torch.device, run_dir: Path,
+                 validate: Callable[[EmbeddingModel], dict], checkpoint_info: dict,
+                 workers: int = 0, scalars=None, features_hint: str = ""):
+        self.model = model.to(device)
+        self.loss_fn = loss_fn.to(device)
+        self.task = task
+        self.train = train
+        self.device = device
+        self.run_dir = Path(run_dir)
+        self.validate = validate
+        self.checkpoint_info = checkpoint_info
+        self.workers = workers
+        self.scalars = scalars
+        self.features_hint = features_hint
+        self.memory = MemoryBank(memory.size, memory.warmup_steps)
+        self.optimizer = build_optimizer(model, loss_fn, train.lr)
+        self.progress = Progression()
+
+    # --- state ---------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        """Everything a resume needs, as plain tensors and Python values."""
+        cuda_rng = torch.cuda.get_rng_state_all() if self.device.type == "cuda" else None
+        return {**self.checkpoint_info,
+                "state_dict": {k: v.cpu() for k, v in self.model.state_dict().items()},
+                "loss_state": {k: v.cpu() for k, v in self.loss_fn.state_dict().items()},
+                "optimizer": self.optimizer.state_dict(),
+                "memory": self.memory.state_dict(), **asdict(self.progress),
+                "rng": {"torch": torch.get_rng_state(), "cuda": cuda_rng}}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue from a ``last.pt`` written by :meth:`state_dict`."""
+        self.model.load_state_dict(state["state_dict"])
+        self.loss_fn.load_state_dict(state.get("loss_state", {}))
+        self.optimizer.load_state_dict(state["optimizer"])
+        if "memory" in state:
+            self.memory.load_state_dict(state["memory"], self.device)
+        self.progress = Progression(**{k: state[k] for k in Progression.__dataclass_fields__
+                                       if k in state})
+        torch.set_rng_state(state["rng"]["torch"])
+        if self.device.type == "cuda" and state["rng"].get("cuda") is not None:
+            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+        self._drop_metrics_after(self.progress.epoch)
+
+    def _drop_metrics_after(self, epoch: int) -> None:
+        """Keep the metrics lines of epochs up to ``epoch`` only: lines written after the
+        resume point (a kill between the metrics line and last.pt) would be duplicated."""
+        path = self.run_dir / "metrics.jsonl"
+        if not is_main() or not path.exists():
+            return
+        lines = path.read_text(encoding="utf-8").splitlines()
+        keep = [line for line in lines if line.strip()
+                and (json.loads(line).get("stage") != "train"
+                     or json.loads(line)["epoch"] <= epoch)]
+        if len(keep) != len(lines):
+            write_text(path, "".join(line + "\n" for line in keep))
+
+    def _save(self, name: str, state: dict) -> None:
+        if is_main():
+            save_checkpoint(self.run_dir / name, state)
+
+    # --- the loop ------------------------------------------------------------------------
+    def step(self, batch: dict) -> dict[str, float]:
+        """One optimisation step; returns each loss term's value (and ``loss``, the sum)."""
+        batch = _to_device(batch, self.device)
+        output = self.model(batch)
+        inputs = self.task.loss_inputs(output, batch)
+        terms = self.loss_fn(inputs.img_emb, inputs.cap_emb, inputs.image_ids,
+                             extra=self.memory.references(), offline=inputs.offline)
+        terms.update(output.aux_losses)
+        loss = sum(terms.values())
+        names = [*terms, "loss"]
+        values = dict(zip(names, torch.stack([t.detach() for t in (*terms.values(), loss)])
+                          .tolist(), strict=True))
+        if not math.isfinite(values["loss"]):
+            p = self.progress
+            bad = ", ".join(f"{k} {v}" for k, v in values.items() if not math.isfinite(v))
+            raise UserError(
+                f"loss is {values['loss']} ({bad}) at epoch {p.epoch + 1}, step {p.step + 1} "
+                f"(batch {p.epoch_step + 1} of the epoch); lower train.lr, check "
+                f"{self.features_hint or 'the features'} for NaN/inf values, or resume from "
+                f"{self.run_dir / 'last.pt'} with --resume")
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if self.train.grad_clip > 0:
+            params = [p for g in self.optimizer.param_groups for p in g["params"]]
+            torch.nn.utils.clip_grad_norm_(params, self.train.grad_clip)
+        self.optimizer.step()
+        self.memory.push(inputs.img_emb, inputs.cap_emb, inputs.image_ids)
+        return values
+
+    def fit(self) -> None:
+        """Train until ``train.epochs`` epochs are done, from wherever the run is."""
+        t, p = self.train, self.progress
+        while p.epoch < t.epochs:
+            lr = learning_rate(t, p.epoch)
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr * group["lr_scale"]
+            self.loss_fn.set_epoch(p.epoch)
+            self.task.set_epoch(p.epoch)
+            batches = epoch_batches(len(self.task.dataset), t.batch_size, t.seed, p.epoch,
+                                    rank(), world_size())
+            loader = DataLoader(self.task.dataset, batch_sampler=batches[p.epoch_step:],
+                                collate_fn=self.task.collate, num_workers=self.workers,
+                                pin_memory=self.device.type == "cuda",
+                                generator=torch.Generator().manual_seed(t.seed))
+            self.model.train()
+            t0 = time.perf_counter()
+            with Progress(len(batches), f"epoch {p.epoch + 1}/{t.epochs}", unit="it",
+                          start=p.epoch_step) as bar:
+                for batch in loader:
+                    values = self.step(batch)
+                    p.step += 1
+                    p.epoch_step += 1
+                    for name, value in values.items():
+                        p.loss_sums[name] = p.loss_sums.get(name, 0.0) + value
+                    if self.scalars is not None:
+                        self.scalars.add(p.step, values, prefix="train")
+                    bar.update(1, **{k: f"{v:.3f}" for k, v in values.items()},
+                               lr=f"{lr:.1e}")
+                    if t.ckpt_every and p.epoch_step % t.ckpt_every == 0:
+                        self._save("last.pt", self.state_dict())
+            self._end_epoch(lr, len(batches), time.perf_counter() - t0)
+
+    def _end_epoch(self, lr: float, num_batches: int, seconds: float) -> None:
+        p = self.progress
+        metrics = self.validate(self.model) if is_main() else {}
+        means = {f"loss_{k}" if k != "loss" else "train_loss": v / max(num_batches, 1)
+                 for k, v in p.loss_sums.items()}
+        record = {"stage": "train", "epoch": p.epoch + 1, "step": p.step, **metrics,
+                  "lr": lr, **means, "epoch_seconds": round(seconds, 2)}
+        if is_main():
+            append_jsonl(self.run_dir / "metrics.jsonl", record)
+            if self.scalars is not None:
+                self.scalars.add(p.step, {k: v for k, v in record.items()
+                                          if isinstance(v, float | int) and k != "step"},
+                                 prefix="val")
+            log.info("epoch %d: rsum %.2f (R@1 i2t %.1f t2i %.1f), loss %.4f", p.epoch + 1,
+                     metrics.get("rsum", math.nan), metrics.get("r1_i2t", math.nan),
+                     metrics.get("r1_t2i", math.nan), record.get("train_loss", math.nan))
+        p.epoch += 1
+        p.epoch_step = 0
+        p.loss_sums = {}
+        p.metrics = metrics
+        is_best = metrics.get("rsum", -math.inf) > p.best_rsum
+        if is_best:
+            p.best_rsum, p.best_epoch = metrics["rsum"], p.epoch
+        state = self.state_dict()
+        if is_best:
+            self._save("best.pt", state)
+        self._save("last.pt", state)
