@@ -131,6 +131,13 @@ def offcandi_import(config_files, overrides, i2t_file, t2i_file, out_dir) -> Non
     import_published(i2t_file, t2i_file, config, out_dir or config.candidates_dir())
 
 
+# The retrain stage's defaults, under --config files and --set: AOQ's loss with offline
+# negatives on the AOQ reference's schedule ("lr_update=10 for all the situations": 20 epochs,
+# decayed at epoch 10).
+RETRAIN_DEFAULTS = ("loss.name=aoq", "train.offline_negatives=true", "train.epochs=20",
+                    "train.lr_update=10")
+
+
 @cli.command()
 @config_options
 @click.option("--run-dir", type=click.Path(file_okay=False, path_type=Path),
@@ -141,8 +148,7 @@ def retrain(config_files, overrides, run_dir, resume) -> None:
     (offline negatives then join its reference set)."""
     from .train import train as run_training
 
-    config = load_config(config_files, overrides, base=load_config(
-        overrides=["loss.name=aoq", "train.offline_negatives=true"]))
+    config = load_config(config_files, overrides, base=load_config(overrides=RETRAIN_DEFAULTS))
     if not config.train.offline_negatives:
         raise UserError("retrain trains with offline negatives; for a model without them "
                         "use `aoq train`")

@@ -4,12 +4,15 @@ import numpy as np
 import pytest
 import torch
 
+import stages.losses.base as losses_base
 import stages.training.loop as loop_module
+from stages.candidates import import_published
 from stages.config import load_config
 from stages.errors import UserError
 from stages.io.checkpoint import load_checkpoint
 from stages.train import train
 from stages.training.loop import learning_rate
+from tests.test_offcandi import published_style
 
 
 def _weights(path):
@@ -159,3 +162,44 @@ def test_learning_rate_schedule():
     config = load_config(overrides=["train.lr=1e-3", "train.lr_update=2"])
     assert [learning_rate(config.train, e) for e in range(5)] == pytest.approx(
         [1e-3, 1e-3, 1e-4, 1e-4, 1e-5])
+
+
+@pytest.fixture
+def candidates(tiny_root, tiny_config, tmp_path):
+    """Published-style random candidates for the tiny training split (40 images)."""
+    i2t, t2i = published_style(40, 30, 8)
+    np.save(tmp_path / "i2t.npy", i2t)
+    np.save(tmp_path / "t2i.npy", t2i)
+    import_published(tmp_path / "i2t.npy", tmp_path / "t2i.npy", tiny_config,
+                     tmp_path / "cands")
+    return tmp_path / "cands"
+
+
+def test_any_loss_trains_with_offline_negatives(tiny_config, candidates, tmp_path,
+                                                monkeypatch):
+    offline = load_config(base=tiny_config, overrides=[
+        "train.offline_negatives=true", f"offcandi.dir={candidates}", "offcandi.hardest=20"])
+    seen = []
+    real = losses_base.similarities
+
+    def spy(img_emb, cap_emb, image_ids, extra, mask_same_image):
+        seen.append(None if extra is None else extra.captions.shape[0])
+        return real(img_emb, cap_emb, image_ids, extra, mask_same_image)
+
+    monkeypatch.setattr(losses_base, "similarities", spy)
+    train(offline, tmp_path / "vse_offline")
+    # Every batch's references: its B captions plus 2B offline ones (T', T'').
+    assert seen and all(n is not None for n in seen)
+    state = load_checkpoint(tmp_path / "vse_offline" / "checkpoint.pt")
+    assert state["data_fingerprint"]["candidates"]["i2t"]["k"] == 30
+    train(tiny_config, tmp_path / "plain")
+    plain = _weights(tmp_path / "plain" / "last.pt")
+    trained = _weights(tmp_path / "vse_offline" / "last.pt")
+    assert not all(torch.equal(plain[n], trained[n]) for n in plain)
+
+
+def test_aoq_needs_offline_negatives(tiny_config, tmp_path):
+    aoq = load_config(base=tiny_config, overrides=["loss.name=aoq"])
+    with pytest.raises(UserError, match="needs offline negatives: train it with `aoq retrain`"):
+        train(aoq, tmp_path / "run")
+    assert not (tmp_path / "run").exists()

@@ -3,7 +3,9 @@ import torch
 import torch.nn.functional as F
 
 from stages.losses import build_loss
+from stages.losses.base import References
 from tests.losses.helpers import offline_negatives, total
+from tests.losses.pre_engine_aoq import pre_engine_aoq
 
 
 def _unit(*shape):
@@ -83,3 +85,61 @@ def test_offline_embeddings_are_required():
     I, T, _ = batch()
     with pytest.raises(ValueError, match="needs offline negatives"):
         build_loss("aoq")(I, T, torch.arange(8))
+
+
+@pytest.mark.parametrize("variant", ["aoq", "offquin", "offtri"])
+@pytest.mark.parametrize("options", [{}, {"clamp_weights": True}, {"detach_weights": True},
+                                     {"offline_margin": 0.1, "alpha": 0.5, "beta": 1.0}])
+def test_engine_version_keeps_the_pre_engine_numbers_and_gradients(variant, options):
+    torch.manual_seed(5)
+    I = _unit(16, 8).requires_grad_()
+    T = F.normalize(I.detach() + torch.randn(16, 8, dtype=torch.float64), dim=1)
+    T.requires_grad_()
+    off = {k: _unit(16, 8).requires_grad_() for k in ("captions", "images", "captions2",
+                                                       "images2")}
+    inputs = [I, T, *off.values()]
+    before = pre_engine_aoq(I, T, off, variant, **options)
+    now = total(build_loss(variant, options)(I, T, torch.arange(16),
+                                             offline=offline_negatives(off)))
+    assert now.item() == pytest.approx(before.item(), rel=1e-12)
+    grad = {"allow_unused": True, "materialize_grads": True}  # offtri leaves T'', I'' out
+    for a, b in zip(torch.autograd.grad(before, inputs, **grad),
+                    torch.autograd.grad(now, inputs, **grad), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("size, ids, mask", [(1, [0], False), (3, [4, 4, 4], True)])
+def test_no_in_batch_negative_gives_the_reference_finite_value(size, ids, mask):
+    """A batch of one, or all captions of one image with same-image masking: the online
+    terms are 0 (the reference's masked cost), only the offline terms remain."""
+    I = _unit(size, 6).requires_grad_()
+    T = _unit(size, 6).requires_grad_()
+    off = {k: _unit(size, 6).requires_grad_() for k in ("captions", "images", "captions2",
+                                                         "images2")}
+    terms = build_loss("aoq", {"mask_same_image": mask})(
+        I, T, torch.tensor(ids), offline=offline_negatives(off))
+    assert terms["online_i2t"].item() == 0 and terms["online_t2i"].item() == 0
+    p = (I * T).sum(1)
+    want = sum(((x * y).sum(1) - p).clamp(min=0).sum()
+               for x, y in ((I, off["captions"]), (off["images"], T),
+                            (off["images"], off["captions"]),
+                            (off["images2"], off["captions2"])))
+    assert total(terms).item() == pytest.approx(want.item())
+    grads = torch.autograd.grad(total(terms), [I, T, *off.values()])
+    assert all(torch.isfinite(g).all() for g in grads)
+
+
+def test_memory_bank_references_join_the_online_hardest():
+    I, T, off = batch()
+    loss = build_loss("aoq")
+    bank_caption = I[2:3].clone()  # a near-copy of image 2: its hardest caption, once banked
+    extra = References(torch.zeros(0, 6, dtype=torch.float64), torch.zeros(0, dtype=torch.long),
+                       bank_caption, torch.tensor([99]))
+    plain = loss(I, T, torch.arange(8), offline=offline_negatives(off))
+    banked = loss(I, T, torch.arange(8), extra=extra, offline=offline_negatives(off))
+    assert banked["online_i2t"].item() != plain["online_i2t"].item()
+    assert banked["offline"].item() == plain["offline"].item()
+    masked = loss(I, T, torch.arange(8), offline=offline_negatives(off),
+                  extra=References(extra.images, extra.image_ids, bank_caption,
+                                   torch.tensor([2])))  # image 2's own: never a negative
+    assert masked["online_i2t"].item() != banked["online_i2t"].item()
