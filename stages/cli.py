@@ -9,6 +9,7 @@ import click
 from .config import load_config
 from .errors import UserError
 from .log import setup_logging
+from .settings import STAGES
 
 log = logging.getLogger("aoq")
 
@@ -148,6 +149,28 @@ def retrain(config_files, overrides, run_dir, resume) -> None:
         raise UserError(f"retrain needs a loss that uses offline negatives "
                         f"({', '.join(offline)}), not {config.loss.name!r}; use `aoq train`")
     run_training(config, run_dir or Path("runs") / config.data.name / "aoq", resume=resume)
+
+
+@cli.command()
+@config_options
+@click.option("--stage", required=True,
+              type=click.Choice(STAGES),
+              help="The stage whose settings to write (retrain starts from loss.name=aoq, "
+                   "as `aoq retrain` does).")
+@click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="The stamp file; rewritten only when its content changes.")
+@click.option("--target", type=click.Path(dir_okay=False, path_type=Path),
+              help="The stage's output: settings going back to the ones it was made with "
+                   "take back its date, so make does not redo it.")
+def settings(config_files, overrides, stage, out, target) -> None:
+    """Write the resolved settings a stage reads (the Makefile's stamp for that stage)."""
+    from .settings import stage_settings, stamp_text, write_stamp
+
+    base = load_config(overrides=["loss.name=aoq"]) if stage == "retrain" else None
+    config = load_config(config_files, overrides, base=base)
+    changes = write_stamp(out, stamp_text(stage, stage_settings(config, stage)), target)
+    if changes:
+        log.info("%s settings changed (%s): %s", stage, out, "; ".join(changes))
 
 
 @cli.command()
