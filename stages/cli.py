@@ -168,9 +168,7 @@ def settings(config_files, overrides, stage, out, target) -> None:
 
     base = load_config(overrides=["loss.name=aoq"]) if stage == "retrain" else None
     config = load_config(config_files, overrides, base=base)
-    changes = write_stamp(out, stamp_text(stage, stage_settings(config, stage)), target)
-    if changes:
-        log.info("%s settings changed (%s): %s", stage, out, "; ".join(changes))
+    write_stamp(out, stamp_text(stage, stage_settings(config, stage)), target)
 
 
 @cli.command()

@@ -16,6 +16,7 @@ rebuilds nothing.
 Nothing here imports torch: make runs this once per stamp on every call.
 """
 
+import logging
 import os
 from pathlib import Path
 
@@ -44,6 +45,8 @@ STAGE_KEYS = {
     "offcandi": lambda key: key.startswith("offcandi.") and key not in SAMPLING_KEYS,
 }
 STAGES = tuple(STAGE_KEYS)
+
+log = logging.getLogger(__name__)
 
 
 def stage_settings(config: Config, stage: str) -> dict:
@@ -80,8 +83,8 @@ def write_stamp(path: str | os.PathLike, text: str, target: str | os.PathLike | 
                 ) -> list[str] | None:
     """Write ``text`` to the stamp ``path`` unless it already holds it.
 
-    ``target`` is the stage's output. Returns None when nothing changed, else the lines
-    changes, ``section.field: old -> new`` (``stage`` for a new stamp).
+    ``target`` is the stage's output. Returns None when nothing changed, else the settings
+    that changed, ``section.field: old -> new`` (none for a new stamp), which are logged.
     """
     path = Path(path)
     done = path.with_name(path.name + ".done")
@@ -94,13 +97,16 @@ def write_stamp(path: str | os.PathLike, text: str, target: str | os.PathLike | 
         write_text(done, old)  # the output is up to date with the old settings: keep them
         os.utime(done, ns=(target_time, target_time))
     write_text(path, text)
-    done_time = _mtime_ns(done)
-    if (target_time is not None and done_time == target_time
+    changes = [] if old is None else changed_keys(yaml.safe_load(old) or {},
+                                                    yaml.safe_load(text) or {})
+    if (target_time is not None and _mtime_ns(done) == target_time
             and _read(done) == text):  # back to the output's settings: back to its date
         os.utime(path, ns=(target_time, target_time))
-    if old is None:
-        return []
-    return changed_keys(yaml.safe_load(old) or {}, yaml.safe_load(text) or {})
+        log.info("%s: %s; as %s was made with: nothing to redo", path, "; ".join(changes),
+                 target)
+    elif changes:
+        log.info("%s: %s", path, "; ".join(changes))
+    return changes
 
 
 def changed_keys(old: dict, new: dict) -> list[str]:
