@@ -92,6 +92,8 @@ help:
 	@echo "                   RETRAIN_SET='key=value ...': overrides for retrain only"
 	@echo "make eval          R@K of CKPT (default: the AOQ model) on DATA's eval split (FOLD5=1: COCO 5-fold 1K)"
 	@echo "make compare       base and AOQ side by side (the whole chain if needed)"
+	@echo "                   a changed setting redoes the stages that read it; a finished run"
+	@echo "                   refuses new settings: name the experiment with RUN= / AOQ_RUN="
 	@echo "make f30k-all      the whole chain on f30k_precomp; coco-all likewise on coco_precomp"
 	@echo "make bench         speed figures                            -> bench/results.json"
 	@echo "variables: DATA=$(DATA) DATA_PATH=$(DATA_PATH) RUN=$(RUN) AOQ_RUN=$(AOQ_RUN) ROUNDS=$(ROUNDS)"
@@ -262,4 +264,4 @@ demo:
 	$(MAKE) --no-print-directory compare DATA=demo EXP=demo DATA_PATH=data
 
 clean-demo:
-	rm -rf data/demo runs/demo
+	rm -rf data/demo runs/demo offcandi/demo
