@@ -9,7 +9,7 @@ import click
 from .config import load_config
 from .errors import UserError
 from .log import setup_logging
-from .settings import STAGES
+from .stamps import STAGES
 
 log = logging.getLogger("aoq")
 
@@ -164,7 +164,7 @@ def retrain(config_files, overrides, run_dir, resume) -> None:
                    "take back its date, so make does not redo it.")
 def settings(config_files, overrides, stage, out, target) -> None:
     """Write the resolved settings a stage reads (the Makefile's stamp for that stage)."""
-    from .settings import stage_settings, stamp_text, write_stamp
+    from .stamps import stage_settings, stamp_text, write_stamp
 
     base = load_config(overrides=["loss.name=aoq"]) if stage == "retrain" else None
     config = load_config(config_files, overrides, base=base)

@@ -7,7 +7,7 @@ import sys
 import yaml
 
 from stages.config import load_config
-from stages.settings import stage_settings, stamp_text, write_stamp
+from stages.stamps import stage_settings, stamp_text, write_stamp
 
 
 def stamp(stage, *overrides, base=None):
