@@ -9,6 +9,7 @@
 SHELL := /bin/bash
 comma := ,
 .DEFAULT_GOAL := help
+TOOLS := $(dir $(lastword $(MAKEFILE_LIST)))tools
 
 PYTHON ?= python3
 VENV ?= .venv
@@ -53,7 +54,27 @@ CONFIGS := $(if $(wildcard configs/data/$(DATA).yaml),--config configs/data/$(DA
 OVERRIDES := --set data.name=$(DATA) --set data.path=$(DATA_PATH) --set data.vocab=$(VOCAB) \
 	$(foreach s,$(SET),--set $(s))
 
-.PHONY: help install test lint demo features vocab train embed offcandi retrain eval compare \
+# --- the variables' values: a value make does not know is an error, never a silent default
+one_word = $(filter 1,$(words $($(1))))
+one_of = $(if $(and $(call one_word,$(1)),$(filter $($(1)),$(2))),,\
+	$(error $(1)='$($(1))' is not allowed: use one of $(2)))
+no_digits = $(subst 0,,$(subst 1,,$(subst 2,,$(subst 3,,$(subst 4,,$(subst 5,,$(subst 6,,\
+	$(subst 7,,$(subst 8,,$(subst 9,,$(1)))))))))))
+positive_int = $(if $(and $(call one_word,$(1)),$(if $(strip $(call no_digits,$($(1)))),,yes),\
+	$(subst 0,,$($(1)))),,$(error $(1)='$($(1))' is not allowed: use a whole number >= 1))
+a_name = $(if $(and $(call one_word,$(1)),$(if $(findstring /,$($(1))),,yes)),,\
+	$(error $(1)='$($(1))' is not allowed: use one name, without spaces or /))
+$(call one_of,RETRAIN_INIT,scratch miner)
+$(call one_of,FOLD5,0 1)
+$(call positive_int,ROUNDS)
+$(call a_name,DATA)
+$(call a_name,RUN)
+$(call a_name,AOQ_RUN)
+EXPERIMENTS := $(basename $(notdir $(wildcard configs/experiment/*.yaml)))
+$(if $(EXP),$(if $(filter $(EXP),$(EXPERIMENTS)),,$(error EXP='$(EXP)' is not allowed: \
+	configs/experiment/ has $(or $(EXPERIMENTS),no experiments))))
+
+.PHONY: FORCE help install test lint demo features vocab train embed offcandi retrain eval compare \
 	f30k-all coco-all bench clean-demo
 
 help:
@@ -72,6 +93,8 @@ help:
 	@echo "                   RETRAIN_SET='key=value ...': overrides for retrain only"
 	@echo "make eval          R@K of CKPT (default: the AOQ model) on DATA's eval split (FOLD5=1: COCO 5-fold 1K)"
 	@echo "make compare       base and AOQ side by side (the whole chain if needed)"
+	@echo "                   a changed setting redoes the stages that read it; a finished run"
+	@echo "                   refuses new settings: name the experiment with RUN= / AOQ_RUN="
 	@echo "make f30k-all      the whole chain on f30k_precomp; coco-all likewise on coco_precomp"
 	@echo "make bench         speed figures                            -> bench/results.json"
 	@echo "variables: DATA=$(DATA) DATA_PATH=$(DATA_PATH) RUN=$(RUN) AOQ_RUN=$(AOQ_RUN) ROUNDS=$(ROUNDS)"
@@ -79,11 +102,10 @@ help:
 	@echo "           CKPT=$(CKPT) SET='section.key=value ...' TORCH=$(TORCH)"
 
 # --- environment: a virtual environment made from nothing --------------------------------
+# Installs only into a venv this checkout made (VENV/.aoq-checkout names it); another venv
+# is used as it is if it has this checkout's package installed, else refused.
 $(STAMP): setup.cfg pyproject.toml
-	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet $(TORCH)
-	$(BIN)/pip install --quiet -e ".[test]"
-	touch $@
+	sh $(TOOLS)/venv.sh '$(VENV)' '$(PYTHON)' '$(TORCH)' '$@'
 
 install: $(STAMP)
 
@@ -153,41 +175,78 @@ endif
 
 features: $(DATASET)/train_caps.txt $(TRAIN_FEATURES)
 
+# --- settings stamps ---------------------------------------------------------------------
+# Each stage's output depends on a stamp holding the resolved settings that stage reads
+# (`aoq settings`), rewritten only when they change: a changed setting redoes the stage
+# (train and retrain then refuse to resume a finished run under another config: name
+# another RUN / AOQ_RUN), one that resolves to the same value redoes nothing. The check
+# runs on every make, also under make -n (hence the +). Stamps of runs are kept in
+# runs/DATA/.settings/<run>.<stage>.yaml (run folders stay as the trainer writes them);
+# offcandi's beside its candidates. $(call stamp,STAGE,OUTPUT,EXTRA ARGUMENTS)
+SETTINGS := runs/$(DATA)/.settings
+stamp = +@$(AOQ) settings --stage $(1) $(CONFIGS) $(OVERRIDES) $(3) --out $@ --target $(2)
+
+FORCE:
+
+# The vocabulary's stamp only when make owns its path (a VOCAB given is never rebuilt
+# because of settings).
+VOCAB_SETTINGS := $(if $(filter $(DATASET)/vocab.json,$(VOCAB)),$(SETTINGS)/vocab.yaml)
+
 vocab: $(VOCAB)
-$(VOCAB): $(DATASET)/train_caps.txt | $(STAMP)
+$(VOCAB): $(DATASET)/train_caps.txt $(VOCAB_SETTINGS) | $(STAMP)
 	$(AOQ) vocab $(CONFIGS) $(OVERRIDES)
+$(SETTINGS)/vocab.yaml: FORCE | $(STAMP)
+	$(call stamp,vocab,$(VOCAB))
 
 # --- stages ------------------------------------------------------------------------------
 train: $(BASE_CKPT)
-$(BASE_CKPT): $(VOCAB) $(TRAIN_FEATURES) | $(STAMP)
+$(BASE_CKPT): $(VOCAB) $(TRAIN_FEATURES) $(SETTINGS)/$(RUN).train.yaml | $(STAMP)
 	$(AOQ) train $(CONFIGS) $(OVERRIDES) --run-dir $(RUN_DIR) --resume
+$(SETTINGS)/$(RUN).train.yaml: FORCE | $(STAMP)
+	$(call stamp,train,$(BASE_CKPT))
 
 # Any run's training-split embeddings, from its checkpoint.
-runs/$(DATA)/%/embeddings_train.h5: runs/$(DATA)/%/checkpoint.pt
+runs/$(DATA)/%/embeddings_train.h5: runs/$(DATA)/%/checkpoint.pt $(SETTINGS)/%.embed.yaml
 	$(AOQ) embed --ckpt $< $(OVERRIDES) --out $@
+$(SETTINGS)/%.embed.yaml: FORCE | $(STAMP)
+	$(call stamp,embed,runs/$(DATA)/$*/embeddings_train.h5)
+.PRECIOUS: $(SETTINGS)/%.embed.yaml
 
 embed: $(EMBEDDINGS)
 
 # Mining and retraining, once per round. Round 1 mines with the base model into
 # offcandi/DATA and trains runs/DATA/AOQ_RUN; round r > 1 mines with round r-1's model into
 # offcandi/DATA/round<r> and trains runs/DATA/AOQ_RUN_round<r>. i2t.h5 is written before
-# t2i.h5, each atomically: t2i.h5 stands for both.
-round_run = runs/$(DATA)/$(AOQ_RUN)$(if $(filter-out 1,$(1)),_round$(1))
+# t2i.h5, each atomically: t2i.h5 stands for both (so it is removed before mining again).
+round_name = $(AOQ_RUN)$(if $(filter-out 1,$(1)),_round$(1))
+round_run = runs/$(DATA)/$(call round_name,$(1))
 round_offcandi = $(OFFCANDI_DIR)$(if $(filter-out 1,$(1)),/round$(1))
 round_miner = $(if $(filter-out 1,$(1)),$(call round_run,$(shell expr $(1) - 1)),$(RUN_DIR))
+# The retrain stage's settings beyond CONFIGS and OVERRIDES, for round $(1).
+retrain_args = --set offcandi.dir=$(call round_offcandi,$(1)) \
+	--set offcandi.base_ckpt=$(call round_miner,$(1))/checkpoint.pt \
+	$(if $(filter miner,$(RETRAIN_INIT)),--set train.init_from=$(call round_miner,$(1))/checkpoint.pt) \
+	$(foreach s,$(RETRAIN_SET),--set $(s))
 
 define ROUND_RULES
-$(call round_offcandi,$(1))/t2i.h5: $(call round_miner,$(1))/embeddings_train.h5
+$(call round_offcandi,$(1))/t2i.h5: $(call round_miner,$(1))/embeddings_train.h5 \
+	    $(call round_offcandi,$(1))/.settings.offcandi.yaml
+	rm -f $$@
 	$$(AOQ) offcandi --embeddings $$< $$(CONFIGS) $$(OVERRIDES) --out-dir $(call round_offcandi,$(1))
+$(call round_offcandi,$(1))/.settings.offcandi.yaml: FORCE | $$(STAMP)
+	$$(call stamp,offcandi,$(call round_offcandi,$(1))/t2i.h5)
 
-$(call round_run,$(1))/checkpoint.pt: $(call round_offcandi,$(1))/t2i.h5
-	$$(AOQ) retrain $$(CONFIGS) $$(OVERRIDES) --set offcandi.dir=$(call round_offcandi,$(1)) \
-	    --set offcandi.base_ckpt=$(call round_miner,$(1))/checkpoint.pt \
-	    $(if $(filter miner,$(RETRAIN_INIT)),--set train.init_from=$(call round_miner,$(1))/checkpoint.pt) \
-	    $$(foreach s,$$(RETRAIN_SET),--set $$(s)) --run-dir $(call round_run,$(1)) --resume
+$(call round_run,$(1))/checkpoint.pt: $(call round_offcandi,$(1))/t2i.h5 \
+	    $(SETTINGS)/$(call round_name,$(1)).retrain.yaml
+	$$(AOQ) retrain $$(CONFIGS) $$(OVERRIDES) $$(call retrain_args,$(1)) \
+	    --run-dir $(call round_run,$(1)) --resume
+$(SETTINGS)/$(call round_name,$(1)).retrain.yaml: FORCE | $$(STAMP)
+	$$(call stamp,retrain,$(call round_run,$(1))/checkpoint.pt,$$(call retrain_args,$(1)))
 endef
 ROUND_NUMBERS := $(shell seq 1 $(ROUNDS))
 $(foreach r,$(ROUND_NUMBERS),$(eval $(call ROUND_RULES,$(r))))
+$(if $(filter $(RUN),$(foreach r,$(ROUND_NUMBERS),$(call round_name,$(r)))),$(error \
+	RUN=$(RUN) and AOQ_RUN=$(AOQ_RUN) would train into the same run folder: name them apart))
 
 offcandi: $(call round_offcandi,$(ROUNDS))/t2i.h5
 retrain: $(AOQ_CKPT)
@@ -209,4 +268,4 @@ demo:
 	$(MAKE) --no-print-directory compare DATA=demo EXP=demo DATA_PATH=data
 
 clean-demo:
-	rm -rf data/demo runs/demo
+	rm -rf data/demo runs/demo offcandi/demo

@@ -9,6 +9,7 @@ import click
 from .config import load_config
 from .errors import UserError
 from .log import setup_logging
+from .stamps import STAGES
 
 log = logging.getLogger("aoq")
 
@@ -153,6 +154,26 @@ def retrain(config_files, overrides, run_dir, resume) -> None:
         raise UserError("retrain trains with offline negatives; for a model without them "
                         "use `aoq train`")
     run_training(config, run_dir or Path("runs") / config.data.name / "aoq", resume=resume)
+
+
+@cli.command()
+@config_options
+@click.option("--stage", required=True,
+              type=click.Choice(STAGES),
+              help="The stage whose settings to write (retrain starts from the retrain "
+                   "defaults, as `aoq retrain` does).")
+@click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="The stamp file; rewritten only when its content changes.")
+@click.option("--target", type=click.Path(dir_okay=False, path_type=Path),
+              help="The stage's output: settings going back to the ones it was made with "
+                   "take back its date, so make does not redo it.")
+def settings(config_files, overrides, stage, out, target) -> None:
+    """Write the resolved settings a stage reads (the Makefile's stamp for that stage)."""
+    from .stamps import stage_settings, stamp_text, write_stamp
+
+    base = load_config(overrides=RETRAIN_DEFAULTS) if stage == "retrain" else None
+    config = load_config(config_files, overrides, base=base)
+    write_stamp(out, stamp_text(stage, stage_settings(config, stage)), target)
 
 
 @cli.command()

@@ -28,6 +28,7 @@ from .errors import UserError
 from .io.atomic import atomic_path, write_text
 from .io.checkpoint import load_checkpoint, weights_hash
 from .log import setup_logging
+from .stamps import stage_settings
 from .losses import build_loss
 from .metrics.retrieval import evaluate_embeddings
 from .models import build_model
@@ -37,10 +38,10 @@ from .training.tasks import OfflineTask, PairTask
 
 log = logging.getLogger(__name__)
 
-# Config keys a resumed run may change; anything else would make the result a mix of two
-# experiments. Fewer epochs than the run has done is refused separately.
-RESUMABLE_CHANGES = {"train.epochs", "train.device", "train.ckpt_every", "data.workers",
-                     "data.path", "data.vocab"}
+# Besides the settings that never change a result (paths, device, workers: see
+# stages.stamps), a resumed run may change its number of epochs (not below those done);
+# anything else would make the result a mix of two experiments.
+RESUMABLE_CHANGES = {"train.epochs"}
 
 
 def data_fingerprint(config: Config, vocab_path: Path, num_train_images: int) -> dict:
@@ -74,7 +75,9 @@ def _prepare_run_dir(run_dir: Path, config: Config, resume: bool) -> dict | None
             log.info("%s has no last.pt yet: starting the run from scratch", run_dir)
             return None
         state = load_checkpoint(last)
-        changed = [d for d in config_diff(state["config"], config.to_dict())
+        stage = "retrain" if config.train.offline_negatives else "train"
+        before = stage_settings(Config.from_dict(state["config"], str(last), stored=True), stage)
+        changed = [d for d in config_diff(before, stage_settings(config, stage))
                    if d.split(":")[0] not in RESUMABLE_CHANGES]
         if changed:
             raise UserError(f"cannot resume {run_dir}: it was made with other settings: "

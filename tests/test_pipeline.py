@@ -36,20 +36,24 @@ def workdir(tiny_root):
     return work
 
 
-def make(work, *args, dry_run=False):
+def make(work, *args, dry_run=False, check=True):
+    """Run make in ``work``; returns its stdout (with ``check=False``, the whole result)."""
     command = ["make", "-f", str(REPO / "Makefile"), "--no-print-directory",
                *(["-n"] if dry_run else []), f"AOQ={sys.executable} -m stages.cli",
                "STAMP=stamp", "DATA=tiny", "EXP=tiny", f"DATA_PATH={work.parent}", *args]
     result = subprocess.run(command, cwd=work, capture_output=True, text=True, timeout=600)
+    if not check:
+        return result
     assert result.returncode == 0, result.stdout + result.stderr
     return result.stdout
 
 
-def stages_to_run(work, *args) -> list[str]:
-    """The aoq sub-commands `make compare` would run now."""
-    return [line.split("stages.cli ")[1].split()[0]
-            for line in make(work, "compare", *args, dry_run=True).splitlines()
-            if "stages.cli " in line]
+def stages_to_run(work, *args, goal="compare") -> list[str]:
+    """The aoq sub-commands `make compare` would run now (the settings checks left out)."""
+    commands = [line.split("stages.cli ")[1].split()[0]
+                for line in make(work, goal, *args, dry_run=True).splitlines()
+                if "stages.cli " in line]
+    return [c for c in commands if c != "settings"]
 
 
 def test_chain_end_to_end_then_only_missing_stages_rerun(workdir):
@@ -75,12 +79,56 @@ def test_chain_end_to_end_then_only_missing_stages_rerun(workdir):
     assert stages_to_run(work) == ["embed", "offcandi", "retrain", "eval"]
 
 
-def test_rounds_mine_again_with_the_retrained_model(workdir):
+def test_changed_settings_redo_exactly_the_stages_that_read_them(workdir):
+    """Settings stamps: a setting that changes a stage's resolved config redoes that stage
+    (train and retrain then refuse to resume their finished run); one that resolves to the
+    same value, or to the one the output was made with, redoes nothing."""
     work = workdir
     make(work, "compare")
-    assert stages_to_run(work, "ROUNDS=2") == ["embed", "offcandi", "retrain", "eval"]
-    out = make(work, "compare", "ROUNDS=2", "RETRAIN_INIT=miner",
-               "RETRAIN_SET=loss.detach_weights=1")
+    ckpt = work / "runs/tiny/base/checkpoint.pt"
+    made = ckpt.stat().st_mtime_ns
+    # Same resolved settings (the default lr, a device, a path): nothing to redo.
+    assert stages_to_run(work, "SET=train.lr=2e-4 train.device=cpu data.workers=0") == ["eval"]
+    assert stages_to_run(work, "SET=eval.block_size=7") == ["eval"]  # read by eval only
+
+    # Another lr after a finished train: train runs again and refuses to resume the run
+    # under another config (the lead's message will also name RUN=).
+    result = make(work, "train", "SET=train.lr=0.01", check=False)
+    assert result.returncode != 0
+    assert "cannot resume runs/tiny/base" in result.stderr and "train.lr" in result.stderr
+    assert ckpt.stat().st_mtime_ns == made
+    # Back to the settings the run was made with: nothing to redo (no cascade).
+    assert stages_to_run(work) == ["eval"]
+    # Under another run name the new settings train a new run.
+    assert stages_to_run(work, "SET=train.lr=0.01", "RUN=lr01", goal="train") == ["train"]
+
+    # A retrain-only setting: retrain only, refused for the finished run, fine under a name.
+    detach = "RETRAIN_SET=loss.detach_weights=1"
+    assert stages_to_run(work, detach) == ["retrain", "eval"]
+    result = make(work, "retrain", detach, check=False)
+    assert result.returncode != 0 and "cannot resume runs/tiny/aoq" in result.stderr
+    assert stages_to_run(work, detach, "AOQ_RUN=detach") == ["retrain", "eval"]
+
+    # A mining setting re-mines (overwriting the candidates); the retrain on the old ones
+    # is then out of date and refuses to resume.
+    k30 = "SET=offcandi.k_i2t=30"
+    assert stages_to_run(work, k30) == ["offcandi", "retrain", "eval"]
+    make(work, "offcandi", k30)
+    with h5py.File(work / "offcandi/tiny/i2t.h5", "r") as f:
+        assert f.attrs["k"] == 30
+    assert stages_to_run(work) == ["offcandi", "retrain", "eval"]  # default K: mine again
+    result = make(work, "retrain", k30, check=False)
+    assert result.returncode != 0 and "cannot resume runs/tiny/aoq" in result.stderr
+    assert stages_to_run(work, k30) == ["retrain", "eval"]
+    assert ckpt.stat().st_mtime_ns == made  # the base model was never touched
+
+
+def test_rounds_mine_again_with_the_retrained_model(workdir):
+    work = workdir
+    variant = ["RETRAIN_INIT=miner", "RETRAIN_SET=loss.detach_weights=1"]
+    make(work, "compare", *variant)
+    assert stages_to_run(work, "ROUNDS=2", *variant) == ["embed", "offcandi", "retrain", "eval"]
+    out = make(work, "compare", "ROUNDS=2", *variant)
     for path in ("runs/tiny/aoq/embeddings_train.h5", "offcandi/tiny/round2/t2i.h5",
                  "runs/tiny/aoq_round2/checkpoint.pt"):
         assert (work / path).is_file(), path
@@ -94,7 +142,7 @@ def test_rounds_mine_again_with_the_retrained_model(workdir):
     base = yaml.safe_load((work / "runs/tiny/base/config.yaml").read_text())
     assert base["loss"]["name"] == "vse_max"  # RETRAIN_SET is for retrain only
     assert "detach_weights" not in base["loss"] and not base["train"]["offline_negatives"]
-    assert stages_to_run(work, "ROUNDS=2") == ["eval"]
+    assert stages_to_run(work, "ROUNDS=2", *variant) == ["eval"]
 
 
 def test_features_from_karpathy_json_and_butd_tsv_then_train(workdir):
