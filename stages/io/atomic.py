@@ -63,7 +63,7 @@ def atomic_path(path: str | os.PathLike, need_bytes: int = 0, what: str = "") ->
     remove_stale_temp_files(path.parent)
     what = what or path.name
     if need_bytes:
-        check_free_space(path.parent, need_bytes, what)
+        check_free_space(path, need_bytes, what)
     tmp = temp_path(path)
     try:
         with no_space_as_user_error(path, need_bytes, what):
@@ -128,11 +128,11 @@ def replace_together(journal: str | os.PathLike) -> Iterator[Callable[[Path], Pa
     try:
         with no_space_as_user_error(journal.parent):
             yield stage
-    except BaseException:
+        write_json(journal, {"renames": [[tmp.name, final.name] for tmp, final in staged]})
+    except BaseException:  # the journal is not written: the old set stays
         for tmp, _ in staged:
             tmp.unlink(missing_ok=True)
         raise
-    write_json(journal, {"renames": [[tmp.name, final.name] for tmp, final in staged]})
     finish_replacements(journal)
 
 
