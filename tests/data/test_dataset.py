@@ -101,3 +101,20 @@ def test_epoch_permutation_depends_only_on_seed_and_epoch():
     np.testing.assert_array_equal(a, epoch_permutation(100, seed=1, epoch=3))
     assert sorted(a) == list(range(100))
     assert not np.array_equal(a, epoch_permutation(100, seed=1, epoch=4))
+
+
+def test_splits_of_other_feature_extractors_are_refused(tmp_path):
+    from stages.data.dataset import check_compatible
+    from stages.errors import UserError
+
+    write_precomp(tmp_path, "train", _features((6, 4, 3)), CAPTIONS)
+    write_precomp(tmp_path, "dev", _features((6, 4, 3)), CAPTIONS)
+    write_precomp(tmp_path, "dim", _features((6, 4, 5)), CAPTIONS)
+    write_precomp(tmp_path, "pooled", _features((6, 3)), CAPTIONS)
+    train = open_split(tmp_path, "train")
+    check_compatible(train, open_split(tmp_path, "dev"))
+    with pytest.raises(UserError, match=r"dim_ims.npy \(dim\) holds features of shape "
+                                        r"\(6, 4, 5\) but .*train_ims.npy \(train\) \(6, 4, 3\)"):
+        check_compatible(train, open_split(tmp_path, "dim"))
+    with pytest.raises(UserError, match=r"pooled_ims.npy .*\(6, 3\) but .*\(6, 4, 3\)"):
+        check_compatible(train, open_split(tmp_path, "pooled"))

@@ -32,10 +32,10 @@ def holder(tmp_path):
 
 
 def test_a_second_process_is_refused_naming_folder_and_pid(tmp_path, holder):
-    with pytest.raises(UserError, match=rf"{tmp_path / 'out'} is being written by another "
-                                        rf"process \(pid {holder.pid}\b.*wait for it"):
-        with folder_lock(tmp_path / "out"):
-            pass
+    with (pytest.raises(UserError, match=rf"{tmp_path / 'out'} is being written by another "
+                                         rf"process \(pid {holder.pid}\b.*wait for it"),
+          folder_lock(tmp_path / "out")):
+        pass
     holder.stdin.write("\n")
     holder.stdin.flush()
     assert holder.wait() == 0
