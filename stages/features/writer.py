@@ -87,10 +87,11 @@ class SplitWriter:
             return None
         attrs = plain_attrs(f.attrs)
         same = (all(_same(attrs.get(k), v) for k, v in self.identity.items())
+                and all(name in f for name in self._datasets())
                 and np.array_equal(f["image_ids"][:], self.image_ids))
-        if not same:
-            log.warning("%s was started from other inputs or options: starting it again",
-                        self.partial)
+        if not same:  # or killed while finishing it (its bookkeeping already removed)
+            log.warning("%s was started from other inputs or options, or is incomplete: "
+                        "starting it again", self.partial)
             f.close()
             self.partial.unlink()
             return None
@@ -105,6 +106,12 @@ class SplitWriter:
         log.info("%s: resuming, %d of %d images already written", self.partial,
                  int(f["written"][:].sum()), len(self.image_ids))
         return f
+
+    def _datasets(self) -> list[str]:
+        """The datasets a partial file of this writer holds."""
+        return ["features", "image_ids", "written",
+                *(["num_regions"] if self.identity["padded"] else []),
+                *(["boxes", "image_size"] if self.identity["with_boxes"] else [])]
 
     def _create(self, dtype: str, padded: bool, with_boxes: bool) -> h5py.File:
         self.partial.parent.mkdir(parents=True, exist_ok=True)
