@@ -185,14 +185,15 @@ def write_synthetic_dataset(out_dir: str | Path, splits: dict[str, int], seed: i
     check_only_demo_files(out_dir)
     with folder_lock(out_dir, "aoq demo-data"):
         check_only_demo_files(out_dir)  # again, now that no other writer can change it
-        remove_stale_temp_files(out_dir.parent)
-        tmp = temp_path(out_dir)
+        target = out_dir.resolve()  # a symbolic link's folder is replaced, not the link
+        remove_stale_temp_files(target.parent)
+        tmp = temp_path(target)
         try:
             tmp.mkdir()
             _write_splits(tmp, splits, seed, feature_dim)
-            old = out_dir.with_name(f".{out_dir.name}.old.tmp-{os.getpid()}-{HOST}")
-            os.rename(out_dir, old)  # only our own files and the lock, checked above
-            os.rename(tmp, out_dir)
+            old = target.with_name(f".{target.name}.old.tmp-{os.getpid()}-{HOST}")
+            os.rename(target, old)  # only our own files and the lock, checked above
+            os.rename(tmp, target)
             shutil.rmtree(old)
         finally:
             if tmp.exists():
