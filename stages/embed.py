@@ -40,6 +40,7 @@ def embed(checkpoint: str | Path, split_name: str = "", config_files=(), overrid
 
 
 def _embed(state: dict, checkpoint: Path, config: Config, split, out: Path) -> Path:
+    """Encode ``split`` with the checkpoint's model and write ``out`` (under its lock)."""
     device = resolve_device(config.train.device)
     model, vocab = model_from_checkpoint(state, str(checkpoint))
     model.to(device)
