@@ -19,6 +19,7 @@ import numpy as np
 
 from .errors import UserError
 from .io.atomic import atomic_path, plain_attrs
+from .io.lock import folder_lock
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +66,9 @@ def positives_present(direction: str, indices: np.ndarray) -> np.ndarray:
 def write_candidates(path: str | Path, indices: np.ndarray, scores: np.ndarray | None,
                      attrs: dict) -> None:
     """Write a candidate file atomically (temporary name, then rename)."""
-    with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
+    need = indices.shape[0] * indices.shape[1] * (4 if scores is None else 8) + (1 << 20)
+    with (atomic_path(path, need_bytes=need, what="candidates") as tmp,
+          h5py.File(tmp, "w") as f):
         f.create_dataset("indices", data=indices.astype(np.int32))
         if scores is not None:
             f.create_dataset("scores", data=scores.astype(np.float32))
@@ -92,7 +95,12 @@ def load_candidates(folder: str | Path, direction: str, dataset: str, split: str
             attrs = plain_attrs(f.attrs)
             if attrs.get("format") != CANDIDATES_FORMAT:
                 raise UserError(f"{path}: not a candidate file of this project; {remake}")
+            if not isinstance(f.get("indices"), h5py.Dataset):
+                raise UserError(f"{path}: no 'indices' dataset; {remake}")
             indices = np.asarray(f["indices"])
+            if not np.issubdtype(indices.dtype, np.integer):
+                raise UserError(f"{path}: indices of dtype {indices.dtype}, not integer; "
+                                f"{remake}")
             scores = positive = None
             if with_scores:
                 if "scores" not in f or "positive_scores" not in f:
@@ -116,7 +124,7 @@ def load_candidates(folder: str | Path, direction: str, dataset: str, split: str
     queries = num_images * (CAPTIONS_PER_IMAGE if direction == "t2i" else 1)
     if indices.ndim != 2 or indices.shape[0] != queries:
         raise UserError(f"{path}: indices of shape {indices.shape}, expected ({queries}, K)")
-    if indices.shape[1] < min_k:
+    if indices.shape[1] < min_k or indices.shape[1] == 0:
         raise UserError(f"{path} holds K={indices.shape[1]} candidates per query but the run "
                         f"samples from the top {min_k}; lower offcandi.hardest or mine "
                         f"again with a larger K")
@@ -157,32 +165,52 @@ def import_published(i2t_file: str | Path, t2i_file: str | Path, config, out_dir
     from .data.vocab import file_sha256
 
     split = open_split(config.dataset_dir(), config.data.train_split)
-    n = split.num_images
     for path in (Path(i2t_file), Path(t2i_file)):
         if not path.is_file():
             raise UserError(f"{path} not found")
     # One tag for the pair, so a run can tell both files come from the same release.
     tag = "imported:" + hashlib.sha256(
         (file_sha256(i2t_file) + file_sha256(t2i_file)).encode()).hexdigest()[:16]
-    outputs = []
-    for direction, path, queries, limit in (("i2t", Path(i2t_file), n, CAPTIONS_PER_IMAGE * n),
-                                            ("t2i", Path(t2i_file), CAPTIONS_PER_IMAGE * n, n)):
+    with folder_lock(out_dir, "aoq offcandi-import"):
+        return [_import_direction(direction, path, split, config.data.name, tag, out_dir)
+                for direction, path in (("i2t", Path(i2t_file)), ("t2i", Path(t2i_file)))]
+
+
+def _import_direction(direction: str, path: Path, split, dataset: str, tag: str,
+                      out_dir: str | Path) -> Path:
+    """Check one published candidate array against ``split`` and write its candidate file."""
+    n = split.num_images
+    queries, limit = ((n, CAPTIONS_PER_IMAGE * n) if direction == "i2t"
+                      else (CAPTIONS_PER_IMAGE * n, n))
+    indices = _load_published(path, direction)
+    if indices.ndim != 2 or indices.shape[0] != queries:
+        raise UserError(f"{path}: shape {indices.shape}, but {dataset} {split.name} needs "
+                        f"({queries}, K) for {direction}: is it the file of another dataset?")
+    if indices.shape[1] == 0:
+        raise UserError(f"{path}: no candidates per query (shape {indices.shape})")
+    indices = np.asarray(indices, dtype=np.int64)
+    if indices.min() < 0 or indices.max() >= limit:
+        raise UserError(f"{path}: indices outside [0, {limit}) for {dataset}")
+    if positives_present(direction, indices).any():
+        raise UserError(f"{path}: some queries list their own positives; it does not "
+                        f"follow the caption order of {split.name}_caps.txt")
+    out = candidate_path(out_dir, direction)
+    write_candidates(out, indices, None, {
+        "direction": direction, "dataset": dataset, "split": split.name,
+        "num_images": n, "weights": tag,
+        "checkpoint": str(path), "index": "imported", "k": indices.shape[1]})
+    log.info("imported %s %s -> %s", path, indices.shape, out)
+    return out
+
+
+def _load_published(path: Path, direction: str) -> np.ndarray:
+    """A published candidate array, memory-mapped: integers of any width, never floats."""
+    try:
         indices = np.load(path, mmap_mode="r")
-        if indices.ndim != 2 or indices.shape[0] != queries:
-            raise UserError(f"{path}: shape {indices.shape}, but {config.data.name} "
-                            f"{split.name} needs ({queries}, K) for {direction}: is it the "
-                            "file of another dataset?")
-        indices = np.asarray(indices, dtype=np.int64)
-        if indices.min() < 0 or indices.max() >= limit:
-            raise UserError(f"{path}: indices outside [0, {limit}) for {config.data.name}")
-        if positives_present(direction, indices).any():
-            raise UserError(f"{path}: some queries list their own positives; it does not "
-                            f"follow the caption order of {split.name}_caps.txt")
-        out = candidate_path(out_dir, direction)
-        write_candidates(out, indices, None, {
-            "direction": direction, "dataset": config.data.name, "split": split.name,
-            "num_images": n, "weights": tag,
-            "checkpoint": str(path), "index": "imported", "k": indices.shape[1]})
-        log.info("imported %s %s -> %s", path, indices.shape, out)
-        outputs.append(out)
-    return outputs
+    except (ValueError, OSError, EOFError) as exc:
+        raise UserError(f"{path}: cannot be read as a .npy array ({exc}); it may be "
+                        f"truncated: download AOQ's {direction}_<data>.npy again") from exc
+    if not isinstance(indices, np.ndarray) or not np.issubdtype(indices.dtype, np.integer):
+        raise UserError(f"{path}: holds {getattr(indices, 'dtype', type(indices).__name__)}, "
+                        f"not integer candidate indices; is it AOQ's {direction}_<data>.npy?")
+    return indices

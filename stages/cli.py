@@ -273,15 +273,17 @@ def features_tsv(tsv_files, dataset_dir, splits, max_regions, feature_dim, dtype
               show_default=True,
               help="An unreadable image stops the run, or is dropped from the split with its "
                    "captions (listed in {split}_skipped.txt).")
+@click.option("--seed", default=0, show_default=True,
+              help="Seed of the network drawn by --weights random (recorded in the file).")
 def features_cnn(images, dataset_dir, splits, arch, weights, crops, grid, crop_size,
-                 batch_size, workers, device, dtype, on_bad_image) -> None:
+                 batch_size, workers, device, dtype, on_bad_image, seed) -> None:
     """CNN features of raw images (torchvision), batched, resumable."""
     from .features.cnn import cnn_features
     from .features.splits import listed_splits
 
     names = [s for s in splits.split(",") if s] or listed_splits(dataset_dir)
     cnn_features(images, dataset_dir, names, arch, weights, int(crops), grid, crop_size,
-                 batch_size, workers, device, dtype, on_bad_image)
+                 batch_size, workers, device, dtype, on_bad_image, seed)
 
 
 @features.command(name="precomp")

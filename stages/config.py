@@ -279,11 +279,17 @@ def load_config(config_files: typing.Iterable[str | Path] = (),
         path = Path(path)
         if not path.is_file():
             raise UserError(f"config file {path} not found; the shipped ones are under configs/")
-        with open(path, encoding="utf-8") as f:
-            try:
+        try:
+            with open(path, encoding="utf-8") as f:
                 values = yaml.safe_load(f) or {}
-            except yaml.YAMLError as exc:
-                raise UserError(f"{path}: not valid YAML: {exc}") from exc
+        except UnicodeDecodeError as exc:
+            raise UserError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start}); "
+                            "config files are YAML") from exc
+        except yaml.YAMLError as exc:
+            where = getattr(exc, "problem_mark", None)
+            line = f" at line {where.line + 1}" if where is not None else ""
+            problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+            raise UserError(f"{path}: not valid YAML{line}: {problem}") from exc
         apply_mapping(config, values, str(path))
     overrides = list(overrides)
     for text in overrides:

@@ -12,15 +12,15 @@ from pathlib import Path
 import h5py
 
 from .config import Config, load_config
-from .data.dataset import open_split
+from .data.dataset import check_feature_dim, open_split
 from .device import resolve_device
 from .embeddings import EMBEDDINGS_FORMAT
 from .encode import encode_split
 from .io.atomic import atomic_path
 from .io.checkpoint import load_checkpoint, model_from_checkpoint, weights_hash
+from .io.lock import folder_lock
 
 log = logging.getLogger(__name__)
-
 
 
 def embed(checkpoint: str | Path, split_name: str = "", config_files=(), overrides=(),
@@ -32,20 +32,30 @@ def embed(checkpoint: str | Path, split_name: str = "", config_files=(), overrid
                          base=Config.from_dict(state["config"], str(checkpoint), stored=True))
     split_name = split_name or config.data.train_split
     split = open_split(config.dataset_dir(), split_name)
+    check_feature_dim(split, state["model"]["args"].get("img_dim", split.features.feature_dim),
+                      checkpoint)
     out = Path(out) if out else checkpoint.parent / f"embeddings_{split_name}.h5"
+    with folder_lock(out.parent, "aoq embed"):
+        return _embed(state, checkpoint, config, split, out)
+
+
+def _embed(state: dict, checkpoint: Path, config: Config, split, out: Path) -> Path:
+    """Encode ``split`` with the checkpoint's model and write ``out`` (under its lock)."""
     device = resolve_device(config.train.device)
     model, vocab = model_from_checkpoint(state, str(checkpoint))
     model.to(device)
     img, cap = encode_split(model, split, vocab, device, workers=config.data.workers,
-                            desc=f"embed {split_name}")
-    with atomic_path(out) as tmp, h5py.File(tmp, "w") as f:
+                            desc=f"embed {split.name}")
+    need = (img.nbytes + cap.nbytes) + (1 << 20)
+    with (atomic_path(out, need_bytes=need, what="the embeddings") as tmp,
+          h5py.File(tmp, "w") as f):
         f.create_dataset("images", data=img)
         f.create_dataset("captions", data=cap)
         f.attrs.update({
             "format": EMBEDDINGS_FORMAT, "checkpoint": str(checkpoint),
             "weights": weights_hash(state["state_dict"]), "dataset": config.data.name,
-            "split": split_name, "num_images": split.num_images,
-            "train_captions_sha256": state["data_fingerprint"]["train_captions_sha256"],
+            "split": split.name, "num_images": split.num_images,
+            "train_captions_sha256": state["data_fingerprint"].get("train_captions_sha256", ""),
         })
     log.info("%d images and %d captions (%d-d) -> %s", img.shape[0], cap.shape[0],
              img.shape[1], out)

@@ -16,6 +16,7 @@ from .errors import UserError
 from .io.atomic import plain_attrs
 
 EMBEDDINGS_FORMAT = "aoq-embeddings"
+REQUIRED_ATTRS = ("checkpoint", "weights", "dataset", "split", "num_images")
 
 
 class Embeddings:
@@ -30,17 +31,44 @@ class Embeddings:
                             "(or `make embed DATA=...`)")
         try:
             self._file = h5py.File(self.path, "r")
-            self.attrs = plain_attrs(self._file.attrs)
-            if self.attrs.get("format") != EMBEDDINGS_FORMAT:
-                raise UserError(f"{self.path}: not an embeddings file of this project")
-            self.images = np.asarray(self._file["images"], dtype=np.float32)
-            self.captions = self._file["captions"]
         except OSError as exc:
             raise UserError(f"{self.path}: cannot be read as HDF5 ({exc}); rerun "
                             "`aoq embed`") from exc
+        try:
+            self._check()
+        except BaseException:
+            self._file.close()
+            raise
+
+    def _check(self) -> None:
+        """Format, attributes, datasets and shapes; the images are loaded and must be finite."""
+        remake = "rerun `aoq embed` (or `make embed`)"
+        try:
+            self.attrs = plain_attrs(self._file.attrs)
+            if self.attrs.get("format") != EMBEDDINGS_FORMAT:
+                raise UserError(f"{self.path}: not an embeddings file of this project (no "
+                                f"format={EMBEDDINGS_FORMAT!r}); {remake}")
+            missing = [k for k in REQUIRED_ATTRS if k not in self.attrs]
+            if missing:
+                raise UserError(f"{self.path}: lacks attribute {', '.join(missing)}; {remake}")
+            for name in ("images", "captions"):
+                if not isinstance(self._file.get(name), h5py.Dataset):
+                    raise UserError(f"{self.path}: no {name!r} dataset; {remake}")
+            images, self.captions = self._file["images"], self._file["captions"]
+            if images.ndim != 2 or images.shape[0] == 0:
+                raise UserError(f"{self.path}: images of shape {images.shape}; expected "
+                                f"(N, E) with N > 0; {remake}")
+            self.images = np.asarray(images, dtype=np.float32)
+        except OSError as exc:
+            raise UserError(f"{self.path}: cannot be read as HDF5 ({exc}); {remake}") from exc
         if self.captions.shape != (5 * self.images.shape[0], self.images.shape[1]):
             raise UserError(f"{self.path}: captions of shape {self.captions.shape} for "
                             f"images of shape {self.images.shape}; expected 5 per image")
+        bad = ~np.isfinite(self.images).all(axis=1)
+        if bad.any():
+            raise UserError(f"{self.path}: {int(bad.sum())} image embeddings hold NaN or inf "
+                            f"(first: image {int(np.flatnonzero(bad)[0])}); the model or its "
+                            f"features are broken: check them, then {remake}")
 
     def close(self) -> None:
         self._file.close()

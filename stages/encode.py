@@ -12,7 +12,25 @@ from .data.dataset import (
     collate_images,
 )
 from .data.vocab import Vocab
+from .errors import UserError
 from .progress import Progress
+
+
+def check_finite(images: torch.Tensor, image_ids: torch.Tensor, split: Split) -> None:
+    """Refuse a batch of image features (B, R, D) | (B, D) holding NaN or inf.
+
+    ``image_ids`` (B,) are the images' indices in ``split``. A NaN feature gives a NaN
+    similarity, which the ranking treats as larger than any other: the image would rank
+    first for every caption and silently inflate the recalls.
+    """
+    finite = torch.isfinite(images.reshape(images.shape[0], -1)).all(dim=1)
+    if bool(finite.all()):
+        return
+    bad = image_ids[~finite]
+    raise UserError(f"split {split.name!r}: {split.features.path} has NaN or inf features "
+                    f"for {len(bad)} of a batch of {len(images)} images (first: image "
+                    f"{int(bad.min())}, 0-based row); regenerate the features (rerun the "
+                    "features stage), or remove those images and their captions")
 
 
 @torch.no_grad()
@@ -22,7 +40,8 @@ def encode_split(model, split: Split, vocab: Vocab, device: torch.device,
     """Embeddings of every image and every caption of ``split``, in order.
 
     Returns (images (N, E) float32, captions (5N, E) float32). Images are encoded once
-    each (not once per caption as the reference code does).
+    each (not once per caption as the reference code does). Image features that are not
+    finite are a :class:`UserError` naming the split, the file and the first bad image.
     """
     was_training = model.training
     model.eval()
@@ -34,6 +53,7 @@ def encode_split(model, split: Split, vocab: Vocab, device: torch.device,
     img_out, cap_out = [], []
     with Progress(len(images) + len(captions), desc, unit="batch") as bar:
         for batch in images:
+            check_finite(batch["images"], batch["image_ids"], split)
             emb = model.encode_images(batch["images"].to(device), batch["regions"].to(device))
             img_out.append(emb.float().cpu())
             bar.update()

@@ -7,3 +7,8 @@ and what to do about it.
 
 class UserError(Exception):
     """Bad input or an impossible request; the message names the file and the fix."""
+
+
+class NoSpaceError(UserError):
+    """A write failed or would fail for lack of disk space (or quota): what was written so
+    far is kept where a rerun can resume from it."""

@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 from .config import Config, load_config
-from .data.dataset import open_split
+from .data.dataset import check_feature_dim, open_split
 from .device import resolve_device
 from .encode import encode_split
 from .errors import UserError
@@ -67,10 +67,12 @@ def evaluate(checkpoints: list[str | Path], config_files=(), overrides=(),
     device = resolve_device(config.train.device)
     imgs, caps, hashes = [], [], []
     for path, state in zip(checkpoints, states, strict=True):
-        trained_on = state["data_fingerprint"]["dataset"]
+        trained_on = state["data_fingerprint"].get("dataset")
         if trained_on != config.data.name:
             log.info("%s was trained on %s; evaluating on %s", path, trained_on,
                      config.data.name)
+        check_feature_dim(split, state["model"]["args"].get("img_dim", split.features.feature_dim),
+                          path)
         model, vocab = model_from_checkpoint(state, str(path))
         model.to(device)
         img, cap = encode_split(model, split, vocab, device, workers=config.data.workers,

@@ -29,6 +29,7 @@ from .config import OffcandiConfig
 from .embeddings import Embeddings
 from .errors import UserError
 from .io.atomic import atomic_path
+from .io.lock import folder_lock
 from .knn import INDEX_KINDS, approximate_recall, build_index, search_blocks, set_threads
 from .progress import Progress
 
@@ -97,7 +98,9 @@ def mine_direction(direction: str, embeddings: Embeddings, options: OffcandiConf
                  direction, options.index, k, min(options.recall_sample, len(queries)),
                  attrs["recall_at_k"])
     t0 = time.perf_counter()
-    with atomic_path(out) as tmp, h5py.File(tmp, "w") as f:
+    need = len(queries) * (8 * k + 4) + (1 << 20)  # indices, scores, positive scores
+    with (atomic_path(out, need_bytes=need, what=f"the {direction} candidates") as tmp,
+          h5py.File(tmp, "w") as f):
         ids_out = f.create_dataset("indices", (len(queries), k), dtype=np.int32)
         scores_out = f.create_dataset("scores", (len(queries), k), dtype=np.float32)
         f.create_dataset("positive_scores", data=positive_scores(direction, embeddings))
@@ -128,7 +131,7 @@ def offcandi(embeddings_path: str | Path, out_dir: str | Path,
         raise UserError(f"unknown index {options.index!r}; known: {', '.join(INDEX_KINDS)}")
     threads = set_threads(options.threads)
     outputs = []
-    with Embeddings(embeddings_path) as embeddings:
+    with Embeddings(embeddings_path) as embeddings, folder_lock(out_dir, "aoq offcandi"):
         log.info("mining %s: %d images, %d captions, %d-d, %s index, %d threads",
                  embeddings.path, len(embeddings.images), len(embeddings.captions),
                  embeddings.images.shape[1], options.index, threads)

@@ -19,7 +19,8 @@ import yaml
 
 from .candidates import false_negative_skips, load_candidates
 from .config import Config, config_diff
-from .data.dataset import Split, open_split
+from .data.dataset import Split, check_compatible, open_split
+from .data.features import features_fingerprint
 from .data.offline import OfflineNegativeSampler
 from .data.vocab import Vocab, file_sha256
 from .device import resolve_device
@@ -27,11 +28,12 @@ from .encode import encode_split
 from .errors import UserError
 from .io.atomic import atomic_path, write_text
 from .io.checkpoint import load_checkpoint, weights_hash
+from .io.lock import LOCK_NAME, folder_lock
 from .log import setup_logging
-from .stamps import stage_settings
-from .losses import build_loss
+from .losses import LOSSES, build_loss
 from .metrics.retrieval import evaluate_embeddings
 from .models import build_model
+from .stamps import stage_settings
 from .training.distributed import is_main
 from .training.loop import Trainer
 from .training.tasks import OfflineTask, PairTask
@@ -44,15 +46,17 @@ log = logging.getLogger(__name__)
 RESUMABLE_CHANGES = {"train.epochs"}
 
 
-def data_fingerprint(config: Config, vocab_path: Path, num_train_images: int) -> dict:
-    """What identifies the data a model was trained on (checked by later stages)."""
+def data_fingerprint(config: Config, vocab_path: Path, train_split: Split) -> dict:
+    """What identifies the data a model was trained on (checked by later stages and by a
+    resume): the captions, the vocabulary and the features of the training split."""
     dataset_dir = config.dataset_dir()
     return {
         "dataset": config.data.name,
         "train_split": config.data.train_split,
-        "num_train_images": num_train_images,
+        "num_train_images": train_split.num_images,
         "train_captions_sha256": file_sha256(dataset_dir / f"{config.data.train_split}_caps.txt"),
         "vocab_sha256": file_sha256(vocab_path),
+        "train_features": features_fingerprint(train_split.features),
     }
 
 
@@ -67,7 +71,7 @@ def _absolute_paths(config: Config) -> None:
 def _prepare_run_dir(run_dir: Path, config: Config, resume: bool) -> dict | None:
     """Create or reopen the run folder; returns the state to resume from, if any."""
     last = run_dir / "last.pt"
-    if run_dir.exists() and any(run_dir.iterdir()):
+    if run_dir.exists() and any(p.name != LOCK_NAME for p in run_dir.iterdir()):
         if not resume:
             raise UserError(f"run folder {run_dir} already exists; pass --resume to continue "
                             "it, or choose another --run-dir")
@@ -148,8 +152,8 @@ def train(config: Config, run_dir: str | Path, resume: bool = False) -> Path:
     run_dir = Path(run_dir)
     config = copy.deepcopy(config)
     t = config.train
-    loss_fn = build_loss(config.loss.name, config.loss.values)
-    if loss_fn.requires_offline and not t.offline_negatives:
+    config.check()
+    if LOSSES.class_of(config.loss.name).requires_offline and not t.offline_negatives:
         raise UserError(f"loss {config.loss.name!r} needs offline negatives: train it with "
                         "`aoq retrain` / `make retrain` (train.offline_negatives=true)")
     # Every input is checked before the run folder is made, so a failed start leaves
@@ -162,57 +166,68 @@ def train(config: Config, run_dir: str | Path, resume: bool = False) -> Path:
     vocab.check_built_from(train_caps, vocab_path)
     train_split = open_split(dataset_dir, config.data.train_split)
     val_split = open_split(dataset_dir, config.data.val_split).limit(config.data.val_images)
+    check_compatible(train_split, val_split)
     log.info("train: %d images / %d captions; validation: %d images of %s",
              train_split.num_images, len(train_split.captions), val_split.num_images,
              config.data.val_split)
 
-    fingerprint = data_fingerprint(config, vocab_path, train_split.num_images)
+    fingerprint = data_fingerprint(config, vocab_path, train_split)
     task = (_offline_task(config, train_split, vocab, fingerprint) if t.offline_negatives
             else PairTask(train_split, vocab))
     device = resolve_device(t.device)
 
-    state = _prepare_run_dir(run_dir, config, resume)
-    if is_main():
-        setup_logging(run_dir / "train.log")
-        write_text(run_dir / "config.yaml", yaml.safe_dump(config.to_dict(), sort_keys=False))
-    torch.manual_seed(t.seed)
-    data_args = {"img_dim": train_split.features.feature_dim, "vocab_size": len(vocab)}
-    options = config.model.options()
-    model = build_model(config.model.name, config.model.values, **data_args)
-    spec = {"name": config.model.name, "args": {**data_args, **options}}
-    if t.init_from and state is None:
-        _init_weights(model, spec, t.init_from)
+    # The lock comes after the inputs are checked: a failed start leaves no folder.
+    with folder_lock(run_dir, "aoq train"):
+        state = _prepare_run_dir(run_dir, config, resume)
+        if is_main():
+            setup_logging(run_dir / "train.log")
+            write_text(run_dir / "config.yaml",
+                       yaml.safe_dump(config.to_dict(), sort_keys=False))
+        torch.manual_seed(t.seed)
+        loss_fn = build_loss(config.loss.name, config.loss.values)
+        data_args = {"img_dim": train_split.features.feature_dim, "vocab_size": len(vocab)}
+        options = config.model.options()
+        model = build_model(config.model.name, config.model.values, **data_args)
+        spec = {"name": config.model.name, "args": {**data_args, **options}}
+        if t.init_from and state is None:
+            _init_weights(model, spec, t.init_from)
 
-    def validate(model) -> dict:
-        img, cap = encode_split(model, val_split, vocab, device, workers=config.data.workers,
-                                desc=f"validate {val_split.name}")
-        return {"split": config.data.val_split, "protocol": "all",
-                "images": val_split.num_images,
-                **evaluate_embeddings(img, cap, folds=1, block_size=config.eval.block_size)}
+        def validate(model) -> dict:
+            img, cap = encode_split(model, val_split, vocab, device,
+                                    workers=config.data.workers,
+                                    desc=f"validate {val_split.name}")
+            return {"split": config.data.val_split, "protocol": "all",
+                    "images": val_split.num_images,
+                    **evaluate_embeddings(img, cap, folds=1,
+                                          block_size=config.eval.block_size)}
 
-    trainer = Trainer(model, loss_fn, task, t, config.memory, device, run_dir, validate,
-                      checkpoint_info={"model": spec, "config": config.to_dict(),
-                                       "vocab": vocab.to_json(),
-                                       "data_fingerprint": fingerprint},
-                      workers=config.data.workers,
-                      features_hint=str(train_split.features.path))
-    if state is not None:
-        if state["data_fingerprint"] != fingerprint:
-            raise UserError(f"cannot resume {run_dir}: it was trained on other data or "
-                            f"candidates ({state['data_fingerprint']}) than those now given "
-                            f"({fingerprint}); delete {run_dir} to start it over, or use "
-                            "another run folder")
-        trainer.load_state_dict(state)
-        log.info("resuming %s at epoch %d step %d (best rsum %.2f)", run_dir,
-                 state["epoch"] + 1, state["epoch_step"], state["best_rsum"])
-    trainer.fit()
+        trainer = Trainer(model, loss_fn, task, t, config.memory, device, run_dir, validate,
+                          checkpoint_info={"model": spec, "config": config.to_dict(),
+                                           "vocab": vocab.to_json(),
+                                           "data_fingerprint": fingerprint},
+                          workers=config.data.workers,
+                          features_hint=str(train_split.features.path))
+        if state is not None:
+            if state["data_fingerprint"] != fingerprint:
+                changed = sorted(k for k in {*state["data_fingerprint"], *fingerprint}
+                                 if state["data_fingerprint"].get(k) != fingerprint.get(k))
+                raise UserError(f"cannot resume {run_dir}: it was trained on other data or "
+                                f"candidates than those now given (changed: "
+                                f"{', '.join(changed)}); delete {run_dir} to start it over, "
+                                "or use another run folder")
+            trainer.load_state_dict(state)
+            log.info("resuming %s at epoch %d step %d (best rsum %.2f)", run_dir,
+                     state["epoch"] + 1, state["epoch_step"], state["best_rsum"])
+        trainer.fit()
 
-    final = run_dir / "checkpoint.pt"
-    if is_main():
-        with atomic_path(final) as tmp:
-            shutil.copyfile(run_dir / "best.pt", tmp)
-        p = trainer.progress
-        log.info("done: best dev rsum %.2f at epoch %d -> %s", p.best_rsum, p.best_epoch,
-                 final)
-    return final
+        final = run_dir / "checkpoint.pt"
+        if is_main():
+            best = run_dir / "best.pt"
+            with atomic_path(final, need_bytes=best.stat().st_size,
+                             what="the final checkpoint") as tmp:
+                shutil.copyfile(best, tmp)
+            p = trainer.progress
+            log.info("done: best dev rsum %.2f at epoch %d -> %s", p.best_rsum, p.best_epoch,
+                     final)
+    return run_dir / "checkpoint.pt"
 

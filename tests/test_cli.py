@@ -59,3 +59,13 @@ def test_user_errors_are_one_clear_line(tmp_path, args, message):
     assert message in result.stderr
     assert "Traceback" not in result.stderr
     assert not (tmp_path / "r").exists()  # a failed start leaves no run folder behind
+
+
+def test_demo_data_never_writes_over_other_files(tmp_path):
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "mine.txt").write_text("x")
+    result = aoq("demo-data", "--out", "data", "--train-images", 4, cwd=tmp_path)
+    assert result.returncode == 2
+    assert "data holds files demo-data did not write (mine.txt)" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert sorted(p.name for p in (tmp_path / "data").iterdir()) == ["mine.txt"]

@@ -70,3 +70,19 @@ def test_table_layout():
                for d in ("i2t", "t2i")}
     text = format_table({"base": {**metrics, "rsum": 6.0}})
     assert "image->text" in text and "text->image" in text and "6.0" in text
+
+
+def test_data_of_another_feature_dimension_is_refused_before_encoding(tiny_root, trained,
+                                                                      tmp_path):
+    from stages.data.synthetic import write_synthetic_dataset
+    from stages.embed import embed
+
+    write_synthetic_dataset(tiny_root / "wide", {"train": 6, "test": 6}, seed=4,
+                            feature_dim=48)
+    message = (r"wide/test_ims.npy \(test\) holds 48-d features, shape \(6, 12, 48\), but "
+               r".*checkpoint.pt was trained on 32-d features")
+    with pytest.raises(UserError, match=message):
+        evaluate([trained], overrides=["data.name=wide"], out=tmp_path / "m.jsonl")
+    with pytest.raises(UserError, match=message.replace("test", "train")):
+        embed(trained, overrides=["data.name=wide"], out=tmp_path / "e.h5")
+    assert not (tmp_path / "m.jsonl").exists() and not (tmp_path / "e.h5").exists()

@@ -6,11 +6,14 @@ import sys
 
 import yaml
 
+from stages.cli import RETRAIN_DEFAULTS
 from stages.config import load_config
 from stages.stamps import stage_settings, stamp_text, write_stamp
 
 
 def stamp(stage, *overrides, base=None):
+    if stage == "retrain" and base is None:
+        base = load_config(overrides=RETRAIN_DEFAULTS)
     return stamp_text(stage, stage_settings(load_config(overrides=overrides, base=base), stage))
 
 

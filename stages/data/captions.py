@@ -7,6 +7,22 @@ from ..errors import UserError
 CAPTIONS_PER_IMAGE = 5
 
 
+def read_text_lines(path: Path) -> list[str]:
+    """The lines of a UTF-8 text file (without their newline; no empty last line for a
+    final newline). Bytes that are not UTF-8 are a :class:`UserError` naming the line."""
+    raw = Path(path).read_bytes()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line_no = raw[: exc.start].count(b"\n") + 1
+        raise UserError(f"{path}:{line_no}: not UTF-8 ({exc.reason} at byte {exc.start}); "
+                        "re-encode the file as UTF-8 (e.g. iconv -f latin1 -t utf-8)") from exc
+    lines = text.split("\n")
+    if lines and lines[-1] == "":
+        lines.pop()
+    return lines
+
+
 def read_captions(path: str | Path) -> list[str]:
     """All captions of a caption file, stripped, in order.
 
@@ -17,16 +33,7 @@ def read_captions(path: str | Path) -> list[str]:
     path = Path(path)
     if not path.is_file():
         raise UserError(f"caption file {path} not found")
-    raw = path.read_bytes()
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        line_no = raw[: exc.start].count(b"\n") + 1
-        raise UserError(f"{path}:{line_no}: not UTF-8 ({exc.reason} at byte {exc.start}); "
-                        "re-encode the file as UTF-8 (e.g. iconv -f latin1 -t utf-8)") from exc
-    lines = text.split("\n")
-    if lines and lines[-1] == "":
-        lines.pop()
+    lines = read_text_lines(path)
     captions = []
     for i, line in enumerate(lines, 1):
         caption = line.strip()

@@ -94,6 +94,35 @@ def open_split(dataset_dir: str | Path, split: str) -> Split:
     return Split(split, features, captions)
 
 
+def check_compatible(train_split: Split, other_split: Split) -> None:
+    """Refuse a split whose image features a model trained on ``train_split`` cannot read:
+    another feature dimension D (a matmul error after a whole epoch otherwise), or global
+    (N, D) features against regions (N, R, D) or the reverse (another extractor)."""
+    a, b = train_split.features, other_split.features
+    if a.feature_dim != b.feature_dim or a.has_regions != b.has_regions:
+        raise UserError(
+            f"{b.path} ({other_split.name}) holds features of shape {_shape(b)} but "
+            f"{a.path} ({train_split.name}) {_shape(a)}: the splits come from different "
+            "feature extractors; make both with the same features stage (or the same "
+            "precomp release)")
+
+
+def check_feature_dim(split: Split, img_dim: int, checkpoint: str | Path) -> None:
+    """Refuse a split whose feature dimension differs from a model's ``img_dim`` (the
+    checkpoint's ``model.args.img_dim``)."""
+    store = split.features
+    if store.feature_dim != img_dim:
+        raise UserError(
+            f"{store.path} ({split.name}) holds {store.feature_dim}-d features, shape "
+            f"{_shape(store)}, but {checkpoint} was trained on {img_dim}-d features: "
+            "evaluate it on the dataset it was trained on (data.name / data.path), or "
+            "train a model on this one")
+
+
+def _shape(store: FeatureStore) -> str:
+    return str((store.num_images, *store.item_shape))
+
+
 class PairDataset(Dataset):
     """Training pairs, one item per caption c: ``(image, regions, tokens, c, c // 5)``.
 

@@ -13,6 +13,7 @@ Two layouts are read:
 Neither is ever loaded whole: COCO's train regions are 31 GiB.
 """
 
+import hashlib
 import logging
 import os
 from pathlib import Path
@@ -70,8 +71,7 @@ class FeatureStore:
     def __getitem__(self, index: int) -> np.ndarray:
         if not 0 <= index < self.num_images:
             raise IndexError(f"image {index} out of range for {self.num_images} images")
-        self._open()
-        return np.array(self._array[index * self.row_step], dtype=np.float32)
+        return self.read_many([index])[0]
 
     def read_many(self, indices) -> np.ndarray:
         """Features of several images in one read: (B,) ints -> (B, R, D) | (B, D) float32.
@@ -83,7 +83,12 @@ class FeatureStore:
             raise IndexError(f"image index out of range for {self.num_images} images")
         self._open()
         unique, inverse = np.unique(indices, return_inverse=True)
-        block = np.asarray(self._array[unique * self.row_step], dtype=np.float32)
+        try:
+            block = np.asarray(self._array[unique * self.row_step], dtype=np.float32)
+        except OSError as exc:  # a chunk past the end of a truncated HDF5 file
+            raise UserError(f"{self.path}: reading images {unique[0]}..{unique[-1]} failed "
+                            f"({str(exc).splitlines()[0][:160]}); the file is truncated or "
+                            "corrupt: write the features again") from exc
         return block[inverse]
 
     def regions_many(self, indices) -> np.ndarray:
@@ -109,37 +114,146 @@ class FeatureStore:
         return state
 
 
-def _check_rank(path: Path, shape: tuple[int, ...]) -> None:
+SAMPLE_ROWS = 16  # evenly spaced sample rows hashed by features_fingerprint, plus the ends
+
+
+def features_fingerprint(store: FeatureStore) -> dict:
+    """What identifies a split's feature file, cheaply and whatever its path or mtime.
+
+    File kind (``npy`` | ``hdf5``), stored shape and dtype, file size, the HDF5 attributes
+    the features stage wrote (none for ``.npy``), and the SHA-256 of the stored bytes of a
+    deterministic sample of image rows: the first, the last and ``SAMPLE_ROWS`` evenly
+    spaced ones (rows as stored: every 5th of a one-row-per-caption file). Reads about 18
+    rows, so it costs milliseconds on COCO's 31 GiB. A copy of the file has the same
+    fingerprint; features recomputed with other values almost surely do not.
+    """
+    path = store.path
+    digest = hashlib.sha256()
+    if path.suffix == ".npy":
+        array = np.load(path, mmap_mode="r")
+        kind, attrs = "npy", {}
+        shape, dtype = array.shape, array.dtype
+        rows = _sample_rows(store)
+        for row in rows:
+            digest.update(np.ascontiguousarray(array[row]).tobytes())
+    else:
+        with h5py.File(path, "r") as f:
+            data = f["features"]
+            kind = "hdf5"
+            attrs = {k: _json_value(v) for k, v in sorted(f.attrs.items())}
+            shape, dtype = data.shape, data.dtype
+            rows = _sample_rows(store)
+            block = np.ascontiguousarray(data[rows.tolist()])
+            digest.update(block.tobytes())
+            if "num_regions" in f:
+                digest.update(np.ascontiguousarray(f["num_regions"][rows.tolist()]).tobytes())
+    return {"file": path.name, "kind": kind, "shape": list(shape), "dtype": str(dtype),
+            "bytes": path.stat().st_size, "attrs": attrs, "row_step": store.row_step,
+            "sample_rows": len(rows), "sample_sha256": digest.hexdigest()}
+
+
+def _sample_rows(store: FeatureStore) -> np.ndarray:
+    """Sorted distinct stored row numbers: first, last and SAMPLE_ROWS evenly spaced."""
+    n = store.num_images
+    if n == 0:
+        return np.zeros(0, dtype=np.int64)
+    images = np.unique(np.linspace(0, n - 1, SAMPLE_ROWS + 2).round().astype(np.int64))
+    return images * store.row_step
+
+
+def _json_value(value):
+    """An HDF5 attribute as a JSON-able value (arrays -> lists, bytes -> str)."""
+    if isinstance(value, bytes):
+        return value.decode(errors="replace")
+    if isinstance(value, np.ndarray):
+        return [_json_value(v) for v in value.tolist()]
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, (list, tuple)):
+        return [_json_value(v) for v in value]
+    return value
+
+
+def _check_array(path: Path, shape: tuple[int, ...], dtype: np.dtype) -> None:
+    """Shape (N, D) or (N, R, D) with N > 0, and real numbers (what float32 can hold)."""
     if len(shape) not in (2, 3):
         raise UserError(f"{path}: features have shape {shape}; expected (N, D) global "
                         "features or (N, R, D) region features")
+    if shape[0] == 0 or 0 in shape[1:]:
+        raise UserError(f"{path}: features of shape {shape} hold no images (or no values); "
+                        "write the features again")
+    if not (np.issubdtype(dtype, np.floating) or np.issubdtype(dtype, np.integer)):
+        raise UserError(f"{path}: features of dtype {dtype} are not numbers a model can read "
+                        "(expected float32 or float16); write the features again")
+
+
+def _open_hdf5(h5_path: Path) -> tuple[int, ...]:
+    """Check the project's HDF5 layout without reading the features; returns their shape."""
+    try:
+        with h5py.File(h5_path, "r") as f:
+            fmt = f.attrs.get("format")
+            if isinstance(fmt, bytes):
+                fmt = fmt.decode(errors="replace")
+            if fmt is not None and fmt != HDF5_FORMAT:
+                raise UserError(f"{h5_path}: an HDF5 file with format={fmt!r}, not "
+                                f"{HDF5_FORMAT!r} features; is it another kind of file (an "
+                                "embeddings or candidate file) under the features' name?")
+            data = f.get("features")
+            if data is None:
+                raise UserError(f"{h5_path}: no 'features' dataset; expected the project's "
+                                "HDF5 layout (see README 'File formats')")
+            if not isinstance(data, h5py.Dataset):
+                raise UserError(f"{h5_path}: 'features' is an HDF5 group, not an array; "
+                                "expected the project's HDF5 layout (see README 'File "
+                                "formats')")
+            shape = tuple(data.shape)
+            _check_array(h5_path, shape, data.dtype)
+            counts = f.get("num_regions")
+            if counts is not None:
+                _check_counts(h5_path, counts, shape)
+    except OSError as exc:
+        raise UserError(f"{h5_path}: cannot be read as HDF5 ({exc}); it may be truncated, "
+                        "rerun the features stage") from exc
+    return shape
+
+
+def _check_counts(path: Path, counts, shape: tuple[int, ...]) -> None:
+    """``num_regions``: (N,) integers in [1, R] for region features."""
+    counts_shape = tuple(getattr(counts, "shape", ()))
+    if len(shape) != 3 or counts_shape != shape[:1]:
+        raise UserError(f"{path}: num_regions of shape {counts_shape} for features of shape "
+                        f"{shape}; expected ({shape[0]},) with region features")
+    values = np.asarray(counts)
+    if (not np.issubdtype(values.dtype, np.integer) or values.min() < 1
+            or values.max() > shape[1]):
+        raise UserError(f"{path}: num_regions must be integers in [1, {shape[1]}] (found "
+                        f"{values.min()}..{values.max()}, dtype {values.dtype}); write the "
+                        "features again")
 
 
 def open_features(dataset_dir: Path, split: str) -> FeatureStore:
-    """Open the features of ``split``: ``{split}.h5`` if present, else ``{split}_ims.npy``."""
+    """Open the features of ``split``: ``{split}.h5`` if present, else ``{split}_ims.npy``.
+
+    The layout is checked up front (shape, dtype, the HDF5 attributes and datasets), so bad
+    files are a :class:`UserError` naming them, not a failure in the middle of training.
+    """
     h5_path = dataset_dir / f"{split}.h5"
     npy_path = dataset_dir / f"{split}_ims.npy"
     if h5_path.is_file():
         if npy_path.is_file():
             log.info("%s and %s both exist; reading the HDF5 file", h5_path, npy_path.name)
-        try:
-            with h5py.File(h5_path, "r") as f:
-                if "features" not in f:
-                    raise UserError(f"{h5_path}: no 'features' dataset; expected the project's "
-                                    "HDF5 layout (see README 'File formats')")
-                shape = tuple(f["features"].shape)
-        except OSError as exc:
-            raise UserError(f"{h5_path}: cannot be read as HDF5 ({exc}); it may be truncated, "
-                            "rerun the features stage") from exc
-        _check_rank(h5_path, shape)
+        shape = _open_hdf5(h5_path)
         return FeatureStore(h5_path, shape[0], shape[1:])
     if npy_path.is_file():
         try:
             array = np.load(npy_path, mmap_mode="r")
-        except ValueError as exc:
+        except (ValueError, OSError, EOFError) as exc:
             raise UserError(f"{npy_path}: cannot be read as .npy ({exc}); the file may be "
                             "truncated, download or convert it again") from exc
-        _check_rank(npy_path, array.shape)
+        if not isinstance(array, np.ndarray):  # np.load gives an NpzFile for archives
+            raise UserError(f"{npy_path}: an .npz archive, not one .npy array; save the "
+                            "features with np.save")
+        _check_array(npy_path, array.shape, array.dtype)
         return FeatureStore(npy_path, array.shape[0], array.shape[1:])
     raise UserError(f"no features for split {split!r} in {dataset_dir}: expected {h5_path.name} "
                     f"(features stage) or {npy_path.name} (SCAN/VSE++ precomp download); "

@@ -13,16 +13,29 @@ captions that differ in one attribute or relation: genuinely hard negatives, whi
 offline hard-negative mining is about.
 
 The output is the SCAN precomp layout: ``{split}_ims.npy`` (N, R, D) float32,
-``{split}_caps.txt`` (5 lines per image), ``{split}_ids.txt``.
+``{split}_caps.txt`` (5 lines per image), ``{split}_ids.txt``, plus ``demo_manifest.json``
+listing them.
 """
 
+import contextlib
+import json
 import logging
+import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from ..io.atomic import atomic_path, write_text
+from ..errors import UserError
+from ..io.atomic import (
+    HOST,
+    check_free_space,
+    no_space_as_user_error,
+    remove_stale_temp_files,
+    temp_path,
+)
+from ..io.lock import LOCK_NAME, folder_lock
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +62,7 @@ TEMPLATES = [
 
 NUM_REGIONS = 12
 LATENT_DIM = 64
+MANIFEST = "demo_manifest.json"  # written last: the files demo-data wrote into the folder
 
 
 @dataclass
@@ -162,19 +176,67 @@ def write_synthetic_dataset(out_dir: str | Path, splits: dict[str, int], seed: i
     """Write a synthetic dataset in the SCAN precomp layout; returns ``out_dir``.
 
     ``splits`` maps split name to number of images, e.g. ``{"train": 5000, "dev": 500}``.
-    Each file is written under a temporary name and renamed, captions last, so a folder
-    with ``{split}_caps.txt`` is complete.
+    The dataset is written into a temporary folder beside ``out_dir``, ``MANIFEST`` (the
+    list of its files) last, and renamed into place whole: ``out_dir`` never holds half a
+    dataset. A non-empty ``out_dir`` is refused unless it holds only what demo-data wrote
+    there before (its manifest and the files it lists): nothing else is ever overwritten.
     """
     out_dir = Path(out_dir)
+    check_only_demo_files(out_dir)
+    with folder_lock(out_dir, "aoq demo-data"):
+        check_only_demo_files(out_dir)  # again, now that no other writer can change it
+        target = out_dir.resolve()  # a symbolic link's folder is replaced, not the link
+        remove_stale_temp_files(target.parent)
+        tmp = temp_path(target)
+        try:
+            tmp.mkdir()
+            _write_splits(tmp, splits, seed, feature_dim)
+            old = target.with_name(f".{target.name}.old.tmp-{os.getpid()}-{HOST}")
+            os.rename(target, old)  # only our own files and the lock, checked above
+            os.rename(tmp, target)
+            shutil.rmtree(old)
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp)
+    log.info("demo dataset -> %s", out_dir)
+    return out_dir
+
+
+def _write_splits(folder: Path, splits: dict[str, int], seed: int, feature_dim: int) -> None:
+    """Every split's ``_ims.npy``, ``_ids.txt``, ``_caps.txt``, then the manifest."""
     renderer = SceneRenderer(feature_dim, seed)
+    names = []
     for index, (split, num_images) in enumerate(splits.items()):
         rng = np.random.default_rng([seed, 100 + index])
         features, captions = generate_split(num_images, renderer, rng)
-        with atomic_path(out_dir / f"{split}_ims.npy") as tmp, open(tmp, "wb") as f:
-            np.save(f, features)
-        write_text(out_dir / f"{split}_ids.txt",
-                   "".join(f"{index * 1_000_000 + i}\n" for i in range(num_images)))
-        write_text(out_dir / f"{split}_caps.txt", "".join(c + "\n" for c in captions))
-        log.info("%s: %d images %s, %d captions -> %s", split, num_images,
-                 tuple(features.shape[1:]), len(captions), out_dir)
-    return out_dir
+        check_free_space(folder, features.nbytes + 100 * len(captions), "the demo dataset")
+        with no_space_as_user_error(folder, features.nbytes, "the demo dataset"):
+            np.save(folder / f"{split}_ims.npy", features)
+            (folder / f"{split}_ids.txt").write_text(
+                "".join(f"{index * 1_000_000 + i}\n" for i in range(num_images)))
+            (folder / f"{split}_caps.txt").write_text("".join(c + "\n" for c in captions))
+        names += [f"{split}_ims.npy", f"{split}_ids.txt", f"{split}_caps.txt"]
+        log.info("%s: %d images %s, %d captions", split, num_images,
+                 tuple(features.shape[1:]), len(captions))
+    (folder / MANIFEST).write_text(json.dumps(
+        {"format": "aoq-demo-data", "seed": seed, "feature_dim": feature_dim,
+         "splits": splits, "files": names}, indent=1) + "\n")
+
+
+def check_only_demo_files(out_dir: Path) -> None:
+    """Refuse ``out_dir`` if it holds anything but a previous demo-data output."""
+    if not out_dir.exists():
+        return
+    if not out_dir.is_dir():
+        raise UserError(f"{out_dir} is a file, not a folder; choose another --out")
+    entries = {p.name for p in out_dir.iterdir()} - {LOCK_NAME}
+    listed = set()
+    with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+        listed = {MANIFEST, *map(str, json.loads((out_dir / MANIFEST).read_text())["files"])}
+    foreign = sorted(entries - listed)
+    if foreign:
+        more = f" and {len(foreign) - 5} more" if len(foreign) > 5 else ""
+        raise UserError(
+            f"{out_dir} holds files demo-data did not write ({', '.join(foreign[:5])}{more}); "
+            "refusing to write the demo dataset over them: choose another --out (DATA_PATH), "
+            f"or delete {out_dir} (`make clean-demo` for data/demo) to generate it afresh")

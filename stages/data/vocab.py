@@ -75,21 +75,28 @@ class Vocab:
         write_json(path, self.to_json())
 
     @classmethod
-    def from_json(cls, obj: dict, source: str = "vocab") -> "Vocab":
-        """Our format, or SCAN/VSE++'s ``{"word2idx": ..., "idx2word": {"0": ...}, "idx": n}``."""
-        if obj.get("format") == "aoq-vocab":
+    def from_json(cls, obj, source: str = "vocab") -> "Vocab":
+        """Our format, or SCAN/VSE++'s ``{"word2idx": ..., "idx2word": {"0": ...}, "idx": n}``.
+
+        Anything else, or a word list that is not distinct strings starting with the four
+        special tokens, is a :class:`UserError` naming ``source``.
+        """
+        if isinstance(obj, dict) and obj.get("format") == "aoq-vocab":
+            words = obj.get("idx2word")
+            if not isinstance(words, list):
+                raise UserError(f"{source}: an aoq-vocab without an idx2word list; rebuild "
+                                "it with `aoq vocab`")
             meta = {k: v for k, v in obj.items() if k not in ("format", "version", "idx2word")}
-            return cls(obj["idx2word"], meta)
-        if "word2idx" in obj:
+            return cls(_checked_words(words, source), meta)
+        if isinstance(obj, dict) and isinstance(obj.get("word2idx"), dict):
             word2idx = obj["word2idx"]
             words = [None] * len(word2idx)
             for word, idx in word2idx.items():
-                if not 0 <= idx < len(words) or words[idx] is not None:
+                if (not isinstance(idx, int) or not 0 <= idx < len(words)
+                        or words[idx] is not None):
                     raise UserError(f"{source}: word2idx indices are not 0..{len(words) - 1}")
                 words[idx] = word
-            if tuple(words[:4]) != SPECIALS:
-                raise UserError(f"{source}: expected {SPECIALS} at indices 0-3, got {words[:4]}")
-            return cls(words, {"imported_from": str(source)})
+            return cls(_checked_words(words, source), {"imported_from": str(source)})
         raise UserError(f"{source}: not a vocabulary file (neither aoq-vocab nor SCAN's "
                         "word2idx format)")
 
@@ -122,6 +129,20 @@ class Vocab:
                 f"{vocab_path} was built from other captions ({self.meta.get('captions_file')}, "
                 f"sha256 {recorded[:12]}) than {captions_file} (sha256 {actual[:12]}); "
                 f"delete it and rebuild with `aoq vocab` for this dataset")
+
+
+def _checked_words(words: list, source: str) -> list[str]:
+    """Distinct strings, the four special tokens first."""
+    if not all(isinstance(w, str) for w in words):
+        raise UserError(f"{source}: the vocabulary's words must all be strings")
+    if tuple(words[:4]) != SPECIALS:
+        raise UserError(f"{source}: expected {SPECIALS} at indices 0-3, got {words[:4]}; "
+                        "rebuild it with `aoq vocab`")
+    if len(set(words)) < len(words):
+        repeated = sorted(w for w, n in Counter(words).items() if n > 1)[:5]
+        raise UserError(f"{source}: words listed more than once ({', '.join(repeated)}); "
+                        "rebuild it with `aoq vocab`")
+    return words
 
 
 def build_vocab_file(captions_file: str | Path, out: str | Path, threshold: int = 4) -> Vocab:

@@ -27,6 +27,7 @@ from pathlib import Path
 from ..data.captions import CAPTIONS_PER_IMAGE
 from ..errors import UserError
 from ..io.atomic import write_text
+from ..io.lock import folder_lock
 from .splits import read_ids_file
 
 log = logging.getLogger(__name__)
@@ -50,11 +51,22 @@ def clean_caption(text: str) -> str:
 
 def first_five(captions: list[str], image: str, source: Path) -> tuple[list[str], bool]:
     """The first 5 non-empty captions, and whether any were dropped."""
+    if not all(isinstance(t, str) for t in captions):
+        raise UserError(f"{source}: a caption of image {image} is not text")
     kept = [c for c in (clean_caption(t) for t in captions) if c]
     if len(kept) < CAPTIONS_PER_IMAGE:
         raise UserError(f"{source}: image {image} has {len(kept)} non-empty captions; every "
                         f"image needs at least {CAPTIONS_PER_IMAGE}")
     return kept[:CAPTIONS_PER_IMAGE], len(kept) > CAPTIONS_PER_IMAGE
+
+
+def read_json(path: Path, what: str):
+    """The content of a UTF-8 JSON file; anything else is a UserError naming ``what``."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise UserError(f"{path}: not {what} (not UTF-8 JSON: {exc})") from exc
 
 
 def karpathy_splits(path: str | Path, restval_into_train: bool = True
@@ -64,20 +76,19 @@ def karpathy_splits(path: str | Path, restval_into_train: bool = True
     if not path.is_file():
         raise UserError(f"Karpathy split file {path} not found (dataset_coco.json, "
                         "dataset_flickr30k.json or dataset_flickr8k.json)")
-    try:
-        with open(path, encoding="utf-8") as f:
-            images = json.load(f)["images"]
-    except (json.JSONDecodeError, KeyError, TypeError) as exc:
+    content = read_json(path, "a Karpathy split file")
+    images = content.get("images") if isinstance(content, dict) else None
+    if not isinstance(images, list) or not all(isinstance(e, dict) for e in images):
         raise UserError(f"{path}: not a Karpathy split file (expected JSON with an 'images' "
-                        f"list): {exc}") from exc
+                        "list of objects)")
     splits: dict[str, list[ImageRecord]] = {}
     trimmed = 0
     for entry in images:
         try:
             name = KARPATHY_SPLITS[entry["split"]]
-            filename = entry["filename"]
+            filename = str(entry["filename"])
             raw = [s["raw"] for s in entry["sentences"]]
-        except KeyError as exc:
+        except (KeyError, TypeError) as exc:
             raise UserError(f"{path}: image entry {entry.get('imgid', '?')} lacks {exc} or "
                             f"has an unknown split; expected splits "
                             f"{', '.join(KARPATHY_SPLITS)}") from exc
@@ -96,15 +107,21 @@ def karpathy_splits(path: str | Path, restval_into_train: bool = True
 def _image_id(entry: dict, path: Path) -> int:
     """COCO's ``cocoid``; else the numeric file name stem (Flickr30K's ids, which its BUTD
     TSVs use); else (Flickr8K's ``2513260012_03d33305cf.jpg``) Karpathy's ``imgid``."""
-    if "cocoid" in entry:
-        return int(entry["cocoid"])
     stem = Path(entry["filename"]).stem
-    if stem.isdigit():
+    if "cocoid" in entry:
+        key = "cocoid"
+    elif stem.isdigit():
         return int(stem)
-    if "imgid" in entry:
-        return int(entry["imgid"])
-    raise UserError(f"{path}: cannot tell the image id of {entry['filename']!r} (no cocoid "
-                    "or imgid, and the file name is not a number)")
+    elif "imgid" in entry:
+        key = "imgid"
+    else:
+        raise UserError(f"{path}: cannot tell the image id of {entry['filename']!r} (no "
+                        "cocoid or imgid, and the file name is not a number)")
+    try:
+        return int(entry[key])
+    except (TypeError, ValueError) as exc:
+        raise UserError(f"{path}: image {entry['filename']!r} has {key}={entry[key]!r}, not "
+                        "an integer image id") from exc
 
 
 def coco_splits(json_files: list[str | Path], split_ids: dict[str, str | Path] | None = None
@@ -123,15 +140,25 @@ def coco_splits(json_files: list[str | Path], split_ids: dict[str, str | Path] |
     for json_file in map(Path, json_files):
         if not json_file.is_file():
             raise UserError(f"COCO caption file {json_file} not found")
+        content = read_json(json_file, "a COCO annotation file")
+        if not (isinstance(content, dict) and isinstance(content.get("images"), list)
+                and isinstance(content.get("annotations", []), list)):
+            raise UserError(f"{json_file}: not a COCO annotation file (expected JSON with "
+                            "'images' and 'annotations' lists)")
+        coco = COCO()
+        coco.dataset = content
         with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints timings
             try:
-                coco = COCO(str(json_file))
-            except (json.JSONDecodeError, KeyError, TypeError) as exc:
-                raise UserError(f"{json_file}: not a COCO annotation file: {exc}") from exc
+                coco.createIndex()
+            except (KeyError, TypeError) as exc:
+                raise UserError(f"{json_file}: not a COCO annotation file: {exc!r}") from exc
         folder = json_file.stem.split("_")[-1]
         ids = sorted(coco.getImgIds())
         for image_id in ids:
             info = coco.imgs[image_id]
+            if "file_name" not in info:
+                raise UserError(f"{json_file}: image {image_id} has no file_name; not a COCO "
+                                "annotation file?")
             captions = [a["caption"] for a in coco.imgToAnns.get(image_id, [])
                         if "caption" in a]
             images[image_id] = (f"{folder}/{info['file_name']}", captions, json_file)
@@ -174,6 +201,11 @@ def _split_name(json_file: Path) -> str:
 def write_splits(splits: dict[str, list[ImageRecord]], dataset_dir: str | Path) -> list[Path]:
     """Write ``{split}_caps.txt``, ``{split}_ids.txt``, ``{split}_images.txt`` atomically."""
     dataset_dir = Path(dataset_dir)
+    with folder_lock(dataset_dir, "aoq captions"):
+        return _write_splits(splits, dataset_dir)
+
+
+def _write_splits(splits: dict[str, list[ImageRecord]], dataset_dir: Path) -> list[Path]:
     written = []
     # train last: make takes train_caps.txt as the sign that every split is written.
     for name in sorted(splits, key=lambda split: split == "train"):

@@ -23,7 +23,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import UserError
+from ..errors import NoSpaceError, UserError
+from ..io.lock import folder_lock
 from ..progress import Progress
 from .splits import read_split_ids
 from .writer import SplitWriter
@@ -88,6 +89,14 @@ def tsv_to_hdf5(tsv_files: list[str | Path], dataset_dir: str | Path, splits: li
         if not path.is_file():
             raise UserError(f"TSV file {path} not found")
     dataset_dir = Path(dataset_dir)
+    with folder_lock(dataset_dir, "aoq features tsv"):
+        return _tsv_to_hdf5(tsv_files, dataset_dir, splits, max_regions, feature_dim, dtype,
+                            checkpoint_seconds)
+
+
+def _tsv_to_hdf5(tsv_files: list[Path], dataset_dir: Path, splits: list[str],
+                 max_regions: int, feature_dim: int, dtype: str,
+                 checkpoint_seconds: float) -> list[Path]:
     positions: dict[int, list[tuple[int, int]]] = {}  # image id -> [(split index, row)]
     split_ids = [read_split_ids(dataset_dir, split) for split in splits]
     for s, ids in enumerate(split_ids):
@@ -111,6 +120,10 @@ def tsv_to_hdf5(tsv_files: list[str | Path], dataset_dir: str | Path, splits: li
                     f"{', '.join(map(str, missing[:5]))}); pass every TSV file of the release "
                     "(COCO's comes in several), or check the ids file is for this dataset")
         outputs = [writer.finish(**stats) for writer in writers]
+    except NoSpaceError:  # free some space and rerun: the partial files resume
+        for writer in writers:
+            writer.close()
+        raise
     except UserError:  # the input must change: nothing to resume
         for writer in writers:
             writer.discard()

@@ -9,7 +9,8 @@ ten-cropped (corners + center, and their mirror images) with the 10 crop feature
 Weights come from a local file (``weights=PATH``), from torchvision's cache
 (``weights="imagenet"``: the architecture's default ImageNet weights, fetched into
 ``$TORCH_HOME/hub/checkpoints`` if the machine can download) or are random
-(``weights="random"``, for tests only). An image that cannot be read is reported with
+(``weights="random"``, for tests only: drawn from ``seed``, which the file records so a
+resume with another seed starts over). An image that cannot be read is reported with
 its path; ``on_bad_image="skip"`` drops it (and its captions) from the split and lists it
 in ``{split}_skipped.txt``, ``"fail"`` stops the run.
 """
@@ -26,13 +27,14 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from ..data.captions import CAPTIONS_PER_IMAGE, read_captions
+from ..data.captions import CAPTIONS_PER_IMAGE, read_captions, read_text_lines
 from ..device import resolve_device
 from ..errors import UserError
-from ..io.atomic import write_text
+from ..io.atomic import JOURNAL_SUFFIX, finish_replacements, replace_together
+from ..io.lock import folder_lock
 from ..progress import Progress
 from .splits import read_split_ids
-from .writer import SplitWriter
+from .writer import SplitWriter, partial_path
 
 log = logging.getLogger(__name__)
 
@@ -81,18 +83,27 @@ BACKBONES = {
 class FeatureExtractor(nn.Module):
     """(B, 3, H, W) normalised images -> (B, D) global features, or (B, h*w, C) with grid."""
 
-    def __init__(self, arch: str, weights: str = "imagenet", grid: bool = False):
+    def __init__(self, arch: str, weights: str = "imagenet", grid: bool = False,
+                 seed: int = 0):
         super().__init__()
         import torchvision
 
         if arch not in BACKBONES:
             raise UserError(f"unknown CNN {arch!r}; known: {', '.join(BACKBONES)}")
-        model = torchvision.models.get_model(arch, weights=None)
         if weights == "random":
-            log.warning("%s with random weights: for tests only, the features mean nothing",
-                        arch)
+            log.warning("%s with random weights (seed %d): for tests only, the features "
+                        "mean nothing", arch, seed)
+            with torch.random.fork_rng(devices=[]):  # the same network for the same seed
+                torch.manual_seed(seed)
+                model = torchvision.models.get_model(arch, weights=None)
         else:
-            model.load_state_dict(load_weights(arch, weights))
+            model = torchvision.models.get_model(arch, weights=None)
+            try:
+                model.load_state_dict(load_weights(arch, weights))
+            except RuntimeError as exc:  # missing or unexpected keys, other shapes
+                raise UserError(f"weights {weights} do not fit torchvision's {arch} "
+                                f"({str(exc).splitlines()[0]} ...); pass the state dict of "
+                                f"a {arch}") from exc
         spec = BACKBONES[arch]
         self.trunk = spec.trunk(model)
         self.head = spec.head(model)
@@ -128,8 +139,18 @@ def load_weights(arch: str, weights: str) -> dict:
                         f"{arch} (e.g. the file behind torchvision.models."
                         f"get_model_weights({arch!r}).DEFAULT.url), or --weights imagenet to "
                         "use torchvision's cache")
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    return state.get("state_dict", state) if isinstance(state, dict) else state
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # truncated downloads, pickles of whole models
+        raise UserError(f"weights file {path} cannot be read as a state dict "
+                        f"({type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:160]}); "
+                        "download it again, or save model.state_dict() with torch.save"
+                        ) from exc
+    state = state.get("state_dict", state) if isinstance(state, dict) else state
+    if not isinstance(state, dict):
+        raise UserError(f"weights file {path} holds a {type(state).__name__}, not a state "
+                        "dict")
+    return state
 
 
 def image_transform(crops: int, crop_size: int = 224):
@@ -180,18 +201,21 @@ def read_image_list(dataset_dir: Path, split: str) -> list[str]:
     if not path.is_file():
         raise UserError(f"{path} not found; write it with `aoq captions` (it lists each "
                         "image's path under the image root, in caption order)")
-    return [line.strip() for line in path.read_text(encoding="utf-8").splitlines()
-            if line.strip()]
+    files = [line.strip() for line in read_text_lines(path) if line.strip()]
+    if not files:
+        raise UserError(f"{path} lists no images; write it again with `aoq captions`")
+    return files
 
 
 def cnn_features(images_root: str | Path, dataset_dir: str | Path, splits: list[str],
                  arch: str = "resnet152", weights: str = "imagenet", crops: int = 1,
                  grid: bool = False, crop_size: int = 224, batch_size: int = 32,
                  workers: int = 4, device: str = "auto", dtype: str = "float32",
-                 on_bad_image: str = "fail",
+                 on_bad_image: str = "fail", seed: int = 0,
                  checkpoint_seconds: float = CHECKPOINT_SECONDS) -> list[Path]:
     """Compute features of each split's images (``{split}_images.txt`` under
-    ``images_root``) into ``dataset_dir/{split}.h5``; resumable."""
+    ``images_root``) into ``dataset_dir/{split}.h5``; resumable. ``seed`` draws the
+    network of ``weights="random"``."""
     if on_bad_image not in ("fail", "skip"):
         raise UserError(f"on_bad_image must be fail or skip, got {on_bad_image!r}")
     if grid and crops != 1:
@@ -200,34 +224,54 @@ def cnn_features(images_root: str | Path, dataset_dir: str | Path, splits: list[
     if not images_root.is_dir():
         raise UserError(f"image folder {images_root} not found")
     torch_device = resolve_device(device)
-    model = FeatureExtractor(arch, weights, grid).to(torch_device)
+    model = FeatureExtractor(arch, weights, grid, seed).to(torch_device)
     transform = image_transform(crops, crop_size)
     with torch.no_grad():
         probe = model(torch.zeros(1, 3, crop_size, crop_size, device=torch_device))
     item_shape = tuple(probe.shape[1:])
-    outputs = []
-    for split in splits:
-        files = read_image_list(dataset_dir, split)
-        ids = read_split_ids(dataset_dir, split)
-        if len(ids) != len(files):
-            raise UserError(f"{dataset_dir / f'{split}_images.txt'} lists {len(files)} images "
-                            f"but {split}_ids.txt {len(ids)}; write both again with "
-                            "`aoq captions`")
-        source = {"source": "cnn", "kind": "grid" if grid else "global", "arch": arch,
-                  "weights": weights, "crops": crops, "crop_size": crop_size,
-                  "images_root": str(images_root.resolve())}
-        writer = SplitWriter(dataset_dir / f"{split}.h5", ids, item_shape, dtype, source)
-        try:
-            bad = _run_split(model, writer, images_root, files, transform, batch_size, workers,
-                             torch_device, on_bad_image, checkpoint_seconds, split)
-            if bad:
-                outputs.append(_drop_bad_images(writer, dataset_dir, split, bad))
-            else:
-                outputs.append(writer.finish(skipped_images=0))
-        finally:  # a failed run keeps its partial file: fix the image and rerun to resume
-            writer.close()
-        log.info("wrote %s", outputs[-1])
-    return outputs
+    options = {"source": "cnn", "kind": "grid" if grid else "global", "arch": arch,
+               "weights": weights, **({"seed": seed} if weights == "random" else {}),
+               "crops": crops, "crop_size": crop_size,
+               "images_root": str(images_root.resolve())}
+    with folder_lock(dataset_dir, "aoq features cnn"):
+        return [_split_features(model, transform, item_shape, images_root, dataset_dir,
+                                split, options, dtype, batch_size, workers, torch_device,
+                                on_bad_image, checkpoint_seconds) for split in splits]
+
+
+def _split_features(model, transform, item_shape, images_root: Path, dataset_dir: Path,
+                    split: str, source: dict, dtype: str, batch_size: int, workers: int,
+                    device, on_bad_image: str, checkpoint_seconds: float) -> Path:
+    """One split's ``{split}.h5``, resumed from its partial file when there is one."""
+    path = dataset_dir / f"{split}.h5"
+    if finish_replacements(drop_journal(dataset_dir, split)):
+        # Killed while replacing the split's files without its unreadable images: done now.
+        partial_path(path).unlink(missing_ok=True)
+        log.info("%s: finished dropping the unreadable images of an interrupted run", path)
+        return path
+    files = read_image_list(dataset_dir, split)
+    ids = read_split_ids(dataset_dir, split)
+    if len(ids) != len(files):
+        raise UserError(f"{dataset_dir / f'{split}_images.txt'} lists {len(files)} images "
+                        f"but {split}_ids.txt {len(ids)}; write both again with "
+                        "`aoq captions`")
+    writer = SplitWriter(path, ids, item_shape, dtype, source)
+    try:
+        bad = _run_split(model, writer, images_root, files, transform, batch_size, workers,
+                         device, on_bad_image, checkpoint_seconds, split)
+        if bad:
+            _drop_bad_images(writer, dataset_dir, split, bad)
+        else:
+            writer.finish(skipped_images=0)
+    finally:  # a failed run keeps its partial file: fix the image and rerun to resume
+        writer.close()
+    log.info("wrote %s", path)
+    return path
+
+
+def drop_journal(dataset_dir: Path, split: str) -> Path:
+    """The journal of replacing ``split``'s files without its unreadable images."""
+    return dataset_dir / f".{split}_drop{JOURNAL_SUFFIX}"
 
 
 def _run_split(model, writer, images_root, files, transform, batch_size, workers, device,
@@ -267,8 +311,10 @@ def _run_split(model, writer, images_root, files, transform, batch_size, workers
 def _drop_bad_images(writer: SplitWriter, dataset_dir: Path, split: str,
                      bad: list[int]) -> Path:
     """Remove unreadable images from the split: copy the others (streamed) into a new file,
-    rewrite the caption, id and image lists to match, list the dropped ones in
-    ``{split}_skipped.txt``, then rename the new file into place."""
+    rewrite the caption, id and image lists to match and list the dropped ones in
+    ``{split}_skipped.txt``, all five replaced as one unit (:func:`replace_together`, the
+    features last and newest, so make takes the stage as done): a run killed midway
+    leaves the old set, or a journal the next run completes."""
     keep = np.ones(len(writer.image_ids), dtype=bool)
     keep[bad] = False
     files = read_image_list(dataset_dir, split)
@@ -277,20 +323,26 @@ def _drop_bad_images(writer: SplitWriter, dataset_dir: Path, split: str,
     source = {k: v for k, v in writer.identity.items()
               if k not in ("format", "version", "dtype", "item_shape", "padded",
                            "with_boxes")}
-    compact = SplitWriter(dataset_dir / f"{split}.kept.h5", kept_ids, writer.item_shape,
-                          writer.identity["dtype"], source)
-    for new, old in enumerate(np.flatnonzero(keep)):
-        compact.write(new, writer.read(old))
-    kept = compact.finish(skipped_images=len(bad))
-    write_text(dataset_dir / f"{split}_skipped.txt", "".join(f"{files[p]}\n" for p in bad))
-    write_text(dataset_dir / f"{split}_images.txt",
-               "".join(f"{f}\n" for f, k in zip(files, keep, strict=True) if k))
-    write_text(dataset_dir / f"{split}_ids.txt", "".join(f"{i}\n" for i in kept_ids))
-    write_text(dataset_dir / f"{split}_caps.txt",
-               "".join(f"{c}\n" for i, c in enumerate(captions)
-                       if keep[i // CAPTIONS_PER_IMAGE]))
-    kept.replace(writer.path)
-    writer.path.touch()  # newer than the rewritten caption file, so make takes it as done
+    texts = {
+        "skipped": "".join(f"{files[p]}\n" for p in bad),
+        "images": "".join(f"{f}\n" for f, k in zip(files, keep, strict=True) if k),
+        "ids": "".join(f"{i}\n" for i in kept_ids),
+        "caps": "".join(f"{c}\n" for i, c in enumerate(captions)
+                        if keep[i // CAPTIONS_PER_IMAGE]),
+    }
+    kept = dataset_dir / f"{split}.kept.h5"
+    with replace_together(drop_journal(dataset_dir, split)) as stage:
+        for kind, text in texts.items():
+            stage(dataset_dir / f"{split}_{kind}.txt").write_text(text, encoding="utf-8")
+        stage(writer.path, tmp=kept)
+        compact = SplitWriter(kept, kept_ids, writer.item_shape, writer.identity["dtype"],
+                              source)
+        try:
+            for new, old in enumerate(np.flatnonzero(keep)):
+                compact.write(new, writer.read(old))
+            compact.finish(skipped_images=len(bad))
+        finally:
+            compact.close()
     writer.discard()
     log.warning("%s: %d unreadable images dropped from the split (and their captions), "
                 "listed in %s", split, len(bad), dataset_dir / f"{split}_skipped.txt")

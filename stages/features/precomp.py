@@ -9,6 +9,7 @@ from pathlib import Path
 
 from ..data.dataset import open_split
 from ..errors import UserError
+from ..io.lock import folder_lock
 from ..progress import Progress
 from .splits import read_split_ids
 from .writer import SplitWriter
@@ -27,6 +28,11 @@ def precomp_to_hdf5(dataset_dir: str | Path, splits: list[str] | None = None,
                     dtype: str = "float32") -> list[Path]:
     """Convert each split's ``{split}_ims.npy`` into ``{split}.h5`` beside it."""
     dataset_dir = Path(dataset_dir)
+    with folder_lock(dataset_dir, "aoq features precomp"):
+        return _precomp_to_hdf5(dataset_dir, splits, dtype)
+
+
+def _precomp_to_hdf5(dataset_dir: Path, splits: list[str] | None, dtype: str) -> list[Path]:
     splits = splits or precomp_splits(dataset_dir)
     if not splits:
         raise UserError(f"no *_ims.npy in {dataset_dir}: nothing to convert")

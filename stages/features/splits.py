@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..data.captions import CAPTIONS_PER_IMAGE
+from ..data.captions import CAPTIONS_PER_IMAGE, read_text_lines
 from ..errors import UserError
 
 log = logging.getLogger(__name__)
@@ -37,15 +37,17 @@ def read_ids_file(path: str | Path) -> np.ndarray:
     if not path.is_file():
         raise UserError(f"image id list {path} not found")
     ids = []
-    with open(path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                ids.append(int(line))
-            except ValueError as exc:
-                raise UserError(f"{path}:{line_no}: {line.strip()[:40]!r} is not an integer "
-                                "image id") from exc
+    for line_no, line in enumerate(read_text_lines(path), 1):
+        if not line.strip():
+            continue
+        try:
+            ids.append(int(line))
+        except ValueError as exc:
+            raise UserError(f"{path}:{line_no}: {line.strip()[:40]!r} is not an integer "
+                            "image id") from exc
+    if not ids:
+        raise UserError(f"{path} lists no image ids (one integer per line expected); write "
+                        "it again with `aoq captions`")
     ids = np.asarray(ids, dtype=np.int64)
     per_caption = (len(ids) % CAPTIONS_PER_IMAGE == 0 and len(ids) > 0
                    and (ids.reshape(-1, CAPTIONS_PER_IMAGE) == ids[::CAPTIONS_PER_IMAGE, None]

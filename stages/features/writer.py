@@ -12,7 +12,10 @@ While it is written the file is called ``{split}.h5.partial``: a later ``make`` 
 takes it as done. Every :meth:`SplitWriter.checkpoint` saves which images are written
 and the caller's position in its input, so a killed conversion resumes from there; when
 the partial file cannot be reopened (HDF5 files killed mid-write can be unreadable) or
-was made from other inputs, the conversion restarts from the beginning.
+was made from other inputs, the conversion restarts from the beginning. The free space the
+file needs is checked before it is started or resumed, and a disk that fills up while
+writing is a :class:`~stages.errors.NoSpaceError` (the partial file is kept: a rerun after
+freeing space resumes).
 """
 
 import logging
@@ -23,8 +26,8 @@ import h5py
 import numpy as np
 
 from ..data.features import HDF5_FORMAT
-from ..errors import UserError
-from ..io.atomic import plain_attrs
+from ..errors import NoSpaceError, UserError
+from ..io.atomic import check_free_space, no_space_as_user_error, plain_attrs
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +61,10 @@ class SplitWriter:
                          "dtype": dtype, "item_shape": list(self.item_shape),
                          "padded": padded, "with_boxes": with_boxes, **(source or {})}
         self.resume_state: dict = {}
+        n, per_image = len(self.image_ids), int(np.prod(self.item_shape))
+        # The finished file's size, about: features, boxes, the per-image scalars.
+        self.total_bytes = n * (per_image * np.dtype(dtype).itemsize
+                                + (self.item_shape[0] * 16 if with_boxes else 0) + 32) + (1 << 20)
         self._file = self._reopen() or self._create(dtype, padded, with_boxes)
         self.written = np.asarray(self._file["written"], dtype=bool)
         # Dataset handles looked up once; per-image scalars kept in memory (a few bytes per
@@ -80,21 +87,35 @@ class SplitWriter:
             return None
         attrs = plain_attrs(f.attrs)
         same = (all(_same(attrs.get(k), v) for k, v in self.identity.items())
+                and all(name in f for name in self._datasets())
                 and np.array_equal(f["image_ids"][:], self.image_ids))
-        if not same:
-            log.warning("%s was started from other inputs or options: starting it again",
-                        self.partial)
+        if not same:  # or killed while finishing it (its bookkeeping already removed)
+            log.warning("%s was started from other inputs or options, or is incomplete: "
+                        "starting it again", self.partial)
             f.close()
             self.partial.unlink()
             return None
+        remaining = self.total_bytes - self.partial.stat().st_size
+        try:
+            check_free_space(self.partial, remaining, f"the rest of {self.path.name}")
+        except NoSpaceError:
+            f.close()
+            raise
         self.resume_state = {k[len("resume_"):]: v for k, v in attrs.items()
                              if k.startswith("resume_")}
         log.info("%s: resuming, %d of %d images already written", self.partial,
                  int(f["written"][:].sum()), len(self.image_ids))
         return f
 
+    def _datasets(self) -> list[str]:
+        """The datasets a partial file of this writer holds."""
+        return ["features", "image_ids", "written",
+                *(["num_regions"] if self.identity["padded"] else []),
+                *(["boxes", "image_size"] if self.identity["with_boxes"] else [])]
+
     def _create(self, dtype: str, padded: bool, with_boxes: bool) -> h5py.File:
         self.partial.parent.mkdir(parents=True, exist_ok=True)
+        check_free_space(self.partial, self.total_bytes, f"the features of {self.path.name}")
         n = len(self.image_ids)
         f = h5py.File(self.partial, "w")
         f.create_dataset("features", (n, *self.item_shape), dtype=dtype,
@@ -114,6 +135,10 @@ class SplitWriter:
     def write(self, position: int, features: np.ndarray, boxes: np.ndarray | None = None,
               image_size: tuple[int, int] | None = None) -> None:
         """Store image ``position``'s features (r, D) with r <= R (padded with zeros) or (D,)."""
+        with self._no_space():
+            self._write(position, features, boxes, image_size)
+
+    def _write(self, position, features, boxes, image_size) -> None:
         if self._num_regions is not None:
             r = features.shape[0]
             padded = np.zeros(self.item_shape, dtype=np.float32)
@@ -134,9 +159,16 @@ class SplitWriter:
 
     def checkpoint(self, **state) -> None:
         """Persist which images are written and the caller's input position ``state``."""
-        self._store_scalars()
-        self._file.attrs.update({f"resume_{k}": v for k, v in state.items()})
-        self._file.flush()
+        with self._no_space():
+            self._store_scalars()
+            self._file.attrs.update({f"resume_{k}": v for k, v in state.items()})
+            self._file.flush()
+
+    def _no_space(self):
+        """Disk full while writing: a NoSpaceError; the partial file stays for a rerun."""
+        remaining = self.total_bytes * float((~self.written).mean() if len(self.written) else 0)
+        return no_space_as_user_error(self.partial, int(remaining) + (1 << 20),
+                                      f"the features of {self.path.name}")
 
     def _store_scalars(self) -> None:
         self._file["written"][:] = self.written
@@ -154,20 +186,26 @@ class SplitWriter:
         if len(missing):
             raise UserError(f"{self.path}: {len(missing)} images never written "
                             f"(first: {', '.join(map(str, missing[:5]))})")
-        self._store_scalars()
         f = self._file
-        del f["written"]
-        for key in [k for k in f.attrs if k.startswith("resume_")]:
-            del f.attrs[key]
-        f.attrs.update(attrs)
-        f.close()
+        with self._no_space():
+            self._store_scalars()
+            del f["written"]
+            for key in [k for k in f.attrs if k.startswith("resume_")]:
+                del f.attrs[key]
+            f.attrs.update(attrs)
+            f.close()
         os.replace(self.partial, self.path)
         return self.path
 
     def close(self) -> None:
-        """Close without finishing: the partial file stays for a later resume."""
+        """Close without finishing: the partial file stays for a later resume (an error
+        closing it, after a failed write, is logged: the next run checks the file)."""
         if self._file.id.valid:
-            self._file.close()
+            try:
+                self._file.close()
+            except (OSError, RuntimeError) as exc:
+                log.warning("%s: closing after an error failed (%s); the next run checks it",
+                            self.partial, exc)
 
     def discard(self) -> None:
         self.close()

@@ -9,6 +9,7 @@ model from the checkpoint alone.
 
 import hashlib
 import os
+import pickle
 from pathlib import Path
 
 import torch
@@ -20,12 +21,31 @@ from .atomic import atomic_path
 
 CHECKPOINT_FORMAT = "aoq-checkpoint"
 CHECKPOINT_VERSION = 1
+# What the later stages read from a checkpoint.
+REQUIRED_KEYS = ("model", "state_dict", "epoch", "config", "vocab", "data_fingerprint")
+
+
+def tensor_bytes(obj) -> int:
+    """Bytes of the tensors in a nested dict/list (about a checkpoint's size on disk)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(tensor_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(tensor_bytes(v) for v in obj)
+    return 0
 
 
 def save_checkpoint(path: str | os.PathLike, state: dict) -> None:
-    """Write ``state`` (a plain dict of tensors and Python values) atomically."""
-    with atomic_path(path) as tmp:
-        torch.save({"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, **state}, tmp)
+    """Write ``state`` (a plain dict of tensors and Python values) atomically.
+
+    The free space is checked first (the tensors' size plus 1 MiB), and a disk that fills
+    up midway is a :class:`~stages.errors.NoSpaceError`, not a traceback from torch's
+    writer (the file is written through a Python file object, whose ``ENOSPC`` surfaces).
+    """
+    need = tensor_bytes(state) + (1 << 20)
+    with atomic_path(path, need_bytes=need, what="a checkpoint") as tmp, open(tmp, "wb") as f:
+        torch.save({"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, **state}, f)
 
 
 def load_checkpoint(path: str | os.PathLike) -> dict:
@@ -37,27 +57,67 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # truncated files, pickles of foreign objects
-        raise UserError(f"{path}: not a checkpoint of this project ({type(exc).__name__}: "
-                        f"{str(exc).splitlines()[0][:200]}); VSE++/SCAN checkpoints (pickled "
-                        "argparse options) cannot be loaded, retrain with `aoq train`") from exc
+        detail = f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:200]}"
+        if _looks_truncated(path, exc):
+            raise UserError(f"{path}: truncated or corrupt checkpoint ({detail}); delete it "
+                            f"and rerun {_remake_hint(path)}") from exc
+        raise UserError(f"{path}: not a checkpoint of this project ({detail}); VSE++/SCAN "
+                        "checkpoints (pickled argparse options) cannot be loaded, retrain "
+                        "with `aoq train`") from exc
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         raise UserError(f"{path}: not a checkpoint of this project (no "
                         f"format={CHECKPOINT_FORMAT!r}); retrain with `aoq train`")
     if state.get("version", 0) > CHECKPOINT_VERSION:
         raise UserError(f"{path}: checkpoint version {state['version']} is newer than this "
                         f"code understands ({CHECKPOINT_VERSION}); update the package")
+    missing = [k for k in REQUIRED_KEYS if k not in state]
+    model = state.get("model")
+    if not missing and not (isinstance(model, dict) and isinstance(model.get("args"), dict)
+                            and "name" in model):
+        missing = ["model.name/model.args"]
+    if missing:
+        raise UserError(f"{path}: checkpoint lacks {', '.join(missing)}; it is incomplete or "
+                        f"was edited: delete it and rerun {_remake_hint(path)}")
     return state
+
+
+def _looks_truncated(path: Path, exc: Exception) -> bool:
+    """An empty file, or a torch zip archive (``PK`` magic) whose reading failed."""
+    if isinstance(exc, EOFError):
+        return True
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    return magic == b"PK\x03\x04" and not isinstance(exc, pickle.UnpicklingError)
+
+
+def _remake_hint(path: Path) -> str:
+    """The make command that rebuilds a checkpoint of ``runs/<DATA>/<RUN>/``."""
+    run, data = path.parent.name, path.parent.parent.name
+    if path.parent.parent.parent.name != "runs":
+        return "the `make train` / `make retrain` (or `aoq train --resume`) that wrote it"
+    again = ("; without last.pt the run starts over" if path.name == "last.pt"
+             else "; the run resumes from its last.pt" if path.name == "checkpoint.pt" else "")
+    return (f"`make train DATA={data} RUN={run}` (or `make retrain DATA={data} "
+            f"AOQ_RUN={run}` for an AOQ run){again}")
 
 
 def model_from_checkpoint(state: dict, source: str = "checkpoint"):
     """Rebuild (model, vocab) from a loaded checkpoint; the model is on the CPU, eval mode."""
     spec = state["model"]
-    options = MODELS.options(spec["name"])
-    model = build_model(spec["name"], {k: v for k, v in spec["args"].items() if k in options},
-                        **{k: v for k, v in spec["args"].items() if k not in options})
+    try:
+        options = MODELS.options(spec["name"])
+        model = build_model(spec["name"],
+                            {k: v for k, v in spec["args"].items() if k in options},
+                            **{k: v for k, v in spec["args"].items() if k not in options})
+    except UserError as exc:  # an unknown model name, an option out of range
+        raise UserError(f"{source}: {exc}") from exc
+    except (TypeError, ValueError) as exc:  # arguments the model does not take
+        raise UserError(f"{source}: model {spec['name']!r} cannot be built from "
+                        f"{spec['args']} ({exc}); the checkpoint comes from another version "
+                        "of the code") from exc
     try:
         model.load_state_dict(state["state_dict"])
-    except RuntimeError as exc:
+    except (RuntimeError, TypeError, AttributeError) as exc:
         raise UserError(f"{source}: weights do not fit model {spec['name']!r} with "
                         f"{spec['args']}: {str(exc).splitlines()[0]}") from exc
     model.eval()

@@ -110,3 +110,20 @@ def test_epoch_batches_split_across_ranks_cover_the_single_process_order():
     merged = [sorted(a + b) for a, b in zip(ranks[0], ranks[1], strict=False)]
     assert merged[:25] == [sorted(b) for b in single[:25]]
     assert sorted(i for r in ranks for b in r for i in b) == list(range(103))
+
+
+def test_splits_of_other_feature_extractors_are_refused(tmp_path):
+    from stages.data.dataset import check_compatible
+    from stages.errors import UserError
+
+    write_precomp(tmp_path, "train", _features((6, 4, 3)), CAPTIONS)
+    write_precomp(tmp_path, "dev", _features((6, 4, 3)), CAPTIONS)
+    write_precomp(tmp_path, "dim", _features((6, 4, 5)), CAPTIONS)
+    write_precomp(tmp_path, "pooled", _features((6, 3)), CAPTIONS)
+    train = open_split(tmp_path, "train")
+    check_compatible(train, open_split(tmp_path, "dev"))
+    with pytest.raises(UserError, match=r"dim_ims.npy \(dim\) holds features of shape "
+                                        r"\(6, 4, 5\) but .*train_ims.npy \(train\) \(6, 4, 3\)"):
+        check_compatible(train, open_split(tmp_path, "dim"))
+    with pytest.raises(UserError, match=r"pooled_ims.npy .*\(6, 3\) but .*\(6, 4, 3\)"):
+        check_compatible(train, open_split(tmp_path, "pooled"))

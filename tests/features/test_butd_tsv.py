@@ -191,3 +191,32 @@ def test_partial_files_from_other_inputs_restart(folder, tmp_path, monkeypatch):
     data, attrs = read_split(folder / "testall.h5")
     assert attrs["dtype"] == "float16" and data["num_regions"].tolist() == [4, 4, 4, 4]
     np.testing.assert_allclose(data["features"][2], images[42][3], atol=1e-2)
+
+
+def test_a_full_disk_keeps_the_partial_files_and_a_rerun_finishes(folder, tmp_path,
+                                                                  monkeypatch):
+    import errno
+
+    from stages.errors import NoSpaceError
+    from stages.features.writer import SplitWriter
+
+    images = make_images(ALL_IDS, [3] * len(ALL_IDS))
+    tsv = write_tsv(tmp_path / "f.tsv", images)
+    real_write = SplitWriter._write
+    calls = []
+
+    def disk_fills_up(self, *args):
+        calls.append(1)
+        if len(calls) == 5:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_write(self, *args)
+
+    monkeypatch.setattr(SplitWriter, "_write", disk_fills_up)
+    with pytest.raises(NoSpaceError, match=r"no space left on .*\.h5\.partial, need about"):
+        tsv_to_hdf5([tsv], folder, SPLITS, max_regions=4, feature_dim=DIM)
+    assert sorted(p.name for p in folder.glob("*.partial")) == [
+        "test.h5.partial", "testall.h5.partial", "train.h5.partial"]
+    monkeypatch.undo()
+    tsv_to_hdf5([tsv], folder, SPLITS, max_regions=4, feature_dim=DIM)
+    feats, _ = read_split(folder / "train.h5")
+    np.testing.assert_array_equal(feats["features"][0, :3], images[11][3])

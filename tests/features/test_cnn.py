@@ -172,3 +172,89 @@ def test_missing_weights_say_how_to_get_them(tmp_path, monkeypatch):
         FeatureExtractor("resnet18", "imagenet")
     with pytest.raises(UserError, match="unknown CNN 'alexnet9'"):
         FeatureExtractor("alexnet9", "random")
+
+
+def test_random_weights_are_seeded_and_the_seed_is_recorded(image_dataset, tmp_path):
+    import shutil
+
+    root, dataset = image_dataset
+    runs = {}
+    for name, seed in (("a", 0), ("b", 0), ("c", 1)):
+        shutil.copytree(dataset, tmp_path / name)
+        cnn_features(root, tmp_path / name, ["dev"], "resnet18", "random", crop_size=CROP,
+                     workers=0, device="cpu", seed=seed)
+        runs[name] = read(tmp_path / name / "dev.h5")
+    np.testing.assert_array_equal(runs["a"][0], runs["b"][0])  # two runs: the same network
+    assert not np.allclose(runs["a"][0], runs["c"][0])
+    assert runs["a"][2]["seed"] == 0 and runs["c"][2]["seed"] == 1
+
+
+def test_a_resume_with_another_seed_starts_over(image_dataset, tmp_path):
+    import shutil
+
+    root, dataset = image_dataset
+    shutil.copytree(dataset, tmp_path / "fresh")
+    broken = root / "train2017" / "000000000003.jpg"
+    original = broken.read_bytes()
+    broken.write_bytes(original[:200])
+    with pytest.raises(UserError, match="cannot read image"):  # leaves a seed-0 partial file
+        cnn_features(root, dataset, ["train"], "resnet18", "random", crop_size=CROP,
+                     workers=0, device="cpu", seed=0)
+    assert (dataset / "train.h5.partial").exists()
+    broken.write_bytes(original)
+    cnn_features(root, dataset, ["train"], "resnet18", "random", crop_size=CROP, workers=0,
+                 device="cpu", seed=1)
+    cnn_features(root, tmp_path / "fresh", ["train"], "resnet18", "random", crop_size=CROP,
+                 workers=0, device="cpu", seed=1)
+    np.testing.assert_array_equal(read(dataset / "train.h5")[0],
+                                  read(tmp_path / "fresh" / "train.h5")[0])
+
+
+class Killed(BaseException):
+    """A kill: nothing after it runs but the cleanup handlers."""
+
+
+@pytest.mark.parametrize("kill_at", range(1, 8))
+def test_dropping_bad_images_killed_midway_is_finished_by_a_rerun(image_dataset,
+                                                                   resnet18_weights,
+                                                                   monkeypatch, kill_at):
+    """``os.replace`` calls while dropping an image: 1 the compacted features, 2 the
+    journal, 3-7 the skipped list, image list, ids, captions and features. A kill at any
+    of them leaves files a rerun finishes: never captions of one set with ids of another."""
+    import os
+
+    root, dataset = image_dataset
+    broken = root / "train2017" / "000000000003.jpg"
+    broken.write_bytes(broken.read_bytes()[:200])
+    run = {"images_root": root, "dataset_dir": dataset, "splits": ["train"],
+           "arch": "resnet18", "weights": str(resnet18_weights), "crop_size": CROP,
+           "workers": 0, "device": "cpu", "on_bad_image": "skip"}
+    calls = []
+    real_replace = os.replace
+
+    def replace(src, dst):
+        calls.append(dst)
+        if len(calls) == kill_at:
+            raise Killed
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", replace)
+    with pytest.raises(Killed):
+        cnn_features(**run)
+    monkeypatch.undo()
+    ids = (dataset / "train_ids.txt").read_text().split()
+    caps = (dataset / "train_caps.txt").read_text().splitlines()
+    images = (dataset / "train_images.txt").read_text().split()
+    if kill_at <= 2:  # before the journal: the old set, whole
+        assert len(ids) == 5 and len(caps) == 25 and len(images) == 5
+    cnn_features(**run)
+    feats, h5_ids, attrs = read(dataset / "train.h5")
+    assert h5_ids.tolist() == [1, 2, 4, 5] and attrs["skipped_images"] == 1
+    assert (dataset / "train_ids.txt").read_text().split() == ["1", "2", "4", "5"]
+    split = open_split(dataset, "train")
+    assert len(split.captions) == 20 and "photo 3 number 0" not in split.captions
+    assert (dataset / "train_skipped.txt").read_text() == "train2017/000000000003.jpg\n"
+    assert len((dataset / "train_images.txt").read_text().split()) == 4
+    assert sorted(p.name for p in dataset.iterdir() if p.name.startswith(".")) == []
+    assert not list(dataset.glob("*.partial")) and not list(dataset.glob("*.kept.h5"))
+    assert (dataset / "train.h5").stat().st_mtime >= (dataset / "train_caps.txt").stat().st_mtime

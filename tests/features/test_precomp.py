@@ -54,3 +54,43 @@ def test_killed_precomp_conversion_resumes(tmp_path, monkeypatch):
     (tmp_path / "train_ims.npy").unlink()
     np.testing.assert_array_equal(open_split(tmp_path, "train").features.read_many(range(10)),
                                   features)
+
+
+def test_a_full_disk_is_one_clear_error_and_a_rerun_resumes(tmp_path, monkeypatch):
+    import errno
+    import shutil
+    from collections import namedtuple
+
+    import h5py
+
+    from stages.errors import NoSpaceError
+
+    features = np.arange(10 * 3, dtype=np.float32).reshape(10, 3)
+    write_precomp(tmp_path, "train", features, [f"c {i}" for i in range(50)])
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(10**9, 10**9 - 1000, 1000))
+    with pytest.raises(NoSpaceError, match=r"no space left on .*train.h5.partial, need about "
+                                           r"1.0 MB for the features of train.h5"):
+        precomp_to_hdf5(tmp_path)
+    assert not list(tmp_path.glob("train.h5*"))  # checked before anything is written
+    monkeypatch.undo()
+
+    monkeypatch.setattr(precomp, "CHECKPOINT_IMAGES", 4)
+    real_setitem = h5py.Dataset.__setitem__
+    writes = []
+
+    def disk_fills_up(self, key, value):
+        writes.append(key)
+        if len(writes) == 7:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_setitem(self, key, value)
+
+    monkeypatch.setattr(h5py.Dataset, "__setitem__", disk_fills_up)
+    with pytest.raises(NoSpaceError, match=r"no space left on .*train.h5.partial"):
+        precomp_to_hdf5(tmp_path)
+    assert (tmp_path / "train.h5.partial").exists()  # kept for the rerun
+    monkeypatch.undo()
+    precomp_to_hdf5(tmp_path)  # space freed: resumes and finishes
+    (tmp_path / "train_ims.npy").unlink()
+    np.testing.assert_array_equal(open_split(tmp_path, "train").features.read_many(range(10)),
+                                  features)

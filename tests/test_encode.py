@@ -1,0 +1,32 @@
+"""Encoding a split refuses NaN/inf image features: they would rank first for every caption."""
+
+import numpy as np
+import pytest
+import torch
+
+from stages.data.dataset import open_split
+from stages.data.vocab import Vocab
+from stages.encode import encode_split
+from stages.errors import UserError
+from stages.models import build_model
+from tests.conftest import write_precomp
+
+CAPTIONS = [f"a photo number {i}" for i in range(5 * 12)]
+
+
+@pytest.mark.parametrize("bad_value", [np.nan, np.inf, -np.inf])
+def test_non_finite_features_name_the_split_file_and_first_image(tmp_path, bad_value):
+    feats = np.random.default_rng(0).normal(size=(12, 3, 8)).astype(np.float32)
+    feats[7, 1, 2] = bad_value
+    feats[9, 0, 0] = bad_value
+    write_precomp(tmp_path, "test", feats, CAPTIONS)
+    split = open_split(tmp_path, "test")
+    vocab = Vocab(["<pad>", "<start>", "<end>", "<unk>", "a", "photo"])
+    model = build_model("vsepp", img_dim=8, vocab_size=len(vocab), embed_size=4, word_dim=4)
+    with pytest.raises(UserError, match=r"split 'test': .*test_ims.npy has NaN or inf "
+                                        r"features .*first: image 7\b"):
+        encode_split(model, split, vocab, torch.device("cpu"), batch_size=5)
+    feats[7, 1, 2] = feats[9, 0, 0] = 0.0
+    write_precomp(tmp_path, "test", feats, CAPTIONS)
+    img, cap = encode_split(model, open_split(tmp_path, "test"), vocab, torch.device("cpu"))
+    assert img.shape == (12, 4) and cap.shape == (60, 4)
