@@ -20,7 +20,8 @@ CASES = [("triplet_random", []), ("triplet_semihard", []), ("triplet_topk", ["lo
 @pytest.mark.parametrize("name, options", CASES)
 def test_trains_through_the_engine(tiny_config, tmp_path, name, options):
     config = load_config(base=tiny_config, overrides=[f"loss.name={name}", *options,
-                                                      "memory.size=16", "train.epochs=1"])
+                                                      "memory.size=16", "train.epochs=1",
+                                                      "train.batch_size=32"])
     train(config, tmp_path / "run")
     records = [json.loads(line)
                for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
