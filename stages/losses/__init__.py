@@ -4,7 +4,18 @@ from ..registry import Registry
 
 LOSSES = Registry("loss")
 
-from . import aoq, vse_hinge  # noqa: E402,F401  (register aoq, offquin, offtri, vse_*)
+from . import (  # noqa: E402,F401  (each module registers its losses by name)
+    aoq,
+    contrastive,
+    focal_infonce,
+    focal_triplet,
+    focal_triplet_mlp,
+    infonce,
+    triplet_random,
+    triplet_semihard,
+    triplet_topk,
+    vse_hinge,
+)
 from .base import OfflineNegatives, References, RetrievalLoss  # noqa: E402,F401
 
 
