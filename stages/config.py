@@ -61,11 +61,10 @@ class NamedBlock:
     values: dict = field(default_factory=dict)
 
     def registry(self):
-        if self.kind == "model":
-            from .models import MODELS
-            return MODELS
-        from .losses import LOSSES
-        return LOSSES
+        """The names and options of this kind (from the options cache when it is fresh, so
+        checking a config needs no torch; see :mod:`stages.options_cache`)."""
+        from .options_cache import option_registry
+        return option_registry(self.kind)
 
     def options(self, source: str = "config") -> dict:
         return self.registry().resolve(self.name, self.values, source)
@@ -229,7 +228,7 @@ def set_value(config: Config, key: str, value, source: str) -> None:
     if section in NAMED:
         if name == "name":
             section_obj.name = check_value(value, str, None, f"{section}.name", source)
-            section_obj.registry().get(section_obj.name)  # unknown names fail here
+            section_obj.registry().check_name(section_obj.name)  # unknown names fail here
         else:
             section_obj.values[name] = value  # checked by Config.check, once name is final
         return

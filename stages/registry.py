@@ -63,9 +63,24 @@ class Registry:
             return cls
         return decorator
 
-    def get(self, name: str) -> Callable:
-        if name not in self._factories:
+    @classmethod
+    def from_options(cls, kind: str, options: dict[str, dict[str, Option]]) -> "Registry":
+        """A registry that knows names and options only (to check configs without
+        importing the classes; see :mod:`stages.options_cache`): ``build`` is not possible."""
+        registry = cls(kind)
+        registry._options = options
+        return registry
+
+    def check_name(self, name: str) -> None:
+        """Refuse an unknown name, listing the known ones."""
+        if name not in self._options:
             raise UserError(f"unknown {self.kind} {name!r}; known: {', '.join(self.names())}")
+
+    def get(self, name: str) -> Callable:
+        self.check_name(name)
+        if name not in self._factories:
+            raise RuntimeError(f"{self.kind} registry built from cached options cannot "
+                               f"build {name!r}")
         return self._factories[name]
 
     def class_of(self, name: str) -> type:
@@ -75,7 +90,7 @@ class Registry:
 
     def options(self, name: str) -> dict[str, Option]:
         """The options (settings) that ``name`` takes, with types and defaults."""
-        self.get(name)
+        self.check_name(name)
         return self._options[name]
 
     def takers(self, option: str) -> list[str]:
@@ -107,4 +122,8 @@ class Registry:
         return self.get(name)(**self.resolve(name, options, source), **data_args)
 
     def names(self) -> list[str]:
-        return sorted(self._factories)
+        return sorted(self._options)
+
+    def options_table(self) -> dict[str, dict[str, Option]]:
+        """Every name's options."""
+        return dict(self._options)

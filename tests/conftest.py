@@ -4,11 +4,15 @@ import logging
 
 import numpy as np
 import pytest
+import torch
 
 from stages.config import load_config
 from stages.data.synthetic import write_synthetic_dataset
 from stages.data.vocab import build_vocab_file
 from stages.log import remove_file_handlers
+
+# Tiny models gain nothing from a second thread, and the suite's processes share 2 cores.
+torch.set_num_threads(1)
 
 TINY_SPLITS = {"train": 40, "dev": 10, "test": 10}
 # A model small enough that a few epochs on the tiny dataset take a second or two.

@@ -202,7 +202,7 @@ def checkpoint_state():
     from stages.models import build_model
 
     args = {"img_dim": D, "vocab_size": 5, "embed_size": 8, "word_dim": 4}
-    model = build_model("vsepp", **args)
+    model = build_model("vsepp", {"embed_size": 8, "word_dim": 4}, img_dim=D, vocab_size=5)
     return {"format": "aoq-checkpoint", "version": 1, "model": {"name": "vsepp", "args": args},
             "state_dict": model.state_dict(), "epoch": 1, "config": {},
             "vocab": Vocab(GOOD_WORDS).to_json(),
@@ -396,7 +396,7 @@ CASES = {
     "config/not-yaml": (config_file(b"a: [\n"), "not valid YAML"),
     "config/a-list": (config_file(b"- 1\n"), "expected a mapping"),
     "config/unknown-section": (config_file(b"nope: {a: 1}\n"), "unknown section"),
-    "config/wrong-type": (config_file(b"train: {lr: abc}\n"), "train.lr must be float"),
+    "config/wrong-type": (config_file(b"train: {lr: abc}\n"), "train.lr must be a finite float"),
     "config/not-utf8": (config_file(b"train: {lr: \xff}\n"), "not UTF-8"),
     # BUTD TSV
     "tsv/fields": (tsv(b"1\t2\t3\n"), "tab-separated fields"),

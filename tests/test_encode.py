@@ -22,7 +22,8 @@ def test_non_finite_features_name_the_split_file_and_first_image(tmp_path, bad_v
     write_precomp(tmp_path, "test", feats, CAPTIONS)
     split = open_split(tmp_path, "test")
     vocab = Vocab(["<pad>", "<start>", "<end>", "<unk>", "a", "photo"])
-    model = build_model("vsepp", img_dim=8, vocab_size=len(vocab), embed_size=4, word_dim=4)
+    model = build_model("vsepp", {"embed_size": 4, "word_dim": 4}, img_dim=8,
+                        vocab_size=len(vocab))
     with pytest.raises(UserError, match=r"split 'test': .*test_ims.npy has NaN or inf "
                                         r"features .*first: image 7\b"):
         encode_split(model, split, vocab, torch.device("cpu"), batch_size=5)

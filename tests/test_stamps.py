@@ -91,3 +91,31 @@ def test_the_settings_command_resolves_the_retrain_defaults(tmp_path):
     content = yaml.safe_load((tmp_path / "s.yaml").read_text())
     assert content["train"]["lr"] == 0.01 and content["loss"]["name"] == "aoq"
     assert content["train"]["epochs"] == 20 and content["loss"]["alpha"] == 0.3
+
+
+def test_the_settings_command_needs_no_torch_once_the_options_are_cached(tmp_path):
+    code = ("import sys; from stages.cli import cli; "
+            "cli(['settings', '--stage', 'retrain', '--set', 'loss.name=infonce', '--out', "
+            f"{str(tmp_path / 's.yaml')!r}], standalone_mode=False); "
+            "print('torch' in sys.modules)")
+    runs = [subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                           timeout=120) for _ in range(2)]
+    assert all(r.returncode == 0 for r in runs), runs[0].stderr + runs[1].stderr
+    assert runs[1].stdout.strip() == "False"  # the first run may have written the cache
+    content = yaml.safe_load((tmp_path / "s.yaml").read_text())
+    assert content["loss"]["temperature"] == 0.07
+
+
+def test_cached_options_equal_the_live_registries(tmp_path, monkeypatch):
+    from stages import options_cache
+    from stages.losses import LOSSES
+    from stages.models import MODELS
+
+    monkeypatch.setattr(options_cache, "CACHE", tmp_path / "options.json")
+    options_cache._write_cache("k")
+    monkeypatch.setattr(options_cache, "_sources_key", lambda: "k")
+    monkeypatch.delitem(sys.modules, "stages.losses")
+    monkeypatch.delitem(sys.modules, "stages.models")
+    for kind, live in (("loss", LOSSES), ("model", MODELS)):
+        cached = options_cache.option_registry(kind)
+        assert cached is not live and cached.options_table() == live.options_table()
