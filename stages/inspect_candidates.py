@@ -129,17 +129,18 @@ def _suspect_line(row: QueryRow, ratio: float, keep: int, positive_what: str) ->
         return lines
     threshold = ratio * row.positive_score
     suspects = int((row.scores > threshold).sum())
-    text = (f"false-negative filter at ratio {ratio:g}: ? marks suspects, scoring above "
-            f"{threshold:.4f}; {suspects} of this query's {len(row.scores)} candidates")
-    if len(row.scores) > keep:
+    k = len(row.scores)
+    lines.append(f"false-negative filter at ratio {ratio:g}: ? marks suspects, scoring above "
+                 f"{threshold:.4f}: {suspects} of this query's {k} candidates")
+    if k > keep:
         one = Candidates(row.path, row.indices[None], row.attrs, row.scores[None],
                          np.array([row.positive_score], dtype=np.float32))
         skips = int(false_negative_skips(one, ratio, keep)[0])
-        text += f"; retraining skips its first {skips} (at most K - {keep})"
+        lines.append(f"  retraining skips its first {skips} (at most K - h = {k} - {keep})")
     else:
-        text += f"; retraining skips none (K={len(row.scores)} leaves none beyond the {keep} " \
-                "it samples from)"
-    return [*lines, text]
+        lines.append(f"  retraining skips none (K={k} leaves none beyond the {keep} it "
+                     "samples from)")
+    return lines
 
 
 def _table(row: QueryRow, top: int, ratio: float, describe) -> list[str]:

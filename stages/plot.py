@@ -74,7 +74,7 @@ def similarity_figure(rounds: list[RoundStats], names: dict, bins: np.ndarray) -
                         label=f"{names[direction][q]}: median {np.median(v):.3f}")
             ax.set_title(f"{stats.label}: {DIRECTION_NAMES[direction]}", fontsize=10)
             ax.set_ylabel("density")
-            ax.legend(fontsize=8, loc="upper left")
+            ax.legend(fontsize=8, loc="best")
     for ax in axes[-1]:
         ax.set_xlabel("cosine similarity")
     fig.suptitle("Similarity of positives and of online vs offline hard negatives")
@@ -121,7 +121,7 @@ def rounds_figure(rounds: list[RoundStats], names: dict, bins: np.ndarray) -> Fi
                 ax.hist(v, bins=bins, density=True, histtype="step", linewidth=1.5,
                         color=colour, label=f"{stats.label}: median {np.median(v):.3f}")
             ax.set_title(f"{DIRECTION_NAMES[direction]}: {names[direction][q]}", fontsize=10)
-            ax.legend(fontsize=8, loc="upper left")
+            ax.legend(fontsize=8, loc="best")
     for ax in axes[-1]:
         ax.set_xlabel("cosine similarity")
     fig.suptitle("How the distributions move across rounds")
