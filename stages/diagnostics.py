@@ -31,6 +31,7 @@ from .offcandi import positive_scores
 log = logging.getLogger(__name__)
 
 QUANTITIES = ("positive", "online", "offline_top1", "offline_range")
+SIMS_PER_BLOCK = 1 << 23  # similarities computed at once for the t2i ranks (32 MiB)
 
 
 def read_rows(dataset, ids: np.ndarray, block_size: int = 8192) -> np.ndarray:
@@ -77,7 +78,8 @@ def positive_ranks(images: np.ndarray, captions, sample: np.ndarray, block_size:
 
     i2t (m,): the best of the image's 5 captions among all 5N captions; t2i (5m,): the
     caption's image among all N images, for captions 5i..5i+4 of each sampled image i in
-    order. ``images`` (N, E); ``captions`` (5N, E), read ``block_size`` rows at a time.
+    order. ``images`` (N, E); ``captions`` (5N, E), read ``block_size`` rows at a time;
+    memory: the sample's captions (5m, E) and (m, block_size) + 32 MiB of similarities.
     """
     sample = np.asarray(sample, dtype=np.int64)
     own = (sample[:, None] * CAPTIONS_PER_IMAGE + np.arange(CAPTIONS_PER_IMAGE)).ravel()
@@ -94,9 +96,10 @@ def positive_ranks(images: np.ndarray, captions, sample: np.ndarray, block_size:
         sims[owner[None, :] == sample[:, None]] = -np.inf  # never count an own caption
         i2t += (sims > best[:, None]).sum(axis=1)
     t2i = np.empty(len(own), dtype=np.int64)
-    for start in range(0, len(own), block_size):
-        sims = own_rows[start:start + block_size] @ images.T  # (b, N)
-        mine = own[start:start + block_size] // CAPTIONS_PER_IMAGE
+    rows_per_block = max(1, SIMS_PER_BLOCK // len(images))
+    for start in range(0, len(own), rows_per_block):
+        sims = own_rows[start:start + rows_per_block] @ images.T  # (b, N)
+        mine = own[start:start + rows_per_block] // CAPTIONS_PER_IMAGE
         rows = np.arange(len(sims))
         positive = sims[rows, mine].copy()
         sims[rows, mine] = -np.inf

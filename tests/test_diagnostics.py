@@ -4,6 +4,7 @@ import h5py
 import numpy as np
 import pytest
 
+from stages import diagnostics
 from stages.candidates import write_candidates
 from stages.config import OffcandiConfig
 from stages.diagnostics import (
@@ -58,8 +59,10 @@ def brute_ranks(img, cap, sample):
     return np.array(i2t), np.array(t2i)
 
 
-@pytest.mark.parametrize("block_size", [4, 1000])
-def test_positive_ranks_match_brute_force_and_the_eval_ranks(emb_file, block_size):
+@pytest.mark.parametrize("block_size, sims_per_block", [(4, 50), (1000, 1 << 23)])
+def test_positive_ranks_match_brute_force_and_the_eval_ranks(emb_file, block_size,
+                                                             sims_per_block, monkeypatch):
+    monkeypatch.setattr(diagnostics, "SIMS_PER_BLOCK", sims_per_block)  # 50: 2 captions
     path, img, cap = emb_file
     sample = np.array([0, 3, 4, 11, 22])
     with h5py.File(path, "r") as f:
