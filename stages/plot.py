@@ -71,10 +71,10 @@ def similarity_figure(rounds: list[RoundStats], names: dict, bins: np.ndarray) -
                 v = stats.values[direction][q]
                 ax.hist(v, bins=bins, density=True, histtype="step", linewidth=1.5,
                         color=COLOURS[q],
-                        label=f"{names[direction][q]}: median {np.median(v):.3f}")
+                        label=f"{names[direction][q]}: median {np.median(v):.4f}")
             ax.set_title(f"{stats.label}: {DIRECTION_NAMES[direction]}", fontsize=10)
             ax.set_ylabel("density")
-            ax.legend(fontsize=8, loc="best")
+            _legend_above_curves(ax, len(QUANTITIES))
     for ax in axes[-1]:
         ax.set_xlabel("cosine similarity")
     fig.suptitle("Similarity of positives and of online vs offline hard negatives")
@@ -119,13 +119,19 @@ def rounds_figure(rounds: list[RoundStats], names: dict, bins: np.ndarray) -> Fi
             for stats, colour in zip(rounds, colours, strict=True):
                 v = stats.values[direction][q]
                 ax.hist(v, bins=bins, density=True, histtype="step", linewidth=1.5,
-                        color=colour, label=f"{stats.label}: median {np.median(v):.3f}")
+                        color=colour, label=f"{stats.label}: median {np.median(v):.4f}")
             ax.set_title(f"{DIRECTION_NAMES[direction]}: {names[direction][q]}", fontsize=10)
-            ax.legend(fontsize=8, loc="best")
+            _legend_above_curves(ax, len(rounds))
     for ax in axes[-1]:
         ax.set_xlabel("cosine similarity")
     fig.suptitle("How the distributions move across rounds")
     return fig
+
+
+def _legend_above_curves(ax, entries: int) -> None:
+    """Room above the histograms' peaks for a legend of ``entries`` lines."""
+    ax.set_ylim(0, ax.get_ylim()[1] * (1.1 + 0.1 * entries))
+    ax.legend(fontsize=8, loc="upper left")
 
 
 def _round_colours(n: int) -> list:
