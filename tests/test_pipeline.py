@@ -60,31 +60,38 @@ def test_chain_end_to_end_then_only_missing_stages_rerun(workdir):
                  "runs/tiny/aoq/checkpoint.pt"):
         assert (work / path).is_file(), path
     assert "base" in out and "aoq" in out and "rsum" in out
-    assert stages_to_run(work) == ["eval"]  # everything is up to date
+    assert stages_to_run(work) == ["eval", "plot"]  # everything is up to date
 
     (work / "runs/tiny/aoq/checkpoint.pt").unlink()  # retrain killed before it finished
-    assert stages_to_run(work) == ["retrain", "eval"]
+    assert stages_to_run(work) == ["retrain", "eval", "plot"]
     make(work, "compare")
-    assert stages_to_run(work) == ["eval"]
+    assert stages_to_run(work) == ["eval", "plot"]
 
     (work / "offcandi/tiny/t2i.h5").unlink()  # mining killed between the two files
     shutil.rmtree(work / "runs/tiny/aoq")
-    assert stages_to_run(work) == ["offcandi", "retrain", "eval"]
+    assert stages_to_run(work) == ["offcandi", "retrain", "eval", "plot"]
 
     (work / "runs/tiny/base/embeddings_train.h5").unlink()
-    assert stages_to_run(work) == ["embed", "offcandi", "retrain", "eval"]
+    assert stages_to_run(work) == ["embed", "offcandi", "retrain", "eval", "plot"]
 
 
 def test_rounds_mine_again_with_the_retrained_model(workdir):
     work = workdir
     make(work, "compare")
-    assert stages_to_run(work, "ROUNDS=2") == ["embed", "offcandi", "retrain", "eval"]
+    assert stages_to_run(work, "ROUNDS=2") == ["embed", "offcandi", "retrain", "eval", "plot"]
     out = make(work, "compare", "ROUNDS=2", "RETRAIN_INIT=miner",
                "RETRAIN_SET=loss.detach_weights=1")
     for path in ("runs/tiny/aoq/embeddings_train.h5", "offcandi/tiny/round2/t2i.h5",
                  "runs/tiny/aoq_round2/checkpoint.pt"):
         assert (work / path).is_file(), path
     assert "aoq_round2" in out
+    summary = json.loads((work / "runs/tiny/compare/diagnostics.json").read_text())["rounds"]
+    assert [(r["embeddings"], r["candidates"]) for r in summary] == [
+        ("runs/tiny/base/embeddings_train.h5", "offcandi/tiny"),
+        ("runs/tiny/aoq/embeddings_train.h5", "offcandi/tiny/round2")]
+    assert summary[0]["i2t"]["sampled_range"] == 20  # offcandi.hardest of the experiment
+    for name in ("similarities.png", "positive_rank.png", "rounds.png"):
+        assert (work / "runs/tiny/compare" / name).read_bytes()[:4] == b"\x89PNG"
     with h5py.File(work / "offcandi/tiny/round2/i2t.h5", "r") as f:
         miner = f.attrs["checkpoint"]
     assert miner.endswith("runs/tiny/aoq/checkpoint.pt")
@@ -93,7 +100,7 @@ def test_rounds_mine_again_with_the_retrained_model(workdir):
     assert config["loss"]["detach_weights"] is True
     base = yaml.safe_load((work / "runs/tiny/base/config.yaml").read_text())
     assert base["loss"]["detach_weights"] is False  # RETRAIN_SET is for retrain only
-    assert stages_to_run(work, "ROUNDS=2") == ["eval"]
+    assert stages_to_run(work, "ROUNDS=2") == ["eval", "plot"]
 
 
 def test_features_from_karpathy_json_and_butd_tsv_then_train(workdir):
