@@ -257,6 +257,9 @@ eval: $(CKPT) | $(STAMP)
 compare: $(BASE_CKPT) $(ROUND_CKPTS)
 	$(AOQ) eval --each $(foreach c,$(BASE_CKPT) $(ROUND_CKPTS),--ckpt $(c)) $(CONFIGS) $(OVERRIDES) \
 	    --set eval.fold5=$(FOLD5)
+	$(AOQ) plot $(foreach r,$(ROUND_NUMBERS),--embeddings $(call round_miner,$(r))/embeddings_train.h5 \
+	    --candidates $(call round_offcandi,$(r))) $(CONFIGS) $(OVERRIDES) \
+	    $(foreach s,$(RETRAIN_SET),--set $(s)) --out-dir runs/$(DATA)/compare
 
 f30k-all:
 	$(MAKE) --no-print-directory compare DATA=f30k_precomp

@@ -132,6 +132,60 @@ def offcandi_import(config_files, overrides, i2t_file, t2i_file, out_dir) -> Non
     import_published(i2t_file, t2i_file, config, out_dir or config.candidates_dir())
 
 
+@cli.command(name="inspect")
+@config_options
+@click.option("--candidates", "folder", required=True,
+              type=click.Path(file_okay=False, path_type=Path),
+              help="Candidate folder holding i2t.h5 and t2i.h5 (e.g. offcandi/f30k_precomp).")
+@click.option("--image", type=int, help="Show this training image's candidate captions.")
+@click.option("--caption", type=int, help="Show this training caption's candidate images.")
+@click.option("--top", default=10, show_default=True, help="How many candidates to show.")
+@click.option("--false-negative-ratio", "ratio", type=float,
+              help="Mark candidates scoring above this x the query's positive score "
+                   "(default: offcandi.false_negative_ratio; 0: no marks).")
+def inspect_command(config_files, overrides, folder, image, caption, top, ratio) -> None:
+    """Print one query's offline candidates with their captions and scores."""
+    from .inspect_candidates import inspect_caption, inspect_image
+
+    if (image is None) == (caption is None):
+        raise UserError("give one of --image N or --caption N")
+    if top < 1:
+        raise UserError(f"--top {top}: must be at least 1")
+    config = load_config(config_files, overrides)
+    ratio = config.offcandi.false_negative_ratio if ratio is None else ratio
+    show = inspect_image if image is not None else inspect_caption
+    click.echo(show(folder, image if image is not None else caption, config.data.path,
+                    top=top, ratio=ratio, hardest=config.offcandi.hardest))
+
+
+@cli.command(name="plot")
+@config_options
+@click.option("--candidates", "candidate_dirs", multiple=True, required=True,
+              type=click.Path(file_okay=False, path_type=Path),
+              help="Candidate folder of a round (i2t.h5, t2i.h5); repeat for each round, "
+                   "in order (offcandi/DATA, offcandi/DATA/round2, ...).")
+@click.option("--embeddings", multiple=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="The training embeddings each --candidates was mined from, in the same "
+                   "order (default: the path the candidate files record).")
+@click.option("--out-dir", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Where the PNGs and diagnostics.json go (e.g. runs/DATA/compare).")
+@click.option("--rank-sample", default=1000, show_default=True,
+              help="Images (and their captions) whose positive rank is computed.")
+@click.option("--online-batches", default=160, show_default=True,
+              help="Random batches of train.batch_size in which hardest online negatives "
+                   "are found.")
+@click.option("--seed", default=0, show_default=True)
+def plot_command(config_files, overrides, candidate_dirs, embeddings, out_dir, rank_sample,
+                 online_batches, seed) -> None:
+    """PNG figures: positive vs online vs offline negative similarities, positive ranks,
+    across rounds."""
+    from .plot import plot
+
+    config = load_config(config_files, overrides)
+    plot(list(candidate_dirs), list(embeddings), config, out_dir, rank_sample,
+         online_batches, seed)
+
+
 # The retrain stage's defaults, under --config files and --set: AOQ's loss with offline
 # negatives on the AOQ reference's schedule ("lr_update=10 for all the situations": 20 epochs,
 # decayed at epoch 10).

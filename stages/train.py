@@ -29,6 +29,7 @@ from .errors import UserError
 from .io.atomic import atomic_path, write_text
 from .io.checkpoint import load_checkpoint, weights_hash
 from .io.lock import LOCK_NAME, folder_lock
+from .io.scalars import ScalarWriter
 from .log import setup_logging
 from .losses import LOSSES, build_loss
 from .metrics.retrieval import evaluate_embeddings
@@ -218,7 +219,13 @@ def train(config: Config, run_dir: str | Path, resume: bool = False) -> Path:
             trainer.load_state_dict(state)
             log.info("resuming %s at epoch %d step %d (best rsum %.2f)", run_dir,
                      state["epoch"] + 1, state["epoch_step"], state["best_rsum"])
-        trainer.fit()
+        if is_main():  # TensorBoard: points after the resume point are dropped, then redone
+            trainer.scalars = ScalarWriter(run_dir, None if state is None else state["step"] + 1)
+        try:
+            trainer.fit()
+        finally:
+            if trainer.scalars is not None:
+                trainer.scalars.close()
 
         final = run_dir / "checkpoint.pt"
         if is_main():

@@ -16,7 +16,7 @@ def aoq(*args, cwd):
 
 
 def test_every_stage_has_help(tmp_path):
-    for command in ([], ["vocab"], ["train"], ["eval"], ["demo-data"]):
+    for command in ([], ["vocab"], ["train"], ["eval"], ["demo-data"], ["inspect"], ["plot"]):
         result = aoq(*command, "--help", cwd=tmp_path)
         assert result.returncode == 0, result.stderr
         assert "Usage:" in result.stdout

@@ -64,19 +64,19 @@ def test_chain_end_to_end_then_only_missing_stages_rerun(workdir):
                  "runs/tiny/aoq/checkpoint.pt"):
         assert (work / path).is_file(), path
     assert "base" in out and "aoq" in out and "rsum" in out
-    assert stages_to_run(work) == ["eval"]  # everything is up to date
+    assert stages_to_run(work) == ["eval", "plot"]  # everything is up to date
 
     (work / "runs/tiny/aoq/checkpoint.pt").unlink()  # retrain killed before it finished
-    assert stages_to_run(work) == ["retrain", "eval"]
+    assert stages_to_run(work) == ["retrain", "eval", "plot"]
     make(work, "compare")
-    assert stages_to_run(work) == ["eval"]
+    assert stages_to_run(work) == ["eval", "plot"]
 
     (work / "offcandi/tiny/t2i.h5").unlink()  # mining killed between the two files
     shutil.rmtree(work / "runs/tiny/aoq")
-    assert stages_to_run(work) == ["offcandi", "retrain", "eval"]
+    assert stages_to_run(work) == ["offcandi", "retrain", "eval", "plot"]
 
     (work / "runs/tiny/base/embeddings_train.h5").unlink()
-    assert stages_to_run(work) == ["embed", "offcandi", "retrain", "eval"]
+    assert stages_to_run(work) == ["embed", "offcandi", "retrain", "eval", "plot"]
 
 
 def test_changed_settings_redo_exactly_the_stages_that_read_them(workdir):
@@ -88,38 +88,40 @@ def test_changed_settings_redo_exactly_the_stages_that_read_them(workdir):
     ckpt = work / "runs/tiny/base/checkpoint.pt"
     made = ckpt.stat().st_mtime_ns
     # Same resolved settings (the default lr, a device, a path): nothing to redo.
-    assert stages_to_run(work, "SET=train.lr=2e-4 train.device=cpu data.workers=0") == ["eval"]
-    assert stages_to_run(work, "SET=eval.block_size=7") == ["eval"]  # read by eval only
+    same = "SET=train.lr=2e-4 train.device=cpu data.workers=0"
+    assert stages_to_run(work, same) == ["eval", "plot"]
+    assert stages_to_run(work, "SET=eval.block_size=7") == ["eval", "plot"]  # read by eval only
 
     # Another lr after a finished train: train runs again and refuses to resume the run
-    # under another config (the lead's message will also name RUN=).
+    # under another config, naming RUN= for a new experiment.
     result = make(work, "train", "SET=train.lr=0.01", check=False)
     assert result.returncode != 0
     assert "cannot resume runs/tiny/base" in result.stderr and "train.lr" in result.stderr
+    assert "RUN=<name>" in result.stderr
     assert ckpt.stat().st_mtime_ns == made
     # Back to the settings the run was made with: nothing to redo (no cascade).
-    assert stages_to_run(work) == ["eval"]
+    assert stages_to_run(work) == ["eval", "plot"]
     # Under another run name the new settings train a new run.
     assert stages_to_run(work, "SET=train.lr=0.01", "RUN=lr01", goal="train") == ["train"]
 
     # A retrain-only setting: retrain only, refused for the finished run, fine under a name.
     detach = "RETRAIN_SET=loss.detach_weights=1"
-    assert stages_to_run(work, detach) == ["retrain", "eval"]
+    assert stages_to_run(work, detach) == ["retrain", "eval", "plot"]
     result = make(work, "retrain", detach, check=False)
     assert result.returncode != 0 and "cannot resume runs/tiny/aoq" in result.stderr
-    assert stages_to_run(work, detach, "AOQ_RUN=detach") == ["retrain", "eval"]
+    assert stages_to_run(work, detach, "AOQ_RUN=detach") == ["retrain", "eval", "plot"]
 
     # A mining setting re-mines (overwriting the candidates); the retrain on the old ones
     # is then out of date and refuses to resume.
     k30 = "SET=offcandi.k_i2t=30"
-    assert stages_to_run(work, k30) == ["offcandi", "retrain", "eval"]
+    assert stages_to_run(work, k30) == ["offcandi", "retrain", "eval", "plot"]
     make(work, "offcandi", k30)
     with h5py.File(work / "offcandi/tiny/i2t.h5", "r") as f:
         assert f.attrs["k"] == 30
-    assert stages_to_run(work) == ["offcandi", "retrain", "eval"]  # default K: mine again
+    assert stages_to_run(work) == ["offcandi", "retrain", "eval", "plot"]  # default K: mine again
     result = make(work, "retrain", k30, check=False)
     assert result.returncode != 0 and "cannot resume runs/tiny/aoq" in result.stderr
-    assert stages_to_run(work, k30) == ["retrain", "eval"]
+    assert stages_to_run(work, k30) == ["retrain", "eval", "plot"]
     assert ckpt.stat().st_mtime_ns == made  # the base model was never touched
 
 
@@ -127,12 +129,20 @@ def test_rounds_mine_again_with_the_retrained_model(workdir):
     work = workdir
     variant = ["RETRAIN_INIT=miner", "RETRAIN_SET=loss.detach_weights=1"]
     make(work, "compare", *variant)
-    assert stages_to_run(work, "ROUNDS=2", *variant) == ["embed", "offcandi", "retrain", "eval"]
+    assert stages_to_run(work, "ROUNDS=2", *variant) == ["embed", "offcandi", "retrain", "eval",
+                                                         "plot"]
     out = make(work, "compare", "ROUNDS=2", *variant)
     for path in ("runs/tiny/aoq/embeddings_train.h5", "offcandi/tiny/round2/t2i.h5",
                  "runs/tiny/aoq_round2/checkpoint.pt"):
         assert (work / path).is_file(), path
     assert "aoq_round2" in out
+    summary = json.loads((work / "runs/tiny/compare/diagnostics.json").read_text())["rounds"]
+    assert [(r["embeddings"], r["candidates"]) for r in summary] == [
+        ("runs/tiny/base/embeddings_train.h5", "offcandi/tiny"),
+        ("runs/tiny/aoq/embeddings_train.h5", "offcandi/tiny/round2")]
+    assert summary[0]["i2t"]["sampled_range"] == 20  # offcandi.hardest of the experiment
+    for name in ("similarities.png", "positive_rank.png", "rounds.png"):
+        assert (work / "runs/tiny/compare" / name).read_bytes()[:4] == b"\x89PNG"
     with h5py.File(work / "offcandi/tiny/round2/i2t.h5", "r") as f:
         miner = f.attrs["checkpoint"]
     assert miner.endswith("runs/tiny/aoq/checkpoint.pt")
@@ -142,7 +152,7 @@ def test_rounds_mine_again_with_the_retrained_model(workdir):
     base = yaml.safe_load((work / "runs/tiny/base/config.yaml").read_text())
     assert base["loss"]["name"] == "vse_max"  # RETRAIN_SET is for retrain only
     assert "detach_weights" not in base["loss"] and not base["train"]["offline_negatives"]
-    assert stages_to_run(work, "ROUNDS=2", *variant) == ["eval"]
+    assert stages_to_run(work, "ROUNDS=2", *variant) == ["eval", "plot"]
 
 
 def test_features_from_karpathy_json_and_butd_tsv_then_train(workdir):

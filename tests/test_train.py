@@ -12,6 +12,7 @@ from stages.errors import UserError
 from stages.io.checkpoint import load_checkpoint
 from stages.train import train
 from stages.training.loop import learning_rate
+from tests.io.test_scalars import raw_points
 from tests.test_offcandi import published_style
 
 
@@ -68,6 +69,13 @@ def test_resume_after_interruption_gives_the_same_weights(tiny_config, tmp_path,
     for name in whole:
         assert torch.equal(whole[name], resumed[name]), name
     assert _metrics(killed) == _metrics(tmp_path / "whole")  # train_loss included
+    # TensorBoard holds each step once, with the uninterrupted run's values.
+    whole_points, killed_points = raw_points(tmp_path / "whole"), raw_points(killed)
+    assert set(whole_points) >= {"train/loss", "train/i2t", "train/t2i", "val/rsum"}
+    assert [s for s, _ in killed_points["train/loss"]] == list(range(1, 27))
+    for tag, points in whole_points.items():
+        if tag != "val/epoch_seconds":
+            assert killed_points[tag] == points, tag
 
 
 def _metrics(run_dir):
