@@ -254,16 +254,19 @@ TABLE_MINER ?= vse_max
 TABLE_SET ?=
 TABLE_DIR = runs/$(DATA)/table
 TABLE_OVERRIDES = $(OVERRIDES) $(foreach s,$(TABLE_SET),--set $(s))
+TABLE_MAKEFILE := $(firstword $(MAKEFILE_LIST))
 TABLE_ARGS = --dir $(TABLE_DIR) --losses '$(LOSSES)' --batches '$(BATCHES)' --miner $(TABLE_MINER)
 
 table: | $(STAMP)
 	cells=$$($(AOQ) table --plan $(TABLE_ARGS)) && \
-	    $(MAKE) --no-print-directory table-files TABLE_CELLS="$$cells"
+	    $(MAKE) -f $(TABLE_MAKEFILE) --no-print-directory table-files TABLE_CELLS="$$cells"
 
 ifneq ($(TABLE_CELLS),)
-# settings.txt (training) and eval-settings.txt are rewritten only when the settings change.
+# settings.txt (training) and eval-settings.txt are rewritten only when the settings change
+# (not in a dry run, make -n).
 TABLE_TRAIN_SETTINGS := $(strip $(CONFIGS) $(TABLE_OVERRIDES))
 TABLE_EVAL_SETTINGS := $(strip $(CONFIGS) $(TABLE_OVERRIDES) --set eval.fold5=$(FOLD5))
+ifeq ($(findstring n,$(firstword -$(MAKEFLAGS))),)
 ifneq ($(file <$(TABLE_DIR)/settings.txt),$(TABLE_TRAIN_SETTINGS))
 $(shell mkdir -p $(TABLE_DIR))
 $(file >$(TABLE_DIR)/settings.txt,$(TABLE_TRAIN_SETTINGS))
@@ -272,6 +275,9 @@ ifneq ($(file <$(TABLE_DIR)/eval-settings.txt),$(TABLE_EVAL_SETTINGS))
 $(shell mkdir -p $(TABLE_DIR))
 $(file >$(TABLE_DIR)/eval-settings.txt,$(TABLE_EVAL_SETTINGS))
 endif
+endif
+
+$(TABLE_DIR)/settings.txt $(TABLE_DIR)/eval-settings.txt: ;
 
 table_part = $(word $(2),$(subst -, ,$(1)))
 table_batch = $(patsubst b%,%,$(call table_part,$(1),3))
