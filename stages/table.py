@@ -237,7 +237,7 @@ def plot_rsum(rows: list[dict], path: Path) -> None:
 
     labels = [f"{r['loss']}\nb{r['batch_size']}" for r in rows]
     colours = ["tab:orange" if r["offline_negatives"] == "yes" else "tab:blue" for r in rows]
-    fig, ax = plt.subplots(figsize=(max(4.0, 0.9 * len(rows) + 1.5), 3.6))
+    fig, ax = plt.subplots(figsize=(0.9 * len(rows) + 4.0, 3.6))
     bars = ax.bar(range(len(rows)), [r["rsum"] for r in rows], color=colours)
     ax.bar_label(bars, fmt="%.1f", fontsize=8)
     ax.set_xticks(range(len(rows)), labels, fontsize=8)
@@ -247,7 +247,7 @@ def plot_rsum(rows: list[dict], path: Path) -> None:
                  f"{first['epochs']} epochs each", fontsize=10)
     handles = [plt.Rectangle((0, 0), 1, 1, color=c) for c in ("tab:blue", "tab:orange")]
     ax.legend(handles, ["offline negatives: no", "offline negatives: yes"], fontsize=8,
-              loc="lower right")
+              loc="upper left", bbox_to_anchor=(1.0, 1.0))
     ax.margins(y=0.15)
     fig.tight_layout()
     with atomic_path(path) as tmp:
