@@ -97,6 +97,8 @@ help:
 	@echo "                   refuses new settings: name the experiment with RUN= / AOQ_RUN="
 	@echo "make f30k-all      the whole chain on f30k_precomp; coco-all likewise on coco_precomp"
 	@echo "make bench         speed figures                            -> bench/results.json"
+	@echo "make table         loss x offline negatives x batch size, LOSSES='...' BATCHES='...'"
+	@echo "                   -> runs/DATA/table/table.{md,csv,png}"
 	@echo "variables: DATA=$(DATA) DATA_PATH=$(DATA_PATH) RUN=$(RUN) AOQ_RUN=$(AOQ_RUN) ROUNDS=$(ROUNDS)"
 	@echo "           EXP=$(EXP) FOLD5=$(FOLD5)"
 	@echo "           CKPT=$(CKPT) SET='section.key=value ...' TORCH=$(TORCH)"
@@ -268,7 +270,106 @@ coco-all:
 	$(MAKE) --no-print-directory compare DATA=coco_precomp FOLD5=1
 
 demo:
-	$(MAKE) --no-print-directory compare DATA=demo EXP=demo DATA_PATH=data
+	$(MAKE) --no-print-directory demo-compare DATA=demo EXP=demo DATA_PATH=data
 
 clean-demo:
 	rm -rf data/demo runs/demo offcandi/demo
+
+# --- make demo: the base model, then the control, AOQ and DEMO_OTHER_LOSS (both with offline
+# negatives) each continued from it for DEMO_EPOCHS more epochs: all at equal epochs.
+DEMO_EPOCHS ?= 3
+# The loss trained with offline negatives beside AOQ in the demo.
+DEMO_OTHER_LOSS ?= infonce
+demo_run = runs/$(DATA)/$(1)_plus$(DEMO_EPOCHS)
+DEMO_CKPTS = $(BASE_CKPT) $(foreach r,base $(DEMO_OTHER_LOSS)_offline aoq,$(call demo_run,$(r))/checkpoint.pt)
+DEMO_CONTINUE = --set train.init_from=$(BASE_CKPT) --set train.epochs=$(DEMO_EPOCHS) --resume
+
+$(call demo_run,base)/checkpoint.pt: $(BASE_CKPT)
+	$(AOQ) train $(CONFIGS) $(OVERRIDES) $(DEMO_CONTINUE) --run-dir $(@D)
+
+define DEMO_OFFLINE_RULE
+$(call demo_run,$(1))/checkpoint.pt: $(OFFCANDI_DIR)/t2i.h5
+	$$(AOQ) retrain $$(CONFIGS) $$(OVERRIDES) --set loss.name=$(2) --set offcandi.dir=$$(OFFCANDI_DIR) \
+	    --set offcandi.base_ckpt=$$(BASE_CKPT) $$(DEMO_CONTINUE) --run-dir $$(@D)
+endef
+$(eval $(call DEMO_OFFLINE_RULE,aoq,aoq))
+$(eval $(call DEMO_OFFLINE_RULE,$(DEMO_OTHER_LOSS)_offline,$(DEMO_OTHER_LOSS)))
+
+demo-compare: $(DEMO_CKPTS)
+	@echo "base: the base model; *_plus$(DEMO_EPOCHS): the base model trained $(DEMO_EPOCHS) more" \
+	      "epochs each, without offline negatives (the control) or with them ($(DEMO_OTHER_LOSS), aoq)"
+	$(AOQ) eval --each $(foreach c,$(DEMO_CKPTS),--ckpt $(c)) $(CONFIGS) $(OVERRIDES) \
+	    --set eval.fold5=$(FOLD5)
+
+# --- make table: loss x offline negatives (no/yes) x batch size --------------------------
+# One run per cell, each trained from scratch for the same epochs, in
+# runs/DATA/table/<loss>-<off|on>-b<batch>/ (checkpoint.pt, eval.jsonl). "on" cells train
+# with candidates (offcandi/DATA/table-b<batch>) mined by the TABLE_MINER cell without
+# offline negatives of the same batch size; losses that need offline negatives (aoq, offquin,
+# offtri) only get an "on" cell (`aoq table --plan` lists the cells). Every cell file is a
+# target, so a killed `make table` continues. A change of CONFIGS/OVERRIDES/TABLE_SET makes
+# every cell stale (training then refuses to resume a run made with other settings).
+# TABLE_SET: overrides for the table's runs only.
+LOSSES ?= vse_max infonce triplet_semihard aoq
+BATCHES ?= 128
+TABLE_MINER ?= vse_max
+TABLE_SET ?=
+TABLE_DIR = runs/$(DATA)/table
+TABLE_OVERRIDES = $(OVERRIDES) $(foreach s,$(TABLE_SET),--set $(s))
+TABLE_MAKEFILE := $(firstword $(MAKEFILE_LIST))
+TABLE_ARGS = --dir $(TABLE_DIR) --losses '$(LOSSES)' --batches '$(BATCHES)' --miner $(TABLE_MINER)
+
+table: | $(STAMP)
+	cells=$$($(AOQ) table --plan $(TABLE_ARGS)) && \
+	    $(MAKE) -f $(TABLE_MAKEFILE) --no-print-directory table-files TABLE_CELLS="$$cells"
+
+ifneq ($(TABLE_CELLS),)
+# settings.txt (training) and eval-settings.txt are rewritten only when the settings change
+# (not in a dry run, make -n).
+TABLE_TRAIN_SETTINGS := $(strip $(CONFIGS) $(TABLE_OVERRIDES))
+TABLE_EVAL_SETTINGS := $(strip $(CONFIGS) $(TABLE_OVERRIDES) --set eval.fold5=$(FOLD5))
+ifeq ($(findstring n,$(firstword -$(MAKEFLAGS))),)
+ifneq ($(file <$(TABLE_DIR)/settings.txt),$(TABLE_TRAIN_SETTINGS))
+$(shell mkdir -p $(TABLE_DIR))
+$(file >$(TABLE_DIR)/settings.txt,$(TABLE_TRAIN_SETTINGS))
+endif
+ifneq ($(file <$(TABLE_DIR)/eval-settings.txt),$(TABLE_EVAL_SETTINGS))
+$(shell mkdir -p $(TABLE_DIR))
+$(file >$(TABLE_DIR)/eval-settings.txt,$(TABLE_EVAL_SETTINGS))
+endif
+endif
+
+$(TABLE_DIR)/settings.txt $(TABLE_DIR)/eval-settings.txt: ;
+
+table_part = $(word $(2),$(subst -, ,$(1)))
+table_batch = $(patsubst b%,%,$(call table_part,$(1),3))
+table_offcandi = $(OFFCANDI_DIR)/table-b$(1)
+table_miner = $(TABLE_DIR)/$(TABLE_MINER)-off-b$(1)
+
+define TABLE_CELL_RULES
+$(TABLE_DIR)/$(1)/checkpoint.pt: $(TABLE_DIR)/settings.txt \
+	    $(if $(filter on,$(call table_part,$(1),2)),$(call table_offcandi,$(call table_batch,$(1)))/t2i.h5,$(VOCAB) $(TRAIN_FEATURES)) | $(STAMP)
+	$$(AOQ) $(if $(filter on,$(call table_part,$(1),2)),retrain,train) $$(CONFIGS) $$(TABLE_OVERRIDES) \
+	    --set loss.name=$(call table_part,$(1),1) --set train.batch_size=$(call table_batch,$(1)) \
+	    $(if $(filter on,$(call table_part,$(1),2)),--set offcandi.dir=$(call table_offcandi,$(call table_batch,$(1))) \
+	    --set offcandi.base_ckpt=$(call table_miner,$(call table_batch,$(1)))/checkpoint.pt) \
+	    --run-dir $(TABLE_DIR)/$(1) --resume
+
+$(TABLE_DIR)/$(1)/eval.jsonl: $(TABLE_DIR)/$(1)/checkpoint.pt $(TABLE_DIR)/eval-settings.txt
+	$$(AOQ) eval --ckpt $$< $$(CONFIGS) $$(TABLE_OVERRIDES) --set eval.fold5=$$(FOLD5) --out $$@
+endef
+
+define TABLE_MINING_RULES
+$(call table_offcandi,$(1))/t2i.h5: $(call table_miner,$(1))/embeddings_train.h5
+	$$(AOQ) offcandi --embeddings $$< $$(CONFIGS) $$(TABLE_OVERRIDES) --out-dir $$(@D)
+endef
+
+$(foreach c,$(sort $(TABLE_CELLS) $(foreach b,$(BATCHES),$(TABLE_MINER)-off-b$(b))),\
+	$(eval $(call TABLE_CELL_RULES,$(c))))
+$(foreach b,$(BATCHES),$(eval $(call TABLE_MINING_RULES,$(b))))
+endif
+
+table-files: $(foreach c,$(TABLE_CELLS),$(TABLE_DIR)/$(c)/eval.jsonl) | $(STAMP)
+	$(AOQ) table $(TABLE_ARGS)
+
+.PHONY: demo-compare table table-files

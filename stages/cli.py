@@ -352,6 +352,29 @@ def features_precomp(dataset_dir, splits, dtype) -> None:
     precomp_to_hdf5(dataset_dir, [s for s in splits.split(",") if s] or None, dtype)
 
 
+@cli.command()
+@click.option("--dir", "table_dir", required=True,
+              type=click.Path(file_okay=False, path_type=Path),
+              help="The table folder: one run folder per cell, <loss>-<off|on>-b<batch>/.")
+@click.option("--losses", required=True, help="Loss names, e.g. 'vse_max infonce aoq'.")
+@click.option("--batches", required=True, help="Batch sizes, e.g. '128 256'.")
+@click.option("--miner", default="vse_max", show_default=True,
+              help="The loss whose model without offline negatives mines the candidates of "
+                   "each batch size's 'on' cells.")
+@click.option("--plan", is_flag=True,
+              help="Only print the cells' folder names (one line) and exit.")
+def table(table_dir, losses, batches, miner, plan) -> None:
+    """Loss x offline negatives x batch size: table.md, table.csv and table.png from the
+    cells' checkpoints and eval records (`make table` trains and evaluates the cells)."""
+    from .table import parse_batches, plan_cells, split_words, write_table
+
+    if plan:
+        cells = plan_cells(split_words(losses), parse_batches(batches), miner)
+        print(" ".join(c.name for c in cells))
+        return
+    write_table(table_dir, split_words(losses), parse_batches(batches), miner)
+
+
 @cli.command(name="demo-data")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True,
               help="Dataset folder to write (precomp layout).")

@@ -98,15 +98,18 @@ def bench_train_step(embed_size: int, repeats: int) -> dict:
         trainer = Trainer(models[0], build_loss("vse_max"), task, config.train, config.memory,
                           torch.device("cpu"), Path(tmp), validate=None, checkpoint_info={})
         legacy_optimizer = torch.optim.Adam(models[1].parameters(), lr=2e-4)
-        engine_times, legacy_times = [], []
+        # Wall and CPU time of each, alternating; CPU time (this process's) is the steadier
+        # measure on a shared machine.
+        times = {"engine": ([], []), "legacy": ([], [])}
         for i in range(repeats + 2):
-            for fn, times in ((lambda: trainer.step(batch), engine_times),
-                              (lambda: _legacy_vse_step(models[1], legacy_optimizer, batch),
-                               legacy_times)):
-                t0 = time.perf_counter()
+            for name, fn in (("engine", lambda: trainer.step(batch)),
+                             ("legacy", lambda: _legacy_vse_step(models[1], legacy_optimizer,
+                                                                 batch))):
+                t0, c0 = time.perf_counter(), time.process_time()
                 fn()
                 if i >= 2:  # warm-up
-                    times.append(time.perf_counter() - t0)
+                    times[name][0].append(time.perf_counter() - t0)
+                    times[name][1].append(time.process_time() - c0)
 
     gru = torch.nn.GRU(300, embed_size, batch_first=True)
     fc = torch.nn.Linear(256, embed_size)
@@ -116,11 +119,15 @@ def bench_train_step(embed_size: int, repeats: int) -> dict:
         _, hidden = gru(words)
         (hidden[-1].sum() + fc(batch["images"].mean(1)).sum()).backward()
 
-    ours, legacy = statistics.median(engine_times), statistics.median(legacy_times)
+    (ours, ours_cpu), (legacy, legacy_cpu) = (
+        (statistics.median(wall), statistics.median(cpu)) for wall, cpu in times.values())
     floor = _median_seconds(bare, repeats)
     return {"embed_size": embed_size, "batch": 128, "step_ms": round(ours * 1e3, 1),
             "pre_engine_step_ms": round(legacy * 1e3, 1),
             "ratio_to_pre_engine": round(ours / legacy, 3),
+            "step_cpu_ms": round(ours_cpu * 1e3, 1),
+            "pre_engine_step_cpu_ms": round(legacy_cpu * 1e3, 1),
+            "cpu_ratio_to_pre_engine": round(ours_cpu / legacy_cpu, 3),
             "bare_gru_ms": round(floor * 1e3, 1), "ratio_to_bare": round(ours / floor, 2)}
 
 

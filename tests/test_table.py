@@ -1,0 +1,162 @@
+"""`make table` (loss x offline negatives x batch size) and `aoq table`, on tiny data."""
+
+import csv
+import json
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from stages.errors import UserError
+from stages.io.checkpoint import load_checkpoint, weights_hash
+from stages.table import (
+    METRIC_KEYS,
+    Cell,
+    collect_rows,
+    parse_batches,
+    plan_cells,
+    split_words,
+    write_table,
+)
+from tests.test_pipeline import REPO, make, workdir  # noqa: F401  (workdir: a fixture)
+
+TABLE = ["LOSSES=vse_max aoq", "BATCHES=16"]
+CELLS = ["vse_max-off-b16", "vse_max-on-b16", "aoq-on-b16"]
+
+
+def test_plan_orders_cells_and_gives_offline_only_losses_one_cell():
+    cells = plan_cells(["vse_sum", "aoq", "vse_max"], [128, 64], miner="vse_max")
+    assert [c.name for c in cells] == [
+        "vse_sum-off-b128", "vse_sum-on-b128", "aoq-on-b128", "vse_max-off-b128",
+        "vse_max-on-b128", "vse_sum-off-b64", "vse_sum-on-b64", "aoq-on-b64",
+        "vse_max-off-b64", "vse_max-on-b64"]
+    assert cells[2] == Cell("aoq", True, 128)
+    assert split_words("a, b  c") == ["a", "b", "c"]
+
+
+@pytest.mark.parametrize("losses, batches, miner, message", [
+    (["vse_max", "no_such_loss"], [8], "vse_max", "unknown loss 'no_such_loss'; known: aoq"),
+    (["vse_max", "vse_max"], [8], "vse_max", "listed twice"),
+    (["vse_max"], [8], "offtri", "miner 'offtri' needs offline negatives"),
+    ([], [8], "vse_max", "no loss given"),
+])
+def test_plan_refuses_bad_losses(losses, batches, miner, message):
+    with pytest.raises(UserError, match=message):
+        plan_cells(losses, batches, miner)
+
+
+@pytest.mark.parametrize("text, message", [("128 x", "'x' is not a positive integer"),
+                                           ("0", "'0' is not a positive integer"),
+                                           ("", "no batch size"), ("8 8", "listed twice")])
+def test_batches_are_checked(text, message):
+    with pytest.raises(UserError, match=message):
+        parse_batches(text)
+
+
+def commands(work, *args) -> list[str]:
+    """The aoq sub-commands (with their run folder or output) `make table` would run now."""
+    out = make(work, "table", *TABLE, *args, dry_run=True)
+    runs = []
+    for line in out.splitlines():
+        if "stages.cli " not in line or "--plan" in line:
+            continue
+        words = line.split("stages.cli ")[1].split()
+        target = next((words[i + 1] for i, w in enumerate(words)
+                       if w in ("--run-dir", "--out", "--out-dir")), "")
+        runs.append(f"{words[0]} {target.split('/table/')[-1]}".strip())
+    return runs
+
+
+def read_csv(path) -> list[dict]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_table_trains_every_cell_writes_md_csv_png_and_resumes(workdir):  # noqa: F811
+    work = workdir
+    out = make(work, "table", *TABLE)
+    table_dir = work / "runs/tiny/table"
+    for cell in CELLS:
+        assert (table_dir / cell / "checkpoint.pt").is_file(), cell
+    assert (work / "offcandi/tiny/table-b16/t2i.h5").is_file()  # mined once, by vse_max-off
+
+    # every row is its cell's checkpoint and the eval record of exactly those weights
+    rows = read_csv(table_dir / "table.csv")
+    assert [(r["loss"], r["offline_negatives"], r["batch_size"]) for r in rows] == [
+        ("vse_max", "no", "16"), ("vse_max", "yes", "16"), ("aoq", "yes", "16")]
+    miner = weights_hash(load_checkpoint(table_dir / CELLS[0] / "checkpoint.pt")["state_dict"])
+    for cell, row in zip(CELLS, rows, strict=True):
+        state = load_checkpoint(table_dir / cell / "checkpoint.pt")
+        assert row["weights"] == weights_hash(state["state_dict"])
+        records = [json.loads(line) for line in (table_dir / cell / "eval.jsonl").open()]
+        assert len(records) == 1 and records[0]["weights"] == [row["weights"]]
+        for key in METRIC_KEYS:
+            assert float(row[key]) == pytest.approx(records[0][key]), (cell, key)
+        assert row["finetune"] == "no" and row["epochs"] == "1"
+        assert row["negatives_mined_by"] == ("" if cell == CELLS[0] else miner)
+        config = yaml.safe_load((table_dir / cell / "config.yaml").read_text())
+        assert config["loss"]["name"] == cell.split("-")[0]
+        assert config["train"]["batch_size"] == 16
+        assert config["train"]["offline_negatives"] == ("-on-" in cell)
+    markdown = (table_dir / "table.md").read_text()
+    assert markdown in out  # printed too
+    lines = [line for line in markdown.splitlines() if line.startswith("| aoq ")]
+    assert lines and lines[0].split(" | ")[1:4] == ["yes", "no", "16"]
+    assert f"{float(rows[2]['rsum']):.1f}" in lines[0] and rows[2]["weights"] in lines[0]
+    assert (table_dir / "table.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert commands(work) == ["table"]  # everything is up to date
+
+    # a cell killed before it finished: only that cell trains and is evaluated again
+    (table_dir / "aoq-on-b16" / "checkpoint.pt").unlink()
+    assert commands(work) == ["retrain aoq-on-b16", "eval aoq-on-b16/eval.jsonl", "table"]
+    before = {c: (table_dir / c / "checkpoint.pt").stat().st_mtime_ns for c in CELLS[:2]}
+    make(work, "table", *TABLE)
+    assert commands(work) == ["table"]
+    assert before == {c: (table_dir / c / "checkpoint.pt").stat().st_mtime_ns
+                      for c in CELLS[:2]}
+
+    # a cell retrained (new weights) but not yet re-evaluated: its record is stale, and
+    # nothing is written
+    assert [r["loss"] for r in collect_rows(table_dir, plan_cells(["vse_max"], [16], "vse_max"),
+                                            "vse_max")] == ["vse_max"] * 2
+    records = table_dir / "vse_max-on-b16" / "eval.jsonl"
+    record = json.loads(records.read_text())
+    records.write_text(json.dumps({**record, "weights": ["0123456789abcdef"]}) + "\n")
+    written = {name: (table_dir / name).read_bytes() for name in ("table.md", "table.csv")}
+    with pytest.raises(UserError, match="no eval record of the current .* weights"):
+        write_table(table_dir, ["vse_max"], [16], "vse_max")
+    assert written == {name: (table_dir / name).read_bytes() for name in written}
+    records.write_text(json.dumps(record) + "\n")
+
+    # a run folder whose checkpoint is not what its name says
+    (table_dir / "vse_sum-off-b16").symlink_to(table_dir / "vse_max-off-b16")
+    with pytest.raises(UserError, match="trained with loss.name='vse_max', but its cell "
+                                        "vse_sum-off-b16 needs 'vse_sum'"):
+        write_table(table_dir, ["vse_sum"], [16], "vse_max")
+
+    # other settings: the cells are stale, and training refuses to mix them in
+    result = subprocess.run(
+        ["make", "-f", str(REPO / "Makefile"), "--no-print-directory",
+         f"AOQ={sys.executable} -m stages.cli", "STAMP=stamp", "DATA=tiny", "EXP=tiny",
+         f"DATA_PATH={work.parent}", "table", *TABLE, "TABLE_SET=train.lr=1e-4"],
+        cwd=work, capture_output=True, text=True, timeout=600)
+    assert result.returncode != 0
+    assert "made with other settings: train.lr" in result.stderr
+
+
+def test_demo_continues_base_for_equal_epochs(workdir):  # noqa: F811
+    """`make demo-compare`: the control, AOQ and DEMO_OTHER_LOSS (offline negatives) each
+    start from the base model and train DEMO_EPOCHS more epochs."""
+    work = workdir
+    out = make(work, "demo-compare", "DEMO_EPOCHS=2", "DEMO_OTHER_LOSS=vse_sum")
+    runs = {"base_plus2": ("vse_max", False), "vse_sum_offline_plus2": ("vse_sum", True),
+            "aoq_plus2": ("aoq", True)}
+    for run, (loss, offline) in runs.items():
+        config = yaml.safe_load((work / "runs/tiny" / run / "config.yaml").read_text())
+        assert config["train"]["init_from"] == "runs/tiny/base/checkpoint.pt"
+        assert config["train"]["epochs"] == 2
+        assert (config["loss"]["name"], config["train"]["offline_negatives"]) == (loss, offline)
+        assert run in out
+    base = yaml.safe_load((work / "runs/tiny/base/config.yaml").read_text())
+    assert base["train"]["init_from"] == "" and "base" in out and "rsum" in out
