@@ -220,7 +220,7 @@ def train(config: Config, run_dir: str | Path, resume: bool = False) -> Path:
             log.info("resuming %s at epoch %d step %d (best rsum %.2f)", run_dir,
                      state["epoch"] + 1, state["epoch_step"], state["best_rsum"])
         if is_main():  # TensorBoard: points after the resume point are dropped, then redone
-            trainer.scalars = ScalarWriter(run_dir, None if state is None else state["step"] + 1)
+            trainer.scalars = ScalarWriter(run_dir, (0 if state is None else state["step"]) + 1)
         try:
             trainer.fit()
         finally:

@@ -141,6 +141,8 @@ class Trainer:
 
     def _save(self, name: str, state: dict) -> None:
         if is_main():
+            if self.scalars is not None:  # points up to a checkpoint's step are on disk first
+                self.scalars.flush()
             save_checkpoint(self.run_dir / name, state)
 
     # --- the loop ------------------------------------------------------------------------
