@@ -13,6 +13,12 @@ from .stamps import STAGES
 
 log = logging.getLogger("aoq")
 
+# The retrain stage's defaults, under --config files and --set: AOQ's loss with offline
+# negatives on the AOQ reference's schedule ("lr_update=10 for all the situations": 20 epochs,
+# decayed at epoch 10).
+RETRAIN_DEFAULTS = ("loss.name=aoq", "train.offline_negatives=true", "train.epochs=20",
+                    "train.lr_update=10")
+
 
 def config_options(func):
     """``--config FILE`` (repeatable, applied in order) and ``--set key=value`` (repeatable)."""
@@ -181,16 +187,10 @@ def plot_command(config_files, overrides, candidate_dirs, embeddings, out_dir, r
     across rounds."""
     from .plot import plot
 
-    config = load_config(config_files, overrides)
+    # The retrain stage's settings (RETRAIN_SET reaches plot too): its sampling range.
+    config = load_config(config_files, overrides, base=load_config(overrides=RETRAIN_DEFAULTS))
     plot(list(candidate_dirs), list(embeddings), config, out_dir, rank_sample,
          online_batches, seed)
-
-
-# The retrain stage's defaults, under --config files and --set: AOQ's loss with offline
-# negatives on the AOQ reference's schedule ("lr_update=10 for all the situations": 20 epochs,
-# decayed at epoch 10).
-RETRAIN_DEFAULTS = ("loss.name=aoq", "train.offline_negatives=true", "train.epochs=20",
-                    "train.lr_update=10")
 
 
 @cli.command()
