@@ -62,6 +62,8 @@ def commands(work, *args) -> list[str]:
         if "stages.cli " not in line or "--plan" in line:
             continue
         words = line.split("stages.cli ")[1].split()
+        if words[0] == "settings":  # make's settings stamps, checked on every call
+            continue
         target = next((words[i + 1] for i, w in enumerate(words)
                        if w in ("--run-dir", "--out", "--out-dir")), "")
         runs.append(f"{words[0]} {target.split('/table/')[-1]}".strip())
