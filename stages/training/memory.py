@@ -11,6 +11,11 @@ import torch
 from ..losses.base import References
 
 
+def _on(tensor: torch.Tensor | None, device) -> torch.Tensor | None:
+    """``tensor`` on ``device`` (None while the bank has never been filled)."""
+    return None if tensor is None else tensor.to(device)
+
+
 class MemoryBank:
     """Ring buffer of ``size`` (image embedding, image id) and (caption embedding, id of
     its image) rows; used once ``warmup_steps`` steps have been pushed."""
@@ -55,16 +60,15 @@ class MemoryBank:
 
     def state_dict(self) -> dict:
         """Plain tensors and ints, on the CPU (a checkpoint's ``memory`` entry)."""
-        cpu = (lambda t: None if t is None else t.cpu())  # noqa: E731
         return {"size": self.size, "steps": self.steps, "filled": self.filled,
-                "next": self.next, "images": cpu(self.images),
-                "captions": cpu(self.captions), "ids": self.ids.cpu()}
+                "next": self.next, "images": _on(self.images, "cpu"),
+                "captions": _on(self.captions, "cpu"), "ids": self.ids.cpu()}
 
     def load_state_dict(self, state: dict, device: torch.device) -> None:
         if state["size"] != self.size:
             raise ValueError(f"memory bank of size {state['size']} cannot be loaded into one "
                              f"of size {self.size}")
         self.steps, self.filled, self.next = state["steps"], state["filled"], state["next"]
-        move = (lambda t: None if t is None else t.to(device))  # noqa: E731
-        self.images, self.captions = move(state["images"]), move(state["captions"])
+        self.images = _on(state["images"], device)
+        self.captions = _on(state["captions"], device)
         self.ids = state["ids"].to(device)
