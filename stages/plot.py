@@ -47,8 +47,8 @@ def quantity_names(batch_size: int, hardest: int) -> dict[str, dict[str, str]]:
             for d, h in (("i2t", hardest), ("t2i", -(-hardest // 5)))}
 
 
-def _bins(rounds: list[RoundStats]) -> np.ndarray:
-    values = [v for r in rounds for d in DIRECTIONS for v in r.values[d].values()]
+def _bins(values: list[np.ndarray]) -> np.ndarray:
+    """Common histogram bins for the arrays drawn in one panel or row."""
     lo = min(float(v.min()) for v in values)
     hi = max(float(v.max()) for v in values)
     pad = 0.02 * (hi - lo) or 0.01
@@ -61,11 +61,13 @@ def _save(fig: Figure, path: Path) -> Path:
     return path
 
 
-def similarity_figure(rounds: list[RoundStats], names: dict, bins: np.ndarray) -> Figure:
-    """Rows: rounds; columns: directions; each panel the four distributions."""
+def similarity_figure(rounds: list[RoundStats], names: dict) -> Figure:
+    """Rows: rounds (each on its own similarity scale); columns: directions; each panel
+    the four distributions."""
     fig = Figure(figsize=(13, 3.6 * len(rounds)), layout="constrained")
-    axes = fig.subplots(len(rounds), 2, squeeze=False, sharex=True)
+    axes = fig.subplots(len(rounds), 2, squeeze=False, sharex="row")
     for row, stats in zip(axes, rounds, strict=True):
+        bins = _bins([v for d in DIRECTIONS for v in stats.values[d].values()])
         for ax, direction in zip(row, DIRECTIONS, strict=True):
             for q in QUANTITIES:
                 v = stats.values[direction][q]
@@ -74,9 +76,8 @@ def similarity_figure(rounds: list[RoundStats], names: dict, bins: np.ndarray) -
                         label=f"{names[direction][q]}: median {np.median(v):.4f}")
             ax.set_title(f"{stats.label}: {DIRECTION_NAMES[direction]}", fontsize=10)
             ax.set_ylabel("density")
+            ax.set_xlabel("cosine similarity")
             _legend_above_curves(ax, len(QUANTITIES))
-    for ax in axes[-1]:
-        ax.set_xlabel("cosine similarity")
     fig.suptitle("Similarity of positives and of online vs offline hard negatives")
     return fig
 
@@ -109,13 +110,14 @@ def rank_figure(rounds: list[RoundStats]) -> Figure:
     return fig
 
 
-def rounds_figure(rounds: list[RoundStats], names: dict, bins: np.ndarray) -> Figure:
+def rounds_figure(rounds: list[RoundStats], names: dict) -> Figure:
     """Rows: directions; columns: the four distributions; rounds overlaid."""
     fig = Figure(figsize=(18, 7.5), layout="constrained")
-    axes = fig.subplots(2, len(QUANTITIES), sharex=True)
+    axes = fig.subplots(2, len(QUANTITIES))
     colours = _round_colours(len(rounds))
     for row, direction in zip(axes, DIRECTIONS, strict=True):
         for ax, q in zip(row, QUANTITIES, strict=True):
+            bins = _bins([stats.values[direction][q] for stats in rounds])
             for stats, colour in zip(rounds, colours, strict=True):
                 v = stats.values[direction][q]
                 ax.hist(v, bins=bins, density=True, histtype="step", linewidth=1.5,
@@ -181,11 +183,10 @@ def plot(candidate_dirs: list[Path], embeddings: list[Path], config: Config, out
                                   rank_sample=rank_sample, online_batches=online_batches,
                                   seed=seed))
     names = quantity_names(config.train.batch_size, config.offcandi.hardest)
-    bins = _bins(rounds)
     out_dir = Path(out_dir)
-    written = [_save(similarity_figure(rounds, names, bins), out_dir / "similarities.png"),
+    written = [_save(similarity_figure(rounds, names), out_dir / "similarities.png"),
                _save(rank_figure(rounds), out_dir / "positive_rank.png"),
-               _save(rounds_figure(rounds, names, bins), out_dir / "rounds.png")]
+               _save(rounds_figure(rounds, names), out_dir / "rounds.png")]
     write_json(out_dir / "diagnostics.json", {"rounds": [r.summary for r in rounds]})
     written.append(out_dir / "diagnostics.json")
     for path in written:
