@@ -33,7 +33,7 @@ from .io.scalars import ScalarWriter
 from .log import setup_logging
 from .losses import LOSSES, build_loss
 from .metrics.retrieval import evaluate_embeddings
-from .models import build_model
+from .models import MODELS, build_model
 from .stamps import stage_settings
 from .training.distributed import is_main
 from .training.loop import Trainer
@@ -168,6 +168,11 @@ def train(config: Config, run_dir: str | Path, resume: bool = False) -> Path:
     train_split = open_split(dataset_dir, config.data.train_split)
     val_split = open_split(dataset_dir, config.data.val_split).limit(config.data.val_images)
     check_compatible(train_split, val_split)
+    if MODELS.class_of(config.model.name).needs_regions and not train_split.features.has_regions:
+        raise UserError(f"model {config.model.name} reasons over region features (N, R, D), "
+                        f"but {train_split.features.path} holds global (N, D) features: use "
+                        "region features (aoq features tsv, or aoq features cnn --grid) or a "
+                        "model for global features (model.name=vsepp)")
     log.info("train: %d images / %d captions; validation: %d images of %s",
              train_split.num_images, len(train_split.captions), val_split.num_images,
              config.data.val_split)

@@ -15,7 +15,11 @@
   subprocess (throughput in MB/s of decoded features, peak RSS: it must not grow with the
   rows), against a bare read + base64-decode loop over the same file;
 * features, CNN: ResNet-152 (random weights) images/s on the CPU at batch 32, against
-  torchvision's own forward of the whole classifier.
+  torchvision's own forward of the whole classifier;
+* vsrn_step: a VSRN train step (``Trainer.step``: caption loss included, clip, Adam) at
+  batch 128 on 36 x 2048 regions, against the same model's bare forward + backward on the
+  same batch (no optimiser), and the AOQ step (anchors plus two groups of offline
+  negatives, the aoq loss) against 3x the base step.
 
 Usage: python tools/bench.py --out bench/results.json
 """
@@ -39,6 +43,7 @@ import torch
 
 from stages.config import load_config
 from stages.data.dataset import collate_pairs, open_split
+from stages.data.offline import OfflineNegativeSampler, collate_offline
 from stages.data.synthetic import write_synthetic_dataset
 from stages.data.vocab import Vocab
 from stages.knn import set_threads
@@ -46,7 +51,7 @@ from stages.losses import build_loss
 from stages.metrics.retrieval import retrieval_ranks
 from stages.models import build_model
 from stages.training.loop import Trainer
-from stages.training.tasks import PairTask
+from stages.training.tasks import OfflineTask, PairTask
 
 
 def _median_seconds(fn, repeats: int, warmup: int = 2) -> float:
@@ -332,6 +337,49 @@ def bench_cnn(batch: int = 32, repeats: int = 2) -> dict:
             "ratio_to_torchvision": round(ours_s / full_s, 3)}
 
 
+def bench_vsrn_step(repeats: int) -> dict:
+    """VSRN's train step at batch 128 on 36 x 2048 regions (random features, synthetic
+    captions) against its bare forward + backward, and the AOQ step against 3x it."""
+    batch_size, images = 128, 200
+    with tempfile.TemporaryDirectory() as tmp:
+        write_synthetic_dataset(tmp, {"train": images}, seed=0)
+        rng = np.random.default_rng(0)
+        np.save(Path(tmp) / "train_ims.npy",
+                rng.standard_normal((images, 36, 2048), dtype=np.float32))
+        split = open_split(Path(tmp), "train")
+        vocab = Vocab.build(split.captions, threshold=4)
+        config = load_config(["configs/model/vsrn.yaml"])
+        torch.manual_seed(0)
+        model = build_model("vsrn", config.model.values, img_dim=2048, vocab_size=len(vocab))
+        rows = list(range(0, 5 * images, 5 * images // batch_size))[:batch_size]
+        pairs = PairTask(split, vocab)
+        batch = collate_pairs(pairs.dataset.__getitems__(rows))
+        sampler = OfflineNegativeSampler(rng.integers(0, 5 * images, (images, 300)),
+                                         rng.integers(0, images, (5 * images, 60)), 300, 0)
+        offline = OfflineTask(split, vocab, sampler)
+        offline_batch = collate_offline(offline.dataset.__getitems__(rows))
+        base = Trainer(model, build_loss("vse_max"), pairs, config.train, config.memory,
+                       torch.device("cpu"), Path(tmp), validate=None, checkpoint_info={})
+        aoq = Trainer(model, build_loss("aoq"), offline, config.train, config.memory,
+                      torch.device("cpu"), Path(tmp), validate=None, checkpoint_info={})
+        loss_fn = build_loss("vse_max")
+
+        def bare():
+            output = model(batch)
+            terms = loss_fn(output.img_emb, output.cap_emb, batch["image_ids"])
+            sum([*terms.values(), *output.aux_losses.values()]).backward()
+
+        model.train()
+        warmup = 1
+        floor = _median_seconds(bare, repeats, warmup)
+        ours = _median_seconds(lambda: base.step(batch), repeats, warmup)
+        ours_aoq = _median_seconds(lambda: aoq.step(offline_batch), repeats, warmup)
+    return {"batch": batch_size, "regions": 36, "img_dim": 2048, "embed_size": 2048,
+            "step_s": round(ours, 2), "bare_forward_backward_s": round(floor, 2),
+            "ratio_to_bare": round(ours / floor, 3), "aoq_step_s": round(ours_aoq, 2),
+            "aoq_ratio_to_3x_step": round(ours_aoq / (3 * ours), 3)}
+
+
 @click.command()
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path),
               default=Path("bench/results.json"), show_default=True)
@@ -341,7 +389,7 @@ def bench_cnn(batch: int = 32, repeats: int = 2) -> dict:
 @click.option("--tsv-rows", default="1000,4000", show_default=True,
               help="Sizes (rows) of the generated BUTD TSV files.")
 @click.option("--only", default="", help="Comma-separated sections to run (default: all): "
-              "train_step, eval_5k, offcandi, features_tsv, features_cnn.")
+              "train_step, eval_5k, offcandi, features_tsv, features_cnn, vsrn_step.")
 def main(out: Path, repeats: int, offcandi_images: int, tsv_rows: str, only: str) -> None:
     sections = {
         "train_step": lambda: [bench_train_step(256, repeats), bench_train_step(1024, repeats)],
@@ -349,6 +397,7 @@ def main(out: Path, repeats: int, offcandi_images: int, tsv_rows: str, only: str
         "offcandi": lambda: bench_offcandi(offcandi_images, 1024, sample=100),
         "features_tsv": lambda: bench_tsv(tuple(int(r) for r in tsv_rows.split(","))),
         "features_cnn": bench_cnn,
+        "vsrn_step": lambda: bench_vsrn_step(min(repeats, 3)),
     }
     chosen = [s for s in only.split(",") if s] or list(sections)
     unknown = sorted(set(chosen) - set(sections))

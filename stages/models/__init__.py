@@ -5,6 +5,7 @@ from ..registry import Registry
 MODELS = Registry("model")
 
 from . import vsepp  # noqa: E402,F401  (registers "vsepp")
+from . import vsrn  # noqa: E402,F401  (registers "vsrn")
 from .base import EmbeddingModel, ModelOutput  # noqa: E402,F401
 
 

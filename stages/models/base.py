@@ -27,6 +27,10 @@ class ModelOutput:
 class EmbeddingModel(nn.Module):
     """Base of registered models: ``encode_images``, ``encode_captions`` and ``forward``."""
 
+    # True for models that read region features (B, R, D) only: training refuses (N, D)
+    # global features before it starts.
+    needs_regions: bool = False
+
     def encode_images(self, images: torch.Tensor, regions: torch.Tensor) -> torch.Tensor:
         """(B, R, D) | (B, D) features, (B,) valid regions -> (B, E) embeddings."""
         raise NotImplementedError
