@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 import stages.training.loop as loop_module
+from stages.candidates import import_published
 from stages.cli import RETRAIN_DEFAULTS
 from stages.config import load_config
 from stages.errors import UserError
@@ -20,6 +21,7 @@ from stages.models.rs_gcn import RsGCN, valid_mask
 from stages.train import train
 from tests.conftest import write_precomp
 from tests.test_cli import aoq
+from tests.test_offcandi import published_style
 from tests.test_train import _metrics, _weights
 
 TINY_VSRN = {"embed_size": 12, "word_dim": 6, "caption_hidden": 10, "caption_word_dim": 5}
@@ -284,6 +286,23 @@ def test_resume_equals_uninterrupted(vsrn_config, tmp_path, monkeypatch):
     for name in whole:
         assert torch.equal(whole[name], resumed[name]), name
     assert _metrics(tmp_path / "killed") == _metrics(tmp_path / "whole")
+
+
+def test_retrains_with_aoq_and_offline_negatives(vsrn_config, tmp_path):
+    i2t, t2i = published_style(40, 30, 8)  # random candidates, as tests/test_train.py's
+    np.save(tmp_path / "i2t.npy", i2t)
+    np.save(tmp_path / "t2i.npy", t2i)
+    candidates = tmp_path / "cands"
+    import_published(tmp_path / "i2t.npy", tmp_path / "t2i.npy", vsrn_config, candidates)
+    config = load_config(base=vsrn_config, overrides=[
+        *RETRAIN_DEFAULTS, "train.epochs=2", "model.img_bn=true", f"offcandi.dir={candidates}",
+        "offcandi.hardest=20"])
+    train(config, tmp_path / "aoq")
+    records = _metrics(tmp_path / "aoq")
+    assert len(records) == 2 and all(r["loss_caption"] > 0 for r in records)
+    assert {"loss_caption", "train_loss"} < set(records[0])
+    state = load_checkpoint(tmp_path / "aoq" / "checkpoint.pt")
+    assert state["model"]["name"] == "vsrn" and state["config"]["loss"]["name"] == "aoq"
 
 
 def test_shipped_configs_resolve_and_leave_the_retrain_schedule():
