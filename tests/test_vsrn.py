@@ -311,7 +311,7 @@ def test_shipped_configs_resolve_and_leave_the_retrain_schedule():
     assert config.model.options()["embed_size"] == 2048 and config.train.lr_update == 15
     assert (config.train.lr, config.train.batch_size, config.train.grad_clip) == (2e-4, 128, 2)
     assert config.loss.name == "vse_max" and config.loss.options()["margin"] == 0.2
-    retrain = load_config(model, base=load_config(overrides=RETRAIN_DEFAULTS))
+    retrain = load_config(model, base=load_config(overrides=RETRAIN_DEFAULTS), retrain=True)
     assert (retrain.train.lr_update, retrain.train.epochs) == (10, 20)
     f30k = load_config([*model, "configs/model/vsrn_f30k_precomp.yaml"]).model.options()
     assert (f30k["img_bn"], f30k["region_norm"], f30k["max_len"]) == (True, False, 60)
