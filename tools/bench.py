@@ -337,9 +337,10 @@ def bench_cnn(batch: int = 32, repeats: int = 2) -> dict:
             "ratio_to_torchvision": round(ours_s / full_s, 3)}
 
 
-def bench_vsrn_step(repeats: int) -> dict:
+def bench_vsrn_step(repeats: int, warmup: int = 1) -> dict:
     """VSRN's train step at batch 128 on 36 x 2048 regions (random features, synthetic
-    captions) against its bare forward + backward, and the AOQ step against 3x it."""
+    captions) against its bare forward + backward, and the AOQ step against 3x it; each
+    timed ``repeats`` times after ``warmup`` untimed calls."""
     batch_size, images = 128, 200
     with tempfile.TemporaryDirectory() as tmp:
         write_synthetic_dataset(tmp, {"train": images}, seed=0)
@@ -370,8 +371,9 @@ def bench_vsrn_step(repeats: int) -> dict:
             sum([*terms.values(), *output.aux_losses.values()]).backward()
 
         def timed(fn) -> tuple[float, float]:
-            """Median wall and CPU (this process's) seconds after one warm-up call."""
-            fn()
+            """Median wall and CPU (this process's) seconds after the warm-up calls."""
+            for _ in range(warmup):
+                fn()
             wall, cpu = [], []
             for _ in range(repeats):
                 t0, c0 = time.perf_counter(), time.process_time()
