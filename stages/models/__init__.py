@@ -6,6 +6,7 @@ MODELS = Registry("model")
 
 from . import vsepp  # noqa: E402,F401  (registers "vsepp")
 from .base import EmbeddingModel, ModelOutput  # noqa: E402,F401
+from .vse_inf import VSEInfinity  # noqa: E402,F401  (registers "vse_inf")
 
 
 def build_model(name: str, options: dict, **data_args) -> EmbeddingModel:
