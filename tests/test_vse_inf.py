@@ -14,7 +14,7 @@ import torch.nn.functional as F
 import stages.training.loop as loop_module
 from stages.config import load_config
 from stages.errors import UserError
-from stages.io.checkpoint import load_checkpoint
+from stages.io.checkpoint import load_checkpoint, weights_hash
 from stages.models import build_model
 from stages.models.gpo import GPO, positional_encoding
 from stages.models.vse_inf import drop_regions
@@ -139,6 +139,15 @@ def test_region_dropping_only_in_training_mode():
     no_drop = _model(region_drop=0.0)
     no_drop.train()
     assert not torch.allclose(no_drop.encode_images(images, regions), a)
+
+
+def test_weights_hash_takes_batch_norms_0d_counter():
+    model = _model()
+    before = weights_hash(model.state_dict())
+    model.train()
+    model.encode_images(torch.randn(2, 3, 12), torch.tensor([3, 2]))  # counter 0 -> 1
+    assert model.state_dict()["image_encoder.mlp.1.num_batches_tracked"].dim() == 0
+    assert weights_hash(model.state_dict()) != before
 
 
 def test_shipped_config_is_the_reference_recipe():
