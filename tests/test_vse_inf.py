@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 import stages.training.loop as loop_module
+from stages.cli import RETRAIN_DEFAULTS
 from stages.config import load_config
 from stages.errors import UserError
 from stages.io.checkpoint import load_checkpoint, weights_hash
@@ -157,9 +158,16 @@ def test_shipped_config_is_the_reference_recipe():
     assert (model["embed_size"], model["word_dim"], model["region_drop"]) == (1024, 300, 0.2)
     assert (c.train.lr, c.train.epochs, c.train.lr_update, c.train.batch_size,
             c.train.grad_clip) == (5e-4, 25, 15, 128, 2.0)
-    assert (c.loss.name, c.loss.options()["warmup_epochs"]) == ("vse_max", 1)
+    assert c.loss.name == "vse_max"
+    with_warmup = load_config([SHIPPED], ["loss.warmup_epochs=1"])
+    assert with_warmup.loss.options()["warmup_epochs"] == 1
     demo = load_config([SHIPPED, SHIPPED.parents[1] / "experiment" / "demo.yaml"])
     assert demo.model.options()["embed_size"] == 256 and demo.model.name == "vse_inf"
+    # Every loss takes the file: retrain's aoq on the AOQ reference's schedule, the table's.
+    retrain = load_config([SHIPPED], base=load_config(overrides=RETRAIN_DEFAULTS), retrain=True)
+    assert (retrain.loss.name, retrain.train.epochs, retrain.train.lr_update) == ("aoq", 20, 10)
+    assert retrain.model.name == "vse_inf"
+    assert load_config([SHIPPED], ["loss.name=infonce"]).loss.name == "infonce"
 
 
 def test_training_lowers_the_loss_and_learns(tiny_config, tmp_path):
