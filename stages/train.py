@@ -133,14 +133,16 @@ def _offline_task(config: Config, split: Split, vocab: Vocab, fingerprint: dict)
     return OfflineTask(split, vocab, sampler)
 
 
-def _init_weights(model, spec: dict, path: str) -> None:
-    """Start from another checkpoint's weights (``train.init_from``)."""
+def _init_weights(model, spec: dict, path: str) -> dict | None:
+    """Start from another checkpoint's weights (``train.init_from``); returns the record of
+    the word vectors that initialised its words (None if none did)."""
     source = load_checkpoint(path)
     if source["model"] != spec:
         raise UserError(f"train.init_from={path} holds model {source['model']}, which "
                         f"differs from this run's {spec}")
     model.load_state_dict(source["state_dict"])
     log.info("initialised from %s (weights %s)", path, weights_hash(source["state_dict"]))
+    return source.get("word_vectors")
 
 
 def train(config: Config, run_dir: str | Path, resume: bool = False) -> Path:
@@ -181,22 +183,34 @@ def train(config: Config, run_dir: str | Path, resume: bool = False) -> Path:
     task = (_offline_task(config, train_split, vocab, fingerprint) if t.offline_negatives
             else PairTask(train_split, vocab))
     device = resolve_device(t.device)
+    torch.manual_seed(t.seed)
+    loss_fn = build_loss(config.loss.name, config.loss.values)
+    data_args = {"img_dim": train_split.features.feature_dim, "vocab_size": len(vocab)}
+    options = config.model.options()
+    model = build_model(config.model.name, config.model.values, **data_args)
+    spec = {"name": config.model.name, "args": {**data_args, **options}}
+    # Pretrained word vectors (model.word_vectors) for a run from scratch: a run with a
+    # last.pt resumes (or is refused) and init_from brings its own words.
+    from_scratch = not t.init_from and not (run_dir / "last.pt").exists()
+    words = model.init_word_vectors(vocab) if from_scratch else None
 
     # The lock comes after the inputs are checked: a failed start leaves no folder.
     with folder_lock(run_dir, "aoq train"):
         state = _prepare_run_dir(run_dir, config, resume)
+        if state is None and not t.init_from and not from_scratch:  # last.pt went meanwhile
+            words = model.init_word_vectors(vocab)
         if is_main():
             setup_logging(run_dir / "train.log")
             write_text(run_dir / "config.yaml",
                        yaml.safe_dump(config.to_dict(), sort_keys=False))
-        torch.manual_seed(t.seed)
-        loss_fn = build_loss(config.loss.name, config.loss.values)
-        data_args = {"img_dim": train_split.features.feature_dim, "vocab_size": len(vocab)}
-        options = config.model.options()
-        model = build_model(config.model.name, config.model.values, **data_args)
-        spec = {"name": config.model.name, "args": {**data_args, **options}}
+        if words is not None:
+            log.info("word embedding: %d vocabulary words from %s (sha256 %s), %d not in it "
+                     "keep their random init", words["found"], words["path"], words["sha256"],
+                     words["missing"])
         if t.init_from and state is None:
-            _init_weights(model, spec, t.init_from)
+            words = _init_weights(model, spec, t.init_from)
+        elif state is not None:
+            words = state.get("word_vectors")
 
         def validate(model) -> dict:
             img, cap = encode_split(model, val_split, vocab, device,
@@ -210,7 +224,8 @@ def train(config: Config, run_dir: str | Path, resume: bool = False) -> Path:
         trainer = Trainer(model, loss_fn, task, t, config.memory, device, run_dir, validate,
                           checkpoint_info={"model": spec, "config": config.to_dict(),
                                            "vocab": vocab.to_json(),
-                                           "data_fingerprint": fingerprint},
+                                           "data_fingerprint": fingerprint,
+                                           "word_vectors": words},
                           workers=config.data.workers,
                           features_hint=str(train_split.features.path))
         if state is not None:

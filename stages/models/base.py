@@ -45,6 +45,15 @@ class EmbeddingModel(nn.Module):
         return ModelOutput(self.encode_images(batch["images"], batch["regions"]),
                            self.encode_captions(batch["tokens"], batch["lengths"]))
 
+    def init_word_vectors(self, vocab) -> dict | None:
+        """Initialise the word embedding from the pretrained vectors file the model's options
+        name (``word_vectors``), for the words of ``vocab`` (a :class:`stages.data.vocab.Vocab`
+        of ``vocab_size`` words). Called by the train stage once, on a model trained from
+        scratch (never on resume or on a model rebuilt from a checkpoint). Returns the record
+        of the file (path, sha256, words found / missing) for the checkpoint, or None when
+        the model has no file to read."""
+        return None
+
     def param_groups(self) -> list[dict]:
         """Optimiser parameter groups, each with an ``lr_scale`` (x the scheduled rate);
         parameters with ``requires_grad=False`` are left out."""
