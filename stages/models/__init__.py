@@ -4,7 +4,10 @@ from ..registry import Registry
 
 MODELS = Registry("model")
 
-from . import vsepp  # noqa: E402,F401  (registers "vsepp")
+from . import (  # noqa: E402  (each module registers its model by name)
+    vse_transformer,  # noqa: F401
+    vsepp,  # noqa: F401
+)
 from .base import EmbeddingModel, ModelOutput  # noqa: E402,F401
 
 
