@@ -59,6 +59,7 @@ class TransformerTextEncoder(nn.Module):
         self.pooling = pooling
         self.source = source
         self.frozen = self._freeze(freeze_layers, config.num_hidden_layers)
+        self.train()  # frozen parts to eval mode
         whole = not any(p.requires_grad for p in self.encoder.parameters())
         self.cache = EncoderCache() if whole else None
         self.encoder.register_load_state_dict_post_hook(self._weights_loaded)
