@@ -92,6 +92,18 @@ def resolve_text_model(name: str) -> str:
     return name
 
 
+def from_folder_or_hub(loader, where: str):
+    """``loader.from_pretrained(where)`` (an ``Auto*`` class): from the folder or the
+    Hugging Face cache, and only for a hub name missing there from the hub (whose retries
+    take minutes without network)."""
+    try:
+        return loader.from_pretrained(where, local_files_only=True)
+    except OSError:
+        if Path(where).is_dir():
+            raise
+        return loader.from_pretrained(where)
+
+
 class PretrainedTokenizer:
     """A Hugging Face tokenizer truncating to ``max_length`` tokens, and ``text_config``,
     the configuration (``config.json`` as a dict) of the text model it belongs to.
@@ -124,8 +136,8 @@ class PretrainedTokenizer:
 
         where = resolve_text_model(name)
         try:
-            tokenizer = AutoTokenizer.from_pretrained(where)
-            config = AutoConfig.from_pretrained(where)
+            tokenizer = from_folder_or_hub(AutoTokenizer, where)
+            config = from_folder_or_hub(AutoConfig, where)
         except (OSError, ValueError) as exc:
             first = (str(exc).splitlines() or [type(exc).__name__])[0][:200]
             raise _missing_model(name, f"cannot be loaded ({first})") from exc
@@ -163,9 +175,10 @@ class PretrainedTokenizer:
                             "checkpoint is incomplete or comes from another version") from exc
 
     def sha256(self) -> str:
-        """Hex SHA-256 of the description (files, max length, model configuration): what
-        the data fingerprint records in place of a vocabulary file's hash."""
-        text = json.dumps(self.to_json(), sort_keys=True)
+        """Hex SHA-256 of the description (files, max length, model configuration; not
+        where it was loaded from): what the data fingerprint records in place of a
+        vocabulary file's hash."""
+        text = json.dumps({**self.to_json(), "source": ""}, sort_keys=True)
         return hashlib.sha256(text.encode()).hexdigest()
 
 

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..data.tokenizers import resolve_text_model
+from ..data.tokenizers import from_folder_or_hub, resolve_text_model
 from ..errors import UserError
 from .encoder_cache import EncoderCache
 
@@ -110,7 +110,7 @@ class TransformerTextEncoder(nn.Module):
         where = resolve_text_model(name)
         hf_logging.disable_progress_bar()
         with torch.random.fork_rng(devices=[]):  # the run's RNG stream stays the same
-            source = AutoModel.from_pretrained(where)
+            source = from_folder_or_hub(AutoModel, where)
         weights = {k: v for k, v in source.state_dict().items() if not k.startswith("pooler.")}
         try:
             self.encoder.load_state_dict(weights)

@@ -36,6 +36,9 @@ def test_a_pretrained_tokenizer_is_rebuilt_from_its_description_alone(tiny_root,
     assert 1 not in {i for t in ids for i in t}  # every word known: no [UNK]
     assert tokenizer.model_args()["text_config"]["hidden_size"] == 32
     assert not any(k.startswith("_") for k in tokenizer.text_config)  # no folder path
+    copy = shutil.copytree(bert, tmp_path / "copy")  # the same tokenizer elsewhere
+    assert PretrainedTokenizer.from_pretrained(str(copy), 12).sha256() == tokenizer.sha256()
+    assert PretrainedTokenizer.from_pretrained(str(copy), 13).sha256() != tokenizer.sha256()
     buffer = io.BytesIO()  # as in a checkpoint: torch.save, loaded with weights_only
     torch.save({"vocab": tokenizer.to_json()}, buffer)
     shutil.rmtree(bert)
