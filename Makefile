@@ -294,7 +294,7 @@ clean-demo:
 DEMO_EPOCHS ?= 3
 # The loss trained with offline negatives beside AOQ in the demo.
 DEMO_OTHER_LOSS ?= infonce
-demo_run = runs/$(DATA)/$(1)_plus$(DEMO_EPOCHS)
+demo_run = runs/$(DATA)/$(model_prefix)$(1)_plus$(DEMO_EPOCHS)
 DEMO_CKPTS = $(BASE_CKPT) $(foreach r,base $(DEMO_OTHER_LOSS)_offline aoq,$(call demo_run,$(r))/checkpoint.pt)
 DEMO_CONTINUE = --set train.init_from=$(BASE_CKPT) --set train.epochs=$(DEMO_EPOCHS) --resume
 
