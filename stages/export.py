@@ -152,12 +152,16 @@ def _export_errors(what: str, model_name: str) -> Iterator[None]:
         except UserError:
             raise
         except Exception as exc:
-            first = (str(exc).strip().splitlines() or [""])[0][:300]
-            hint = (" (its encoders must be traceable: no branch on tensor values, no packed "
-                    "sequences; see stages/models/tracing.py)"
-                    if isinstance(exc, torch.jit.TracerWarning) else "")
+            cause, hint = exc, ""
+            while cause is not None and not isinstance(cause, torch.jit.TracerWarning):
+                cause = cause.__cause__ or cause.__context__  # raised inside torch's C++
+            if cause is not None:
+                hint = (" (its encoders must be traceable: no branch on tensor values, no "
+                        "packed sequences; see stages/models/tracing.py)")
+            cause = cause or exc
+            first = (str(cause).strip().splitlines() or [""])[0][:300]
             raise UserError(f"model {model_name!r} cannot be exported: {what} failed with "
-                            f"{type(exc).__name__}: {first}{hint}") from exc
+                            f"{type(cause).__name__}: {first}{hint}") from exc
 
 
 def _write_encoder(module: torch.nn.Module, example: dict[str, torch.Tensor], path: Path,
