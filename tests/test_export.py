@@ -343,3 +343,35 @@ def test_without_the_dataset_the_check_uses_generated_inputs(checkpoints, tmp_pa
                  overrides=[f"data.path={tmp_path / 'nowhere'}"])
     meta = json.loads((out / "export.json").read_text())
     assert meta["check"]["inputs"][0].startswith("generated, 16 images and 16 captions")
+
+
+def test_make_export_writes_the_folder_once_and_again_for_a_new_checkpoint(checkpoints,
+                                                                           tmp_path):
+    import os
+    import shutil
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    ckpt = tmp_path / "runs" / "d" / "r" / "checkpoint.pt"
+    ckpt.parent.mkdir(parents=True)
+    shutil.copyfile(checkpoints("vsepp"), ckpt)
+    (tmp_path / "installed").touch()  # the venv's stamp: newer than setup.cfg
+
+    def make(*args):
+        return subprocess.run(["make", "--no-print-directory", "export",
+                               f"VENV={Path(sys.executable).parents[1]}",
+                               f"STAMP={tmp_path / 'installed'}", f"CKPT={ckpt}", *args],
+                              cwd=repo, capture_output=True, text=True, timeout=300)
+
+    result = make("FORMAT=onnx")
+    assert result.returncode == 0, result.stderr
+    target = tmp_path / "runs" / "d" / "r" / "export" / "onnx" / "export.json"
+    first = json.loads(target.read_text())["checkpoint"]["weights"]
+    assert "Nothing to be done" in make("FORMAT=onnx").stdout
+    variant(ckpt, ckpt, TINY_OPTIONS)  # a retrained model
+    os.utime(ckpt, (target.stat().st_mtime + 5,) * 2)
+    result = make("FORMAT=onnx")
+    assert result.returncode == 0, result.stderr
+    assert json.loads(target.read_text())["checkpoint"]["weights"] != first
+    result = make("FORMAT=tf")
+    assert result.returncode != 0 and "use one of torchscript onnx" in result.stderr
