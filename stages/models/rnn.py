@@ -65,17 +65,20 @@ def padded_gru(rnn: nn.GRU, x: torch.Tensor,
     return layer_input * valid[..., None].to(layer_input.dtype), torch.stack(finals)
 
 
-def run_gru(rnn: nn.GRU, x: torch.Tensor,
-            lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def run_gru(rnn: nn.GRU, x: torch.Tensor, lengths: torch.Tensor,
+            outputs: bool = True) -> tuple[torch.Tensor | None, torch.Tensor]:
     """``rnn`` (batch_first) over a padded batch of variable-length sequences.
 
     ``x`` (B, L, input), ``lengths`` (B,) -> (outputs (B, L, directions * H), zero at
-    padding positions; final states (layers * directions, B, H)). Packed in eager mode,
-    :func:`padded_gru` while exporting (the same values).
+    padding positions, or None unless ``outputs``; final states (layers * directions, B,
+    H)). Packed in eager mode, :func:`padded_gru` while exporting (the same values).
     """
     if is_exporting():
-        return padded_gru(rnn, x, lengths)
+        out, hidden = padded_gru(rnn, x, lengths)
+        return (out if outputs else None), hidden
     packed = pack_padded_sequence(x, lengths.cpu(), batch_first=True, enforce_sorted=False)
     out, hidden = rnn(packed)
+    if not outputs:
+        return None, hidden
     out, _ = pad_packed_sequence(out, batch_first=True, total_length=x.shape[1])
     return out, hidden

@@ -64,7 +64,8 @@ class TextEncoder(nn.Module):
         nn.init.uniform_(self.embed.weight, -0.1, 0.1)
 
     def forward(self, tokens: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-        _, hidden = run_gru(self.rnn, self.embed(tokens), lengths)  # (layers * dirs, B, E)
+        _, hidden = run_gru(self.rnn, self.embed(tokens), lengths, outputs=False)
+        # hidden: (layers * directions, B, E)
         emb = (hidden[-2] + hidden[-1]) / 2 if self.bidirectional else hidden[-1]
         return F.normalize(emb, dim=-1)
 
