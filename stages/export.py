@@ -177,13 +177,24 @@ def _write_encoder(module: torch.nn.Module, example: dict[str, torch.Tensor], pa
         else:
             names = list(example)
             images = example.get("images")
-            axes = {"images": {0: "batch", 1: "regions"} if images is not None
+            axes = {"images": {0: "batch", 1: "max_regions"} if images is not None
                     and images.dim() == 3 else {0: "batch"}, "regions": {0: "batch"},
                     "tokens": {0: "batch", 1: "length"}, "lengths": {0: "batch"},
                     "embeddings": {0: "batch"}}
             torch.onnx.export(module, args, str(path), dynamo=False, input_names=names,
                               output_names=["embeddings"], opset_version=ONNX_OPSET,
                               dynamic_axes={n: axes[n] for n in [*names, "embeddings"]})
+            _set_output_width(path, int(module(*args).shape[1]))
+
+
+def _set_output_width(path: Path, width: int) -> None:
+    """Declare the ONNX output's embedding axis as the number it is (the exporter's shape
+    inference leaves it symbolic after the normalisation), as export.json does."""
+    import onnx
+
+    graph = onnx.load(str(path))
+    graph.graph.output[0].type.tensor_type.shape.dim[1].dim_value = width
+    onnx.save(graph, str(path))
 
 
 def _onnxruntime():
@@ -291,14 +302,14 @@ def _describe(state: dict, checkpoint: Path, fmt: str, item_shape: tuple[int, ..
               check: dict) -> dict:
     """The content of ``export.json``."""
     image_inputs = [{"name": "images", "dtype": "float32",
-                     "shape": ["batch", "regions", item_shape[1]] if len(item_shape) == 2
+                     "shape": ["batch", "max_regions", item_shape[1]] if len(item_shape) == 2
                      else ["batch", item_shape[0]],
                      "description": "image features as the model was trained on (regions "
                                     "padded to a common count)" if len(item_shape) == 2
                      else "global image features"}]
     if len(item_shape) == 2:
         image_inputs.append({"name": "regions", "dtype": "int64", "shape": ["batch"],
-                             "description": "valid regions of each image, 1..regions; the "
+                             "description": "valid regions of each image, 1..max_regions; the "
                                             "rows after them are padding and are ignored"})
     example = "A man rides a brown horse on the beach."
     norms = check["normalisation"]

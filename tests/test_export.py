@@ -216,15 +216,17 @@ def test_export_json_describes_the_files(checkpoints, tmp_path):
     assert meta["checkpoint"]["path"] == str(checkpoint.resolve())
     image, caption = meta["encoders"]["image"], meta["encoders"]["caption"]
     assert [(i["name"], i["shape"], i["dtype"]) for i in image["inputs"]] == [
-        ("images", ["batch", "regions", 16], "float32"), ("regions", ["batch"], "int64")]
+        ("images", ["batch", "max_regions", 16], "float32"), ("regions", ["batch"], "int64")]
     assert [(i["name"], i["shape"], i["dtype"]) for i in caption["inputs"]] == [
         ("tokens", ["batch", "length"], "int64"), ("lengths", ["batch"], "int64")]
     for side in (image, caption):
         assert side["outputs"] == [{"name": "embeddings", "dtype": "float32",
                                     "shape": ["batch", 16], "normalisation": "l2"}]
         graph = onnx.load(str(out / side["file"])).graph
-        assert [i.name for i in graph.input] == [i["name"] for i in side["inputs"]]
-        assert [o.name for o in graph.output] == ["embeddings"]
+        for declared, actual in ((side["inputs"], graph.input), (side["outputs"], graph.output)):
+            assert [(v.name, [d.dim_param or d.dim_value
+                              for d in v.type.tensor_type.shape.dim]) for v in actual] == [
+                (v["name"], v["shape"]) for v in declared]
     vocab = json.loads((out / "vocab.json").read_text())
     assert vocab["idx2word"] == state["vocab"]["idx2word"]
     captions = meta["captions"]
