@@ -19,6 +19,7 @@ import contextlib
 import json
 import logging
 import platform
+import traceback
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -156,8 +157,11 @@ def _export_errors(what: str, model_name: str) -> Iterator[None]:
             while cause is not None and not isinstance(cause, torch.jit.TracerWarning):
                 cause = cause.__cause__ or cause.__context__  # raised inside torch's C++
             if cause is not None:
-                hint = (" (its encoders must be traceable: no branch on tensor values, no "
-                        "packed sequences; see stages/models/tracing.py)")
+                frames = [f for f in traceback.extract_tb(exc.__traceback__)
+                          if "/torch/" not in f.filename]
+                where = f" at {frames[-1].filename}:{frames[-1].lineno}" if frames else ""
+                hint = (f"{where} (its encoders must be traceable: no branch on tensor "
+                        "values, no packed sequences; see stages/models/tracing.py)")
             cause = cause or exc
             first = (str(cause).strip().splitlines() or [""])[0][:300]
             raise UserError(f"model {model_name!r} cannot be exported: {what} failed with "

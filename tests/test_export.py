@@ -335,7 +335,8 @@ def test_a_branch_on_tensor_values_is_refused_not_baked_in(checkpoints, tmp_path
     import stages.models.vsepp as vsepp
 
     monkeypatch.setattr(vsepp, "is_exporting", lambda: False)
-    with pytest.raises(UserError, match="cannot be exported.*TracerWarning.*traceable"):
+    with pytest.raises(UserError,
+                       match=r"cannot be exported.*TracerWarning.*vsepp.py:\d+ .*traceable"):
         export(checkpoints("vsepp"), tmp_path / "export", "torchscript")
     assert list(tmp_path.iterdir()) == []
 
