@@ -354,7 +354,8 @@ def _describe(state: dict, checkpoint: Path, fmt: str, item_shape: tuple[int, ..
                   "max_abs_diff": {"image": check["image"], "caption": check["caption"]},
                   "inputs": [b.description for b in batches]},
         "torch": torch.__version__, "python": platform.python_version(),
-        **({"onnx_opset": ONNX_OPSET} if fmt == "onnx" else {}),
+        **({"onnx_opset": ONNX_OPSET} if fmt == "onnx" else
+           {"device": "cpu (traced there; device constants are part of the graph)"}),
     }
 
 
