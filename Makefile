@@ -89,7 +89,7 @@ $(if $(EXP),$(if $(filter $(EXP),$(EXPERIMENTS)),,$(error EXP='$(EXP)' is not al
 	configs/experiment/ has $(or $(EXPERIMENTS),no experiments))))
 
 .PHONY: FORCE help install test lint demo features vocab train embed offcandi retrain eval compare \
-	f30k-all coco-all bench clean-demo
+	f30k-all coco-all bench clean-demo export
 
 help:
 	@echo "make demo          set up, generate the demo dataset, train and evaluate (CPU, minutes)"
@@ -110,6 +110,7 @@ help:
 	@echo "                   a changed setting redoes the stages that read it; a finished run"
 	@echo "                   refuses new settings: name the experiment with RUN= / AOQ_RUN="
 	@echo "make f30k-all      the whole chain on f30k_precomp; coco-all likewise on coco_precomp"
+	@echo "make export        CKPT's encoders as FORMAT=torchscript|onnx, checked -> <run>/export/FORMAT/"
 	@echo "make bench         speed figures                            -> bench/results.json"
 	@echo "make table         loss x offline negatives x batch size, LOSSES='...' BATCHES='...'"
 	@echo "                   -> runs/DATA/table/table.{md,csv,png}"
@@ -276,6 +277,18 @@ compare: $(BASE_CKPT) $(ROUND_CKPTS)
 	$(AOQ) plot $(foreach r,$(ROUND_NUMBERS),--embeddings $(call round_miner,$(r))/embeddings_train.h5 \
 	    --candidates $(call round_offcandi,$(r))) $(CONFIGS) $(OVERRIDES) \
 	    $(foreach s,$(RETRAIN_SET),--set $(s)) --out-dir runs/$(DATA)/compare
+
+# --- export: a checkpoint's encoders for deployment (CKPT: one checkpoint, FORMAT) --------
+# runs/DATA/RUN/export/FORMAT/ (written whole or not at all; export.json stands for it),
+# redone when the checkpoint changes.
+FORMAT ?= torchscript
+$(call one_of,FORMAT,torchscript onnx)
+EXPORT_DIR = $(dir $(firstword $(CKPT)))export/$(FORMAT)
+
+export: $(EXPORT_DIR)/export.json
+$(EXPORT_DIR)/export.json: $(firstword $(CKPT)) | $(STAMP)
+	$(if $(filter 1,$(words $(CKPT))),,$(error CKPT='$(CKPT)': make export takes one checkpoint))
+	$(AOQ) export --ckpt $< --format $(FORMAT) --out $(@D) --force $(foreach s,$(SET),--set $(s))
 
 f30k-all:
 	$(MAKE) --no-print-directory compare DATA=f30k_precomp

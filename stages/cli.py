@@ -107,6 +107,40 @@ def embed(config_files, overrides, checkpoint, split, out) -> None:
     run_embed(checkpoint, split, config_files, overrides, out)
 
 
+@cli.command(name="export")
+@config_options
+@click.option("--ckpt", "checkpoint", required=True,
+              type=click.Path(dir_okay=False, path_type=Path), help="The model to export.")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path),
+              help="Export folder (default: export/<format>/ beside the checkpoint).")
+@click.option("--format", "fmt", default="torchscript", show_default=True,
+              help="torchscript (torch.jit.load) or onnx (onnxruntime).")
+@click.option("--force", is_flag=True, help="Replace an existing export folder.")
+@click.option("--tolerance", type=float, default=1e-4, show_default=True,
+              help="Largest abs difference allowed between the exported encoders' and the "
+                   "checkpoint's embeddings.")
+def export_command(config_files, overrides, checkpoint, out, fmt, force, tolerance) -> None:
+    """Write the image and caption encoders (TorchScript or ONNX), the vocabulary and
+    export.json, checked against the checkpoint's embeddings."""
+    from .export import export
+
+    export(checkpoint, out, fmt, force, tolerance, config_files, overrides)
+
+
+@cli.command(name="export-check")
+@config_options
+@click.option("--dir", "folder", required=True,
+              type=click.Path(file_okay=False, path_type=Path), help="An export folder.")
+@click.option("--ckpt", "checkpoint", type=click.Path(dir_okay=False, path_type=Path),
+              help="The checkpoint it was exported from (default: the one export.json names).")
+@click.option("--tolerance", type=float, help="Default: the one the export used.")
+def export_check(config_files, overrides, folder, checkpoint, tolerance) -> None:
+    """Check an export folder again: its encoders against the checkpoint's embeddings."""
+    from .export import check_export
+
+    check_export(folder, checkpoint, tolerance, config_files, overrides)
+
+
 @cli.command()
 @config_options
 @click.option("--embeddings", required=True, type=click.Path(dir_okay=False, path_type=Path),

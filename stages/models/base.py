@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from .tracing import CaptionEncoderExport, ImageEncoderExport
+
 
 @dataclass
 class ModelOutput:
@@ -75,3 +77,14 @@ class EmbeddingModel(nn.Module):
         """Optimiser parameter groups, each with an ``lr_scale`` (x the scheduled rate);
         parameters with ``requires_grad=False`` are left out."""
         return [{"params": [p for p in self.parameters() if p.requires_grad], "lr_scale": 1.0}]
+
+    def export_encoders(self, global_features: bool = False) -> tuple[nn.Module, nn.Module]:
+        """The (image, caption) encoders as modules to trace or export (``aoq export``).
+
+        Image: ``(images (B, R, D) float32, regions (B,) int64) -> (B, E)``, or with
+        ``global_features`` ``(images (B, D)) -> (B, E)``; caption: ``(tokens (B, L) int64,
+        lengths (B,) int64) -> (B, E)``. The default wraps :meth:`encode_images` and
+        :meth:`encode_captions`, which must then be traceable (see
+        :mod:`stages.models.tracing`); the export checks the result against them.
+        """
+        return ImageEncoderExport(self, global_features), CaptionEncoderExport(self)

@@ -16,7 +16,9 @@ import math
 
 import torch
 from torch import nn
-from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+
+from .rnn import run_gru
+from .tracing import is_exporting
 
 TEMPERATURE = 0.1  # the reference's softmax temperature over positions
 
@@ -33,6 +35,16 @@ def positional_encoding(length: int, dim: int) -> torch.Tensor:
     pe[:, 0::2] = torch.sin(position * freq)
     pe[:, 1::2] = torch.cos(position * freq)
     return pe
+
+
+def traced_positional_encoding(like: torch.Tensor, length: int, dim: int) -> torch.Tensor:
+    """:func:`positional_encoding` from tensor operations only (an exported graph must not
+    hold the example's length as a constant): (length, dim) on ``like``'s device."""
+    position = torch.ones_like(like[:1], dtype=torch.float32).expand(length).cumsum(0) - 1
+    freq = torch.exp(torch.arange(0, dim, 2, dtype=torch.float32, device=like.device)
+                     * (-math.log(10000.0) / dim))
+    angles = position[:, None] * freq[None, :]
+    return torch.stack([torch.sin(angles), torch.cos(angles)], dim=-1).flatten(1)
 
 
 class GPO(nn.Module):
@@ -55,20 +67,23 @@ class GPO(nn.Module):
         The GRU runs once per distinct count in the batch (the weights depend on the count
         only), not once per set.
         """
-        if bool((counts < 1).any()) or int(counts.max()) > length:
-            raise ValueError(f"set sizes must be in [1, {length}], got {counts.tolist()}")
-        sizes, which = torch.unique(counts, return_inverse=True)  # (U,), (B,)
-        pe = positional_encoding(length, self.pe_dim).to(self.linear.weight)
+        exporting = is_exporting()
+        if exporting:  # an exported graph: one GRU row per set, encodings computed in it
+            sizes, which = counts, None
+            pe = traced_positional_encoding(counts, length, self.pe_dim).to(self.linear.weight)
+        else:
+            if bool((counts < 1).any()) or int(counts.max()) > length:
+                raise ValueError(f"set sizes must be in [1, {length}], got {counts.tolist()}")
+            sizes, which = torch.unique(counts, return_inverse=True)  # (U,), (B,)
+            pe = positional_encoding(length, self.pe_dim).to(self.linear.weight)
         positions = torch.arange(length, device=counts.device)
         valid = positions[None, :] < sizes[:, None]  # (U, length)
-        packed = pack_padded_sequence(pe.expand(len(sizes), -1, -1), sizes.cpu(),
-                                      batch_first=True, enforce_sorted=False)
-        out, _ = pad_packed_sequence(self.gru(packed)[0], batch_first=True,
-                                     total_length=length)  # (U, length, 2 * hidden)
-        half = out.shape[-1] // 2
+        out, _ = run_gru(self.gru, pe.expand(sizes.shape[0], -1, -1), sizes)
+        half = out.shape[-1] // 2  # out: (U, length, 2 * hidden)
         scores = self.linear((out[..., :half] + out[..., half:]) / 2).squeeze(-1)
         scores = scores.masked_fill(~valid, -math.inf)
-        return torch.softmax(scores / TEMPERATURE, dim=1)[which]
+        weights = torch.softmax(scores / TEMPERATURE, dim=1)
+        return weights if exporting else weights[which]
 
     def forward(self, features: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """(B, K, D) features, (B, K) bool mask of the members (at least one per row; any

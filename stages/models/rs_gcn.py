@@ -26,6 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .tracing import is_exporting
+
 
 def batch_norm_rows(bn: nn.BatchNorm1d, rows: torch.Tensor) -> torch.Tensor:
     """``bn`` over rows (M, C) -> (M, C).
@@ -42,7 +44,7 @@ def batch_norm_rows(bn: nn.BatchNorm1d, rows: torch.Tensor) -> torch.Tensor:
 
 def valid_mask(regions: torch.Tensor, num: int) -> torch.Tensor | None:
     """(B,) valid region counts -> (B, num) bool mask, or None when every region is valid."""
-    if bool((regions == num).all()):
+    if not is_exporting() and bool((regions == num).all()):  # a graph takes the mask
         return None
     return torch.arange(num, device=regions.device)[None, :] < regions[:, None]
 

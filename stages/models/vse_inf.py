@@ -22,12 +22,12 @@ from typing import Annotated
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from ..settings import Range
 from . import MODELS
 from .base import EmbeddingModel
 from .gpo import GPO
+from .rnn import run_gru
 from .word_vectors import init_embedding
 
 
@@ -82,10 +82,7 @@ class TextEncoder(nn.Module):
         nn.init.uniform_(self.embed.weight, -0.1, 0.1)
 
     def forward(self, tokens: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-        packed = pack_padded_sequence(self.embed(tokens), lengths.cpu(), batch_first=True,
-                                      enforce_sorted=False)
-        out, _ = pad_packed_sequence(self.rnn(packed)[0], batch_first=True,
-                                     total_length=tokens.shape[1])  # (B, L, 2E)
+        out, _ = run_gru(self.rnn, self.embed(tokens), lengths)  # (B, L, 2E)
         half = out.shape[-1] // 2
         words = (out[..., :half] + out[..., half:]) / 2
         mask = prefix_mask(lengths.to(words.device), tokens.shape[1])

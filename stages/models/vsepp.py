@@ -11,18 +11,20 @@ from typing import Annotated
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.utils.rnn import pack_padded_sequence
 
 from ..settings import Range
 from . import MODELS
 from .base import EmbeddingModel
+from .rnn import run_gru
+from .tracing import is_exporting
 from .word_vectors import init_embedding
 
 
 def masked_mean(images: torch.Tensor, regions: torch.Tensor) -> torch.Tensor:
     """Mean over the first ``regions[b]`` regions: (B, R, D), (B,) -> (B, D)."""
     num = images.shape[1]
-    if bool((regions == num).all()):
+    # The shortcut is a branch on values: an exported graph takes the general path.
+    if not is_exporting() and bool((regions == num).all()):
         return images.mean(dim=1)
     mask = torch.arange(num, device=images.device)[None, :] < regions[:, None]
     mask = mask.to(images.dtype)
@@ -63,9 +65,8 @@ class TextEncoder(nn.Module):
         nn.init.uniform_(self.embed.weight, -0.1, 0.1)
 
     def forward(self, tokens: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-        packed = pack_padded_sequence(self.embed(tokens), lengths.cpu(), batch_first=True,
-                                      enforce_sorted=False)
-        _, hidden = self.rnn(packed)  # (layers * directions, B, E)
+        _, hidden = run_gru(self.rnn, self.embed(tokens), lengths, outputs=False)
+        # hidden: (layers * directions, B, E)
         emb = (hidden[-2] + hidden[-1]) / 2 if self.bidirectional else hidden[-1]
         return F.normalize(emb, dim=-1)
 

@@ -28,13 +28,13 @@ from typing import Annotated
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.utils.rnn import pack_padded_sequence
 
 from ..errors import UserError
 from ..settings import OneOf, Range
 from . import MODELS
 from .base import EmbeddingModel, ModelOutput
 from .caption_decoder import CaptionDecoder
+from .rnn import run_gru
 from .rs_gcn import RsGCN, batch_norm_rows, valid_mask
 from .vsepp import TextEncoder
 
@@ -71,8 +71,7 @@ class RegionReasoning(nn.Module):
         if mask is None:
             _, state = self.rnn(reasoned)
         else:
-            _, state = self.rnn(pack_padded_sequence(reasoned, regions.cpu(), batch_first=True,
-                                                     enforce_sorted=False))
+            _, state = run_gru(self.rnn, reasoned, regions, outputs=False)
         emb = state[-1]
         if self.bn is not None:
             emb = batch_norm_rows(self.bn, emb)
