@@ -76,10 +76,13 @@ class OfflineTask:
         per group (B rows each), as the AOQ reference encodes them: a model with batch norm
         (VSRN, VSE-infinity) then normalises each group with its own batch statistics, and
         the anchors' statistics do not depend on the negatives drawn. The model's own
-        losses (VSRN's caption generation) are those of the anchors' pass."""
+        losses (VSRN's caption generation) are those of the anchors' pass: the negatives
+        are only encoded."""
         b = batch["image_ids"].shape[0] // 3
-        outputs = [model({k: v[g * b:(g + 1) * b] for k, v in batch.items()})
-                   for g in range(3)]
+        groups = [{k: v[g * b:(g + 1) * b] for k, v in batch.items()} for g in range(3)]
+        outputs = [model(groups[0]), *(
+            ModelOutput(model.encode_images(g["images"], g["regions"]),
+                        model.encode_captions(g["tokens"], g["lengths"])) for g in groups[1:])]
         return ModelOutput(torch.cat([o.img_emb for o in outputs]),
                            torch.cat([o.cap_emb for o in outputs]), outputs[0].aux_losses)
 
