@@ -15,6 +15,7 @@ error that names the classes that take it.
 
 import copy
 import dataclasses
+import itertools
 import logging
 import typing
 from dataclasses import dataclass, field
@@ -53,12 +54,31 @@ class NamedBlock:
     """A config block naming a registered class (``kind``: model | loss) and its options.
 
     ``values`` holds the options set explicitly (raw); :meth:`options` gives every option of
-    the named class, defaults filled in and each value checked.
+    the named class, defaults filled in and each value checked. ``layers`` says which layer
+    (a config file, a file's ``retrain:`` block, the ``--set`` overrides) set each option:
+    a later layer that names another class drops the options earlier layers set that the new
+    class does not take (a model file's ``loss.warmup_epochs`` for ``vse_max`` does not
+    follow the loss to ``aoq``); options of the naming layer or later are checked strictly.
     """
 
     kind: str
     name: str
     values: dict = field(default_factory=dict)
+    layers: dict = field(default_factory=dict, compare=False, repr=False)
+
+    def rename(self, name: str, layer: int, source: str) -> None:
+        """Name another class; options set by layers before ``layer`` that it does not take
+        are dropped (logged)."""
+        registry = self.registry()
+        registry.check_name(name)  # unknown names fail here
+        if name != self.name:
+            takes = registry.options(name)
+            for key in [k for k in self.values
+                        if k not in takes and self.layers.get(k, layer) < layer]:
+                log.info("%s.%s=%r dropped: %s names %s %r, which does not take it",
+                         self.kind, key, self.values.pop(key), source, self.kind, name)
+                self.layers.pop(key, None)
+        self.name = name
 
     def registry(self):
         """The names and options of this kind (from the options cache when it is fresh, so
@@ -83,6 +103,10 @@ class TrainConfig:
     lr_update: Annotated[int, NonNegative] = 15  # decay every N epochs (0: never)
     lr_decay: Annotated[float, Range(min=0, max=1, min_open=True)] = 0.1
     grad_clip: Annotated[float, NonNegative] = 2.0  # max gradient norm (0: no clipping)
+    # adam (VSE++, VSRN, AOQ) | adamw (VSE-infinity); weight_decay: Adam's L2 term, AdamW's
+    # decoupled decay
+    optimizer: Annotated[str, OneOf("adam", "adamw")] = "adam"
+    weight_decay: Annotated[float, NonNegative] = 0.0
     seed: Annotated[int, NonNegative] = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     # also save last.pt every N steps within an epoch (0: epoch ends only)
@@ -208,8 +232,9 @@ def _section_keys(config: Config, section: str) -> list[str]:
     return list(_field_types(obj))
 
 
-def set_value(config: Config, key: str, value, source: str) -> None:
-    """Set ``section.field`` (or a bare field name unique across sections) to ``value``."""
+def set_value(config: Config, key: str, value, source: str, layer: int = 0) -> None:
+    """Set ``section.field`` (or a bare field name unique across sections) to ``value``;
+    ``layer`` numbers the file or override group it comes from (see :class:`NamedBlock`)."""
     if "." in key:
         section, name = key.split(".", 1)
         if section not in SECTIONS:
@@ -227,10 +252,11 @@ def set_value(config: Config, key: str, value, source: str) -> None:
     section_obj = getattr(config, section)
     if section in NAMED:
         if name == "name":
-            section_obj.name = check_value(value, str, None, f"{section}.name", source)
-            section_obj.registry().check_name(section_obj.name)  # unknown names fail here
+            section_obj.rename(check_value(value, str, None, f"{section}.name", source), layer,
+                               source)
         else:
             section_obj.values[name] = value  # checked by Config.check, once name is final
+            section_obj.layers[name] = layer
         return
     types_ = _field_types(section_obj)
     if name not in types_:
@@ -241,10 +267,12 @@ def set_value(config: Config, key: str, value, source: str) -> None:
 
 
 def apply_mapping(config: Config, values: dict, source: str) -> None:
-    """Apply a nested ``{section: {field: value}}`` mapping (a YAML file's content).
+    """Apply a nested ``{section: {field: value}}`` mapping (a YAML file's content) as one
+    layer.
 
     A named block's ``name`` is applied before its options.
     """
+    layer = next(LAYERS)
     if not isinstance(values, dict):
         raise UserError(f"{source}: expected a mapping of sections ({', '.join(SECTIONS)})")
     for section, fields_ in values.items():
@@ -254,7 +282,7 @@ def apply_mapping(config: Config, values: dict, source: str) -> None:
         if not isinstance(fields_, dict):
             raise UserError(f"{source}: section {section!r} must be a mapping")
         for name in sorted(fields_, key=lambda n: n != "name"):
-            set_value(config, f"{section}.{name}", fields_[name], source)
+            set_value(config, f"{section}.{name}", fields_[name], source, layer)
 
 
 def parse_override(text: str) -> tuple[str, object]:
@@ -270,6 +298,9 @@ def parse_override(text: str) -> tuple[str, object]:
 
 
 RETRAIN_BLOCK = "retrain"
+# Numbers the layers of settings (files, retrain: blocks, override groups) in the order they
+# are applied, across nested loads (a base config's layers come first).
+LAYERS = itertools.count(1)
 
 
 def load_config(config_files: typing.Iterable[str | Path] = (),
@@ -304,9 +335,10 @@ def load_config(config_files: typing.Iterable[str | Path] = (),
             apply_mapping(config if retrain else copy.deepcopy(config), retrain_values,
                           f"{path} ({RETRAIN_BLOCK}:)")
     overrides = list(overrides)
+    layer = next(LAYERS)  # the overrides are one layer: their order does not matter
     for text in overrides:
         key, value = parse_override(text)
-        set_value(config, key, value, f"--set {text}")
+        set_value(config, key, value, f"--set {text}", layer)
     config.check(" ".join([*map(str, config_files), *(f"--set {o}" for o in overrides)])
                  or "config")
     return config

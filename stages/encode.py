@@ -1,5 +1,7 @@
 """Encode a split with a model, unshuffled: unique images (N, E) and captions (5N, E)."""
 
+from functools import partial
+
 import numpy as np
 import torch
 from torch.utils.data import DataLoader
@@ -11,7 +13,7 @@ from .data.dataset import (
     collate_captions,
     collate_images,
 )
-from .data.vocab import Vocab
+from .data.tokenizers import CaptionTokenizer
 from .errors import UserError
 from .progress import Progress
 
@@ -34,7 +36,7 @@ def check_finite(images: torch.Tensor, image_ids: torch.Tensor, split: Split) ->
 
 
 @torch.no_grad()
-def encode_split(model, split: Split, vocab: Vocab, device: torch.device,
+def encode_split(model, split: Split, tokenizer: CaptionTokenizer, device: torch.device,
                  batch_size: int = 256, workers: int = 0,
                  desc: str = "encode") -> tuple[np.ndarray, np.ndarray]:
     """Embeddings of every image and every caption of ``split``, in order.
@@ -48,8 +50,9 @@ def encode_split(model, split: Split, vocab: Vocab, device: torch.device,
     pin = device.type == "cuda"
     images = DataLoader(ImageDataset(split), batch_size=batch_size, collate_fn=collate_images,
                         num_workers=workers, pin_memory=pin)
-    captions = DataLoader(CaptionDataset(split, vocab), batch_size=batch_size,
-                          collate_fn=collate_captions, num_workers=workers, pin_memory=pin)
+    captions = DataLoader(CaptionDataset(split, tokenizer), batch_size=batch_size,
+                          collate_fn=partial(collate_captions, pad=tokenizer.pad_id),
+                          num_workers=workers, pin_memory=pin)
     img_out, cap_out = [], []
     with Progress(len(images) + len(captions), desc, unit="batch") as bar:
         for batch in images:

@@ -22,6 +22,7 @@ from .config import Config, config_diff
 from .data.dataset import Split, check_compatible, open_split
 from .data.features import features_fingerprint
 from .data.offline import OfflineNegativeSampler
+from .data.tokenizers import CaptionTokenizer
 from .data.vocab import Vocab, file_sha256
 from .device import resolve_device
 from .encode import encode_split
@@ -47,16 +48,17 @@ log = logging.getLogger(__name__)
 RESUMABLE_CHANGES = {"train.epochs"}
 
 
-def data_fingerprint(config: Config, vocab_path: Path, train_split: Split) -> dict:
+def data_fingerprint(config: Config, tokenizer_sha256: str, train_split: Split) -> dict:
     """What identifies the data a model was trained on (checked by later stages and by a
-    resume): the captions, the vocabulary and the features of the training split."""
+    resume): the captions, the caption tokenizer (``vocab_sha256``: the vocabulary file's
+    hash, or a pretrained tokenizer's) and the features of the training split."""
     dataset_dir = config.dataset_dir()
     return {
         "dataset": config.data.name,
         "train_split": config.data.train_split,
         "num_train_images": train_split.num_images,
         "train_captions_sha256": file_sha256(dataset_dir / f"{config.data.train_split}_caps.txt"),
-        "vocab_sha256": file_sha256(vocab_path),
+        "vocab_sha256": tokenizer_sha256,
         "train_features": features_fingerprint(train_split.features),
     }
 
@@ -98,7 +100,21 @@ def _prepare_run_dir(run_dir: Path, config: Config, resume: bool) -> dict | None
     return None
 
 
-def _offline_task(config: Config, split: Split, vocab: Vocab, fingerprint: dict) -> OfflineTask:
+def _caption_tokenizer(config: Config) -> tuple[CaptionTokenizer, str]:
+    """The tokenizer the model reads and its hash: a pretrained one the model names, else
+    our vocabulary (checked to be of the training captions)."""
+    tokenizer = MODELS.class_of(config.model.name).caption_tokenizer(config.model.options())
+    if tokenizer is not None:
+        return tokenizer, tokenizer.sha256()
+    vocab_path = config.vocab_path()
+    vocab = Vocab.load(vocab_path)
+    vocab.check_built_from(config.dataset_dir() / f"{config.data.train_split}_caps.txt",
+                           vocab_path)
+    return vocab, file_sha256(vocab_path)
+
+
+def _offline_task(config: Config, split: Split, tokenizer: CaptionTokenizer,
+                  fingerprint: dict) -> OfflineTask:
     """Pairs plus negatives from checked candidate files; records them in the fingerprint."""
     h = config.offcandi.hardest
     expected = ""
@@ -130,7 +146,7 @@ def _offline_task(config: Config, split: Split, vocab: Vocab, fingerprint: dict)
                      int((skip == candidates.k - keep).sum()), keep)
     sampler = OfflineNegativeSampler(i2t.indices, t2i.indices, h, config.train.seed,
                                      skips.get("i2t"), skips.get("t2i"))
-    return OfflineTask(split, vocab, sampler)
+    return OfflineTask(split, tokenizer, sampler)
 
 
 def _init_weights(model, spec: dict, path: str) -> dict | None:
@@ -143,6 +159,13 @@ def _init_weights(model, spec: dict, path: str) -> dict | None:
     model.load_state_dict(source["state_dict"])
     log.info("initialised from %s (weights %s)", path, weights_hash(source["state_dict"]))
     return source.get("word_vectors")
+
+
+def _load_pretrained(model, tokenizer) -> dict | None:
+    """A fresh model's pretrained parts: its weights files (``load_pretrained``) and word
+    vectors (``init_word_vectors``); returns the word vectors' record (or None)."""
+    model.load_pretrained()
+    return model.init_word_vectors(tokenizer)
 
 
 def train(config: Config, run_dir: str | Path, resume: bool = False) -> Path:
@@ -163,10 +186,7 @@ def train(config: Config, run_dir: str | Path, resume: bool = False) -> Path:
     # nothing behind.
     _absolute_paths(config)
     dataset_dir = config.dataset_dir()
-    vocab_path = config.vocab_path()
-    vocab = Vocab.load(vocab_path)
-    train_caps = dataset_dir / f"{config.data.train_split}_caps.txt"
-    vocab.check_built_from(train_caps, vocab_path)
+    tokenizer, tokenizer_sha256 = _caption_tokenizer(config)
     train_split = open_split(dataset_dir, config.data.train_split)
     val_split = open_split(dataset_dir, config.data.val_split).limit(config.data.val_images)
     check_compatible(train_split, val_split)
@@ -179,26 +199,27 @@ def train(config: Config, run_dir: str | Path, resume: bool = False) -> Path:
              train_split.num_images, len(train_split.captions), val_split.num_images,
              config.data.val_split)
 
-    fingerprint = data_fingerprint(config, vocab_path, train_split)
-    task = (_offline_task(config, train_split, vocab, fingerprint) if t.offline_negatives
-            else PairTask(train_split, vocab))
+    fingerprint = data_fingerprint(config, tokenizer_sha256, train_split)
+    task = (_offline_task(config, train_split, tokenizer, fingerprint) if t.offline_negatives
+            else PairTask(train_split, tokenizer))
     device = resolve_device(t.device)
     torch.manual_seed(t.seed)
     loss_fn = build_loss(config.loss.name, config.loss.values)
-    data_args = {"img_dim": train_split.features.feature_dim, "vocab_size": len(vocab)}
+    data_args = {"img_dim": train_split.features.feature_dim, **tokenizer.model_args()}
     options = config.model.options()
     model = build_model(config.model.name, config.model.values, **data_args)
     spec = {"name": config.model.name, "args": {**data_args, **options}}
-    # Pretrained word vectors (model.word_vectors) for a run from scratch: a run with a
-    # last.pt resumes (or is refused) and init_from brings its own words.
+    # Pretrained weights (a text tower's folder) and word vectors (model.word_vectors) for a
+    # run from scratch: a run with a last.pt resumes (or is refused) and init_from brings
+    # its own weights.
     from_scratch = not t.init_from and not (run_dir / "last.pt").exists()
-    words = model.init_word_vectors(vocab) if from_scratch else None
+    words = _load_pretrained(model, tokenizer) if from_scratch else None
 
     # The lock comes after the inputs are checked: a failed start leaves no folder.
     with folder_lock(run_dir, "aoq train"):
         state = _prepare_run_dir(run_dir, config, resume)
         if state is None and not t.init_from and not from_scratch:  # last.pt went meanwhile
-            words = model.init_word_vectors(vocab)
+            words = _load_pretrained(model, tokenizer)
         if is_main():
             setup_logging(run_dir / "train.log")
             write_text(run_dir / "config.yaml",
@@ -213,7 +234,7 @@ def train(config: Config, run_dir: str | Path, resume: bool = False) -> Path:
             words = state.get("word_vectors")
 
         def validate(model) -> dict:
-            img, cap = encode_split(model, val_split, vocab, device,
+            img, cap = encode_split(model, val_split, tokenizer, device,
                                     workers=config.data.workers,
                                     desc=f"validate {val_split.name}")
             return {"split": config.data.val_split, "protocol": "all",
@@ -223,7 +244,7 @@ def train(config: Config, run_dir: str | Path, resume: bool = False) -> Path:
 
         trainer = Trainer(model, loss_fn, task, t, config.memory, device, run_dir, validate,
                           checkpoint_info={"model": spec, "config": config.to_dict(),
-                                           "vocab": vocab.to_json(),
+                                           "vocab": tokenizer.to_json(),
                                            "data_fingerprint": fingerprint,
                                            "word_vectors": words},
                           workers=config.data.workers,

@@ -118,3 +118,22 @@ def test_stored_configs_drop_options_a_class_no_longer_takes():
     with pytest.raises(UserError, match="no option 'alpha'"):
         Config.from_dict(stored)
     assert Config.from_dict(stored, stored=True).to_dict() == Config().to_dict()
+
+
+def test_a_later_layer_naming_another_loss_drops_earlier_options_it_does_not_take(tmp_path):
+    model = tmp_path / "model.yaml"
+    model.write_text("loss:\n  name: vse_max\n  warmup_epochs: 1\n  margin: 0.3\n"
+                     "retrain:\n  loss:\n    name: aoq\n")
+    assert load_config([model]).loss.options()["warmup_epochs"] == 1
+    retrain = load_config([model], retrain=True)
+    assert retrain.loss.name == "aoq"
+    assert "warmup_epochs" not in retrain.loss.values
+    assert retrain.loss.options()["margin"] == 0.3  # aoq takes it: kept
+    table = load_config([model], ["loss.name=infonce"])
+    assert table.loss.name == "infonce" and "warmup_epochs" not in table.loss.values
+    # The layer that names the loss is checked strictly, in any order of its --set's.
+    with pytest.raises(UserError, match="warmup_epochs"):
+        load_config([model], ["loss.warmup_epochs=2", "loss.name=aoq"])
+    # A name set again to the same loss keeps the earlier options.
+    same = load_config([model], ["loss.name=vse_max"])
+    assert same.loss.options()["warmup_epochs"] == 1

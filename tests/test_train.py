@@ -211,3 +211,11 @@ def test_aoq_needs_offline_negatives(tiny_config, tmp_path):
     with pytest.raises(UserError, match="needs offline negatives: train it with `aoq retrain`"):
         train(aoq, tmp_path / "run")
     assert not (tmp_path / "run").exists()
+
+
+def test_the_optimizer_settings_reach_the_trainer(tiny_config, tmp_path):
+    tiny_config.train.epochs = 1
+    tiny_config.train.optimizer = "adamw"
+    tiny_config.train.weight_decay = 0.05
+    group = load_checkpoint(train(tiny_config, tmp_path / "run"))["optimizer"]["param_groups"][0]
+    assert (group["weight_decay"], group["decoupled_weight_decay"]) == (0.05, True)

@@ -22,6 +22,11 @@
   batch 128 on 36 x 2048 regions, against the same model's bare forward + backward on the
   same batch (no optimiser), and the AOQ step (anchors plus two groups of offline
   negatives, the aoq loss) against 3x the base step.
+* text tower (vse_transformer on a MiniLM-shaped BERT: 6 layers, hidden 384, random
+  weights): an epoch with the whole encoder frozen, cached (the first epoch fills the
+  cache, the next ones hit it) against the same epoch uncached; and the text encoder's
+  captions/s in our training step and in our inference against the bare ``transformers``
+  forward (+ backward) of the same model on the same token batch.
 
 Usage: python tools/bench.py --out bench/results.json
 """
@@ -47,11 +52,13 @@ from stages.config import load_config
 from stages.data.dataset import collate_pairs, open_split
 from stages.data.offline import OfflineNegativeSampler, collate_offline
 from stages.data.synthetic import write_synthetic_dataset
+from stages.data.tokenizers import PretrainedTokenizer
 from stages.data.vocab import Vocab
 from stages.knn import set_threads
 from stages.losses import build_loss
 from stages.metrics.retrieval import retrieval_ranks
 from stages.models import build_model
+from stages.training.batches import epoch_batches
 from stages.training.loop import Trainer
 from stages.training.tasks import OfflineTask, PairTask
 
@@ -467,6 +474,124 @@ def bench_vsrn_step(repeats: int, warmup: int = 1) -> dict:
             "aoq_cpu_ratio_to_3x_step": round(aoq_cpu / (3 * ours_cpu), 3)}
 
 
+def _write_minilm_shaped_bert(folder: Path, captions: list[str]) -> None:
+    """A random-weight BERT of all-MiniLM-L6-v2's shape, with a WordPiece vocabulary of the
+    captions' words, saved as a Hugging Face folder."""
+    import re
+
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    words = sorted({w for c in captions for w in re.findall(r"\w+|[^\w\s]", c.lower())})
+    (folder / "vocab.txt").write_text("\n".join(
+        ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words]) + "\n")
+    (folder / "tokenizer_config.json").write_text(
+        json.dumps({"tokenizer_class": "BertTokenizer", "do_lower_case": True}))
+    AutoTokenizer.from_pretrained(folder).save_pretrained(folder)
+    torch.manual_seed(0)
+    BertModel(BertConfig(vocab_size=len(words) + 5, hidden_size=384, num_hidden_layers=6,
+                         num_attention_heads=12, intermediate_size=1536)).save_pretrained(folder)
+
+
+def _alternate(fns: dict, repeats: int) -> dict[str, tuple[float, float]]:
+    """Median (wall, CPU) seconds of each function, timed alternately after 2 warm-ups."""
+    times = {name: ([], []) for name in fns}
+    for i in range(repeats + 2):
+        for name, fn in fns.items():
+            t0, c0 = time.perf_counter(), time.process_time()
+            fn()
+            if i >= 2:
+                times[name][0].append(time.perf_counter() - t0)
+                times[name][1].append(time.process_time() - c0)
+    return {name: (statistics.median(w), statistics.median(c)) for name, (w, c) in times.items()}
+
+
+def bench_text_tower(repeats: int, images: int = 300, batch: int = 128) -> dict:
+    """vse_transformer epochs frozen with and without the encoder cache; the text encoder's
+    captions/s in our step and inference against the bare transformers forward."""
+    from transformers import BertModel
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        write_synthetic_dataset(tmp / "data", {"train": images}, seed=0)
+        split = open_split(tmp / "data", "train")
+        (tmp / "bert").mkdir()
+        _write_minilm_shaped_bert(tmp / "bert", split.captions)
+        tokenizer = PretrainedTokenizer.from_pretrained(str(tmp / "bert"), 64)
+        task = PairTask(split, tokenizer)
+
+        def trainer_for(freeze: int) -> Trainer:
+            config = load_config(overrides=[
+                "model.name=vse_transformer", f"model.text_model={tmp / 'bert'}",
+                f"model.text_freeze_layers={freeze}", "model.embed_size=1024",
+                f"train.batch_size={batch}"])
+            torch.manual_seed(0)
+            model = build_model("vse_transformer", config.model.values, img_dim=256,
+                                **tokenizer.model_args())
+            model.load_pretrained()
+            model.train()
+            return Trainer(model, build_loss("vse_max"), task, config.train, config.memory,
+                           torch.device("cpu"), tmp, validate=None, checkpoint_info={})
+
+        def epoch(trainer: Trainer, number: int) -> float:
+            t0 = time.perf_counter()
+            for ids in epoch_batches(len(task.dataset), batch, 0, number):
+                trainer.step(task.collate(task.dataset.__getitems__(ids)))
+            return time.perf_counter() - t0
+
+        cached, uncached = trainer_for(-1), trainer_for(-1)
+        uncached.model.text_encoder.cache = None
+        uncached_s = epoch(uncached, 0)
+        cold_s = epoch(cached, 0)
+        warm_s = statistics.median(epoch(cached, e) for e in range(1, 3))
+
+        # The encoder trained (nothing frozen): our step and inference against bare HF.
+        trainer = trainer_for(0)
+        ids = list(range(0, len(task.dataset), len(task.dataset) // batch))[:batch]
+        pairs = task.collate(task.dataset.__getitems__(ids))
+        tokens, lengths = pairs["tokens"], pairs["lengths"]
+        mask = (torch.arange(tokens.shape[1])[None] < lengths[:, None]).long()
+        bare = BertModel.from_pretrained(tmp / "bert", add_pooling_layer=False).train()
+        bare_opt = torch.optim.Adam(bare.parameters(), lr=2e-5)
+
+        def bare_step():
+            bare_opt.zero_grad(set_to_none=True)
+            bare(input_ids=tokens, attention_mask=mask).last_hidden_state.mean(1).sum().backward()
+            bare_opt.step()
+
+        steps = _alternate({"ours": lambda: trainer.step(pairs), "bare": bare_step}, repeats)
+        model = trainer.model.eval()
+        bare.eval()
+
+        @torch.no_grad()
+        def ours_forward():
+            model.encode_captions(tokens, lengths)
+
+        @torch.no_grad()
+        def bare_forward():
+            bare(input_ids=tokens, attention_mask=mask)
+
+        infer = _alternate({"ours": ours_forward, "bare": bare_forward}, repeats)
+    per_s = {k: {name: round(batch / wall, 1) for name, (wall, _) in v.items()}
+             for k, v in (("step", steps), ("inference", infer))}
+    return {
+        "model": "BERT 6 layers, hidden 384 (MiniLM-L6's shape), random weights",
+        "captions": len(task.dataset), "batch": batch, "mean_tokens": round(
+            float(np.mean([len(task.dataset.tokens[c]) for c in range(len(task.dataset))])), 1),
+        "threads": torch.get_num_threads(),
+        "frozen_epoch_uncached_s": round(uncached_s, 2),
+        "frozen_epoch_cached_first_s": round(cold_s, 2),
+        "frozen_epoch_cached_s": round(warm_s, 2),
+        "cached_to_uncached_epoch": round(warm_s / uncached_s, 3),
+        "train_step_captions_per_s": per_s["step"]["ours"],
+        "bare_fwd_bwd_adam_captions_per_s": per_s["step"]["bare"],
+        "train_step_ratio_to_bare": round(steps["ours"][0] / steps["bare"][0], 3),
+        "train_step_cpu_ratio_to_bare": round(steps["ours"][1] / steps["bare"][1], 3),
+        "inference_captions_per_s": per_s["inference"]["ours"],
+        "bare_forward_captions_per_s": per_s["inference"]["bare"],
+        "inference_ratio_to_bare": round(infer["ours"][0] / infer["bare"][0], 3),
+    }
+
+
 @click.command()
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path),
               default=Path("bench/results.json"), show_default=True)
@@ -476,7 +601,8 @@ def bench_vsrn_step(repeats: int, warmup: int = 1) -> dict:
 @click.option("--tsv-rows", default="1000,4000", show_default=True,
               help="Sizes (rows) of the generated BUTD TSV files.")
 @click.option("--only", default="", help="Comma-separated sections to run (default: all): "
-              "train_step, vse_inf_step, vsrn_step, eval_5k, offcandi, features_tsv, features_cnn.")
+              "train_step, vse_inf_step, vsrn_step, eval_5k, offcandi, features_tsv, "
+              "features_cnn, text_tower.")
 def main(out: Path, repeats: int, offcandi_images: int, tsv_rows: str, only: str) -> None:
     sections = {
         "train_step": lambda: [bench_train_step(256, repeats), bench_train_step(1024, repeats)],
@@ -486,6 +612,7 @@ def main(out: Path, repeats: int, offcandi_images: int, tsv_rows: str, only: str
         "features_tsv": lambda: bench_tsv(tuple(int(r) for r in tsv_rows.split(","))),
         "features_cnn": bench_cnn,
         "vsrn_step": lambda: bench_vsrn_step(min(repeats, 3)),
+        "text_tower": lambda: bench_text_tower(repeats),
     }
     chosen = [s for s in only.split(",") if s] or list(sections)
     unknown = sorted(set(chosen) - set(sections))

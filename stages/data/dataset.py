@@ -13,7 +13,8 @@ from torch.utils.data import Dataset
 from ..errors import UserError
 from .captions import CAPTIONS_PER_IMAGE, read_captions
 from .features import FeatureStore, open_features
-from .vocab import PAD, Vocab
+from .tokenizers import CaptionTokenizer
+from .vocab import PAD
 
 log = logging.getLogger(__name__)
 
@@ -21,12 +22,12 @@ log = logging.getLogger(__name__)
 class TokenizedCaptions:
     """Every caption of a split encoded once: token ids in one flat int32 array.
 
-    ``tokens[c]`` is caption c's ids (with ``<start>``/``<end>``) as a (L,) long tensor.
-    Tokenizing once up front instead of per item keeps it out of the training loop.
+    ``tokens[c]`` is caption c's ids (with the tokenizer's special tokens) as a (L,) long
+    tensor. Tokenizing once up front instead of per item keeps it out of the training loop.
     """
 
-    def __init__(self, captions: list[str], vocab: Vocab):
-        encoded = [vocab.encode(c) for c in captions]
+    def __init__(self, captions: list[str], tokenizer: CaptionTokenizer):
+        encoded = tokenizer.encode_many(captions)
         lengths = np.fromiter((len(e) for e in encoded), dtype=np.int64, count=len(encoded))
         self.offsets = np.zeros(len(encoded) + 1, dtype=np.int64)
         np.cumsum(lengths, out=self.offsets[1:])
@@ -52,12 +53,12 @@ class Split:
     def num_images(self) -> int:
         return len(self.features)
 
-    def tokenized(self, vocab: Vocab) -> TokenizedCaptions:
-        """The captions encoded with ``vocab``, computed once per (split, vocab)."""
+    def tokenized(self, tokenizer: CaptionTokenizer) -> TokenizedCaptions:
+        """The captions encoded with ``tokenizer``, computed once per (split, tokenizer)."""
         cache = self.__dict__.setdefault("_tokenized", {})
-        if id(vocab) not in cache:
-            cache[id(vocab)] = (vocab, TokenizedCaptions(self.captions, vocab))
-        return cache[id(vocab)][1]
+        if id(tokenizer) not in cache:
+            cache[id(tokenizer)] = (tokenizer, TokenizedCaptions(self.captions, tokenizer))
+        return cache[id(tokenizer)][1]
 
     def limit(self, num_images: int) -> "Split":
         """The first ``num_images`` images and their captions (COCO validates on 1000)."""
@@ -130,9 +131,9 @@ class PairDataset(Dataset):
     feature read (DataLoader uses it when present).
     """
 
-    def __init__(self, split: Split, vocab: Vocab):
+    def __init__(self, split: Split, tokenizer: CaptionTokenizer):
         self.split = split
-        self.tokens = split.tokenized(vocab)
+        self.tokens = split.tokenized(tokenizer)
 
     def __len__(self) -> int:
         return len(self.tokens)
@@ -169,8 +170,8 @@ class ImageDataset(Dataset):
 class CaptionDataset(Dataset):
     """All captions of a split: ``(tokens, c)``."""
 
-    def __init__(self, split: Split, vocab: Vocab):
-        self.tokens = split.tokenized(vocab)
+    def __init__(self, split: Split, tokenizer: CaptionTokenizer):
+        self.tokens = split.tokenized(tokenizer)
 
     def __len__(self) -> int:
         return len(self.tokens)
@@ -179,23 +180,25 @@ class CaptionDataset(Dataset):
         return self.tokens[c], c
 
 
-def pad_tokens(token_lists: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Pad variable-length token id sequences: ((B, L) long, lengths (B,) long)."""
+def pad_tokens(token_lists: list[torch.Tensor],
+               pad: int = PAD) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pad variable-length token id sequences with ``pad`` (the tokenizer's ``pad_id``):
+    ((B, L) long, lengths (B,) long)."""
     lengths = torch.tensor([len(t) for t in token_lists], dtype=torch.long)
-    tokens = torch.full((len(token_lists), int(lengths.max())), PAD, dtype=torch.long)
+    tokens = torch.full((len(token_lists), int(lengths.max())), pad, dtype=torch.long)
     for row, t in enumerate(token_lists):
         tokens[row, : len(t)] = t
     return tokens, lengths
 
 
-def collate_pairs(batch) -> dict[str, torch.Tensor]:
-    """Stack a list of :class:`PairDataset` items.
+def collate_pairs(batch, pad: int = PAD) -> dict[str, torch.Tensor]:
+    """Stack a list of :class:`PairDataset` items, tokens padded with ``pad``.
 
     Returns ``images`` (B, R, D) or (B, D) float, ``regions`` (B,) long, ``tokens`` (B, L)
     long, ``lengths`` (B,) long, ``caption_ids`` (B,) long, ``image_ids`` (B,) long.
     """
     images, regions, tokens, caption_ids, image_ids = zip(*batch, strict=True)
-    tokens, lengths = pad_tokens(list(tokens))
+    tokens, lengths = pad_tokens(list(tokens), pad)
     return {
         "images": torch.stack(images),
         "regions": torch.tensor(regions, dtype=torch.long),
@@ -213,10 +216,10 @@ def collate_images(batch) -> dict[str, torch.Tensor]:
             "image_ids": torch.tensor(image_ids, dtype=torch.long)}
 
 
-def collate_captions(batch) -> dict[str, torch.Tensor]:
-    """``tokens`` (B, L), ``lengths`` (B,), ``caption_ids`` (B,)."""
+def collate_captions(batch, pad: int = PAD) -> dict[str, torch.Tensor]:
+    """``tokens`` (B, L) padded with ``pad``, ``lengths`` (B,), ``caption_ids`` (B,)."""
     tokens, caption_ids = zip(*batch, strict=True)
-    tokens, lengths = pad_tokens(list(tokens))
+    tokens, lengths = pad_tokens(list(tokens), pad)
     return {"tokens": tokens, "lengths": lengths,
             "caption_ids": torch.tensor(caption_ids, dtype=torch.long)}
 

@@ -19,7 +19,8 @@ from torch.utils.data import Dataset
 
 from .captions import CAPTIONS_PER_IMAGE
 from .dataset import Split, pad_tokens
-from .vocab import Vocab
+from .tokenizers import CaptionTokenizer
+from .vocab import PAD
 
 
 def _splitmix64(x: np.ndarray) -> np.ndarray:
@@ -77,9 +78,10 @@ class OfflinePairDataset(Dataset):
     Call :meth:`set_epoch` before each epoch's DataLoader is made.
     """
 
-    def __init__(self, split: Split, vocab: Vocab, sampler: OfflineNegativeSampler):
+    def __init__(self, split: Split, tokenizer: CaptionTokenizer,
+                 sampler: OfflineNegativeSampler):
         self.split = split
-        self.tokens = split.tokenized(vocab)
+        self.tokens = split.tokenized(tokenizer)
         self.sampler = sampler
 
     def set_epoch(self, epoch: int) -> None:
@@ -104,15 +106,15 @@ class OfflinePairDataset(Dataset):
                 for k in range(len(captions))]
 
 
-def collate_offline(batch: list[dict]) -> dict[str, torch.Tensor]:
+def collate_offline(batch: list[dict], pad: int = PAD) -> dict[str, torch.Tensor]:
     """Stack items group by group: rows [0, B) are the anchors (I, T), [B, 2B) the offline
-    negatives (I', T'), [2B, 3B) the second ones (I'', T'').
+    negatives (I', T'), [2B, 3B) the second ones (I'', T''); tokens padded with ``pad``.
 
     Returns ``images`` (3B, R, D) | (3B, D), ``regions`` (3B,), ``tokens`` (3B, L),
     ``lengths`` (3B,), ``image_ids`` (3B,), ``caption_ids`` (3B,).
     """
     groups = range(3)
-    tokens, lengths = pad_tokens([item["tokens"][g] for g in groups for item in batch])
+    tokens, lengths = pad_tokens([item["tokens"][g] for g in groups for item in batch], pad)
     return {
         "images": torch.stack([item["features"][g] for g in groups for item in batch]),
         "regions": torch.tensor([int(item["regions"][g]) for g in groups for item in batch]),

@@ -40,7 +40,10 @@ def file_sha256(path: str | Path) -> str:
 
 
 class Vocab:
-    """Word <-> index map with ``<pad>=0, <start>=1, <end>=2, <unk>=3``."""
+    """Word <-> index map with ``<pad>=0, <start>=1, <end>=2, <unk>=3``; a
+    :class:`~stages.data.tokenizers.CaptionTokenizer`."""
+
+    pad_id = PAD
 
     def __init__(self, words: list[str], meta: dict | None = None):
         if tuple(words[:4]) != SPECIALS:
@@ -56,6 +59,13 @@ class Vocab:
         """``<start>`` + token ids (``<unk>`` for unknown words) + ``<end>``."""
         ids = [self.word2idx.get(t, UNK) for t in tokenize(caption)]
         return [START, *ids, END]
+
+    def encode_many(self, captions: list[str]) -> list[list[int]]:
+        return [self.encode(c) for c in captions]
+
+    def model_args(self) -> dict:
+        """The model's data-derived text argument: the vocabulary size."""
+        return {"vocab_size": len(self)}
 
     def decode(self, ids) -> list[str]:
         return [self.idx2word[i] for i in ids]

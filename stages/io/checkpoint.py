@@ -2,9 +2,10 @@
 
 Keys: ``format``, ``version``, ``model`` ({name, args}), ``state_dict``, ``optimizer``,
 ``epoch`` (epochs completed), ``epoch_step`` (batches done in the current epoch), ``step``,
-``best_rsum``, ``best_epoch``, ``config`` (resolved), ``vocab`` (the vocabulary itself),
-``data_fingerprint``, ``rng``, ``metrics`` (last validation). A later stage rebuilds the
-model from the checkpoint alone.
+``best_rsum``, ``best_epoch``, ``config`` (resolved), ``vocab`` (the caption tokenizer's
+description: the vocabulary itself, or a pretrained tokenizer's files, see
+:mod:`stages.data.tokenizers`), ``data_fingerprint``, ``rng``, ``metrics`` (last
+validation). A later stage rebuilds the model from the checkpoint alone.
 """
 
 import hashlib
@@ -14,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from ..data.vocab import Vocab
+from ..data.tokenizers import tokenizer_from_json
 from ..errors import UserError
 from ..models import MODELS, build_model
 from .atomic import atomic_path
@@ -102,7 +103,8 @@ def _remake_hint(path: Path) -> str:
 
 
 def model_from_checkpoint(state: dict, source: str = "checkpoint"):
-    """Rebuild (model, vocab) from a loaded checkpoint; the model is on the CPU, eval mode."""
+    """Rebuild (model, caption tokenizer) from a loaded checkpoint; the model is on the CPU,
+    eval mode."""
     spec = state["model"]
     try:
         options = MODELS.options(spec["name"])
@@ -121,7 +123,7 @@ def model_from_checkpoint(state: dict, source: str = "checkpoint"):
         raise UserError(f"{source}: weights do not fit model {spec['name']!r} with "
                         f"{spec['args']}: {str(exc).splitlines()[0]}") from exc
     model.eval()
-    return model, Vocab.from_json(state["vocab"], source)
+    return model, tokenizer_from_json(state["vocab"], source)
 
 
 def weights_hash(state_dict: dict[str, torch.Tensor]) -> str:

@@ -4,7 +4,12 @@ from ..registry import Registry
 
 MODELS = Registry("model")
 
-from . import vse_inf, vsepp, vsrn  # noqa: E402,F401  (each registers its name)
+from . import (  # noqa: E402  (each module registers its model by name)
+    vse_inf,  # noqa: F401
+    vse_transformer,  # noqa: F401
+    vsepp,  # noqa: F401
+    vsrn,  # noqa: F401
+)
 from .base import EmbeddingModel, ModelOutput  # noqa: E402,F401
 
 

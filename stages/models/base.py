@@ -6,6 +6,13 @@ A model's constructor takes the data-derived arguments without defaults (``img_d
 checked by the registry. ``param_groups`` gives the optimiser its parameter groups (a
 learning-rate scale per part, frozen parts left out); auxiliary losses a model owns (VSRN's
 caption generation) come back in ``ModelOutput.aux_losses``, never computed by the trainer.
+
+The text side reads token ids of a caption tokenizer the model class names
+(:meth:`EmbeddingModel.caption_tokenizer`: our vocabulary by default, whose size is then the
+``vocab_size`` argument; a pretrained model's tokenizer gives its own arguments). Parts that
+start from pretrained weights load them in :meth:`EmbeddingModel.load_pretrained`, which
+the train stage calls for a fresh run only, so a model rebuilt from a checkpoint never
+needs the weights' original files.
 """
 
 from dataclasses import dataclass, field
@@ -30,6 +37,16 @@ class EmbeddingModel(nn.Module):
     # True for models that read region features (B, R, D) only: training refuses (N, D)
     # global features before it starts.
     needs_regions: bool = False
+
+    @classmethod
+    def caption_tokenizer(cls, options: dict):
+        """The :class:`~stages.data.tokenizers.CaptionTokenizer` this model reads, given its
+        resolved ``options``; None: our vocabulary (``aoq vocab``), passed as
+        ``vocab_size``. The tokenizer's ``model_args()`` are constructor arguments."""
+        return None
+
+    def load_pretrained(self) -> None:
+        """Load the pretrained weights a fresh model starts from (none here)."""
 
     def encode_images(self, images: torch.Tensor, regions: torch.Tensor) -> torch.Tensor:
         """(B, R, D) | (B, D) features, (B,) valid regions -> (B, E) embeddings."""

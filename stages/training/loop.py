@@ -38,17 +38,18 @@ def learning_rate(train: TrainConfig, epoch: int) -> float:
     return train.lr * train.lr_decay ** (epoch // train.lr_update) if train.lr_update else train.lr
 
 
-def build_optimizer(model: EmbeddingModel, loss_fn: RetrievalLoss,
-                    lr: float) -> torch.optim.Optimizer:
-    """Adam over the model's parameter groups plus the loss's own parameters (a learnable
-    temperature); each group keeps its ``lr_scale``."""
+def build_optimizer(model: EmbeddingModel, loss_fn: RetrievalLoss, lr: float,
+                    optimizer: str = "adam", weight_decay: float = 0.0) -> torch.optim.Optimizer:
+    """Adam (or AdamW, decoupled ``weight_decay``) over the model's parameter groups plus the
+    loss's own parameters (a learnable temperature); each group keeps its ``lr_scale``."""
     groups = model.param_groups()
     loss_params = [p for p in loss_fn.parameters() if p.requires_grad]
     if loss_params:
         groups.append({"params": loss_params, "lr_scale": 1.0})
     for group in groups:
         group["lr"] = lr * group["lr_scale"]
-    return torch.optim.Adam(groups, lr=lr)
+    kind = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}[optimizer]
+    return kind(groups, lr=lr, weight_decay=weight_decay)
 
 
 @dataclass
@@ -98,7 +99,8 @@ class Trainer:
         self.scalars = scalars
         self.features_hint = features_hint
         self.memory = MemoryBank(memory.size, memory.warmup_steps)
-        self.optimizer = build_optimizer(model, loss_fn, train.lr)
+        self.optimizer = build_optimizer(model, loss_fn, train.lr, train.optimizer,
+                                         train.weight_decay)
         self.progress = Progression()
 
     # --- state ---------------------------------------------------------------------------

@@ -13,13 +13,14 @@ model) and ``loss_inputs(output, batch) -> LossInputs`` (how its rows feed the l
 """
 
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 
 from ..data.captions import CAPTIONS_PER_IMAGE
 from ..data.dataset import PairDataset, Split, collate_pairs
 from ..data.offline import OfflineNegativeSampler, OfflinePairDataset, collate_offline
-from ..data.vocab import Vocab
+from ..data.tokenizers import CaptionTokenizer
 from ..losses.base import OfflineNegatives
 from ..models.base import EmbeddingModel, ModelOutput
 
@@ -40,9 +41,9 @@ class PairTask:
 
     name = "pairs"
 
-    def __init__(self, split: Split, vocab: Vocab):
-        self.dataset = PairDataset(split, vocab)
-        self.collate = collate_pairs
+    def __init__(self, split: Split, tokenizer: CaptionTokenizer):
+        self.dataset = PairDataset(split, tokenizer)
+        self.collate = partial(collate_pairs, pad=tokenizer.pad_id)
 
     def set_epoch(self, epoch: int) -> None:
         """Pairs are the same every epoch (only their order changes)."""
@@ -61,9 +62,10 @@ class OfflineTask:
 
     name = "offline"
 
-    def __init__(self, split: Split, vocab: Vocab, sampler: OfflineNegativeSampler):
-        self.dataset = OfflinePairDataset(split, vocab, sampler)
-        self.collate = collate_offline
+    def __init__(self, split: Split, tokenizer: CaptionTokenizer,
+                 sampler: OfflineNegativeSampler):
+        self.dataset = OfflinePairDataset(split, tokenizer, sampler)
+        self.collate = partial(collate_offline, pad=tokenizer.pad_id)
 
     def set_epoch(self, epoch: int) -> None:
         """Offline negatives are drawn afresh every epoch."""

@@ -1,0 +1,136 @@
+"""A pretrained transformer text tower: a Hugging Face encoder (BERT, MiniLM, RoBERTa, ...)
+over a caption's token ids, pooled to one vector (the first token's output, [CLS], or the
+mean over the caption's tokens), projected to the joint space and L2-normalised.
+
+The encoder is built from its configuration (``config.json`` as a dict, stored in the
+checkpoint), so a model rebuilt from a checkpoint needs no folder; a fresh model loads the
+pretrained weights with :meth:`TransformerTextEncoder.load_pretrained`.
+
+Freezing (``freeze_layers``): N > 0 fixes the embeddings and the first N layers, -1 the
+whole encoder. Frozen parts are fixed functions: their weights get no gradient and they
+run in eval mode (no dropout) whatever the model's mode. With the whole encoder frozen,
+each distinct caption's pooled output is computed once and kept (:class:`EncoderCache`),
+so after the first pass over a split a step costs what the projection costs.
+"""
+
+import logging
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..data.tokenizers import from_folder_or_hub, resolve_text_model
+from ..errors import UserError
+from .encoder_cache import EncoderCache
+
+log = logging.getLogger(__name__)
+
+POOLINGS = ("cls", "mean")
+
+
+def _layer_list(encoder: nn.Module, num_layers: int) -> nn.ModuleList:
+    """The encoder's stack of ``num_layers`` transformer layers."""
+    for module in encoder.modules():
+        if isinstance(module, nn.ModuleList) and len(module) == num_layers:
+            return module
+    raise UserError(f"cannot find the {num_layers} layers of {type(encoder).__name__} to "
+                    "freeze; use model.text_freeze_layers=0 or -1 with this text model")
+
+
+class TransformerTextEncoder(nn.Module):
+    """Token ids (B, L) long and lengths (B,) -> embeddings (B, E), L2-normalised.
+
+    ``text_config``: the Hugging Face model configuration (a dict with ``model_type``);
+    ``source``: the folder or hub name it came from (for messages).
+    """
+
+    def __init__(self, text_config: dict, embed_size: int, pooling: str = "mean",
+                 freeze_layers: int = 0, source: str = ""):
+        super().__init__()
+        from transformers import AutoConfig, AutoModel
+
+        if pooling not in POOLINGS:
+            raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
+        config = AutoConfig.for_model(**text_config)
+        self.encoder = AutoModel.from_config(config).float()
+        if getattr(self.encoder, "pooler", None) is not None:
+            self.encoder.pooler = None  # BERT's [CLS] dense + tanh head: pooling is ours
+        self.proj = nn.Linear(config.hidden_size, embed_size)
+        self.pooling = pooling
+        self.source = source
+        self.frozen = self._freeze(freeze_layers, config.num_hidden_layers)
+        self.train()  # frozen parts to eval mode
+        whole = not any(p.requires_grad for p in self.encoder.parameters())
+        self.cache = EncoderCache() if whole else None
+        self.encoder.register_load_state_dict_post_hook(self._weights_loaded)
+
+    def _freeze(self, layers: int, num_layers: int) -> list[nn.Module]:
+        """Stop the gradient of the frozen parts (-1: all, N: the embeddings and the first
+        N of ``num_layers`` layers); returns them."""
+        if layers > num_layers:
+            raise ValueError(f"cannot freeze {layers} of {num_layers} layers")
+        if layers == 0:
+            return []
+        if layers < 0:
+            frozen = [self.encoder]
+        else:
+            embeddings = getattr(self.encoder, "embeddings", None)
+            if embeddings is None:
+                embeddings = self.encoder.get_input_embeddings()
+            frozen = [embeddings, *_layer_list(self.encoder, num_layers)[:layers]]
+        for module in frozen:
+            module.requires_grad_(False)
+        return frozen
+
+    def train(self, mode: bool = True) -> "TransformerTextEncoder":
+        super().train(mode)
+        for module in self.frozen:
+            module.eval()
+        return self
+
+    def clear_cache(self) -> None:
+        """Forget cached outputs (the encoder's weights, device or dtype changed)."""
+        if self.cache is not None:
+            self.cache.clear()
+
+    def _weights_loaded(self, module: nn.Module, incompatible_keys) -> None:
+        """After the encoder's ``load_state_dict`` (directly or through a parent)."""
+        self.clear_cache()
+
+    def _apply(self, fn, *args, **kwargs):
+        self.clear_cache()
+        return super()._apply(fn, *args, **kwargs)
+
+    def load_pretrained(self, name: str) -> None:
+        """The encoder's weights from the folder or hub name ``name`` (its pooler head, if
+        any, is dropped); the projection keeps its initialisation."""
+        from transformers import AutoModel
+        from transformers.utils import logging as hf_logging
+
+        where = resolve_text_model(name)
+        hf_logging.disable_progress_bar()
+        with torch.random.fork_rng(devices=[]):  # the run's RNG stream stays the same
+            source = from_folder_or_hub(AutoModel, where)
+        weights = {k: v for k, v in source.state_dict().items() if not k.startswith("pooler.")}
+        try:
+            self.encoder.load_state_dict(weights)
+        except RuntimeError as exc:
+            raise UserError(f"text model {name}: its weights do not fit the model built from "
+                            f"its config.json ({str(exc).splitlines()[0]})") from exc
+        log.info("text encoder: %s weights from %s", type(source).__name__, where)
+
+    def pooled(self, tokens: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """The encoder's pooled output (B, H) of (B, L) token ids with (B,) lengths, before
+        the projection; tokens past a caption's length are padding."""
+        mask = (torch.arange(tokens.shape[1], device=tokens.device)[None, :]
+                < lengths.to(tokens.device)[:, None])
+        hidden = self.encoder(input_ids=tokens, attention_mask=mask.long()).last_hidden_state
+        if self.pooling == "cls":
+            return hidden[:, 0]
+        weights = mask.to(hidden.dtype)[..., None]
+        return (hidden * weights).sum(1) / weights.sum(1).clamp(min=1)
+
+    def forward(self, tokens: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        pooled = (self.pooled(tokens, lengths) if self.cache is None
+                  else self.cache(tokens, lengths, self.pooled))
+        return F.normalize(self.proj(pooled), dim=-1)
