@@ -233,7 +233,7 @@ def test_caption_loss_trains_the_decoder_alone():
         opt.zero_grad()
         loss.backward()
         opt.step()
-    assert float(loss) < 0.2 * first
+    assert loss.item() < 0.2 * first
 
 
 # --- training, resume, configs -----------------------------------------------------------
