@@ -19,13 +19,13 @@ import yaml
 
 from .candidates import false_negative_skips, load_candidates
 from .config import Config, config_diff
-from .data.dataset import Split, check_compatible, open_split
-from .data.features import features_fingerprint
+from .data.dataset import Split, check_compatible
 from .data.offline import OfflineNegativeSampler
 from .data.vocab import Vocab, file_sha256
 from .device import resolve_device
 from .encode import encode_split
 from .errors import UserError
+from .inputs import open_model_split
 from .io.atomic import atomic_path, write_text
 from .io.checkpoint import load_checkpoint, weights_hash
 from .io.lock import LOCK_NAME, folder_lock
@@ -57,7 +57,7 @@ def data_fingerprint(config: Config, vocab_path: Path, train_split: Split) -> di
         "num_train_images": train_split.num_images,
         "train_captions_sha256": file_sha256(dataset_dir / f"{config.data.train_split}_caps.txt"),
         "vocab_sha256": file_sha256(vocab_path),
-        "train_features": features_fingerprint(train_split.features),
+        "train_features": train_split.features.fingerprint(),
     }
 
 
@@ -67,6 +67,8 @@ def _absolute_paths(config: Config) -> None:
     config.data.path = str(Path(config.data.path).resolve())
     if config.data.vocab:
         config.data.vocab = str(Path(config.data.vocab).resolve())
+    if config.data.images:
+        config.data.images = str(Path(config.data.images).resolve())
 
 
 def _prepare_run_dir(run_dir: Path, config: Config, resume: bool) -> dict | None:
@@ -165,8 +167,10 @@ def train(config: Config, run_dir: str | Path, resume: bool = False) -> Path:
     vocab = Vocab.load(vocab_path)
     train_caps = dataset_dir / f"{config.data.train_split}_caps.txt"
     vocab.check_built_from(train_caps, vocab_path)
-    train_split = open_split(dataset_dir, config.data.train_split)
-    val_split = open_split(dataset_dir, config.data.val_split).limit(config.data.val_images)
+    reads = {"name": config.model.name, "args": config.model.options()}
+    train_split = open_model_split(config, config.data.train_split, reads, augment=True)
+    val_split = open_model_split(config, config.data.val_split, reads).limit(
+        config.data.val_images)
     check_compatible(train_split, val_split)
     log.info("train: %d images / %d captions; validation: %d images of %s",
              train_split.num_images, len(train_split.captions), val_split.num_images,
@@ -192,6 +196,8 @@ def train(config: Config, run_dir: str | Path, resume: bool = False) -> Path:
         spec = {"name": config.model.name, "args": {**data_args, **options}}
         if t.init_from and state is None:
             _init_weights(model, spec, t.init_from)
+        elif state is None:
+            model.load_pretrained()
 
         def validate(model) -> dict:
             img, cap = encode_split(model, val_split, vocab, device,

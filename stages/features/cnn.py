@@ -86,24 +86,7 @@ class FeatureExtractor(nn.Module):
     def __init__(self, arch: str, weights: str = "imagenet", grid: bool = False,
                  seed: int = 0):
         super().__init__()
-        import torchvision
-
-        if arch not in BACKBONES:
-            raise UserError(f"unknown CNN {arch!r}; known: {', '.join(BACKBONES)}")
-        if weights == "random":
-            log.warning("%s with random weights (seed %d): for tests only, the features "
-                        "mean nothing", arch, seed)
-            with torch.random.fork_rng(devices=[]):  # the same network for the same seed
-                torch.manual_seed(seed)
-                model = torchvision.models.get_model(arch, weights=None)
-        else:
-            model = torchvision.models.get_model(arch, weights=None)
-            try:
-                model.load_state_dict(load_weights(arch, weights))
-            except RuntimeError as exc:  # missing or unexpected keys, other shapes
-                raise UserError(f"weights {weights} do not fit torchvision's {arch} "
-                                f"({str(exc).splitlines()[0]} ...); pass the state dict of "
-                                f"a {arch}") from exc
+        model = torchvision_model(arch, weights, seed)
         spec = BACKBONES[arch]
         self.trunk = spec.trunk(model)
         self.head = spec.head(model)
@@ -116,6 +99,30 @@ class FeatureExtractor(nn.Module):
         if self.grid:
             return conv.flatten(2).transpose(1, 2)  # (B, h*w, C)
         return self.head(conv)
+
+
+def torchvision_model(arch: str, weights: str, seed: int = 0) -> nn.Module:
+    """torchvision's classifier ``arch`` with ``weights``: a state-dict file, ``imagenet``
+    (torchvision's cache) or ``random`` (drawn from ``seed``, for tests). Weights that do not
+    fit the architecture are a :class:`UserError`."""
+    import torchvision
+
+    if arch not in BACKBONES:
+        raise UserError(f"unknown CNN {arch!r}; known: {', '.join(BACKBONES)}")
+    if weights == "random":
+        log.warning("%s with random weights (seed %d): for tests only, the features "
+                    "mean nothing", arch, seed)
+        with torch.random.fork_rng(devices=[]):  # the same network for the same seed
+            torch.manual_seed(seed)
+            return torchvision.models.get_model(arch, weights=None)
+    model = torchvision.models.get_model(arch, weights=None)
+    try:
+        model.load_state_dict(load_weights(arch, weights))
+    except RuntimeError as exc:  # missing or unexpected keys, other shapes
+        raise UserError(f"weights {weights} do not fit torchvision's {arch} "
+                        f"({str(exc).splitlines()[0]} ...); pass the state dict of "
+                        f"a {arch}") from exc
+    return model
 
 
 def load_weights(arch: str, weights: str) -> dict:

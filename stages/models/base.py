@@ -25,7 +25,14 @@ class ModelOutput:
 
 
 class EmbeddingModel(nn.Module):
-    """Base of registered models: ``encode_images``, ``encode_captions`` and ``forward``."""
+    """Base of registered models: ``encode_images``, ``encode_captions`` and ``forward``.
+
+    ``image_input`` says what ``encode_images`` reads, and so how the runners open a split:
+    ``"features"`` (precomputed, the dataset folder's features) or ``"pixels"`` (raw images
+    decoded and normalised to (B, 3, S, S), S the model's ``image_size`` option).
+    """
+
+    image_input = "features"
 
     def encode_images(self, images: torch.Tensor, regions: torch.Tensor) -> torch.Tensor:
         """(B, R, D) | (B, D) features, (B,) valid regions -> (B, E) embeddings."""
@@ -40,6 +47,10 @@ class EmbeddingModel(nn.Module):
         one call); tensors already on the model's device."""
         return ModelOutput(self.encode_images(batch["images"], batch["regions"]),
                            self.encode_captions(batch["tokens"], batch["lengths"]))
+
+    def load_pretrained(self) -> None:
+        """Load pretrained parts named by the options (an ImageNet backbone); called for a
+        fresh run only, never when the weights come from a checkpoint."""
 
     def param_groups(self) -> list[dict]:
         """Optimiser parameter groups, each with an ``lr_scale`` (x the scheduled rate);

@@ -42,7 +42,9 @@ class PairTask:
         self.collate = collate_pairs
 
     def set_epoch(self, epoch: int) -> None:
-        """Pairs are the same every epoch (only their order changes)."""
+        """Pairs are the same every epoch (only their order and, for raw images, their
+        crops change)."""
+        self.dataset.split.set_epoch(epoch)
 
     def loss_inputs(self, output: ModelOutput, batch: dict) -> LossInputs:
         return LossInputs(output.img_emb, output.cap_emb, batch["image_ids"])
@@ -59,8 +61,9 @@ class OfflineTask:
         self.collate = collate_offline
 
     def set_epoch(self, epoch: int) -> None:
-        """Offline negatives are drawn afresh every epoch."""
+        """Offline negatives (and raw images' crops) are drawn afresh every epoch."""
         self.dataset.set_epoch(epoch)
+        self.dataset.split.set_epoch(epoch)
 
     def loss_inputs(self, output: ModelOutput, batch: dict) -> LossInputs:
         b = output.img_emb.shape[0] // 3
