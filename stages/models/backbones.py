@@ -78,9 +78,10 @@ class Backbone(nn.Module):
         if not 0 <= frozen <= self.num_stages:
             raise UserError(f"{arch} has {self.num_stages} stages; cannot freeze {frozen}")
         self.frozen = frozen
-        self.frozen_indices = with_params[:frozen]
-        for i in self.frozen_indices:
-            self.stages[i].requires_grad_(False)
+        # The stages before the first trainable one (all of them when all are frozen).
+        self.frozen_prefix = (len(self.stages) if frozen == self.num_stages
+                              else with_params[frozen])
+        self.stages[:self.frozen_prefix].requires_grad_(False)
         self.train()
 
     def load_weights(self, weights: str) -> None:
@@ -90,9 +91,8 @@ class Backbone(nn.Module):
         self.stages.load_state_dict(source.state_dict())
 
     def train(self, mode: bool = True) -> "Backbone":
-        super().train(mode)
-        for i in self.frozen_indices:  # frozen batch norm keeps its statistics, no dropout
-            self.stages[i].eval()
+        super().train(mode and self.frozen < self.num_stages)
+        self.stages[:self.frozen_prefix].eval()  # frozen batch norm keeps its statistics
         return self
 
     def trainable_parameters(self) -> list[nn.Parameter]:
