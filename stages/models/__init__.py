@@ -4,8 +4,7 @@ from ..registry import Registry
 
 MODELS = Registry("model")
 
-from . import vsepp  # noqa: E402,F401  (registers "vsepp")
-from . import vse_cnn  # noqa: E402,F401  (registers "vse_cnn")
+from . import vse_cnn, vsepp  # noqa: E402,F401  (registers "vse_cnn", "vsepp")
 from .base import EmbeddingModel, ModelOutput  # noqa: E402,F401
 
 

@@ -71,7 +71,7 @@ def test_crop_boxes_stay_inside_within_scale_and_ratio():
     for width, height in ((64, 48), (30, 200), (500, 40), (7, 7)):
         for _ in range(200):
             top, left, h, w = crop_box(width, height, rng)
-            assert 0 <= top and top + h <= height and 0 <= left and left + w <= width
+            assert top >= 0 and top + h <= height and left >= 0 and left + w <= width
             assert h > 0 and w > 0
     # Images of a usual shape get crops of the area and ratio range (rounding aside).
     areas, ratios = [], []
