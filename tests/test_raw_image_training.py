@@ -14,6 +14,7 @@ from stages.errors import UserError
 from stages.inputs import image_input
 from stages.io.checkpoint import load_checkpoint
 from stages.models import MODELS
+from stages.table import finetune
 from stages.train import train
 from tests.raw_images import TINY_CNN, write_image_dataset
 from tests.test_cli import aoq
@@ -147,3 +148,9 @@ def test_the_makefile_knows_every_pixel_model():
     listed = re.search(r"^PIXEL_MODELS := (.*)$", (REPO / "Makefile").read_text(),
                        re.MULTILINE).group(1).split()
     assert sorted(listed) == [n for n in MODELS.names() if image_input(n) == "pixels"]
+
+
+def test_table_finetune_column_comes_from_the_checkpoint():
+    assert finetune({"name": "vsepp", "args": {"img_dim": 32, "embed_size": 8}}) == "no"
+    assert finetune({"name": "vse_cnn", "args": {"finetune": False}}) == "no"
+    assert finetune({"name": "vse_cnn", "args": {"finetune": True}}) == "yes"

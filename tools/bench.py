@@ -15,7 +15,10 @@
   subprocess (throughput in MB/s of decoded features, peak RSS: it must not grow with the
   rows), against a bare read + base64-decode loop over the same file;
 * features, CNN: ResNet-152 (random weights) images/s on the CPU at batch 32, against
-  torchvision's own forward of the whole classifier.
+  torchvision's own forward of the whole classifier;
+* raw-image towers (tools/bench_cnn.py): vse_cnn fine-tuning steps against torchvision's
+  own training step of the same backbone (``cnn_finetune``), and the step's memory
+  (``cnn_memory``).
 
 Usage: python tools/bench.py --out bench/results.json
 """
@@ -47,6 +50,9 @@ from stages.metrics.retrieval import retrieval_ranks
 from stages.models import build_model
 from stages.training.loop import Trainer
 from stages.training.tasks import PairTask
+
+sys.path.insert(0, str(Path(__file__).parent))
+import bench_cnn as bench_cnn_towers  # noqa: E402  (tools/bench_cnn.py: vse_cnn sections)
 
 
 def _median_seconds(fn, repeats: int, warmup: int = 2) -> float:
@@ -341,7 +347,8 @@ def bench_cnn(batch: int = 32, repeats: int = 2) -> dict:
 @click.option("--tsv-rows", default="1000,4000", show_default=True,
               help="Sizes (rows) of the generated BUTD TSV files.")
 @click.option("--only", default="", help="Comma-separated sections to run (default: all): "
-              "train_step, eval_5k, offcandi, features_tsv, features_cnn.")
+              "train_step, eval_5k, offcandi, features_tsv, features_cnn, cnn_finetune, "
+              "cnn_memory.")
 def main(out: Path, repeats: int, offcandi_images: int, tsv_rows: str, only: str) -> None:
     sections = {
         "train_step": lambda: [bench_train_step(256, repeats), bench_train_step(1024, repeats)],
@@ -349,6 +356,9 @@ def main(out: Path, repeats: int, offcandi_images: int, tsv_rows: str, only: str
         "offcandi": lambda: bench_offcandi(offcandi_images, 1024, sample=100),
         "features_tsv": lambda: bench_tsv(tuple(int(r) for r in tsv_rows.split(","))),
         "features_cnn": bench_cnn,
+        "cnn_finetune": lambda: [bench_cnn_towers.bench_finetune(arch)
+                                 for arch in ("mobilenet_v3_large", "resnet152")],
+        "cnn_memory": bench_cnn_towers.bench_memory,
     }
     chosen = [s for s in only.split(",") if s] or list(sections)
     unknown = sorted(set(chosen) - set(sections))

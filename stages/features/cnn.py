@@ -101,10 +101,12 @@ class FeatureExtractor(nn.Module):
         return self.head(conv)
 
 
-def torchvision_model(arch: str, weights: str, seed: int = 0) -> nn.Module:
+def torchvision_model(arch: str, weights: str, seed: int = 0,
+                      option: str = "--weights ") -> nn.Module:
     """torchvision's classifier ``arch`` with ``weights``: a state-dict file, ``imagenet``
     (torchvision's cache) or ``random`` (drawn from ``seed``, for tests). Weights that do not
-    fit the architecture are a :class:`UserError`."""
+    fit the architecture are a :class:`UserError`; ``option`` is how the errors name the
+    setting (``model.weights=`` for vse_cnn)."""
     import torchvision
 
     if arch not in BACKBONES:
@@ -117,7 +119,7 @@ def torchvision_model(arch: str, weights: str, seed: int = 0) -> nn.Module:
             return torchvision.models.get_model(arch, weights=None)
     model = torchvision.models.get_model(arch, weights=None)
     try:
-        model.load_state_dict(load_weights(arch, weights))
+        model.load_state_dict(load_weights(arch, weights, option))
     except RuntimeError as exc:  # missing or unexpected keys, other shapes
         raise UserError(f"weights {weights} do not fit torchvision's {arch} "
                         f"({str(exc).splitlines()[0]} ...); pass the state dict of "
@@ -125,7 +127,7 @@ def torchvision_model(arch: str, weights: str, seed: int = 0) -> nn.Module:
     return model
 
 
-def load_weights(arch: str, weights: str) -> dict:
+def load_weights(arch: str, weights: str, option: str = "--weights ") -> dict:
     """A state dict from a file path, or torchvision's default weights for ``imagenet``."""
     if weights == "imagenet":
         import torchvision
@@ -138,13 +140,13 @@ def load_weights(arch: str, weights: str) -> dict:
             raise UserError(
                 f"the ImageNet weights of {arch} are not in torchvision's cache ({cache}) and "
                 f"cannot be downloaded here ({exc}); fetch {enum.url} on a machine with "
-                f"internet and put it at {cache}, or pass --weights /path/to/file.pth"
+                f"internet and put it at {cache}, or pass {option}/path/to/file.pth"
             ) from exc
     path = Path(weights)
     if not path.is_file():
         raise UserError(f"weights file {path} not found; pass a torchvision state dict for "
                         f"{arch} (e.g. the file behind torchvision.models."
-                        f"get_model_weights({arch!r}).DEFAULT.url), or --weights imagenet to "
+                        f"get_model_weights({arch!r}).DEFAULT.url), or {option}imagenet to "
                         "use torchvision's cache")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)

@@ -87,7 +87,8 @@ class Backbone(nn.Module):
     def load_weights(self, weights: str) -> None:
         """Load ``weights`` (a state-dict file of torchvision's classifier, or ``imagenet``
         from torchvision's cache) with the rules and errors of ``aoq features cnn``."""
-        source = cut_stages(self.arch, torchvision_model(self.arch, weights))
+        source = cut_stages(self.arch, torchvision_model(self.arch, weights,
+                                                          option="model.weights="))
         self.stages.load_state_dict(source.state_dict())
 
     def train(self, mode: bool = True) -> "Backbone":
