@@ -34,6 +34,8 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 CROP_SCALE = (0.08, 1.0)
 CROP_RATIO = (3 / 4, 4 / 3)
+# Tells the crops' streams apart from the offline sampler's draws of the same counter hash.
+CROP_STREAM = 1
 SAMPLE_IMAGES = 16  # evenly spaced images hashed by the fingerprint, plus the ends
 
 
@@ -155,7 +157,7 @@ class ImageStore:
                 f"cannot read image {path} (image {index} of {self.path}): {exc}; replace "
                 f"the file, or remove its line from {self.path.name} and its 5 captions") from exc
         if self.augment:
-            rng = np.random.default_rng(word)
+            rng = np.random.default_rng([word, CROP_STREAM])
             top, left, h, w = crop_box(image.width, image.height, rng)
             image = F.resized_crop(image, top, left, h, w, [self.size, self.size],
                                    antialias=True)
