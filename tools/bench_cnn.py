@@ -5,9 +5,10 @@
   torchvision's own classifier of the same backbone doing forward, cross-entropy, backward
   and Adam on the same images; timed alternately, wall and CPU time.
 * ``cnn_memory``: peak RSS of one such step at two batch sizes, each in a fresh process
-  (``python tools/bench_cnn.py ARCH BATCH``): the memory the step adds over the model and
-  optimiser, its growth per image (the slope between the two batches), and the bytes
-  autograd saves for backward per image; from those, the batch that fits a GPU.
+  (``python tools/bench_cnn.py ARCH BATCH``, one thread): the memory the step adds over
+  the model and optimiser (after a warm-up step: Adam's moments exist), its growth per image
+  (the slope between the two batches), and the bytes autograd saves for backward in the
+  step; from those, the batch that fits a GPU.
 """
 
 import json
@@ -109,17 +110,15 @@ def probe_memory(arch: str, batch_size: int) -> dict:
         params = sum(p.numel() * p.element_size() for p in trainer.model.parameters())
         saved: dict[int, int] = {}
 
-        def pack(tensor):
+        def pack(tensor):  # keeps the tensor itself: no memory of its own
             storage = tensor.untyped_storage()
             saved[storage.data_ptr()] = storage.nbytes()
             return tensor
 
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            output = trainer.model(batch)
-        del output
         Path("/proc/self/clear_refs").write_text("5")  # reset the peak (VmHWM) to now
         before = _rss_kib("VmRSS")
-        trainer.step(batch)
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            trainer.step(batch)
         peak = _rss_kib("VmHWM")
     return {"arch": arch, "batch": batch_size, "params_mib": round(params / 2**20, 1),
             "rss_before_step_mib": round(before / 1024), "peak_rss_mib": round(peak / 1024),
@@ -127,13 +126,13 @@ def probe_memory(arch: str, batch_size: int) -> dict:
             "saved_for_backward_mib": round(sum(saved.values()) / 2**20)}
 
 
-def bench_memory(archs=("mobilenet_v3_large", "resnet152", "vgg19"),
-                 batches=(8, 32), gpu_gib: float = 80.0) -> list[dict]:
-    """Per backbone: the step's memory at each batch (fresh processes), the growth per
-    image, and the batch that fits ``gpu_gib``: (90% of it - 4 x the parameters: weights,
-    gradients, Adam's two moments) / the growth per image."""
+def bench_memory(plan=(("mobilenet_v3_large", (8, 32)), ("resnet152", (2, 8)),
+                       ("vgg19", (2, 8))), gpu_gib: float = 80.0) -> list[dict]:
+    """Per backbone: the step's memory at two batches (fresh processes, one thread), the
+    growth per image, and the batch that fits ``gpu_gib``: (90% of it - 4 x the parameters:
+    weights, gradients, Adam's two moments) / the growth per image."""
     results = []
-    for arch in archs:
+    for arch, batches in plan:
         probes = []
         for batch in batches:
             out = subprocess.run([sys.executable, __file__, arch, str(batch)],
@@ -154,4 +153,5 @@ def bench_memory(archs=("mobilenet_v3_large", "resnet152", "vgg19"),
 
 
 if __name__ == "__main__":
+    torch.set_num_threads(1)  # on a shared CPU, a thread pool waits more than it works
     print(json.dumps(probe_memory(sys.argv[1], int(sys.argv[2]))))
