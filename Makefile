@@ -21,19 +21,23 @@ TORCH ?= torch==2.14.1 torchvision==0.29.1
 
 DATA ?= f30k_precomp
 DATA_PATH ?= data
-RUN ?= base
+# MODEL: configs/model/$(MODEL).yaml. Runs and candidates of a model other than VSE++ get
+# their own default names, so switching MODEL never meets another model's outputs.
+MODEL ?= vsepp
+model_prefix = $(if $(filter vsepp,$(MODEL)),,$(MODEL)_)
+RUN ?= $(model_prefix)base
 EXP ?=
 FOLD5 ?= 0
 SET ?=
 
-AOQ_RUN ?= aoq
+AOQ_RUN ?= $(model_prefix)aoq
 
 DATASET := $(DATA_PATH)/$(DATA)
 VOCAB ?= $(DATASET)/vocab.json
 RUN_DIR := runs/$(DATA)/$(RUN)
 BASE_CKPT := $(RUN_DIR)/checkpoint.pt
 EMBEDDINGS := $(RUN_DIR)/embeddings_train.h5
-OFFCANDI_DIR ?= offcandi/$(DATA)
+OFFCANDI_DIR ?= offcandi/$(DATA)$(if $(model_prefix),/$(MODEL))
 ROUNDS ?= 1
 # Retraining starts from scratch (as the reference) or, RETRAIN_INIT=miner, from the model
 # that mined its candidates (the base model in round 1). RETRAIN_SET: overrides for the
@@ -48,8 +52,12 @@ BIN := $(VENV)/bin
 AOQ := $(BIN)/aoq
 STAMP := $(VENV)/.installed
 # configs/data/$(DATA).yaml when there is one (a dataset made by `make features` under a new
-# name needs none unless its splits differ from train/dev/test).
+# name needs none unless its splits differ from train/dev/test), the model's published
+# settings configs/model/$(MODEL).yaml and its settings for this dataset when there are
+# some (configs/model/$(MODEL)_$(DATA).yaml), then the experiment.
 CONFIGS := $(if $(wildcard configs/data/$(DATA).yaml),--config configs/data/$(DATA).yaml) \
+	--config configs/model/$(MODEL).yaml \
+	$(if $(wildcard configs/model/$(MODEL)_$(DATA).yaml),--config configs/model/$(MODEL)_$(DATA).yaml) \
 	$(if $(EXP),--config configs/experiment/$(EXP).yaml)
 OVERRIDES := --set data.name=$(DATA) --set data.path=$(DATA_PATH) --set data.vocab=$(VOCAB) \
 	$(foreach s,$(SET),--set $(s))
@@ -70,6 +78,12 @@ $(call positive_int,ROUNDS)
 $(call a_name,DATA)
 $(call a_name,RUN)
 $(call a_name,AOQ_RUN)
+$(call a_name,MODEL)
+MODELS := $(filter-out $(foreach m,$(basename $(notdir $(wildcard configs/model/*.yaml))),\
+	$(filter $(m)_%,$(basename $(notdir $(wildcard configs/model/*_*.yaml))))),\
+	$(basename $(notdir $(wildcard configs/model/*.yaml))))
+$(if $(and $(MODELS),$(if $(wildcard configs/model/$(MODEL).yaml),,no)),\
+	$(error MODEL='$(MODEL)' is not allowed: configs/model/ has $(MODELS)))
 EXPERIMENTS := $(basename $(notdir $(wildcard configs/experiment/*.yaml)))
 $(if $(EXP),$(if $(filter $(EXP),$(EXPERIMENTS)),,$(error EXP='$(EXP)' is not allowed: \
 	configs/experiment/ has $(or $(EXPERIMENTS),no experiments))))
@@ -180,10 +194,9 @@ features: $(DATASET)/train_caps.txt $(TRAIN_FEATURES)
 # Models that read raw images (class attribute image_input = "pixels"; a test keeps this list
 # equal to the registry's) train on {split}_images.txt under IMAGES, not on features:
 #   make train DATA=coco MODEL=vse_cnn IMAGES=/dl/coco KARPATHY=/dl/dataset_coco.json
-MODEL ?=
 PIXEL_MODELS := vse_cnn
 TRAIN_INPUT = $(if $(filter $(MODEL),$(PIXEL_MODELS)),$(DATASET)/train_images.txt,$(TRAIN_FEATURES))
-OVERRIDES += $(if $(MODEL),--set model.name=$(MODEL)) $(if $(IMAGES),--set data.images=$(IMAGES))
+OVERRIDES += $(if $(IMAGES),--set data.images=$(IMAGES))
 
 # `aoq captions` writes the image lists with the captions.
 $(DATASET)/%_images.txt: | $(DATASET)/%_caps.txt
@@ -293,7 +306,7 @@ clean-demo:
 DEMO_EPOCHS ?= 3
 # The loss trained with offline negatives beside AOQ in the demo.
 DEMO_OTHER_LOSS ?= infonce
-demo_run = runs/$(DATA)/$(1)_plus$(DEMO_EPOCHS)
+demo_run = runs/$(DATA)/$(model_prefix)$(1)_plus$(DEMO_EPOCHS)
 DEMO_CKPTS = $(BASE_CKPT) $(foreach r,base $(DEMO_OTHER_LOSS)_offline aoq,$(call demo_run,$(r))/checkpoint.pt)
 DEMO_CONTINUE = --set train.init_from=$(BASE_CKPT) --set train.epochs=$(DEMO_EPOCHS) --resume
 
@@ -315,7 +328,8 @@ demo-compare: $(DEMO_CKPTS)
 	    --set eval.fold5=$(FOLD5)
 
 # --- make table: loss x offline negatives (no/yes) x batch size --------------------------
-# One run per cell, each trained from scratch for the same epochs, in
+# One run per cell, each trained from scratch with the same settings (the "on" cells with
+# `aoq train --set train.offline_negatives=true`, not retrain's schedule), in
 # runs/DATA/table/<loss>-<off|on>-b<batch>/ (checkpoint.pt, eval.jsonl). "on" cells train
 # with candidates (offcandi/DATA/table-b<batch>) mined by the TABLE_MINER cell without
 # offline negatives of the same batch size; losses that need offline negatives (aoq, offquin,
@@ -327,7 +341,7 @@ LOSSES ?= vse_max infonce triplet_semihard aoq
 BATCHES ?= 128
 TABLE_MINER ?= vse_max
 TABLE_SET ?=
-TABLE_DIR = runs/$(DATA)/table
+TABLE_DIR = runs/$(DATA)/$(model_prefix)table
 TABLE_OVERRIDES = $(OVERRIDES) $(foreach s,$(TABLE_SET),--set $(s))
 TABLE_MAKEFILE := $(firstword $(MAKEFILE_LIST))
 TABLE_ARGS = --dir $(TABLE_DIR) --losses '$(LOSSES)' --batches '$(BATCHES)' --miner $(TABLE_MINER)
@@ -362,9 +376,10 @@ table_miner = $(TABLE_DIR)/$(TABLE_MINER)-off-b$(1)
 define TABLE_CELL_RULES
 $(TABLE_DIR)/$(1)/checkpoint.pt: $(TABLE_DIR)/settings.txt \
 	    $(if $(filter on,$(call table_part,$(1),2)),$(call table_offcandi,$(call table_batch,$(1)))/t2i.h5,$(VOCAB) $(TRAIN_INPUT)) | $(STAMP)
-	$$(AOQ) $(if $(filter on,$(call table_part,$(1),2)),retrain,train) $$(CONFIGS) $$(TABLE_OVERRIDES) \
+	$$(AOQ) train $$(CONFIGS) $$(TABLE_OVERRIDES) \
 	    --set loss.name=$(call table_part,$(1),1) --set train.batch_size=$(call table_batch,$(1)) \
-	    $(if $(filter on,$(call table_part,$(1),2)),--set offcandi.dir=$(call table_offcandi,$(call table_batch,$(1))) \
+	    $(if $(filter on,$(call table_part,$(1),2)),--set train.offline_negatives=true \
+	    --set offcandi.dir=$(call table_offcandi,$(call table_batch,$(1))) \
 	    --set offcandi.base_ckpt=$(call table_miner,$(call table_batch,$(1)))/checkpoint.pt) \
 	    --run-dir $(TABLE_DIR)/$(1) --resume
 

@@ -188,7 +188,8 @@ def plot_command(config_files, overrides, candidate_dirs, embeddings, out_dir, r
     from .plot import plot
 
     # The retrain stage's settings (RETRAIN_SET reaches plot too): its sampling range.
-    config = load_config(config_files, overrides, base=load_config(overrides=RETRAIN_DEFAULTS))
+    config = load_config(config_files, overrides, base=load_config(overrides=RETRAIN_DEFAULTS),
+                         retrain=True)
     plot(list(candidate_dirs), list(embeddings), config, out_dir, rank_sample,
          online_batches, seed)
 
@@ -203,7 +204,8 @@ def retrain(config_files, overrides, run_dir, resume) -> None:
     (offline negatives then join its reference set)."""
     from .train import train as run_training
 
-    config = load_config(config_files, overrides, base=load_config(overrides=RETRAIN_DEFAULTS))
+    config = load_config(config_files, overrides, base=load_config(overrides=RETRAIN_DEFAULTS),
+                         retrain=True)
     if not config.train.offline_negatives:
         raise UserError("retrain trains with offline negatives; for a model without them "
                         "use `aoq train`")
@@ -225,8 +227,9 @@ def settings(config_files, overrides, stage, out, target) -> None:
     """Write the resolved settings a stage reads (the Makefile's stamp for that stage)."""
     from .stamps import stage_settings, stamp_text, write_stamp
 
-    base = load_config(overrides=RETRAIN_DEFAULTS) if stage == "retrain" else None
-    config = load_config(config_files, overrides, base=base)
+    retrain = stage == "retrain"
+    base = load_config(overrides=RETRAIN_DEFAULTS) if retrain else None
+    config = load_config(config_files, overrides, base=base, retrain=retrain)
     write_stamp(out, stamp_text(stage, stage_settings(config, stage)), target)
 
 

@@ -271,10 +271,19 @@ def parse_override(text: str) -> tuple[str, object]:
     return key.strip(), value
 
 
+RETRAIN_BLOCK = "retrain"
+
+
 def load_config(config_files: typing.Iterable[str | Path] = (),
                 overrides: typing.Iterable[str] = (),
-                base: Config | None = None) -> Config:
-    """Defaults (or a copy of ``base``), then each YAML file in order, then overrides."""
+                base: Config | None = None, retrain: bool = False) -> Config:
+    """Defaults (or a copy of ``base``), then each YAML file in order, then overrides.
+
+    A file's top-level ``retrain:`` block (the same sections) holds settings of the retrain
+    stage only, e.g. a model file's base schedule followed by the AOQ reference's retrain
+    schedule; with ``retrain`` it is applied right after the rest of its file, otherwise it
+    is only checked.
+    """
     config = copy.deepcopy(base) if base is not None else Config()
     for path in config_files:
         path = Path(path)
@@ -291,7 +300,11 @@ def load_config(config_files: typing.Iterable[str | Path] = (),
             line = f" at line {where.line + 1}" if where is not None else ""
             problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
             raise UserError(f"{path}: not valid YAML{line}: {problem}") from exc
+        retrain_values = values.pop(RETRAIN_BLOCK, None) if isinstance(values, dict) else None
         apply_mapping(config, values, str(path))
+        if retrain_values is not None:
+            apply_mapping(config if retrain else copy.deepcopy(config), retrain_values,
+                          f"{path} ({RETRAIN_BLOCK}:)")
     overrides = list(overrides)
     for text in overrides:
         key, value = parse_override(text)

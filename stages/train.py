@@ -33,7 +33,7 @@ from .io.scalars import ScalarWriter
 from .log import setup_logging
 from .losses import LOSSES, build_loss
 from .metrics.retrieval import evaluate_embeddings
-from .models import build_model
+from .models import MODELS, build_model
 from .stamps import stage_settings
 from .training.distributed import is_main
 from .training.loop import Trainer
@@ -135,14 +135,16 @@ def _offline_task(config: Config, split: Split, vocab: Vocab, fingerprint: dict)
     return OfflineTask(split, vocab, sampler)
 
 
-def _init_weights(model, spec: dict, path: str) -> None:
-    """Start from another checkpoint's weights (``train.init_from``)."""
+def _init_weights(model, spec: dict, path: str) -> dict | None:
+    """Start from another checkpoint's weights (``train.init_from``); returns the record of
+    the word vectors that initialised its words (None if none did)."""
     source = load_checkpoint(path)
     if source["model"] != spec:
         raise UserError(f"train.init_from={path} holds model {source['model']}, which "
                         f"differs from this run's {spec}")
     model.load_state_dict(source["state_dict"])
     log.info("initialised from %s (weights %s)", path, weights_hash(source["state_dict"]))
+    return source.get("word_vectors")
 
 
 def train(config: Config, run_dir: str | Path, resume: bool = False) -> Path:
@@ -172,6 +174,11 @@ def train(config: Config, run_dir: str | Path, resume: bool = False) -> Path:
     val_split = open_model_split(config, config.data.val_split, reads).limit(
         config.data.val_images)
     check_compatible(train_split, val_split)
+    if MODELS.class_of(config.model.name).needs_regions and not train_split.features.has_regions:
+        raise UserError(f"model {config.model.name} reasons over region features (N, R, D), "
+                        f"but {train_split.features.path} holds global (N, D) features: use "
+                        "region features (aoq features tsv, or aoq features cnn --grid) or a "
+                        "model for global features (model.name=vsepp)")
     log.info("train: %d images / %d captions; validation: %d images of %s",
              train_split.num_images, len(train_split.captions), val_split.num_images,
              config.data.val_split)
@@ -180,24 +187,37 @@ def train(config: Config, run_dir: str | Path, resume: bool = False) -> Path:
     task = (_offline_task(config, train_split, vocab, fingerprint) if t.offline_negatives
             else PairTask(train_split, vocab))
     device = resolve_device(t.device)
+    torch.manual_seed(t.seed)
+    loss_fn = build_loss(config.loss.name, config.loss.values)
+    data_args = {"img_dim": train_split.features.feature_dim, "vocab_size": len(vocab)}
+    options = config.model.options()
+    model = build_model(config.model.name, config.model.values, **data_args)
+    spec = {"name": config.model.name, "args": {**data_args, **options}}
+    # Pretrained word vectors (model.word_vectors) for a run from scratch: a run with a
+    # last.pt resumes (or is refused) and init_from brings its own words.
+    from_scratch = not t.init_from and not (run_dir / "last.pt").exists()
+    words = model.init_word_vectors(vocab) if from_scratch else None
+    if from_scratch:  # pretrained parts (an ImageNet backbone), before any folder is made
+        model.load_pretrained()
 
     # The lock comes after the inputs are checked: a failed start leaves no folder.
     with folder_lock(run_dir, "aoq train"):
         state = _prepare_run_dir(run_dir, config, resume)
+        if state is None and not t.init_from and not from_scratch:  # last.pt went meanwhile
+            words = model.init_word_vectors(vocab)
+            model.load_pretrained()
         if is_main():
             setup_logging(run_dir / "train.log")
             write_text(run_dir / "config.yaml",
                        yaml.safe_dump(config.to_dict(), sort_keys=False))
-        torch.manual_seed(t.seed)
-        loss_fn = build_loss(config.loss.name, config.loss.values)
-        data_args = {"img_dim": train_split.features.feature_dim, "vocab_size": len(vocab)}
-        options = config.model.options()
-        model = build_model(config.model.name, config.model.values, **data_args)
-        spec = {"name": config.model.name, "args": {**data_args, **options}}
+        if words is not None:
+            log.info("word embedding: %d vocabulary words from %s (sha256 %s), %d not in it "
+                     "keep their random init", words["found"], words["path"], words["sha256"],
+                     words["missing"])
         if t.init_from and state is None:
-            _init_weights(model, spec, t.init_from)
-        elif state is None:
-            model.load_pretrained()
+            words = _init_weights(model, spec, t.init_from)
+        elif state is not None:
+            words = state.get("word_vectors")
 
         def validate(model) -> dict:
             img, cap = encode_split(model, val_split, vocab, device,
@@ -211,7 +231,8 @@ def train(config: Config, run_dir: str | Path, resume: bool = False) -> Path:
         trainer = Trainer(model, loss_fn, task, t, config.memory, device, run_dir, validate,
                           checkpoint_info={"model": spec, "config": config.to_dict(),
                                            "vocab": vocab.to_json(),
-                                           "data_fingerprint": fingerprint},
+                                           "data_fingerprint": fingerprint,
+                                           "word_vectors": words},
                           workers=config.data.workers,
                           features_hint=str(train_split.features.path))
         if state is not None:

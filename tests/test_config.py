@@ -19,6 +19,30 @@ def test_shipped_model_config_matches_defaults():
     assert shipped.to_dict() == Config().to_dict()
 
 
+def test_shipped_model_config_keeps_the_retrain_schedule():
+    from stages.cli import RETRAIN_DEFAULTS
+
+    defaults = load_config(overrides=RETRAIN_DEFAULTS)
+    shipped = load_config(["configs/model/vsepp.yaml"], base=defaults, retrain=True)
+    assert shipped.to_dict() == defaults.to_dict()
+
+
+def test_a_files_retrain_block_applies_to_retrain_only_and_is_checked(tmp_path):
+    model = tmp_path / "model.yaml"
+    model.write_text("train:\n  epochs: 30\nretrain:\n  train:\n    epochs: 20\n")
+    later = tmp_path / "exp.yaml"
+    later.write_text("train:\n  lr: 1.0e-3\n")
+    assert load_config([model, later]).train.epochs == 30
+    retrain = load_config([model, later], retrain=True)
+    assert (retrain.train.epochs, retrain.train.lr) == (20, 1e-3)
+    # A later file's train settings still win over an earlier file's retrain block.
+    later.write_text("train:\n  epochs: 6\n")
+    assert load_config([model, later], retrain=True).train.epochs == 6
+    model.write_text("retrain:\n  train:\n    epocs: 20\n")
+    with pytest.raises(UserError, match="retrain.*epocs"):
+        load_config([model])
+
+
 def test_yaml_files_layer_in_order_then_overrides(tmp_path):
     a = tmp_path / "a.yaml"
     a.write_text("train:\n  lr: 1.0e-3\n  epochs: 5\n")

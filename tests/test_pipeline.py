@@ -31,6 +31,7 @@ def workdir(tiny_root):
     (work / "configs" / "experiment").mkdir(parents=True)
     (work / "configs" / "data" / "tiny.yaml").write_text("data: {name: tiny}\n")
     (work / "configs" / "experiment" / "tiny.yaml").write_text(TINY_EXPERIMENT)
+    shutil.copytree(REPO / "configs" / "model", work / "configs" / "model")
     for name in ("setup.cfg", "pyproject.toml", "stamp"):  # stamp newer: nothing to install
         (work / name).touch()
     return work

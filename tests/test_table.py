@@ -111,7 +111,7 @@ def test_table_trains_every_cell_writes_md_csv_png_and_resumes(workdir):  # noqa
 
     # a cell killed before it finished: only that cell trains and is evaluated again
     (table_dir / "aoq-on-b16" / "checkpoint.pt").unlink()
-    assert commands(work) == ["retrain aoq-on-b16", "eval aoq-on-b16/eval.jsonl", "table"]
+    assert commands(work) == ["train aoq-on-b16", "eval aoq-on-b16/eval.jsonl", "table"]
     before = {c: (table_dir / c / "checkpoint.pt").stat().st_mtime_ns for c in CELLS[:2]}
     make(work, "table", *TABLE)
     assert commands(work) == ["table"]

@@ -1,5 +1,7 @@
 """Speed figures for README: every figure is compared with a baseline timed in the same run.
 
+* vse_inf step: a VSE-infinity step at batch 128 on 36 x 2048 regions against the same
+  model's bare forward + backward, and its AOQ step (3 x the rows) against 3 x that step;
 * train step: one VSE++ step (encode both sides, max-violation loss, backward, clip, Adam)
   at batch 128 on demo data, against a bare GRU + Linear forward/backward of the same
   sizes (the floor any implementation pays);
@@ -18,7 +20,11 @@
   torchvision's own forward of the whole classifier;
 * raw-image towers (tools/bench_cnn.py): vse_cnn fine-tuning steps against torchvision's
   own training step of the same backbone (``cnn_finetune``), and the step's memory
-  (``cnn_memory``).
+  (``cnn_memory``);
+* vsrn_step: a VSRN train step (``Trainer.step``: caption loss included, clip, Adam) at
+  batch 128 on 36 x 2048 regions, against the same model's bare forward + backward on the
+  same batch (no optimiser), and the AOQ step (anchors plus two groups of offline
+  negatives, the aoq loss) against 3x the base step.
 
 Usage: python tools/bench.py --out bench/results.json
 """
@@ -42,6 +48,7 @@ import torch
 
 from stages.config import load_config
 from stages.data.dataset import collate_pairs, open_split
+from stages.data.offline import OfflineNegativeSampler, collate_offline
 from stages.data.synthetic import write_synthetic_dataset
 from stages.data.vocab import Vocab
 from stages.knn import set_threads
@@ -49,7 +56,7 @@ from stages.losses import build_loss
 from stages.metrics.retrieval import retrieval_ranks
 from stages.models import build_model
 from stages.training.loop import Trainer
-from stages.training.tasks import PairTask
+from stages.training.tasks import OfflineTask, PairTask
 
 sys.path.insert(0, str(Path(__file__).parent))
 import bench_cnn as bench_cnn_towers  # noqa: E402  (tools/bench_cnn.py: vse_cnn sections)
@@ -135,6 +142,75 @@ def bench_train_step(embed_size: int, repeats: int) -> dict:
             "pre_engine_step_cpu_ms": round(legacy_cpu * 1e3, 1),
             "cpu_ratio_to_pre_engine": round(ours_cpu / legacy_cpu, 3),
             "bare_gru_ms": round(floor * 1e3, 1), "ratio_to_bare": round(ours / floor, 2)}
+
+
+def _region_dataset(folder: Path, num_images: int, regions: int, dim: int) -> Path:
+    """A precomp split ``train`` of random (N, regions, dim) features with the synthetic
+    generator's captions (only the shapes matter for timing)."""
+    write_synthetic_dataset(folder / "captions", {"train": num_images}, seed=0)
+    (folder / "regions").mkdir()
+    (folder / "regions" / "train_caps.txt").write_bytes(
+        (folder / "captions" / "train_caps.txt").read_bytes())
+    rng = np.random.default_rng(0)
+    np.save(folder / "regions" / "train_ims.npy",
+            rng.standard_normal((num_images, regions, dim), dtype=np.float32))
+    return folder / "regions"
+
+
+def bench_vse_inf_step(repeats: int, num_images: int = 200) -> dict:
+    """VSE-infinity (embed 1024, 300-d words, 20% region dropping) at batch 128 on 36 x 2048
+    regions: the engine's step (Trainer.step: forward, vse_max, backward, clip, Adam)
+    against the same model's bare forward + backward on the same batch (the floor), and the
+    AOQ step (anchors + two groups of offline negatives, 3 x 128 rows, the aoq loss) against
+    3 x the base step. The three are timed alternately on fixed batches (no data loading)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        split = open_split(_region_dataset(Path(tmp), num_images, 36, 2048), "train")
+        vocab = Vocab.build(split.captions, threshold=4)
+        pairs = PairTask(split, vocab)
+        captions = list(range(0, 5 * num_images, 5))[:128]  # 128 distinct images
+        rng = np.random.default_rng(0)
+        sampler = OfflineNegativeSampler(rng.integers(0, 5 * num_images, (num_images, 300)),
+                                         rng.integers(0, num_images, (5 * num_images, 60)),
+                                         300, seed=0)
+        offline = OfflineTask(split, vocab, sampler)
+        batches = {"base": collate_pairs(pairs.dataset.__getitems__(captions)),
+                   "aoq": collate_offline(offline.dataset.__getitems__(captions))}
+    config = load_config(overrides=["model.name=vse_inf"])
+    trainers = {}
+    for name, task, loss in (("base", pairs, "vse_max"), ("aoq", offline, "aoq")):
+        torch.manual_seed(0)
+        model = build_model("vse_inf", config.model.values, img_dim=2048,
+                            vocab_size=len(vocab))
+        trainers[name] = Trainer(model, build_loss(loss), task, config.train, config.memory,
+                                 torch.device("cpu"), Path("."), validate=None,
+                                 checkpoint_info={})
+        model.train()
+    floor_model = trainers["base"].model
+
+    def floor():
+        output = floor_model(batches["base"])
+        (output.img_emb.sum() + output.cap_emb.sum()).backward()
+        floor_model.zero_grad(set_to_none=True)
+
+    runs = {"floor": floor, "base": lambda: trainers["base"].step(batches["base"]),
+            "aoq": lambda: trainers["aoq"].step(batches["aoq"])}
+    times = {name: ([], []) for name in runs}
+    for i in range(repeats + 1):
+        for name, fn in runs.items():
+            t0, c0 = time.perf_counter(), time.process_time()
+            fn()
+            if i >= 1:  # warm-up
+                times[name][0].append(time.perf_counter() - t0)
+                times[name][1].append(time.process_time() - c0)
+    wall = {name: statistics.median(w) for name, (w, _) in times.items()}
+    cpu = {name: statistics.median(c) for name, (_, c) in times.items()}
+    return {"batch": 128, "regions": "36 x 2048", "embed_size": 1024, "repeats": repeats,
+            **{f"{name}_ms": round(wall[name] * 1e3, 1) for name in runs},
+            **{f"{name}_cpu_ms": round(cpu[name] * 1e3, 1) for name in runs},
+            "base_ratio_to_floor": round(wall["base"] / wall["floor"], 3),
+            "base_cpu_ratio_to_floor": round(cpu["base"] / cpu["floor"], 3),
+            "aoq_ratio_to_3x_base": round(wall["aoq"] / (3 * wall["base"]), 3),
+            "aoq_cpu_ratio_to_3x_base": round(cpu["aoq"] / (3 * cpu["base"]), 3)}
 
 
 def _reference_ranks(sims: np.ndarray, anchors: int) -> float:
@@ -338,6 +414,65 @@ def bench_cnn(batch: int = 32, repeats: int = 2) -> dict:
             "ratio_to_torchvision": round(ours_s / full_s, 3)}
 
 
+def bench_vsrn_step(repeats: int, warmup: int = 1) -> dict:
+    """VSRN's train step at batch 128 on 36 x 2048 regions (random features, synthetic
+    captions) against its bare forward + backward, and the AOQ step against 3x it; each
+    timed ``repeats`` times after ``warmup`` untimed calls."""
+    batch_size, images = 128, 200
+    with tempfile.TemporaryDirectory() as tmp:
+        write_synthetic_dataset(tmp, {"train": images}, seed=0)
+        rng = np.random.default_rng(0)
+        np.save(Path(tmp) / "train_ims.npy",
+                rng.standard_normal((images, 36, 2048), dtype=np.float32))
+        split = open_split(Path(tmp), "train")
+        vocab = Vocab.build(split.captions, threshold=4)
+        config = load_config(["configs/model/vsrn.yaml"])
+        torch.manual_seed(0)
+        model = build_model("vsrn", config.model.values, img_dim=2048, vocab_size=len(vocab))
+        rows = list(range(0, 5 * images, 5 * images // batch_size))[:batch_size]
+        pairs = PairTask(split, vocab)
+        batch = collate_pairs(pairs.dataset.__getitems__(rows))
+        sampler = OfflineNegativeSampler(rng.integers(0, 5 * images, (images, 300)),
+                                         rng.integers(0, images, (5 * images, 60)), 300, 0)
+        offline = OfflineTask(split, vocab, sampler)
+        offline_batch = collate_offline(offline.dataset.__getitems__(rows))
+        base = Trainer(model, build_loss("vse_max"), pairs, config.train, config.memory,
+                       torch.device("cpu"), Path(tmp), validate=None, checkpoint_info={})
+        aoq = Trainer(model, build_loss("aoq"), offline, config.train, config.memory,
+                      torch.device("cpu"), Path(tmp), validate=None, checkpoint_info={})
+        loss_fn = build_loss("vse_max")
+
+        def bare():
+            output = model(batch)
+            terms = loss_fn(output.img_emb, output.cap_emb, batch["image_ids"])
+            sum([*terms.values(), *output.aux_losses.values()]).backward()
+
+        def timed(fn) -> tuple[float, float]:
+            """Median wall and CPU (this process's) seconds after the warm-up calls."""
+            for _ in range(warmup):
+                fn()
+            wall, cpu = [], []
+            for _ in range(repeats):
+                t0, c0 = time.perf_counter(), time.process_time()
+                fn()
+                wall.append(time.perf_counter() - t0)
+                cpu.append(time.process_time() - c0)
+            return statistics.median(wall), statistics.median(cpu)
+
+        model.train()
+        floor, floor_cpu = timed(bare)
+        ours, ours_cpu = timed(lambda: base.step(batch))
+        ours_aoq, aoq_cpu = timed(lambda: aoq.step(offline_batch))
+    return {"batch": batch_size, "regions": 36, "img_dim": 2048, "embed_size": 2048,
+            "step_s": round(ours, 2), "bare_forward_backward_s": round(floor, 2),
+            "ratio_to_bare": round(ours / floor, 3), "aoq_step_s": round(ours_aoq, 2),
+            "aoq_ratio_to_3x_step": round(ours_aoq / (3 * ours), 3),
+            "step_cpu_s": round(ours_cpu, 2), "bare_cpu_s": round(floor_cpu, 2),
+            "cpu_ratio_to_bare": round(ours_cpu / floor_cpu, 3),
+            "aoq_step_cpu_s": round(aoq_cpu, 2),
+            "aoq_cpu_ratio_to_3x_step": round(aoq_cpu / (3 * ours_cpu), 3)}
+
+
 @click.command()
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path),
               default=Path("bench/results.json"), show_default=True)
@@ -347,15 +482,17 @@ def bench_cnn(batch: int = 32, repeats: int = 2) -> dict:
 @click.option("--tsv-rows", default="1000,4000", show_default=True,
               help="Sizes (rows) of the generated BUTD TSV files.")
 @click.option("--only", default="", help="Comma-separated sections to run (default: all): "
-              "train_step, eval_5k, offcandi, features_tsv, features_cnn, cnn_finetune, "
-              "cnn_memory.")
+              "train_step, vse_inf_step, vsrn_step, eval_5k, offcandi, features_tsv, "
+              "features_cnn, cnn_finetune, cnn_memory.")
 def main(out: Path, repeats: int, offcandi_images: int, tsv_rows: str, only: str) -> None:
     sections = {
         "train_step": lambda: [bench_train_step(256, repeats), bench_train_step(1024, repeats)],
+        "vse_inf_step": lambda: bench_vse_inf_step(min(repeats, 5)),
         "eval_5k": lambda: bench_eval(5000, 1024, sample=200),
         "offcandi": lambda: bench_offcandi(offcandi_images, 1024, sample=100),
         "features_tsv": lambda: bench_tsv(tuple(int(r) for r in tsv_rows.split(","))),
         "features_cnn": bench_cnn,
+        "vsrn_step": lambda: bench_vsrn_step(min(repeats, 3)),
         "cnn_finetune": lambda: [bench_cnn_towers.bench_finetune(arch)
                                  for arch in ("mobilenet_v3_large", "resnet152")],
         "cnn_memory": bench_cnn_towers.bench_memory,

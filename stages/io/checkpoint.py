@@ -132,7 +132,7 @@ def weights_hash(state_dict: dict[str, torch.Tensor]) -> str:
         tensor = state_dict[name].detach().cpu().contiguous()
         digest.update(name.encode())
         digest.update(str(tuple(tensor.shape)).encode())
-        # reshape: 0-d tensors (batch norm's num_batches_tracked) cannot be viewed as bytes
+        # reshape: a 0-d tensor (batch norm's num_batches_tracked) cannot be viewed as bytes
         digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes()
                       if tensor.numel() else b"")
     return digest.hexdigest()[:16]

@@ -4,7 +4,7 @@ from ..registry import Registry
 
 MODELS = Registry("model")
 
-from . import vse_cnn, vsepp  # noqa: E402,F401  (registers "vse_cnn", "vsepp")
+from . import vse_cnn, vse_inf, vsepp, vsrn  # noqa: E402,F401  (each registers its name)
 from .base import EmbeddingModel, ModelOutput  # noqa: E402,F401
 
 

@@ -34,6 +34,10 @@ class EmbeddingModel(nn.Module):
 
     image_input = "features"
 
+    # True for models that read region features (B, R, D) only: training refuses (N, D)
+    # global features before it starts.
+    needs_regions: bool = False
+
     def encode_images(self, images: torch.Tensor, regions: torch.Tensor) -> torch.Tensor:
         """(B, R, D) | (B, D) features, (B,) valid regions -> (B, E) embeddings."""
         raise NotImplementedError
@@ -51,6 +55,15 @@ class EmbeddingModel(nn.Module):
     def load_pretrained(self) -> None:
         """Load pretrained parts named by the options (an ImageNet backbone); called for a
         fresh run only, never when the weights come from a checkpoint."""
+
+    def init_word_vectors(self, vocab) -> dict | None:
+        """Initialise the word embedding from the pretrained vectors file the model's options
+        name (``word_vectors``), for the words of ``vocab`` (a :class:`stages.data.vocab.Vocab`
+        of ``vocab_size`` words). Called by the train stage once, on a model trained from
+        scratch (never on resume or on a model rebuilt from a checkpoint). Returns the record
+        of the file (path, sha256, words found / missing) for the checkpoint, or None when
+        the model has no file to read."""
+        return None
 
     def param_groups(self) -> list[dict]:
         """Optimiser parameter groups, each with an ``lr_scale`` (x the scheduled rate);

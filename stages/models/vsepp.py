@@ -16,6 +16,7 @@ from torch.nn.utils.rnn import pack_padded_sequence
 from ..settings import Range
 from . import MODELS
 from .base import EmbeddingModel
+from .word_vectors import init_embedding
 
 
 def masked_mean(images: torch.Tensor, regions: torch.Tensor) -> torch.Tensor:
@@ -77,8 +78,9 @@ class VSEPP(EmbeddingModel):
                  embed_size: Annotated[int, Range(min=1)] = 1024,
                  word_dim: Annotated[int, Range(min=1)] = 300,
                  num_layers: Annotated[int, Range(min=1)] = 1, bidirectional: bool = False,
-                 img_norm: bool = True):
+                 img_norm: bool = True, word_vectors: str = ""):
         super().__init__()
+        self.word_vectors = word_vectors  # read by init_word_vectors, never here
         self.image_encoder = ImageEncoder(img_dim, embed_size, img_norm)
         self.text_encoder = TextEncoder(vocab_size, word_dim, embed_size, num_layers,
                                         bidirectional)
@@ -90,3 +92,9 @@ class VSEPP(EmbeddingModel):
     def encode_captions(self, tokens: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         """(B, L) token ids, (B,) lengths -> (B, E) embeddings."""
         return self.text_encoder(tokens, lengths)
+
+    def init_word_vectors(self, vocab) -> dict | None:
+        """Word embedding rows from ``word_vectors`` (when set); see the base class."""
+        if not self.word_vectors:
+            return None
+        return init_embedding(self.text_encoder.embed, self.word_vectors, vocab)

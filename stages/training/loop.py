@@ -149,7 +149,7 @@ class Trainer:
     def step(self, batch: dict) -> dict[str, float]:
         """One optimisation step; returns each loss term's value (and ``loss``, the sum)."""
         batch = _to_device(batch, self.device)
-        output = self.model(batch)
+        output = self.task.forward(self.model, batch)
         inputs = self.task.loss_inputs(output, batch)
         terms = self.loss_fn(inputs.img_emb, inputs.cap_emb, inputs.image_ids,
                              extra=self.memory.references(), offline=inputs.offline)

@@ -2,6 +2,9 @@
 
 One object per kind, so the loop has no ``if offline:`` branches:
 
+Each task gives ``forward(model, batch) -> ModelOutput`` (how the batch goes through the
+model) and ``loss_inputs(output, batch) -> LossInputs`` (how its rows feed the loss).
+
 * :class:`PairTask`: batches of (image, caption) pairs; the loss sees in-batch negatives.
 * :class:`OfflineTask`: pairs plus each pair's offline hard negatives drawn from the
   candidate files (AOQ); the batch stacks anchors and negatives (see
@@ -18,7 +21,7 @@ from ..data.dataset import PairDataset, Split, collate_pairs
 from ..data.offline import OfflineNegativeSampler, OfflinePairDataset, collate_offline
 from ..data.vocab import Vocab
 from ..losses.base import OfflineNegatives
-from ..models.base import ModelOutput
+from ..models.base import EmbeddingModel, ModelOutput
 
 
 @dataclass
@@ -46,6 +49,10 @@ class PairTask:
         crops change)."""
         self.dataset.split.set_epoch(epoch)
 
+    def forward(self, model: EmbeddingModel, batch: dict) -> ModelOutput:
+        """The model's output on the whole batch, in one forward pass."""
+        return model(batch)
+
     def loss_inputs(self, output: ModelOutput, batch: dict) -> LossInputs:
         return LossInputs(output.img_emb, output.cap_emb, batch["image_ids"])
 
@@ -64,6 +71,18 @@ class OfflineTask:
         """Offline negatives (and raw images' crops) are drawn afresh every epoch."""
         self.dataset.set_epoch(epoch)
         self.dataset.split.set_epoch(epoch)
+
+    def forward(self, model: EmbeddingModel, batch: dict) -> ModelOutput:
+        """The model's output on the anchors and on each group of negatives, one forward pass
+        per group (B rows each), as the AOQ reference encodes them: a model with batch norm
+        (VSRN, VSE-infinity) then normalises each group with its own batch statistics, and
+        the anchors' statistics do not depend on the negatives drawn. The model's own
+        losses (VSRN's caption generation) are those of the anchors' pass."""
+        b = batch["image_ids"].shape[0] // 3
+        outputs = [model({k: v[g * b:(g + 1) * b] for k, v in batch.items()})
+                   for g in range(3)]
+        return ModelOutput(torch.cat([o.img_emb for o in outputs]),
+                           torch.cat([o.cap_emb for o in outputs]), outputs[0].aux_losses)
 
     def loss_inputs(self, output: ModelOutput, batch: dict) -> LossInputs:
         b = output.img_emb.shape[0] // 3

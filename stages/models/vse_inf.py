@@ -1,0 +1,131 @@
+"""VSE-infinity (Chen et al., CVPR 2021, "Learning the Best Pooling Strategy for Visual
+Semantic Embedding"; after woodfrog/vse_infty's BiGRU branch, lib/encoders.py) on
+precomputed region features.
+
+Image side: every region is projected by a linear layer plus a residual 2-layer MLP
+(Linear, BatchNorm, ReLU, Linear; hidden size embed/2), the projected regions are pooled by
+GPO (:mod:`stages.models.gpo`) and L2-normalised. Text side: word embedding and a
+bidirectional GRU whose outputs are averaged over the two directions, pooled by their own
+GPO, L2-normalised.
+
+Differences from the reference, each deliberate: batch normalisation sees only the valid
+regions of padded sets (the reference's statistics include padding zeros); region dropping
+(``region_drop``) draws from torch's RNG instead of NumPy's, so a resumed run draws the
+same regions; an item that would lose every region keeps them all. Global (B, D) features
+are sets of one region: GPO of one element is that element, so the model becomes
+fc + MLP per image.
+"""
+
+import math
+from typing import Annotated
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+
+from ..settings import Range
+from . import MODELS
+from .base import EmbeddingModel
+from .gpo import GPO
+from .word_vectors import init_embedding
+
+
+def prefix_mask(counts: torch.Tensor, num: int) -> torch.Tensor:
+    """(B,) counts -> (B, num) bool mask of the first ``counts[b]`` positions."""
+    return torch.arange(num, device=counts.device)[None, :] < counts[:, None]
+
+
+def drop_regions(mask: torch.Tensor, rate: float) -> torch.Tensor:
+    """Drop each valid region of (B, R) ``mask`` with probability ``rate`` (VSE-infinity's
+    size augmentation); an item that would keep none keeps all of its regions. Drawn on the
+    CPU from torch's global RNG, whatever the device, so that a run's checkpointed RNG state
+    gives the same draws on resume."""
+    keep = (torch.rand(mask.shape) >= rate).to(mask.device)
+    dropped = mask & keep
+    empty = ~dropped.any(dim=1)
+    return torch.where(empty[:, None], mask, dropped)
+
+
+class RegionEncoder(nn.Module):
+    """Region sets -> embedding: (B, R, D) features, (B, R) bool mask -> (B, E)."""
+
+    def __init__(self, img_dim: int, embed_size: int):
+        super().__init__()
+        self.fc = nn.Linear(img_dim, embed_size)
+        self.mlp = nn.Sequential(nn.Linear(img_dim, embed_size // 2),
+                                 nn.BatchNorm1d(embed_size // 2), nn.ReLU(),
+                                 nn.Linear(embed_size // 2, embed_size))
+        self.gpo = GPO()
+        bound = math.sqrt(6.0) / math.sqrt(img_dim + embed_size)  # the reference's Xavier init
+        nn.init.uniform_(self.fc.weight, -bound, bound)
+        nn.init.zeros_(self.fc.bias)
+
+    def forward(self, images: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        batch, num, _ = images.shape
+        valid = images[mask]  # (valid regions, D): batch norm sees no padding
+        projected = self.fc(valid) + self.mlp(valid)
+        regions = projected.new_zeros(batch, num, projected.shape[1])
+        regions[mask] = projected
+        return F.normalize(self.gpo(regions, mask), dim=-1)
+
+
+class TextEncoder(nn.Module):
+    """Token ids -> embedding: (B, L) long, lengths (B,) -> (B, E)."""
+
+    def __init__(self, vocab_size: int, word_dim: int, embed_size: int, num_layers: int):
+        super().__init__()
+        self.embed = nn.Embedding(vocab_size, word_dim)
+        self.rnn = nn.GRU(word_dim, embed_size, num_layers, batch_first=True,
+                          bidirectional=True)
+        self.gpo = GPO()
+        nn.init.uniform_(self.embed.weight, -0.1, 0.1)
+
+    def forward(self, tokens: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        packed = pack_padded_sequence(self.embed(tokens), lengths.cpu(), batch_first=True,
+                                      enforce_sorted=False)
+        out, _ = pad_packed_sequence(self.rnn(packed)[0], batch_first=True,
+                                     total_length=tokens.shape[1])  # (B, L, 2E)
+        half = out.shape[-1] // 2
+        words = (out[..., :half] + out[..., half:]) / 2
+        mask = prefix_mask(lengths.to(words.device), tokens.shape[1])
+        return F.normalize(self.gpo(words, mask), dim=-1)
+
+
+@MODELS.register("vse_inf")
+class VSEInfinity(EmbeddingModel):
+    """VSE-infinity with a BiGRU text encoder (defaults: the reference's 1024-d, 300-d
+    words, 1 GRU layer, 20% of the regions dropped in training)."""
+
+    def __init__(self, img_dim: int, vocab_size: int,
+                 embed_size: Annotated[int, Range(min=2)] = 1024,
+                 word_dim: Annotated[int, Range(min=1)] = 300,
+                 num_layers: Annotated[int, Range(min=1)] = 1,
+                 region_drop: Annotated[float, Range(min=0, max=0.9)] = 0.2,
+                 word_vectors: str = ""):
+        super().__init__()
+        self.region_drop = region_drop
+        self.word_vectors = word_vectors
+        self.image_encoder = RegionEncoder(img_dim, embed_size)
+        self.text_encoder = TextEncoder(vocab_size, word_dim, embed_size, num_layers)
+
+    def encode_images(self, images: torch.Tensor, regions: torch.Tensor) -> torch.Tensor:
+        """(B, R, D) | (B, D) features, (B,) valid regions -> (B, E) embeddings; (B, D)
+        global features are sets of one region. In training mode each region is dropped
+        with probability ``region_drop``."""
+        if images.dim() == 2:
+            images, regions = images[:, None, :], torch.ones_like(regions)
+        mask = prefix_mask(regions, images.shape[1])
+        if self.training and self.region_drop > 0:
+            mask = drop_regions(mask, self.region_drop)
+        return self.image_encoder(images, mask)
+
+    def encode_captions(self, tokens: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """(B, L) token ids, (B,) lengths -> (B, E) embeddings."""
+        return self.text_encoder(tokens, lengths)
+
+    def init_word_vectors(self, vocab) -> dict | None:
+        """Word embedding rows from ``word_vectors`` (when set); see the base class."""
+        if not self.word_vectors:
+            return None
+        return init_embedding(self.text_encoder.embed, self.word_vectors, vocab)
