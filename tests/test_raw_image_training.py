@@ -2,6 +2,7 @@
 
 import json
 import re
+import shutil
 from pathlib import Path
 
 import h5py
@@ -132,10 +133,11 @@ def test_make_trains_pixel_models_on_the_image_list(pixels, tmp_path):
     work.mkdir()
     for name in ("setup.cfg", "pyproject.toml", "stamp"):
         (work / name).touch()
+    shutil.copytree(REPO / "configs" / "model", work / "configs" / "model")
     common = ["DATA=pix", f"DATA_PATH={tmp_path}", "EXP="]
     out = make(work, "train", "MODEL=vse_cnn", f"IMAGES={images}", *common, dry_run=True)
     assert "stages.cli train" in out and "features cnn" not in out
-    assert f"--set model.name=vse_cnn --set data.images={images}" in out
+    assert "--config configs/model/vse_cnn.yaml" in out and f"--set data.images={images}" in out
     # A feature model with IMAGES= gets CNN features first, as before.
     out = make(work, "train", f"IMAGES={images}", *common, dry_run=True)
     assert "features cnn" in out
