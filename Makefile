@@ -192,6 +192,18 @@ endif
 
 features: $(DATASET)/train_caps.txt $(TRAIN_FEATURES)
 
+# Models that read raw images (class attribute image_input = "pixels"; a test keeps this list
+# equal to the registry's) train on {split}_images.txt under IMAGES, not on features:
+#   make train DATA=coco MODEL=vse_cnn IMAGES=/dl/coco KARPATHY=/dl/dataset_coco.json
+PIXEL_MODELS := vse_cnn
+TRAIN_INPUT = $(if $(filter $(MODEL),$(PIXEL_MODELS)),$(DATASET)/train_images.txt,$(TRAIN_FEATURES))
+OVERRIDES += $(if $(IMAGES),--set data.images=$(IMAGES))
+
+# `aoq captions` writes the image lists with the captions.
+$(DATASET)/%_images.txt: | $(DATASET)/%_caps.txt
+	@test -f $@ || { echo "error: $@ not found: models that read raw images need the image" \
+	    "list \`aoq captions\` writes (KARPATHY= or COCO_JSON=, see README.md)" >&2; exit 1; }
+
 # --- settings stamps ---------------------------------------------------------------------
 # Each stage's output depends on a stamp holding the resolved settings that stage reads
 # (`aoq settings`), rewritten only when they change: a changed setting redoes the stage
@@ -217,7 +229,7 @@ $(SETTINGS)/vocab.yaml: FORCE | $(STAMP)
 
 # --- stages ------------------------------------------------------------------------------
 train: $(BASE_CKPT)
-$(BASE_CKPT): $(VOCAB) $(TRAIN_FEATURES) $(SETTINGS)/$(RUN).train.yaml | $(STAMP)
+$(BASE_CKPT): $(VOCAB) $(TRAIN_INPUT) $(SETTINGS)/$(RUN).train.yaml | $(STAMP)
 	$(AOQ) train $(CONFIGS) $(OVERRIDES) --run-dir $(RUN_DIR) --resume
 $(SETTINGS)/$(RUN).train.yaml: FORCE | $(STAMP)
 	$(call stamp,train,$(BASE_CKPT))
@@ -376,7 +388,7 @@ table_miner = $(TABLE_DIR)/$(TABLE_MINER)-off-b$(1)
 
 define TABLE_CELL_RULES
 $(TABLE_DIR)/$(1)/checkpoint.pt: $(TABLE_DIR)/settings.txt \
-	    $(if $(filter on,$(call table_part,$(1),2)),$(call table_offcandi,$(call table_batch,$(1)))/t2i.h5,$(VOCAB) $(TRAIN_FEATURES)) | $(STAMP)
+	    $(if $(filter on,$(call table_part,$(1),2)),$(call table_offcandi,$(call table_batch,$(1)))/t2i.h5,$(VOCAB) $(TRAIN_INPUT)) | $(STAMP)
 	$$(AOQ) train $$(CONFIGS) $$(TABLE_OVERRIDES) \
 	    --set loss.name=$(call table_part,$(1),1) --set train.batch_size=$(call table_batch,$(1)) \
 	    $(if $(filter on,$(call table_part,$(1),2)),--set train.offline_negatives=true \

@@ -46,6 +46,8 @@ class DataConfig:
     val_images: Annotated[int, NonNegative] = 0
     eval_split: str = "test"
     vocab: str = ""  # vocabulary JSON; empty: <path>/<name>/vocab.json
+    # image root of {split}_images.txt, for models that read raw images (model vse_cnn)
+    images: str = ""
     workers: Annotated[int, NonNegative] = 2  # DataLoader worker processes
 
 

@@ -12,10 +12,11 @@ from pathlib import Path
 import h5py
 
 from .config import Config, load_config
-from .data.dataset import check_feature_dim, open_split
+from .data.dataset import check_feature_dim
 from .device import resolve_device
 from .embeddings import EMBEDDINGS_FORMAT
 from .encode import encode_split
+from .inputs import open_model_split
 from .io.atomic import atomic_path
 from .io.checkpoint import load_checkpoint, model_from_checkpoint, weights_hash
 from .io.lock import folder_lock
@@ -31,7 +32,7 @@ def embed(checkpoint: str | Path, split_name: str = "", config_files=(), overrid
     config = load_config(config_files, overrides,
                          base=Config.from_dict(state["config"], str(checkpoint), stored=True))
     split_name = split_name or config.data.train_split
-    split = open_split(config.dataset_dir(), split_name)
+    split = open_model_split(config, split_name, state["model"])
     check_feature_dim(split, state["model"]["args"].get("img_dim", split.features.feature_dim),
                       checkpoint)
     out = Path(out) if out else checkpoint.parent / f"embeddings_{split_name}.h5"

@@ -11,10 +11,11 @@ import time
 from pathlib import Path
 
 from .config import Config, load_config
-from .data.dataset import check_feature_dim, open_split
+from .data.dataset import check_feature_dim
 from .device import resolve_device
 from .encode import encode_split
 from .errors import UserError
+from .inputs import open_model_split
 from .io.atomic import append_jsonl
 from .io.checkpoint import load_checkpoint, model_from_checkpoint, weights_hash
 from .metrics.retrieval import RECALL_KS, evaluate_embeddings
@@ -58,7 +59,7 @@ def evaluate(checkpoints: list[str | Path], config_files=(), overrides=(),
     config = load_config(config_files, overrides,
                          base=Config.from_dict(states[0]["config"], str(checkpoints[0]),
                                                stored=True))
-    split = open_split(config.dataset_dir(), config.data.eval_split)
+    split = open_model_split(config, config.data.eval_split, states[0]["model"])
     folds = FOLDS if config.eval.fold5 else 1
     if folds > 1 and split.num_images % folds:
         raise UserError(f"eval.fold5 needs a split of 5 equal folds (COCO's testall: 5000 "
@@ -67,6 +68,7 @@ def evaluate(checkpoints: list[str | Path], config_files=(), overrides=(),
     device = resolve_device(config.train.device)
     imgs, caps, hashes = [], [], []
     for path, state in zip(checkpoints, states, strict=True):
+        split = open_model_split(config, config.data.eval_split, state["model"])
         trained_on = state["data_fingerprint"].get("dataset")
         if trained_on != config.data.name:
             log.info("%s was trained on %s; evaluating on %s", path, trained_on,

@@ -28,8 +28,8 @@ from .io.atomic import write_text
 
 # Keys that never change any stage's output: paths (make tracks the files they name as
 # prerequisites) and how the work is executed.
-NO_EFFECT = {"data.path", "data.vocab", "data.workers", "train.device", "train.ckpt_every",
-             "offcandi.threads", "offcandi.block_size", "eval.block_size"}
+NO_EFFECT = {"data.path", "data.vocab", "data.images", "data.workers", "train.device",
+             "train.ckpt_every", "offcandi.threads", "offcandi.block_size", "eval.block_size"}
 # Offline-candidate keys that only the retrain stage reads (how candidates are sampled
 # and checked); the others say how candidates are mined.
 SAMPLING_KEYS = {"offcandi.dir", "offcandi.base_ckpt", "offcandi.hardest",

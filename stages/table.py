@@ -167,8 +167,7 @@ def collect_rows(table_dir: str | Path, cells: list[Cell], miner: str) -> list[d
             mined_by = want
         record = _eval_record(table_dir / cell.name / "eval.jsonl", weights)
         rows.append({"loss": cell.loss, "offline_negatives": "yes" if cell.offline else "no",
-                     # precomputed features: no image encoder to fine-tune yet
-                     "finetune": "no", "batch_size": cell.batch_size,
+                     "finetune": finetune(state["model"]), "batch_size": cell.batch_size,
                      "epochs": state["config"]["train"]["epochs"],
                      "best_epoch": state["best_epoch"],
                      **{k: record[k] for k in [*METRIC_KEYS, "meanr_i2t", "meanr_t2i"]},
@@ -178,6 +177,13 @@ def collect_rows(table_dir: str | Path, cells: list[Cell], miner: str) -> list[d
                      "images": record["images"]})
     _check_comparable(rows)
     return rows
+
+
+def finetune(model: dict) -> str:
+    """"yes" when the checkpoint's model (its ``{"name", "args"}`` entry) trained its image
+    backbone from raw images (``vse_cnn`` with ``finetune``), else "no" (precomputed
+    features, or a frozen backbone)."""
+    return "yes" if model["args"].get("finetune") else "no"
 
 
 def _check_comparable(rows: list[dict]) -> None:

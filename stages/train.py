@@ -19,14 +19,14 @@ import yaml
 
 from .candidates import false_negative_skips, load_candidates
 from .config import Config, config_diff
-from .data.dataset import Split, check_compatible, open_split
-from .data.features import features_fingerprint
+from .data.dataset import Split, check_compatible
 from .data.offline import OfflineNegativeSampler
 from .data.tokenizers import CaptionTokenizer
 from .data.vocab import Vocab, file_sha256
 from .device import resolve_device
 from .encode import encode_split
 from .errors import UserError
+from .inputs import open_model_split
 from .io.atomic import atomic_path, write_text
 from .io.checkpoint import load_checkpoint, weights_hash
 from .io.lock import LOCK_NAME, folder_lock
@@ -59,7 +59,7 @@ def data_fingerprint(config: Config, tokenizer_sha256: str, train_split: Split) 
         "num_train_images": train_split.num_images,
         "train_captions_sha256": file_sha256(dataset_dir / f"{config.data.train_split}_caps.txt"),
         "vocab_sha256": tokenizer_sha256,
-        "train_features": features_fingerprint(train_split.features),
+        "train_features": train_split.features.fingerprint(),
     }
 
 
@@ -69,6 +69,8 @@ def _absolute_paths(config: Config) -> None:
     config.data.path = str(Path(config.data.path).resolve())
     if config.data.vocab:
         config.data.vocab = str(Path(config.data.vocab).resolve())
+    if config.data.images:
+        config.data.images = str(Path(config.data.images).resolve())
 
 
 def _prepare_run_dir(run_dir: Path, config: Config, resume: bool) -> dict | None:
@@ -185,10 +187,11 @@ def train(config: Config, run_dir: str | Path, resume: bool = False) -> Path:
     # Every input is checked before the run folder is made, so a failed start leaves
     # nothing behind.
     _absolute_paths(config)
-    dataset_dir = config.dataset_dir()
     tokenizer, tokenizer_sha256 = _caption_tokenizer(config)
-    train_split = open_split(dataset_dir, config.data.train_split)
-    val_split = open_split(dataset_dir, config.data.val_split).limit(config.data.val_images)
+    reads = {"name": config.model.name, "args": config.model.options()}
+    train_split = open_model_split(config, config.data.train_split, reads, augment=True)
+    val_split = open_model_split(config, config.data.val_split, reads).limit(
+        config.data.val_images)
     check_compatible(train_split, val_split)
     if MODELS.class_of(config.model.name).needs_regions and not train_split.features.has_regions:
         raise UserError(f"model {config.model.name} reasons over region features (N, R, D), "

@@ -18,6 +18,9 @@
   rows), against a bare read + base64-decode loop over the same file;
 * features, CNN: ResNet-152 (random weights) images/s on the CPU at batch 32, against
   torchvision's own forward of the whole classifier;
+* raw-image towers (tools/bench_cnn.py): vse_cnn fine-tuning steps against torchvision's
+  own training step of the same backbone (``cnn_finetune``), and the step's memory
+  (``cnn_memory``);
 * vsrn_step: a VSRN train step (``Trainer.step``: caption loss included, clip, Adam) at
   batch 128 on 36 x 2048 regions, against the same model's bare forward + backward on the
   same batch (no optimiser), and the AOQ step (anchors plus two groups of offline
@@ -61,6 +64,9 @@ from stages.models import build_model
 from stages.training.batches import epoch_batches
 from stages.training.loop import Trainer
 from stages.training.tasks import OfflineTask, PairTask
+
+sys.path.insert(0, str(Path(__file__).parent))
+import bench_cnn as bench_cnn_towers  # noqa: E402  (tools/bench_cnn.py: vse_cnn sections)
 
 
 def _median_seconds(fn, repeats: int, warmup: int = 2) -> float:
@@ -602,7 +608,7 @@ def bench_text_tower(repeats: int, images: int = 300, batch: int = 128) -> dict:
               help="Sizes (rows) of the generated BUTD TSV files.")
 @click.option("--only", default="", help="Comma-separated sections to run (default: all): "
               "train_step, vse_inf_step, vsrn_step, eval_5k, offcandi, features_tsv, "
-              "features_cnn, text_tower.")
+              "features_cnn, text_tower, cnn_finetune, cnn_memory.")
 def main(out: Path, repeats: int, offcandi_images: int, tsv_rows: str, only: str) -> None:
     sections = {
         "train_step": lambda: [bench_train_step(256, repeats), bench_train_step(1024, repeats)],
@@ -613,6 +619,9 @@ def main(out: Path, repeats: int, offcandi_images: int, tsv_rows: str, only: str
         "features_cnn": bench_cnn,
         "vsrn_step": lambda: bench_vsrn_step(min(repeats, 3)),
         "text_tower": lambda: bench_text_tower(repeats),
+        "cnn_finetune": lambda: [bench_cnn_towers.bench_finetune(arch)
+                                 for arch in ("mobilenet_v3_large", "resnet152")],
+        "cnn_memory": bench_cnn_towers.bench_memory,
     }
     chosen = [s for s in only.split(",") if s] or list(sections)
     unknown = sorted(set(chosen) - set(sections))

@@ -5,6 +5,7 @@ captions separately for embedding. Caption ``c`` belongs to image ``c // 5``.
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -15,6 +16,9 @@ from .captions import CAPTIONS_PER_IMAGE, read_captions
 from .features import FeatureStore, open_features
 from .tokenizers import CaptionTokenizer
 from .vocab import PAD
+
+if TYPE_CHECKING:  # images.py imports offline.py, which imports this module
+    from .images import ImageStore
 
 log = logging.getLogger(__name__)
 
@@ -43,10 +47,14 @@ class TokenizedCaptions:
 
 @dataclass
 class Split:
-    """One split of a dataset folder: features of N images and their 5N captions."""
+    """One split of a dataset folder: features of N images and their 5N captions.
+
+    ``features`` is a :class:`FeatureStore`, or for models that read pixels an
+    :class:`~stages.data.images.ImageStore` (decoded images, same interface).
+    """
 
     name: str
-    features: FeatureStore
+    features: "FeatureStore | ImageStore"
     captions: list[str]
 
     @property
@@ -64,13 +72,20 @@ class Split:
         """The first ``num_images`` images and their captions (COCO validates on 1000)."""
         if num_images <= 0 or num_images >= self.num_images:
             return self
-        store = FeatureStore(self.features.path, num_images * self.features.row_step,
-                             self.features.item_shape, self.features.row_step)
-        return Split(self.name, store, self.captions[: num_images * CAPTIONS_PER_IMAGE])
+        return Split(self.name, self.features.head(num_images),
+                     self.captions[: num_images * CAPTIONS_PER_IMAGE])
+
+    def set_epoch(self, epoch: int) -> None:
+        """The training epoch (raw images draw their crops for it)."""
+        self.features.set_epoch(epoch)
 
 
-def open_split(dataset_dir: str | Path, split: str) -> Split:
-    """Open ``split`` of a dataset folder and check that captions match images 5 to 1."""
+def open_split(dataset_dir: str | Path, split: str, images: "ImageStore | None" = None) -> Split:
+    """Open ``split`` of a dataset folder and check that captions match images 5 to 1.
+
+    ``images``: the split's raw images (:func:`~stages.data.images.open_images`), read
+    instead of its features.
+    """
     dataset_dir = Path(dataset_dir)
     if not dataset_dir.is_dir():
         raise UserError(f"dataset folder {dataset_dir} not found; set DATA_PATH to the folder "
@@ -79,12 +94,12 @@ def open_split(dataset_dir: str | Path, split: str) -> Split:
     if not caps_path.is_file():
         raise UserError(f"caption file {caps_path} not found for split {split!r}; a precomp "
                         "dataset folder holds {split}_caps.txt beside its features")
-    features = open_features(dataset_dir, split)
+    features = images if images is not None else open_features(dataset_dir, split)
     captions = read_captions(caps_path)
     n_caps, rows = len(captions), features.num_images
     if n_caps == CAPTIONS_PER_IMAGE * rows:
         pass
-    elif n_caps == rows and rows % CAPTIONS_PER_IMAGE == 0:
+    elif images is None and n_caps == rows and rows % CAPTIONS_PER_IMAGE == 0:
         log.info("%s: %d feature rows for %d captions: one row per caption, reading every "
                  "%dth row as the image", features.path, rows, n_caps, CAPTIONS_PER_IMAGE)
         features = FeatureStore(features.path, rows, features.item_shape, CAPTIONS_PER_IMAGE)

@@ -56,6 +56,18 @@ class FeatureStore:
     def has_regions(self) -> bool:
         return len(self.item_shape) == 2
 
+    def head(self, num_images: int) -> "FeatureStore":
+        """The first ``num_images`` images."""
+        return FeatureStore(self.path, num_images * self.row_step, self.item_shape,
+                            self.row_step)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Features are the same every epoch."""
+
+    def fingerprint(self) -> dict:
+        """:func:`features_fingerprint` of this store."""
+        return features_fingerprint(self)
+
     def _open(self) -> None:
         if self._pid == os.getpid():
             return

@@ -86,24 +86,7 @@ class FeatureExtractor(nn.Module):
     def __init__(self, arch: str, weights: str = "imagenet", grid: bool = False,
                  seed: int = 0):
         super().__init__()
-        import torchvision
-
-        if arch not in BACKBONES:
-            raise UserError(f"unknown CNN {arch!r}; known: {', '.join(BACKBONES)}")
-        if weights == "random":
-            log.warning("%s with random weights (seed %d): for tests only, the features "
-                        "mean nothing", arch, seed)
-            with torch.random.fork_rng(devices=[]):  # the same network for the same seed
-                torch.manual_seed(seed)
-                model = torchvision.models.get_model(arch, weights=None)
-        else:
-            model = torchvision.models.get_model(arch, weights=None)
-            try:
-                model.load_state_dict(load_weights(arch, weights))
-            except RuntimeError as exc:  # missing or unexpected keys, other shapes
-                raise UserError(f"weights {weights} do not fit torchvision's {arch} "
-                                f"({str(exc).splitlines()[0]} ...); pass the state dict of "
-                                f"a {arch}") from exc
+        model = torchvision_model(arch, weights, seed)
         spec = BACKBONES[arch]
         self.trunk = spec.trunk(model)
         self.head = spec.head(model)
@@ -118,7 +101,33 @@ class FeatureExtractor(nn.Module):
         return self.head(conv)
 
 
-def load_weights(arch: str, weights: str) -> dict:
+def torchvision_model(arch: str, weights: str, seed: int = 0,
+                      option: str = "--weights ") -> nn.Module:
+    """torchvision's classifier ``arch`` with ``weights``: a state-dict file, ``imagenet``
+    (torchvision's cache) or ``random`` (drawn from ``seed``, for tests). Weights that do not
+    fit the architecture are a :class:`UserError`; ``option`` is how the errors name the
+    setting (``model.weights=`` for vse_cnn)."""
+    import torchvision
+
+    if arch not in BACKBONES:
+        raise UserError(f"unknown CNN {arch!r}; known: {', '.join(BACKBONES)}")
+    if weights == "random":
+        log.warning("%s with random weights (seed %d): for tests only, the features "
+                    "mean nothing", arch, seed)
+        with torch.random.fork_rng(devices=[]):  # the same network for the same seed
+            torch.manual_seed(seed)
+            return torchvision.models.get_model(arch, weights=None)
+    model = torchvision.models.get_model(arch, weights=None)
+    try:
+        model.load_state_dict(load_weights(arch, weights, option))
+    except RuntimeError as exc:  # missing or unexpected keys, other shapes
+        raise UserError(f"weights {weights} do not fit torchvision's {arch} "
+                        f"({str(exc).splitlines()[0]} ...); pass the state dict of "
+                        f"a {arch}") from exc
+    return model
+
+
+def load_weights(arch: str, weights: str, option: str = "--weights ") -> dict:
     """A state dict from a file path, or torchvision's default weights for ``imagenet``."""
     if weights == "imagenet":
         import torchvision
@@ -131,13 +140,13 @@ def load_weights(arch: str, weights: str) -> dict:
             raise UserError(
                 f"the ImageNet weights of {arch} are not in torchvision's cache ({cache}) and "
                 f"cannot be downloaded here ({exc}); fetch {enum.url} on a machine with "
-                f"internet and put it at {cache}, or pass --weights /path/to/file.pth"
+                f"internet and put it at {cache}, or pass {option}/path/to/file.pth"
             ) from exc
     path = Path(weights)
     if not path.is_file():
         raise UserError(f"weights file {path} not found; pass a torchvision state dict for "
                         f"{arch} (e.g. the file behind torchvision.models."
-                        f"get_model_weights({arch!r}).DEFAULT.url), or --weights imagenet to "
+                        f"get_model_weights({arch!r}).DEFAULT.url), or {option}imagenet to "
                         "use torchvision's cache")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)

@@ -5,6 +5,7 @@ from ..registry import Registry
 MODELS = Registry("model")
 
 from . import (  # noqa: E402  (each module registers its model by name)
+    vse_cnn,  # noqa: F401
     vse_inf,  # noqa: F401
     vse_transformer,  # noqa: F401
     vsepp,  # noqa: F401

@@ -34,7 +34,14 @@ class ModelOutput:
 
 
 class EmbeddingModel(nn.Module):
-    """Base of registered models: ``encode_images``, ``encode_captions`` and ``forward``."""
+    """Base of registered models: ``encode_images``, ``encode_captions`` and ``forward``.
+
+    ``image_input`` says what ``encode_images`` reads, and so how the runners open a split:
+    ``"features"`` (precomputed, the dataset folder's features) or ``"pixels"`` (raw images
+    decoded and normalised to (B, 3, S, S), S the model's ``image_size`` option).
+    """
+
+    image_input = "features"
 
     # True for models that read region features (B, R, D) only: training refuses (N, D)
     # global features before it starts.
@@ -46,9 +53,6 @@ class EmbeddingModel(nn.Module):
         resolved ``options``; None: our vocabulary (``aoq vocab``), passed as
         ``vocab_size``. The tokenizer's ``model_args()`` are constructor arguments."""
         return None
-
-    def load_pretrained(self) -> None:
-        """Load the pretrained weights a fresh model starts from (none here)."""
 
     def encode_images(self, images: torch.Tensor, regions: torch.Tensor) -> torch.Tensor:
         """(B, R, D) | (B, D) features, (B,) valid regions -> (B, E) embeddings."""
@@ -63,6 +67,11 @@ class EmbeddingModel(nn.Module):
         one call); tensors already on the model's device."""
         return ModelOutput(self.encode_images(batch["images"], batch["regions"]),
                            self.encode_captions(batch["tokens"], batch["lengths"]))
+
+    def load_pretrained(self) -> None:
+        """Load pretrained parts named by the options (an ImageNet backbone, a transformer
+        text tower's folder); called for a fresh run only, never when the weights come from
+        a checkpoint."""
 
     def init_word_vectors(self, vocab) -> dict | None:
         """Initialise the word embedding from the pretrained vectors file the model's options

@@ -46,7 +46,9 @@ class PairTask:
         self.collate = partial(collate_pairs, pad=tokenizer.pad_id)
 
     def set_epoch(self, epoch: int) -> None:
-        """Pairs are the same every epoch (only their order changes)."""
+        """Pairs are the same every epoch (only their order and, for raw images, their
+        crops change)."""
+        self.dataset.split.set_epoch(epoch)
 
     def forward(self, model: EmbeddingModel, batch: dict) -> ModelOutput:
         """The model's output on the whole batch, in one forward pass."""
@@ -68,8 +70,9 @@ class OfflineTask:
         self.collate = partial(collate_offline, pad=tokenizer.pad_id)
 
     def set_epoch(self, epoch: int) -> None:
-        """Offline negatives are drawn afresh every epoch."""
+        """Offline negatives (and raw images' crops) are drawn afresh every epoch."""
         self.dataset.set_epoch(epoch)
+        self.dataset.split.set_epoch(epoch)
 
     def forward(self, model: EmbeddingModel, batch: dict) -> ModelOutput:
         """The model's output on the anchors and on each group of negatives, one forward pass

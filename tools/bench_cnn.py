@@ -1,0 +1,157 @@
+"""Raw-image towers (vse_cnn) for tools/bench.py: fine-tuning speed and step memory.
+
+* ``cnn_finetune``: images/s of one vse_cnn training step (``Trainer.step``: backbone +
+  GRU, VSE++ loss, backward, clip, Adam) fine-tuning the whole backbone at 224 px, against
+  torchvision's own classifier of the same backbone doing forward, cross-entropy, backward
+  and Adam on the same images; timed alternately, wall and CPU time.
+* ``cnn_memory``: peak RSS of one such step at two batch sizes, each in a fresh process
+  (``python tools/bench_cnn.py ARCH BATCH``, one thread): the memory the step adds over
+  the model and optimiser (after a warm-up step: Adam's moments exist), its growth per image
+  (the slope between the two batches), and the bytes autograd saves for backward in the
+  step; from those, the batch that fits a GPU.
+"""
+
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from stages.config import MemoryConfig, TrainConfig
+from stages.losses import build_loss
+from stages.models import build_model
+from stages.training.loop import Trainer
+from stages.training.tasks import LossInputs
+
+SIZE = 224
+GIB = 1 << 30
+
+
+class _BatchTask:
+    """A task over ready batches: the loss sees the batch's pairs (PairTask without data)."""
+
+    dataset = None
+
+    def loss_inputs(self, output, batch):
+        return LossInputs(output.img_emb, output.cap_emb, batch["image_ids"])
+
+
+def _batch(size: int) -> dict:
+    torch.manual_seed(0)
+    return {"images": torch.randn(size, 3, SIZE, SIZE), "regions": torch.ones(size).long(),
+            "tokens": torch.randint(4, 1000, (size, 12)), "lengths": torch.full((size,), 12),
+            "image_ids": torch.arange(size), "caption_ids": 5 * torch.arange(size)}
+
+
+def _trainer(arch: str, tmp: str) -> Trainer:
+    torch.manual_seed(0)
+    model = build_model("vse_cnn", {"backbone": arch, "finetune": True, "weights": "random"},
+                        img_dim=3, vocab_size=1000)
+    return Trainer(model, build_loss("vse_max"), _BatchTask(), TrainConfig(), MemoryConfig(),
+                   torch.device("cpu"), Path(tmp), validate=None, checkpoint_info={})
+
+
+def bench_finetune(arch: str, batch_size: int = 8, repeats: int = 3) -> dict:
+    import torchvision
+
+    batch = _batch(batch_size)
+    with tempfile.TemporaryDirectory() as tmp:
+        trainer = _trainer(arch, tmp)
+        trainer.model.train()
+        torch.manual_seed(0)
+        reference = torchvision.models.get_model(arch, weights=None).train()
+        optimizer = torch.optim.Adam(reference.parameters(), lr=2e-4)
+        labels = torch.randint(0, 1000, (batch_size,))
+
+        def torchvision_step():
+            loss = torch.nn.functional.cross_entropy(reference(batch["images"]), labels)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+
+        times = {"ours": ([], []), "torchvision": ([], [])}
+        for i in range(repeats + 1):
+            for name, fn in (("ours", lambda: trainer.step(batch)),
+                             ("torchvision", torchvision_step)):
+                t0, c0 = time.perf_counter(), time.process_time()
+                fn()
+                if i >= 1:  # warm-up: Adam's states, allocator
+                    times[name][0].append(time.perf_counter() - t0)
+                    times[name][1].append(time.process_time() - c0)
+    (ours, ours_cpu), (ref, ref_cpu) = ((statistics.median(w), statistics.median(c))
+                                        for w, c in times.values())
+    return {"arch": arch, "batch": batch_size, "image_size": SIZE,
+            "threads": torch.get_num_threads(),
+            "images_per_s": round(batch_size / ours, 2),
+            "torchvision_images_per_s": round(batch_size / ref, 2),
+            "ratio_to_torchvision": round(ours / ref, 3),
+            "cpu_ratio_to_torchvision": round(ours_cpu / ref_cpu, 3)}
+
+
+def _rss_kib(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"no {field} in /proc/self/status")
+
+
+def probe_memory(arch: str, batch_size: int) -> dict:
+    """In this process: RSS around one training step after a warm-up step (Adam's states
+    exist), and the bytes autograd saves for backward in the forward pass."""
+    batch = _batch(batch_size)
+    with tempfile.TemporaryDirectory() as tmp:
+        trainer = _trainer(arch, tmp)
+        trainer.model.train()
+        trainer.step(batch)
+        params = sum(p.numel() * p.element_size() for p in trainer.model.parameters())
+        saved: dict[int, int] = {}
+
+        def pack(tensor):  # keeps the tensor itself: no memory of its own
+            storage = tensor.untyped_storage()
+            saved[storage.data_ptr()] = storage.nbytes()
+            return tensor
+
+        Path("/proc/self/clear_refs").write_text("5")  # reset the peak (VmHWM) to now
+        before = _rss_kib("VmRSS")
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            trainer.step(batch)
+        peak = _rss_kib("VmHWM")
+    return {"arch": arch, "batch": batch_size, "params_mib": round(params / 2**20, 1),
+            "rss_before_step_mib": round(before / 1024), "peak_rss_mib": round(peak / 1024),
+            "step_mib": round((peak - before) / 1024),
+            "saved_for_backward_mib": round(sum(saved.values()) / 2**20)}
+
+
+def bench_memory(plan=(("mobilenet_v3_large", (8, 32)), ("resnet152", (2, 8)),
+                       ("vgg19", (2, 8))), gpu_gib: float = 80.0) -> list[dict]:
+    """Per backbone: the step's memory at two batches (fresh processes, one thread), the
+    growth per image, and the batch that fits ``gpu_gib``: (90% of it - 4 x the parameters:
+    weights, gradients, Adam's two moments) / the growth per image."""
+    results = []
+    for arch, batches in plan:
+        probes = []
+        for batch in batches:
+            out = subprocess.run([sys.executable, __file__, arch, str(batch)],
+                                 capture_output=True, text=True, check=True).stdout
+            probes.append(json.loads(out.splitlines()[-1]))
+        small, large = probes[0], probes[-1]
+        per_image = (large["step_mib"] - small["step_mib"]) / (large["batch"] - small["batch"])
+        fixed = 4 * large["params_mib"]
+        fits = int((0.9 * gpu_gib * 1024 - fixed) / per_image)
+        results.append({"arch": arch, "probes": probes,
+                        "step_mib_per_image": round(per_image, 1),
+                        "saved_for_backward_mib_per_image":
+                            round(large["saved_for_backward_mib"] / large["batch"], 1),
+                        "weights_grads_adam_mib": round(fixed),
+                        f"batch_fitting_{gpu_gib:g}gb": fits,
+                        f"offline_batch_fitting_{gpu_gib:g}gb": fits // 3})
+    return results
+
+
+if __name__ == "__main__":
+    torch.set_num_threads(1)  # on a shared CPU, a thread pool waits more than it works
+    print(json.dumps(probe_memory(sys.argv[1], int(sys.argv[2]))))
