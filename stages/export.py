@@ -1,10 +1,13 @@
 """The export stage: a checkpoint's two encoders as TorchScript or ONNX files that run without
 this package, with what a deployment needs to feed them, checked against the checkpoint.
 
-An export folder holds ``image_encoder.{pt,onnx}``, ``caption_encoder.{pt,onnx}``,
-``vocab.json`` (the checkpoint's vocabulary) and ``export.json`` (inputs and outputs with
-their dynamic axes and dtypes, the outputs' normalisation, how a caption becomes token ids,
-the model and the checkpoint's weights hash, and the check's result). It is built in a
+An export folder holds ``image_encoder.{pt,onnx}``, ``caption_encoder.{pt,onnx}``, the
+checkpoint's caption tokenizer (``vocab.json``, our vocabulary, or ``tokenizer/``, a
+pretrained text model's Hugging Face tokenizer saved with ``save_pretrained``) and
+``export.json`` (inputs and outputs with their dynamic axes and dtypes, the outputs'
+normalisation, how a caption becomes token ids and how an image becomes pixels for models
+that read raw images, the model and the checkpoint's weights hash, and the check's
+result). It is built in a
 temporary folder and renamed into place only once the exported encoders have given the
 checkpoint's embeddings, within a tolerance, on a sample of real inputs (or generated ones
 when the dataset is not reachable) and on a batch of other shapes: a failed or killed
@@ -29,9 +32,12 @@ import numpy as np
 import torch
 
 from .config import Config, load_config
-from .data.dataset import open_split, pad_tokens
-from .data.vocab import END, PAD, START, UNK, Vocab, tokenize
+from .data.dataset import pad_tokens
+from .data.images import IMAGENET_MEAN, IMAGENET_STD
+from .data.tokenizers import CaptionTokenizer, PretrainedTokenizer
+from .data.vocab import END, PAD, START, UNK, tokenize
 from .errors import UserError
+from .inputs import image_input, open_model_split
 from .io.atomic import atomic_folder, write_json
 from .io.checkpoint import load_checkpoint, model_from_checkpoint, weights_hash
 from .io.lock import folder_lock
@@ -49,10 +55,45 @@ CAPTION_SCAN = 5000  # captions of the split looked at to pick several lengths
 UNIT_NORM_TOLERANCE = 1e-4
 
 
+TOKENIZER_DIR = "tokenizer"  # a pretrained tokenizer's save_pretrained folder in an export
+# Captions whose token ids a copied tokenizer must reproduce (export-check).
+TOKENIZER_PROBES = ("A man rides a brown horse on the beach.", "two DOGS, playing!", "",
+                    "an unusualword xylophone " * 30)
+
+
+@dataclass
+class CaptionIds:
+    """What generated captions need of a tokenizer: ids below ``vocab_size``, each caption
+    ``start_id`` ... ``end_id`` (what it puts around the empty caption), padded with
+    ``pad_id``, at most ``max_length`` tokens (None: no limit)."""
+
+    vocab_size: int
+    start_id: int
+    end_id: int
+    pad_id: int
+    max_length: int | None
+
+    @classmethod
+    def of(cls, tokenizer: CaptionTokenizer) -> "CaptionIds":
+        around = tokenizer.encode_many([""])[0]
+        if len(around) < 2:
+            raise UserError("the checkpoint's tokenizer puts no start and end tokens around "
+                            "a caption; this export supports tokenizers that do")
+        if isinstance(tokenizer, PretrainedTokenizer):
+            size = tokenizer.text_config.get("vocab_size", len(tokenizer.tokenizer))
+            return cls(size, around[0], around[-1], tokenizer.pad_id, tokenizer.max_length)
+        return cls(len(tokenizer), around[0], around[-1], tokenizer.pad_id, None)
+
+    def longest(self, length: int) -> int:
+        """``length`` within ``max_length``."""
+        return length if self.max_length is None else min(length, self.max_length)
+
+
 @dataclass
 class Batch:
-    """Inputs of both encoders: ``images`` (B, R, D) | (B, D) float32, ``regions`` (B,)
-    int64 (None for global features), ``tokens`` (B', L) int64, ``lengths`` (B',) int64."""
+    """Inputs of both encoders: ``images`` (B, R, D) | (B, D) features or (B, 3, S, S)
+    pixels, float32, ``regions`` (B,) int64 (None but for region features), ``tokens``
+    (B', L) int64, ``lengths`` (B',) int64."""
 
     images: torch.Tensor
     regions: torch.Tensor | None
@@ -70,8 +111,11 @@ class Batch:
 
 # --- inputs ---------------------------------------------------------------------------------
 def image_item_shape(state: dict, source: str) -> tuple[int, ...]:
-    """One image's feature shape, (R, D) regions or (D,) global, from the checkpoint's
-    training features (its data fingerprint)."""
+    """One image's input shape: (3, S, S) pixels for a model that reads raw images (S its
+    ``image_size``), else the feature shape, (R, D) regions or (D,) global, of the
+    checkpoint's training features (its data fingerprint)."""
+    if image_input(state["model"]["name"]) == "pixels":
+        return (3, state["model"]["args"]["image_size"], state["model"]["args"]["image_size"])
     shape = state.get("data_fingerprint", {}).get("train_features", {}).get("shape")
     img_dim = state["model"]["args"].get("img_dim")
     if not isinstance(shape, list) or len(shape) not in (2, 3) or shape[-1] != img_dim:
@@ -80,14 +124,15 @@ def image_item_shape(state: dict, source: str) -> tuple[int, ...]:
     return tuple(shape[1:])
 
 
-def generated_batch(item_shape: tuple[int, ...], vocab_size: int, images: int, captions: int,
+def generated_batch(item_shape: tuple[int, ...], ids: CaptionIds, images: int, captions: int,
                     max_length: int, seed: int, full: bool = False,
                     extra_regions: int = 0) -> Batch:
-    """Random features of ``item_shape`` (R + ``extra_regions`` regions) and random token ids.
+    """Random images of ``item_shape`` (R + ``extra_regions`` regions) and random token ids.
 
     Region counts and caption lengths vary (2..``max_length``) unless ``full``: then every
     region is valid and every caption ``max_length`` long (no padding anywhere).
     """
+    vocab_size = ids.vocab_size
     gen = torch.Generator().manual_seed(seed)
     if len(item_shape) == 2:
         num = item_shape[0] + extra_regions
@@ -96,32 +141,38 @@ def generated_batch(item_shape: tuple[int, ...], vocab_size: int, images: int, c
                    else torch.randint(1, num + 1, (images,), generator=gen))
         regions[0] = num
     else:
-        feats, regions = torch.randn(images, item_shape[0], generator=gen), None
+        feats, regions = torch.randn(images, *item_shape, generator=gen), None
     lengths = (torch.full((captions,), max_length) if full
                else torch.linspace(2, max_length, captions).round().long())
     token_lists = []
     for length in lengths.tolist():
         words = torch.randint(min(UNK, vocab_size - 1), vocab_size, (length - 2,), generator=gen)
-        token_lists.append(torch.cat([torch.tensor([START]), words, torch.tensor([END])]))
-    tokens, lengths = pad_tokens(token_lists)
-    what = "no padding" if full else "varied region counts and caption lengths"
+        token_lists.append(torch.cat([torch.tensor([ids.start_id]), words,
+                                      torch.tensor([ids.end_id])]))
+    tokens, lengths = pad_tokens(token_lists, ids.pad_id)
+    what = ("no padding" if full else "varied region counts and caption lengths"
+            if len(item_shape) == 2 else "varied caption lengths")
     return Batch(feats, regions.long() if regions is not None else None, tokens, lengths,
                  f"generated, {images} images and {captions} captions ({what})")
 
 
-def dataset_batch(config: Config, vocab: Vocab, item_shape: tuple[int, ...],
-                  size: int = SAMPLE_SIZE) -> Batch | None:
-    """``size`` images spread over the eval split, and ``size`` of its captions spread over
-    the lengths found among its first captions (shortest and longest included); None when
-    the dataset cannot be read or holds features of another shape (the reason is logged)."""
+def dataset_batch(config: Config, model: dict, tokenizer: CaptionTokenizer,
+                  item_shape: tuple[int, ...], size: int = SAMPLE_SIZE) -> Batch | None:
+    """``size`` images spread over the eval split (features, or its images decoded as the
+    model ``{"name", "args"}`` reads them), and ``size`` of its captions spread over the
+    lengths found among its first captions (shortest and longest included); None when the
+    dataset or its images cannot be read, or hold inputs of another shape (the reason is
+    logged)."""
     split_name = config.data.eval_split
     try:
-        split = open_split(config.dataset_dir(), split_name)
+        split = open_model_split(config, split_name, model)
     except UserError as exc:
         log.info("check sample: dataset not reachable (%s); using generated inputs", exc)
         return None
     store = split.features
-    if (store.feature_dim, store.has_regions) != (item_shape[-1], len(item_shape) == 2):
+    fits = (tuple(store.item_shape) == item_shape if len(item_shape) == 3 else
+            (store.feature_dim, store.has_regions) == (item_shape[-1], len(item_shape) == 2))
+    if not fits:
         log.info("check sample: %s holds features of shape %s, not the model's %s; using "
                  "generated inputs", store.path, store.item_shape, item_shape)
         return None
@@ -129,10 +180,11 @@ def dataset_batch(config: Config, vocab: Vocab, item_shape: tuple[int, ...],
     images = torch.from_numpy(np.asarray(store.read_many(rows.tolist()), dtype=np.float32))
     regions = (torch.from_numpy(store.regions_many(rows.tolist())).long()
                if store.has_regions else None)
-    encoded = [vocab.encode(c) for c in split.captions[:CAPTION_SCAN]]
+    encoded = tokenizer.encode_many(list(split.captions[:CAPTION_SCAN]))
     by_length = sorted(range(len(encoded)), key=lambda c: (len(encoded[c]), c))
     picks = np.unique(np.linspace(0, len(by_length) - 1, size).round().astype(np.int64))
-    tokens, lengths = pad_tokens([torch.tensor(encoded[by_length[p]]) for p in picks])
+    tokens, lengths = pad_tokens([torch.tensor(encoded[by_length[p]]) for p in picks],
+                                 tokenizer.pad_id)
     return Batch(images, regions, tokens, lengths,
                  f"{config.data.name}/{split_name}: {len(rows)} images, {len(picks)} captions "
                  f"of lengths {int(lengths.min())}..{int(lengths.max())} tokens")
@@ -290,34 +342,97 @@ def check_encoders(folder: Path, fmt: str, model, batches: list[Batch],
     return {**result, "normalisation": norms}
 
 
-def check_batches(config: Config, vocab: Vocab, item_shape: tuple[int, ...]) -> list[Batch]:
+def check_batches(config: Config, model: dict, tokenizer: CaptionTokenizer,
+                  item_shape: tuple[int, ...]) -> list[Batch]:
     """The check's inputs: the dataset sample (else a generated one with varied lengths and
-    region counts), then a generated batch of other shapes without any padding."""
-    sample = dataset_batch(config, vocab, item_shape) or generated_batch(
-        item_shape, len(vocab), SAMPLE_SIZE, SAMPLE_SIZE, 12, seed=1)
-    other = generated_batch(item_shape, len(vocab), 3, 3, int(sample.lengths.max()) + 3,
+    region counts), then a generated batch of other shapes without any padding (longer
+    captions, within the tokenizer's ``max_length``)."""
+    ids = CaptionIds.of(tokenizer)
+    sample = dataset_batch(config, model, tokenizer, item_shape) or generated_batch(
+        item_shape, ids, SAMPLE_SIZE, SAMPLE_SIZE, ids.longest(12), seed=1)
+    other = generated_batch(item_shape, ids, 3, 3, ids.longest(int(sample.lengths.max()) + 3),
                             seed=2, full=True, extra_regions=2)
     return [sample, other]
 
 
 # --- the stage ------------------------------------------------------------------------------
-def _describe(state: dict, checkpoint: Path, fmt: str, item_shape: tuple[int, ...],
-              vocab: Vocab, embed_size: int, batches: list[Batch], tolerance: float,
-              check: dict) -> dict:
-    """The content of ``export.json``."""
-    image_inputs = [{"name": "images", "dtype": "float32",
-                     "shape": ["batch", "max_regions", item_shape[1]] if len(item_shape) == 2
-                     else ["batch", item_shape[0]],
-                     "description": "image features as the model was trained on (regions "
-                                    "padded to a common count)" if len(item_shape) == 2
-                     else "global image features"}]
+EXAMPLE_CAPTION = "A man rides a brown horse on the beach."
+
+
+def _image_side(item_shape: tuple[int, ...]) -> dict:
+    """export.json's image inputs (and, for pixels, the preprocessing that makes them)."""
+    if len(item_shape) == 3:
+        size = item_shape[-1]
+        return {"inputs": [{"name": "images", "dtype": "float32",
+                            "shape": ["batch", *item_shape],
+                            "description": "RGB images (N, C, H, W), preprocessed as "
+                                           "'preprocessing' says"}],
+                "preprocessing": {
+                    "decode": "RGB (a grey or RGBA image converted to 3 channels)",
+                    "resize": {"shorter_side": size * 256 // 224, "interpolation": "bilinear",
+                               "antialias": True},
+                    "center_crop": [size, size],
+                    "scale": "pixel values / 255, to 0..1",
+                    "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD),
+                    "normalise": "(x - mean) / std per channel",
+                    "torchvision": f"Compose([Resize({size * 256 // 224}), "
+                                   f"CenterCrop({size}), ToTensor(), "
+                                   f"Normalize({list(IMAGENET_MEAN)}, {list(IMAGENET_STD)})])"}}
+    inputs = [{"name": "images", "dtype": "float32",
+               "shape": ["batch", "max_regions", item_shape[1]] if len(item_shape) == 2
+               else ["batch", item_shape[0]],
+               "description": "image features as the model was trained on (regions "
+                              "padded to a common count)" if len(item_shape) == 2
+               else "global image features"}]
     if len(item_shape) == 2:
-        image_inputs.append({"name": "regions", "dtype": "int64", "shape": ["batch"],
-                             "description": "valid regions of each image, 1..max_regions; the "
-                                            "rows after them are padding and are ignored"})
-    example = "A man rides a brown horse on the beach."
+        inputs.append({"name": "regions", "dtype": "int64", "shape": ["batch"],
+                       "description": "valid regions of each image, 1..max_regions; the "
+                                      "rows after them are padding and are ignored"})
+    return {"inputs": inputs}
+
+
+def _captions(tokenizer: CaptionTokenizer) -> dict:
+    """export.json's description of how a caption becomes the caption encoder's inputs."""
+    if isinstance(tokenizer, PretrainedTokenizer):
+        ids = CaptionIds.of(tokenizer)
+        hf = tokenizer.tokenizer
+        lowercase = hf.init_kwargs.get("do_lower_case", getattr(hf, "do_lower_case", None))
+        return {
+            "tokenizer": f"{TOKENIZER_DIR}/", "kind": "huggingface",
+            "text_model": tokenizer.source,
+            "load": f"transformers.AutoTokenizer.from_pretrained('<this folder>/"
+                    f"{TOKENIZER_DIR}')",
+            "call": f"tokenizer(captions, truncation=True, max_length={ids.max_length}, "
+                    "padding=True)",
+            "inputs": {"tokens": "input_ids", "lengths": "attention_mask.sum(1) (the "
+                       "attention mask is arange(length) < lengths)"},
+            "max_length": ids.max_length, "pad_id": ids.pad_id, "start_id": ids.start_id,
+            "end_id": ids.end_id,
+            "lowercase": f"the tokenizer's (do_lower_case={lowercase})",
+            "example": {"caption": EXAMPLE_CAPTION,
+                        "ids": tokenizer.encode_many([EXAMPLE_CAPTION])[0]},
+        }
+    return {
+        "vocab": "vocab.json", "vocab_size": len(tokenizer), "lowercase": True,
+        "tokenizer": "NLTK's Treebank word tokenizer "
+                     "(nltk.tokenize.TreebankWordTokenizer().tokenize) on the "
+                     "lower-cased caption",
+        "ids": "<start>, then each token's index in vocab.json's idx2word (<unk> for "
+               "words not there), then <end>",
+        "start_id": START, "end_id": END, "unk_id": UNK, "pad_id": PAD,
+        "example": {"caption": EXAMPLE_CAPTION, "tokens": tokenize(EXAMPLE_CAPTION),
+                    "ids": tokenizer.encode(EXAMPLE_CAPTION)},
+    }
+
+
+def _describe(state: dict, checkpoint: Path, fmt: str, item_shape: tuple[int, ...],
+              tokenizer: CaptionTokenizer, embed_size: int, batches: list[Batch],
+              tolerance: float, check: dict) -> dict:
+    """The content of ``export.json``."""
+    pretrained = isinstance(tokenizer, PretrainedTokenizer)
     norms = check["normalisation"]
     output = {"name": "embeddings", "dtype": "float32", "shape": ["batch", embed_size]}
+    image = _image_side(item_shape)
     return {
         "format": EXPORT_FORMAT, "version": EXPORT_VERSION, "exporter": fmt,
         "model": state["model"],
@@ -326,30 +441,22 @@ def _describe(state: dict, checkpoint: Path, fmt: str, item_shape: tuple[int, ..
                        "epoch": state.get("epoch"), "best_rsum": state.get("best_rsum"),
                        "dataset": state.get("data_fingerprint", {}).get("dataset")},
         "encoders": {
-            "image": {"file": f"image_encoder{SUFFIX[fmt]}", "inputs": image_inputs,
+            "image": {"file": f"image_encoder{SUFFIX[fmt]}", **image,
                       "outputs": [{**output, "normalisation": norms["image"]}]},
             "caption": {"file": f"caption_encoder{SUFFIX[fmt]}", "inputs": [
                 {"name": "tokens", "dtype": "int64", "shape": ["batch", "length"],
                  "description": "token ids (see captions), padded on the right"},
                 {"name": "lengths", "dtype": "int64", "shape": ["batch"],
-                 "description": "tokens of each caption, <start> and <end> included, "
-                                "1..length; positions after them are padding and ignored"}],
+                 "description": ("tokens of each caption, special tokens included"
+                                 if pretrained else
+                                 "tokens of each caption, <start> and <end> included")
+                                + ", 1..length; positions after them are padding and ignored"}],
                 "outputs": [{**output, "normalisation": norms["caption"]}]},
         },
         "similarity": "dot product of an image's and a caption's embeddings"
                       + (" (cosine: both are L2-normalised)"
                          if norms == {"image": "l2", "caption": "l2"} else ""),
-        "captions": {
-            "vocab": "vocab.json", "vocab_size": len(vocab), "lowercase": True,
-            "tokenizer": "NLTK's Treebank word tokenizer "
-                         "(nltk.tokenize.TreebankWordTokenizer().tokenize) on the "
-                         "lower-cased caption",
-            "ids": "<start>, then each token's index in vocab.json's idx2word (<unk> for "
-                   "words not there), then <end>",
-            "start_id": START, "end_id": END, "unk_id": UNK, "pad_id": PAD,
-            "example": {"caption": example, "tokens": tokenize(example),
-                        "ids": vocab.encode(example)},
-        },
+        "captions": _captions(tokenizer),
         "check": {"tolerance": tolerance,
                   "max_abs_diff": {"image": check["image"], "caption": check["caption"]},
                   "inputs": [b.description for b in batches]},
@@ -357,6 +464,45 @@ def _describe(state: dict, checkpoint: Path, fmt: str, item_shape: tuple[int, ..
         **({"onnx_opset": ONNX_OPSET} if fmt == "onnx" else
            {"device": "cpu (traced there; device constants are part of the graph)"}),
     }
+
+
+def _write_tokenizer(tokenizer: CaptionTokenizer, folder: Path) -> None:
+    """``vocab.json`` (our vocabulary) or ``tokenizer/`` (``save_pretrained``) in
+    ``folder``."""
+    if isinstance(tokenizer, PretrainedTokenizer):
+        tokenizer.tokenizer.save_pretrained(str(folder / TOKENIZER_DIR))
+    else:
+        write_json(folder / "vocab.json", tokenizer.to_json())
+
+
+def _check_tokenizer(folder: Path, meta: dict, tokenizer: CaptionTokenizer,
+                     checkpoint: Path) -> None:
+    """The export's tokenizer gives the checkpoint's token ids (a :class:`UserError` when
+    it is missing, unreadable or gives others)."""
+    if isinstance(tokenizer, PretrainedTokenizer):
+        from transformers import AutoTokenizer
+
+        where = folder / TOKENIZER_DIR
+        try:
+            copied = AutoTokenizer.from_pretrained(str(where), local_files_only=True)
+            got = copied(list(TOKENIZER_PROBES), truncation=True,
+                         max_length=tokenizer.max_length)["input_ids"]
+        except (OSError, ValueError, TypeError) as exc:
+            first = (str(exc).strip().splitlines() or [""])[0][:200]
+            raise UserError(f"{where}: not a readable tokenizer ({first}); export again with "
+                            "`aoq export --force`") from exc
+        if got != tokenizer.encode_many(list(TOKENIZER_PROBES)):
+            raise UserError(f"{where} gives other token ids than the tokenizer of "
+                            f"{checkpoint}; export again with `aoq export --force`")
+        return
+    vocab_path = folder / meta["captions"]["vocab"]
+    try:
+        words = json.loads(vocab_path.read_text(encoding="utf-8")).get("idx2word")
+    except (OSError, ValueError, AttributeError) as exc:
+        raise UserError(f"{vocab_path}: unreadable ({exc}); export again") from exc
+    if words != tokenizer.idx2word:
+        raise UserError(f"{vocab_path} differs from the vocabulary of {checkpoint}: captions "
+                        "would get other token ids; export again with `aoq export --force`")
 
 
 def export(checkpoint: str | Path, out: str | Path | None = None, fmt: str = "torchscript",
@@ -378,13 +524,14 @@ def export(checkpoint: str | Path, out: str | Path | None = None, fmt: str = "to
                         "another --out")
     config = load_config(config_files, overrides,
                          base=Config.from_dict(state["config"], str(checkpoint), stored=True))
-    model, vocab = model_from_checkpoint(state, str(checkpoint))
+    model, tokenizer = model_from_checkpoint(state, str(checkpoint))
     item_shape = image_item_shape(state, str(checkpoint))
-    batches = check_batches(config, vocab, item_shape)
+    batches = check_batches(config, state["model"], tokenizer, item_shape)
     # The traced example has varied region counts and lengths, so no shortcut for a batch
     # without padding can be taken while tracing.
-    example = generated_batch(item_shape, len(vocab), 4, 4, 7, seed=0)
-    image_module, caption_module = model.export_encoders(global_features=len(item_shape) == 1)
+    ids = CaptionIds.of(tokenizer)
+    example = generated_batch(item_shape, ids, 4, 4, ids.longest(7), seed=0)
+    image_module, caption_module = model.export_encoders(global_features=len(item_shape) != 2)
     name = state["model"]["name"]
     with folder_lock(out.parent, "aoq export"), atomic_folder(out, replace=force) as tmp:
         _write_encoder(image_module.eval(), example.image_inputs(),
@@ -393,9 +540,10 @@ def export(checkpoint: str | Path, out: str | Path | None = None, fmt: str = "to
                        tmp / f"caption_encoder{SUFFIX[fmt]}", fmt, name, "caption")
         check = check_encoders(tmp, fmt, model, batches, tolerance)
         embed_size = int(model.encode_captions(example.tokens, example.lengths).shape[1])
-        write_json(tmp / "vocab.json", vocab.to_json())
-        write_json(tmp / "export.json", _describe(state, checkpoint, fmt, item_shape, vocab,
-                                                  embed_size, batches, tolerance, check))
+        _write_tokenizer(tokenizer, tmp)
+        write_json(tmp / "export.json", _describe(state, checkpoint, fmt, item_shape,
+                                                  tokenizer, embed_size, batches, tolerance,
+                                                  check))
     log.info("exported %s (%s) -> %s", checkpoint, fmt, out)
     return out
 
@@ -423,16 +571,10 @@ def check_export(folder: str | Path, checkpoint: str | Path | None = None,
                         "give the checkpoint it was made from with --ckpt")
     config = load_config(config_files, overrides,
                          base=Config.from_dict(state["config"], str(checkpoint), stored=True))
-    model, vocab = model_from_checkpoint(state, str(checkpoint))
-    vocab_path = folder / meta["captions"]["vocab"]
-    try:
-        words = json.loads(vocab_path.read_text(encoding="utf-8")).get("idx2word")
-    except (OSError, ValueError, AttributeError) as exc:
-        raise UserError(f"{vocab_path}: unreadable ({exc}); export again") from exc
-    if words != vocab.idx2word:
-        raise UserError(f"{vocab_path} differs from the vocabulary of {checkpoint}: captions "
-                        "would get other token ids; export again with `aoq export --force`")
+    model, tokenizer = model_from_checkpoint(state, str(checkpoint))
+    _check_tokenizer(folder, meta, tokenizer, checkpoint)
     item_shape = image_item_shape(state, str(checkpoint))
     tolerance = tolerance if tolerance is not None else meta["check"]["tolerance"]
     return check_encoders(folder, meta["exporter"], model,
-                          check_batches(config, vocab, item_shape), tolerance)
+                          check_batches(config, state["model"], tokenizer, item_shape),
+                          tolerance)

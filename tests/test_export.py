@@ -13,17 +13,30 @@ import torch
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from stages.config import load_config
+from stages.data.dataset import pad_tokens
 from stages.data.synthetic import write_synthetic_dataset
 from stages.data.vocab import build_vocab_file
 from stages.errors import UserError
-from stages.export import FORMATS, check_export, export, generated_batch, load_encoder
+from stages.export import (FORMATS, CaptionIds, check_export, export, generated_batch,
+                           image_item_shape, load_encoder)
 from stages.io.checkpoint import load_checkpoint, model_from_checkpoint, weights_hash
 from stages.models import MODELS, build_model
 from stages.models.rnn import padded_gru, reverse_within
 from stages.train import train
+from tests.models.text_tower import tiny_bert_for
+from tests.raw_images import write_image_dataset
 
 # Small values of options that registered models share; each model takes those it has.
 TINY_OPTIONS = {"embed_size": 16, "word_dim": 8}
+# What models need besides (under ``root``): a text model folder, raw images.
+MODEL_OVERRIDES = {
+    "vse_transformer": lambda root: [f"model.text_model={root / 'bert'}", "model.max_length=32"],
+    "vse_cnn": lambda root: ["data.name=pix", f"data.images={root / 'images'}",
+                             "model.backbone=resnet18", "model.weights=random",
+                             "model.image_size=32"],
+}
+# The check's sample, read from the dataset each model trained on.
+SAMPLE = {"vse_cnn": "pix/test: 6 images"}
 
 
 def aoq(*args, cwd):
@@ -33,11 +46,14 @@ def aoq(*args, cwd):
 
 @pytest.fixture(scope="module")
 def root(tmp_path_factory):
-    """A datasets root holding ``tiny/`` (regions of 16-d features) and its vocabulary."""
+    """A datasets root holding ``tiny/`` (regions of 16-d features) and its vocabulary, a
+    tiny random BERT ``bert/`` for its captions, and raw images (``pix/``, ``images/``)."""
     root = tmp_path_factory.mktemp("export_data")
     write_synthetic_dataset(root / "tiny", {"train": 30, "dev": 6, "test": 8}, seed=5,
                             feature_dim=16)
     build_vocab_file(root / "tiny" / "train_caps.txt", root / "tiny" / "vocab.json", threshold=1)
+    tiny_bert_for(root)
+    write_image_dataset(root, "pix", {"train": 12, "dev": 6, "test": 6})
     return root
 
 
@@ -51,10 +67,11 @@ def checkpoints(root, tmp_path_factory):
         if name not in made:
             options = [f"model.{k}={v}" for k, v in TINY_OPTIONS.items()
                        if k in MODELS.options(name)]
+            extra = MODEL_OVERRIDES.get(name, lambda root: [])(root)
             config = load_config(overrides=[
                 f"data.path={root}", "data.name=tiny", f"model.name={name}", *options,
                 "train.batch_size=10", "train.epochs=1", "data.workers=0",
-                "train.device=cpu"])
+                "train.device=cpu", *extra])
             made[name] = train(config, tmp_path_factory.mktemp(f"run_{name}"))
         return made[name]
     return get
@@ -78,11 +95,13 @@ def variant(checkpoint, path, options: dict, global_features: bool = False):
 
 
 def mixed_batch(checkpoint, seed=7):
-    """Inputs unlike the export's own: 5 images of varied region counts, 5 captions of
-    lengths 2..11 (and their shapes) for the model of ``checkpoint``."""
+    """Inputs unlike the export's own: 5 images (of varied region counts, for region
+    features), 5 captions of lengths 2..11 (and their shapes) for the model of
+    ``checkpoint``."""
     state = load_checkpoint(checkpoint)
-    shape = tuple(state["data_fingerprint"]["train_features"]["shape"][1:])
-    return generated_batch(shape, state["model"]["args"]["vocab_size"], 5, 5, 11, seed=seed)
+    _, tokenizer = model_from_checkpoint(state)
+    return generated_batch(image_item_shape(state, str(checkpoint)), CaptionIds.of(tokenizer),
+                           5, 5, 11, seed=seed)
 
 
 # --- GRUs over padded batches ---------------------------------------------------------------
@@ -116,10 +135,11 @@ def test_every_registered_model_exports_and_gives_its_embeddings(checkpoints, tm
     out = export(checkpoint, tmp_path / "export", fmt)
     meta = json.loads((out / "export.json").read_text())
     assert max(meta["check"]["max_abs_diff"].values()) <= 1e-4
-    assert meta["check"]["inputs"][0].startswith("tiny/test: 8 images")
+    assert meta["check"]["inputs"][0].startswith(SAMPLE.get(name, "tiny/test: 8 images"))
     model, _ = model_from_checkpoint(load_checkpoint(checkpoint))
     batch = mixed_batch(checkpoint)
-    assert len(set(batch.lengths.tolist())) == 5 and len(set(batch.regions.tolist())) > 1
+    assert len(set(batch.lengths.tolist())) == 5
+    assert batch.regions is None or len(set(batch.regions.tolist())) > 1
     with torch.no_grad():
         images = model.encode_images(batch.images, batch.regions).numpy()
         captions = model.encode_captions(batch.tokens, batch.lengths).numpy()
@@ -202,6 +222,90 @@ def test_exported_encoders_run_without_this_package(checkpoints, tmp_path, fmt):
             batch.images, batch.regions).numpy(), atol=1e-5)
         np.testing.assert_allclose(outputs["captions"], model.encode_captions(
             batch.tokens, batch.lengths).numpy(), atol=1e-5)
+
+
+TOWER_STANDALONE = textwrap.dedent("""
+    import json
+    import sys
+    import numpy as np
+    import onnxruntime
+    folder, image_file = sys.argv[1], sys.argv[2]
+    meta = json.load(open(folder + "/export.json"))
+    def run(side, feed):
+        file = folder + "/" + meta["encoders"][side]["file"]
+        return onnxruntime.InferenceSession(file).run(None, feed)[0]
+    out = {}
+    captions = meta["captions"]
+    if captions.get("kind") == "huggingface":
+        from transformers import AutoTokenizer
+        tokenizer = AutoTokenizer.from_pretrained(folder + "/" + captions["tokenizer"])
+        enc = tokenizer(sys.argv[3:], truncation=True, max_length=captions["max_length"],
+                        padding=True, return_tensors="np")
+        assert int(enc["input_ids"][-1, -1]) == captions["pad_id"]
+        out["captions"] = run("caption", {"tokens": enc["input_ids"].astype(np.int64),
+                                          "lengths": enc["attention_mask"].sum(1)})
+    pre = meta["encoders"]["image"].get("preprocessing")
+    if pre:
+        import torchvision.transforms as T
+        from PIL import Image
+        transform = T.Compose([T.Resize(pre["resize"]["shorter_side"]),
+                               T.CenterCrop(pre["center_crop"]), T.ToTensor(),
+                               T.Normalize(pre["mean"], pre["std"])])
+        pixels = transform(Image.open(image_file).convert("RGB"))[None].numpy()
+        out["images"] = run("image", {"images": pixels})
+    np.savez(folder + "/../outputs.npz", **out)
+    assert not [m for m in sys.modules if m.split(".")[0] == "stages"]
+""")
+TOWER_CAPTIONS = ["a photo of a black horse near a tree", "the dog", "Two cats, on a mat!"]
+
+
+@pytest.mark.parametrize("name", ["vse_transformer", "vse_cnn"])
+def test_tower_exports_are_usable_from_export_json_alone(checkpoints, root, tmp_path, name):
+    """The saved Hugging Face tokenizer and the described image preprocessing, applied
+    without this package, give the checkpoint's embeddings of real captions and images."""
+    from stages.data.images import open_images
+
+    checkpoint = checkpoints(name)
+    out = export(checkpoint, tmp_path / "export", "onnx")
+    image_file = root / "images" / "test" / "0003.png"
+    (tmp_path / "run.py").write_text(TOWER_STANDALONE)
+    result = subprocess.run([sys.executable, "-I", str(tmp_path / "run.py"), str(out),
+                             str(image_file), *TOWER_CAPTIONS], cwd=tmp_path,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    outputs = np.load(tmp_path / "outputs.npz")
+    model, tokenizer = model_from_checkpoint(load_checkpoint(checkpoint))
+    meta = json.loads((out / "export.json").read_text())
+    with torch.no_grad():
+        if name == "vse_transformer":
+            assert sorted(outputs) == ["captions"]
+            assert sorted(p.name for p in out.iterdir()) == [
+                "caption_encoder.onnx", "export.json", "image_encoder.onnx", "tokenizer"]
+            assert meta["captions"]["max_length"] == 32 and meta["captions"]["pad_id"] == 0
+            tokens, lengths = pad_tokens([torch.tensor(t) for t in
+                                          tokenizer.encode_many(TOWER_CAPTIONS)])
+            assert len(set(lengths.tolist())) == 3
+            np.testing.assert_allclose(outputs["captions"], model.encode_captions(
+                tokens, lengths).numpy(), atol=1e-5)
+        else:
+            assert sorted(outputs) == ["images"]
+            assert meta["encoders"]["image"]["inputs"][0]["shape"] == ["batch", 3, 32, 32]
+            pixels = open_images(root / "pix", "test", root / "images", 32).read_many([3])
+            np.testing.assert_allclose(outputs["images"], model.encode_images(
+                torch.from_numpy(pixels), torch.ones(1, dtype=torch.long)).numpy(), atol=1e-5)
+
+
+def test_a_changed_tokenizer_fails_the_check(checkpoints, tmp_path):
+    out = export(checkpoints("vse_transformer"), tmp_path / "export", "torchscript")
+    assert check_export(out)["caption"] <= 1e-4
+    vocab = out / "tokenizer" / "vocab.txt"
+    words = vocab.read_text().splitlines()
+    horse = words.index("horse")
+    words[horse], words[horse + 1] = words[horse + 1], words[horse]
+    vocab.write_text("\n".join(words) + "\n")
+    (out / "tokenizer" / "tokenizer.json").unlink()  # else the fast tokenizer's copy is read
+    with pytest.raises(UserError, match="tokenizer gives other token ids than the tokenizer"):
+        check_export(out)
 
 
 # --- export.json ----------------------------------------------------------------------------

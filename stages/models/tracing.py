@@ -28,8 +28,8 @@ class ImageEncoderExport(nn.Module):
     """``model.encode_images`` as an exported module.
 
     With regions: ``forward(images (B, R, D) float32, regions (B,) int64) -> (B, E)``;
-    ``global_features``: ``forward(images (B, D) float32) -> (B, E)`` (every image one
-    valid "region").
+    ``global_features``: ``forward(images (B, D) | (B, 3, S, S) float32) -> (B, E)`` (every
+    image one valid "region").
     """
 
     def __init__(self, model: nn.Module, global_features: bool = False):
@@ -38,8 +38,8 @@ class ImageEncoderExport(nn.Module):
         self.global_features = global_features
 
     def forward(self, images: torch.Tensor, regions: torch.Tensor | None = None) -> torch.Tensor:
-        if self.global_features:
-            regions = torch.ones_like(images[:, 0], dtype=torch.long)
+        if self.global_features:  # (B, D) features or (B, 3, S, S) pixels
+            regions = torch.ones_like(images.flatten(1)[:, 0], dtype=torch.long)
         return self.model.encode_images(images, regions)
 
 

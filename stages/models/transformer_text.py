@@ -22,6 +22,7 @@ from torch import nn
 from ..data.tokenizers import from_folder_or_hub, resolve_text_model
 from ..errors import UserError
 from .encoder_cache import EncoderCache
+from .tracing import is_exporting
 
 log = logging.getLogger(__name__)
 
@@ -124,13 +125,23 @@ class TransformerTextEncoder(nn.Module):
         the projection; tokens past a caption's length are padding."""
         mask = (torch.arange(tokens.shape[1], device=tokens.device)[None, :]
                 < lengths.to(tokens.device)[:, None])
-        hidden = self.encoder(input_ids=tokens, attention_mask=mask.long()).last_hidden_state
+        attention = self._traced_mask(mask) if is_exporting() else mask.long()
+        hidden = self.encoder(input_ids=tokens, attention_mask=attention).last_hidden_state
         if self.pooling == "cls":
             return hidden[:, 0]
         weights = mask.to(hidden.dtype)[..., None]
         return (hidden * weights).sum(1) / weights.sum(1).clamp(min=1)
 
+    def _traced_mask(self, mask: torch.Tensor) -> torch.Tensor:
+        """(B, L) bool key mask -> the additive (B, 1, L, L) mask (0 where a key is a token,
+        the dtype's minimum where it is padding) the encoder's attention reads as it is, for
+        export: Hugging Face's own conversion of a (B, L) mask branches on its shape and
+        values, which tracing would bake in."""
+        full = mask[:, None, None, :].expand(-1, 1, mask.shape[1], -1)
+        dtype = self.proj.weight.dtype
+        return torch.zeros(full.shape, dtype=dtype).masked_fill(~full, torch.finfo(dtype).min)
+
     def forward(self, tokens: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-        pooled = (self.pooled(tokens, lengths) if self.cache is None
+        pooled = (self.pooled(tokens, lengths) if self.cache is None or is_exporting()
                   else self.cache(tokens, lengths, self.pooled))
         return F.normalize(self.proj(pooled), dim=-1)

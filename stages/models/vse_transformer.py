@@ -8,6 +8,7 @@ to ``max_length`` tokens; the checkpoint stores that tokenizer and the model's
 configuration, so later stages do not need the folder.
 """
 
+import copy
 from typing import Annotated
 
 import torch
@@ -84,6 +85,14 @@ class VSETransformer(EmbeddingModel):
     def encode_captions(self, tokens: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         """(B, L) token ids, (B,) lengths -> (B, E) embeddings."""
         return self.text_encoder(tokens, lengths)
+
+    def export_encoders(self, global_features: bool = False):
+        """The base's modules (:meth:`EmbeddingModel.export_encoders`) on a copy whose text
+        encoder computes attention eagerly: Hugging Face's SDPA wrapper branches on the
+        caption length, which tracing would bake in; eager attention has no branch."""
+        exported = copy.deepcopy(self)
+        exported.text_encoder.encoder.set_attn_implementation("eager")
+        return EmbeddingModel.export_encoders(exported, global_features)
 
     def param_groups(self) -> list[dict]:
         """The encoder's trainable weights at ``text_lr_scale``, everything else at 1."""
