@@ -139,7 +139,8 @@ class TransformerTextEncoder(nn.Module):
         values, which tracing would bake in."""
         full = mask[:, None, None, :].expand(-1, 1, mask.shape[1], -1)
         dtype = self.proj.weight.dtype
-        return torch.zeros(full.shape, dtype=dtype).masked_fill(~full, torch.finfo(dtype).min)
+        return torch.zeros(full.shape, dtype=dtype, device=mask.device).masked_fill(
+            ~full, torch.finfo(dtype).min)
 
     def forward(self, tokens: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         pooled = (self.pooled(tokens, lengths) if self.cache is None or is_exporting()
