@@ -4,7 +4,8 @@ case anywhere else.
 
 A model class says what it reads (:attr:`stages.models.base.EmbeddingModel.image_input`):
 ``features`` (the dataset folder's precomputed features) or ``pixels`` (the split's images,
-``{split}_images.txt`` under the ``data.images`` root, at the model's ``image_size``).
+``{split}_images.txt`` under the ``data.images`` root, made as the model class's
+``image_preprocessing`` says).
 """
 
 from .config import Config
@@ -24,6 +25,7 @@ def open_model_split(config: Config, split: str, model: dict, augment: bool = Fa
     crops (raw images only; seeded by ``train.seed`` and the epoch)."""
     if image_input(model["name"]) == "features":
         return open_split(config.dataset_dir(), split)
-    images = open_images(config.dataset_dir(), split, config.data.images,
-                         model["args"]["image_size"], augment, config.train.seed)
+    preprocessing = MODELS.class_of(model["name"]).image_preprocessing(model["args"])
+    images = open_images(config.dataset_dir(), split, config.data.images, preprocessing,
+                         augment, config.train.seed)
     return open_split(config.dataset_dir(), split, images)

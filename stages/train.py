@@ -211,6 +211,7 @@ def train(config: Config, run_dir: str | Path, resume: bool = False) -> Path:
     data_args = {"img_dim": train_split.features.feature_dim, **tokenizer.model_args()}
     options = config.model.options()
     model = build_model(config.model.name, config.model.values, **data_args)
+    model.bind_loss(loss_fn)  # parameters shared with the loss (CLIP's logit_scale)
     spec = {"name": config.model.name, "args": {**data_args, **options}}
     # Pretrained weights (a text tower's folder) and word vectors (model.word_vectors) for a
     # run from scratch: a run with a last.pt resumes (or is refused) and init_from brings

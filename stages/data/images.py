@@ -6,10 +6,12 @@ the image root, in caption order) beside ``{split}_caps.txt``; the image root is
 :class:`~stages.data.features.FeatureStore` stands in a :class:`~stages.data.dataset.Split`
 (same ``read_many``/``regions_many``), so the datasets, tasks and encoders read either.
 
-Items are normalised (ImageNet mean/std) float32 tensors (3, S, S):
+Items are normalised float32 tensors (3, S, S), as an :class:`ImagePreprocessing` says (a
+model's :meth:`~stages.models.base.EmbeddingModel.image_preprocessing`: ImageNet's mean/std
+and resize by default, CLIP's own for ``clip``):
 
-* evaluation (``augment=False``): resize the shorter side to S * 256 / 224, center crop S
-  (the transform of ``aoq features cnn``);
+* evaluation (``augment=False``): resize the shorter side (S * 256 / 224 by default), center
+  crop S (the transform of ``aoq features cnn``);
 * training (``augment=True``): RandomResizedCrop (scale 0.08-1, ratio 3/4-4/3) to S and a
   horizontal flip with probability 1/2, drawn from a generator seeded by (seed, epoch,
   image): the same image gets the same crop in the same epoch whichever worker decodes it
@@ -22,6 +24,7 @@ cannot be read is an :class:`UnreadableImage` naming the file.
 import hashlib
 import math
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -37,6 +40,23 @@ CROP_RATIO = (3 / 4, 4 / 3)
 # Tells the crops' streams apart from the offline sampler's draws of the same counter hash.
 CROP_STREAM = 1
 SAMPLE_IMAGES = 16  # evenly spaced images hashed by the fingerprint, plus the ends
+
+
+@dataclass(frozen=True)
+class ImagePreprocessing:
+    """How a model's input images are made: the crop ``size`` S, the shorter side ``resize``
+    before the evaluation center crop (0: S * 256 / 224), the ``interpolation`` of resizes
+    (bilinear | bicubic) and the per-channel ``mean``/``std`` of the normalisation."""
+
+    size: int
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+    resize: int = 0
+    interpolation: str = "bilinear"
+
+    @property
+    def eval_resize(self) -> int:
+        return self.resize or self.size * 256 // 224
 
 
 class UnreadableImage(UserError):
@@ -80,16 +100,19 @@ class ImageStore:
     """The images of a split, by index: ``read_many`` -> (B, 3, S, S) float32 arrays.
 
     ``path`` is the split's image list, ``root`` the folder its paths are relative to,
-    ``size`` the crop S; ``augment`` picks the training transform, drawn from ``seed`` and
-    the epoch set by :meth:`set_epoch`.
+    ``size`` the crop S (ImageNet's preprocessing) or an :class:`ImagePreprocessing`;
+    ``augment`` picks the training transform, drawn from ``seed`` and the epoch set by
+    :meth:`set_epoch`.
     """
 
-    def __init__(self, path: Path, root: Path, files: list[str], size: int,
-                 augment: bool = False, seed: int = 0):
+    def __init__(self, path: Path, root: Path, files: list[str],
+                 size: "int | ImagePreprocessing", augment: bool = False, seed: int = 0):
         self.path = Path(path)
         self.root = Path(root)
         self.files = files
-        self.size = size
+        self.preprocessing = (size if isinstance(size, ImagePreprocessing)
+                              else ImagePreprocessing(size))
+        self.size = self.preprocessing.size
         self.augment = augment
         self.seed = seed
         self.epoch = 0
@@ -120,8 +143,8 @@ class ImageStore:
 
     def head(self, num_images: int) -> "ImageStore":
         """The first ``num_images`` images."""
-        store = ImageStore(self.path, self.root, self.files[:num_images], self.size,
-                           self.augment, self.seed)
+        store = ImageStore(self.path, self.root, self.files[:num_images],
+                           self.preprocessing, self.augment, self.seed)
         store.epoch = self.epoch
         return store
 
@@ -146,6 +169,7 @@ class ImageStore:
 
     def _load(self, index: int, word: int) -> np.ndarray:
         from PIL import Image
+        from torchvision.transforms import InterpolationMode
         from torchvision.transforms import functional as F
 
         path = self.image_path(index)
@@ -156,17 +180,19 @@ class ImageStore:
             raise UnreadableImage(
                 f"cannot read image {path} (image {index} of {self.path}): {exc}; replace "
                 f"the file, or remove its line from {self.path.name} and its 5 captions") from exc
+        pre = self.preprocessing
+        mode = InterpolationMode(pre.interpolation)
         if self.augment:
             rng = np.random.default_rng([word, CROP_STREAM])
             top, left, h, w = crop_box(image.width, image.height, rng)
             image = F.resized_crop(image, top, left, h, w, [self.size, self.size],
-                                   antialias=True)
+                                   interpolation=mode, antialias=True)
             if rng.random() < 0.5:
                 image = F.hflip(image)
         else:
-            image = F.center_crop(F.resize(image, self.size * 256 // 224, antialias=True),
-                                  [self.size, self.size])
-        tensor = F.normalize(F.to_tensor(image), IMAGENET_MEAN, IMAGENET_STD)
+            image = F.center_crop(F.resize(image, pre.eval_resize, interpolation=mode,
+                                           antialias=True), [self.size, self.size])
+        tensor = F.normalize(F.to_tensor(image), pre.mean, pre.std)
         return tensor.numpy()
 
     def fingerprint(self) -> dict:
@@ -188,9 +214,12 @@ class ImageStore:
                 "sample_images": len(sample), "sample_sha256": digest.hexdigest()}
 
 
-def open_images(dataset_dir: str | Path, split: str, root: str | Path, size: int,
-                augment: bool = False, seed: int = 0) -> ImageStore:
-    """The images of ``split`` listed in ``dataset_dir/{split}_images.txt``, under ``root``.
+def open_images(dataset_dir: str | Path, split: str, root: str | Path,
+                size: int | ImagePreprocessing, augment: bool = False,
+                seed: int = 0) -> ImageStore:
+    """The images of ``split`` listed in ``dataset_dir/{split}_images.txt``, under ``root``,
+    made as ``size`` says (the crop S with ImageNet's preprocessing, or an
+    :class:`ImagePreprocessing`).
 
     The list and the root are checked up front: a missing root, list or image file is a
     :class:`UserError` naming it (the first few missing files listed), so a bad path stops

@@ -1,12 +1,14 @@
 """Caption tokenizers: what turns a caption string into the token ids a model's text side
 reads, for every stage alike.
 
-One interface (:class:`CaptionTokenizer`), two kinds:
+One interface (:class:`CaptionTokenizer`), three kinds:
 
 * :class:`~stages.data.vocab.Vocab`: our word vocabulary, built from the training captions
   (``aoq vocab``), for models that learn their word embeddings (VSE++);
 * :class:`PretrainedTokenizer`: a Hugging Face tokenizer (BERT's WordPiece, ...) together
-  with the configuration of the pretrained text model it belongs to.
+  with the configuration of the pretrained text model it belongs to;
+* :class:`~stages.data.clip_tokenizer.ClipTokenizer`: open_clip's BPE tokenizer with the
+  CLIP architecture it belongs to (model ``clip``).
 
 A model class says which it needs (:meth:`stages.models.base.EmbeddingModel.caption_tokenizer`:
 None is our vocabulary). The tokenizer's description (:meth:`CaptionTokenizer.to_json`) is
@@ -25,6 +27,7 @@ from pathlib import Path
 from typing import Protocol
 
 from ..errors import UserError
+from .clip_tokenizer import CLIP_FORMAT, ClipTokenizer
 from .vocab import Vocab
 
 log = logging.getLogger(__name__)
@@ -55,6 +58,8 @@ def tokenizer_from_json(obj, source: str = "checkpoint") -> CaptionTokenizer:
     """Rebuild the tokenizer a checkpoint's ``vocab`` entry describes."""
     if isinstance(obj, dict) and obj.get("format") == PRETRAINED_FORMAT:
         return PretrainedTokenizer.from_json(obj, source)
+    if isinstance(obj, dict) and obj.get("format") == CLIP_FORMAT:
+        return ClipTokenizer.from_json(obj, source)
     return Vocab.from_json(obj, source)
 
 

@@ -15,7 +15,9 @@ CLIP's loss, which averages the two directions; Adam is insensitive to that fact
 ``temperature`` 0.07 is CLIP's initial temperature, so a fixed and a learnable run start
 alike. With ``learnable_temperature`` the loss owns CLIP's ``logit_scale = log(1/T)``
 (an ``nn.Parameter`` the trainer optimises and checkpoints), clamped to [0, log 100] before
-every use (open_clip clamps it after every step): T stays within [0.01, 1].
+every use (open_clip clamps it after every step): T stays within [0.01, 1]. A model that
+has its own (CLIP's) hands it over with :meth:`InfoNCELoss.share_logit_scale`: then that one
+parameter is the temperature, optimised and checkpointed with the model.
 """
 
 import math
@@ -44,16 +46,30 @@ class InfoNCELoss(RetrievalLoss):
         super().__init__(mask_same_image, reduction)
         self.temperature = temperature
         self.learnable_temperature = learnable_temperature
+        # A model's logit_scale this loss uses instead of its own (not registered here: the
+        # model owns, optimises and saves it).
+        self._shared_scale: tuple[nn.Parameter, ...] = ()
         if learnable_temperature:
             self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / temperature)))
+
+    def share_logit_scale(self, logit_scale: nn.Parameter) -> None:
+        """Use ``logit_scale`` (log 1/T, a model's parameter, any shape of one element) as
+        the learnable temperature, in place of this loss's own, which is dropped: one
+        parameter, in the model's optimiser group and state dict."""
+        if not self.learnable_temperature:
+            raise ValueError("a fixed temperature takes no logit_scale")
+        if "logit_scale" in self._parameters:
+            del self.logit_scale
+        self._shared_scale = (logit_scale,)
 
     def scale(self) -> torch.Tensor | float:
         """1/T: ``exp(logit_scale)`` (clamped in place first) if learnable, else a float."""
         if not self.learnable_temperature:
             return 1 / self.temperature
+        logit_scale = self._shared_scale[0] if self._shared_scale else self.logit_scale
         with torch.no_grad():
-            self.logit_scale.clamp_(0, MAX_LOGIT_SCALE)
-        return self.logit_scale.exp()
+            logit_scale.clamp_(0, MAX_LOGIT_SCALE)
+        return logit_scale.exp().reshape(())
 
     def logits(self, scores: torch.Tensor, mask: torch.Tensor,
                scale: torch.Tensor | float) -> torch.Tensor:

@@ -5,6 +5,7 @@ from ..registry import Registry
 MODELS = Registry("model")
 
 from . import (  # noqa: E402  (each module registers its model by name)
+    clip,  # noqa: F401
     vse_cnn,  # noqa: F401
     vse_inf,  # noqa: F401
     vse_transformer,  # noqa: F401

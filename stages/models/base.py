@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from ..data.images import ImagePreprocessing
 from .tracing import CaptionEncoderExport, ImageEncoderExport
 
 
@@ -38,7 +39,7 @@ class EmbeddingModel(nn.Module):
 
     ``image_input`` says what ``encode_images`` reads, and so how the runners open a split:
     ``"features"`` (precomputed, the dataset folder's features) or ``"pixels"`` (raw images
-    decoded and normalised to (B, 3, S, S), S the model's ``image_size`` option).
+    decoded and normalised to (B, 3, S, S) as :meth:`image_preprocessing` says).
     """
 
     image_input = "features"
@@ -53,6 +54,18 @@ class EmbeddingModel(nn.Module):
         resolved ``options``; None: our vocabulary (``aoq vocab``), passed as
         ``vocab_size``. The tokenizer's ``model_args()`` are constructor arguments."""
         return None
+
+    @classmethod
+    def image_preprocessing(cls, args: dict) -> ImagePreprocessing:
+        """How raw images become a pixel model's input, given its ``args`` (a run's resolved
+        options, or a checkpoint's model arguments): by default ImageNet's mean/std and
+        resize at the ``image_size`` option."""
+        return ImagePreprocessing(args["image_size"])
+
+    def bind_loss(self, loss: nn.Module) -> None:
+        """Called once by the train stage with the run's loss, before the optimiser is made:
+        a model that shares a parameter with its loss (CLIP's ``logit_scale`` as InfoNCE's
+        learnable temperature) hands it over here. Nothing by default."""
 
     def encode_images(self, images: torch.Tensor, regions: torch.Tensor) -> torch.Tensor:
         """(B, R, D) | (B, D) features, (B,) valid regions -> (B, E) embeddings."""
