@@ -195,7 +195,7 @@ features: $(DATASET)/train_caps.txt $(TRAIN_FEATURES)
 # Models that read raw images (class attribute image_input = "pixels"; a test keeps this list
 # equal to the registry's) train on {split}_images.txt under IMAGES, not on features:
 #   make train DATA=coco MODEL=vse_cnn IMAGES=/dl/coco KARPATHY=/dl/dataset_coco.json
-PIXEL_MODELS := vse_cnn
+PIXEL_MODELS := clip vse_cnn
 TRAIN_INPUT = $(if $(filter $(MODEL),$(PIXEL_MODELS)),$(DATASET)/train_images.txt,$(TRAIN_FEATURES))
 OVERRIDES += $(if $(IMAGES),--set data.images=$(IMAGES))
 

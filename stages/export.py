@@ -33,7 +33,7 @@ import torch
 
 from .config import Config, load_config
 from .data.dataset import pad_tokens
-from .data.images import IMAGENET_MEAN, IMAGENET_STD
+from .data.images import IMAGENET_MEAN, IMAGENET_STD, ImagePreprocessing
 from .data.tokenizers import CaptionTokenizer, PretrainedTokenizer
 from .data.vocab import END, PAD, START, UNK, tokenize
 from .errors import UserError
@@ -41,6 +41,7 @@ from .inputs import image_input, open_model_split
 from .io.atomic import atomic_folder, write_json
 from .io.checkpoint import load_checkpoint, model_from_checkpoint, weights_hash
 from .io.lock import folder_lock
+from .models import MODELS
 
 log = logging.getLogger(__name__)
 
@@ -115,7 +116,13 @@ def image_item_shape(state: dict, source: str) -> tuple[int, ...]:
     ``image_size``), else the feature shape, (R, D) regions or (D,) global, of the
     checkpoint's training features (its data fingerprint)."""
     if image_input(state["model"]["name"]) == "pixels":
-        return (3, state["model"]["args"]["image_size"], state["model"]["args"]["image_size"])
+        name, args = state["model"]["name"], state["model"]["args"]
+        pre = MODELS.class_of(name).image_preprocessing(args)
+        if pre != ImagePreprocessing(pre.size):  # export.json describes ImageNet's only
+            raise UserError(f"{source}: model {name} cannot be exported yet: its image "
+                            f"preprocessing ({pre}) is not the ImageNet one export.json "
+                            "describes")
+        return (3, pre.size, pre.size)
     shape = state.get("data_fingerprint", {}).get("train_features", {}).get("shape")
     img_dim = state["model"]["args"].get("img_dim")
     if not isinstance(shape, list) or len(shape) not in (2, 3) or shape[-1] != img_dim:

@@ -181,9 +181,9 @@ def collect_rows(table_dir: str | Path, cells: list[Cell], miner: str) -> list[d
 
 def finetune(model: dict) -> str:
     """"yes" when the checkpoint's model (its ``{"name", "args"}`` entry) trained its image
-    backbone from raw images (``vse_cnn`` with ``finetune``), else "no" (precomputed
-    features, or a frozen backbone)."""
-    return "yes" if model["args"].get("finetune") else "no"
+    backbone from raw images (``vse_cnn`` with ``finetune``; ``clip``, whose image tower
+    always trains), else "no" (precomputed features, or a frozen backbone)."""
+    return "yes" if model["args"].get("finetune") or model["name"] == "clip" else "no"
 
 
 def _check_comparable(rows: list[dict]) -> None:

@@ -18,6 +18,7 @@ from stages.io.checkpoint import load_checkpoint
 from stages.losses import build_loss
 from stages.models import build_model
 from stages.models.clip import CLIPModel, build_open_clip
+from stages.table import finetune
 from stages.train import train
 from tests.raw_images import write_image_dataset
 from tests.test_cli import aoq
@@ -197,8 +198,10 @@ def test_training_freezes_ties_the_temperature_and_resumes_exactly(arch, pixels,
     start = source.state_dict()
     for name, tensor in whole["state_dict"].items():
         name = name.removeprefix("clip.")
-        fixed = name.startswith(("visual.conv1", "visual.transformer.resblocks.0.",
-                                 "token_embedding", "transformer.resblocks.0."))
+        fixed = name.startswith(("visual.conv1", "visual.class_embedding", "visual.ln_pre",
+                                 "visual.positional_embedding", "visual.transformer.resblocks.0.",
+                                 "token_embedding", "positional_embedding",
+                                 "transformer.resblocks.0."))
         assert torch.equal(tensor, start[name]) == fixed, name
     assert whole["loss_state"] == {}
     assert whole["vocab"]["format"] == "aoq-open-clip-tokenizer"
@@ -252,3 +255,8 @@ def test_chain_train_embed_offcandi_retrain_eval_through_the_cli(arch, pixels, t
     assert state["model"]["name"] == "clip" and state["config"]["loss"]["name"] == "aoq"
     assert set(state["data_fingerprint"]["candidates"]) == {"i2t", "t2i"}
     assert "logit_scale) is unused" in (aoq_run / "train.log").read_text()
+    assert finetune(state["model"]) == "yes"
+    result = aoq("export", "--ckpt", base / "checkpoint.pt", "--out", tmp_path / "export",
+                 cwd=tmp_path)
+    assert result.returncode == 2 and "cannot be exported yet" in result.stderr
+    assert not (tmp_path / "export").exists()
