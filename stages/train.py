@@ -211,7 +211,8 @@ def train(config: Config, run_dir: str | Path, resume: bool = False) -> Path:
     data_args = {"img_dim": train_split.features.feature_dim, **tokenizer.model_args()}
     options = config.model.options()
     model = build_model(config.model.name, config.model.values, **data_args)
-    model.bind_loss(loss_fn)  # parameters shared with the loss (CLIP's logit_scale)
+    # parameters shared with the loss (CLIP's logit_scale), said in the run's log below
+    bound = model.bind_loss(loss_fn)
     spec = {"name": config.model.name, "args": {**data_args, **options}}
     # Pretrained weights (a text tower's folder) and word vectors (model.word_vectors) for a
     # run from scratch: a run with a last.pt resumes (or is refused) and init_from brings
@@ -228,6 +229,8 @@ def train(config: Config, run_dir: str | Path, resume: bool = False) -> Path:
             setup_logging(run_dir / "train.log")
             write_text(run_dir / "config.yaml",
                        yaml.safe_dump(config.to_dict(), sort_keys=False))
+        if bound:
+            log.info("%s", bound)
         if words is not None:
             log.info("word embedding: %d vocabulary words from %s (sha256 %s), %d not in it "
                      "keep their random init", words["found"], words["path"], words["sha256"],

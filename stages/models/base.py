@@ -62,10 +62,12 @@ class EmbeddingModel(nn.Module):
         resize at the ``image_size`` option."""
         return ImagePreprocessing(args["image_size"])
 
-    def bind_loss(self, loss: nn.Module) -> None:
+    def bind_loss(self, loss: nn.Module) -> str | None:
         """Called once by the train stage with the run's loss, before the optimiser is made:
         a model that shares a parameter with its loss (CLIP's ``logit_scale`` as InfoNCE's
-        learnable temperature) hands it over here. Nothing by default."""
+        learnable temperature) hands it over here, and returns a line for the run's log
+        saying what it did. Nothing by default."""
+        return None
 
     def encode_images(self, images: torch.Tensor, regions: torch.Tensor) -> torch.Tensor:
         """(B, R, D) | (B, D) features, (B,) valid regions -> (B, E) embeddings."""

@@ -191,11 +191,11 @@ class CLIPModel(EmbeddingModel):
     def _temperature(self) -> float:
         return math.exp(-float(self.clip.logit_scale.detach().reshape(-1)[0]))
 
-    def bind_loss(self, loss: nn.Module) -> None:
+    def bind_loss(self, loss: nn.Module) -> str:
         """A loss with a learnable temperature (infonce, focal_infonce with
         ``learnable_temperature``) uses ``logit_scale`` as it; otherwise it is unused and
         frozen. An explicit, different ``loss.temperature`` with a learnable one is refused:
-        the start is the weights' logit_scale."""
+        the start is the weights' logit_scale. Returns the line the run's log gets."""
         name = type(loss).__name__
         if getattr(loss, "learnable_temperature", False) and hasattr(loss, "share_logit_scale"):
             default = inspect.signature(type(loss)).parameters["temperature"].default
@@ -206,13 +206,12 @@ class CLIPModel(EmbeddingModel):
                                 "loss.temperature, or set loss.learnable_temperature=false "
                                 "for a fixed one")
             loss.share_logit_scale(self.clip.logit_scale)
-            log.info("clip: %s's learnable temperature is the model's logit_scale (T = %.4f "
-                     "now)", name, self._temperature())
-            return
+            return (f"clip: {name}'s learnable temperature is the model's logit_scale "
+                    f"(T = {self._temperature():.4f} now)")
         self.clip.logit_scale.requires_grad_(False)
-        log.info("clip: the model's logit_scale (T = %.4f) is unused: %s has no learnable "
-                 "temperature (loss.name=infonce with loss.learnable_temperature=true "
-                 "trains it)", self._temperature(), name)
+        return (f"clip: the model's logit_scale (T = {self._temperature():.4f}) is unused: "
+                f"{name} has no learnable temperature (loss.name=infonce with "
+                "loss.learnable_temperature=true trains it)")
 
     def train(self, mode: bool = True) -> "CLIPModel":
         """Training mode, but batch norm (and dropout) of frozen parts stays in eval mode."""
