@@ -135,7 +135,8 @@ def test_padded_gru_equals_the_packed_gru(bidirectional, layers):
 
 # --- round trips ----------------------------------------------------------------------------
 @pytest.mark.parametrize("fmt", FORMATS)
-@pytest.mark.parametrize("name", MODELS.names())
+@pytest.mark.parametrize("name", [n for n in MODELS.names()
+                                  if n != "clip"])  # refused: tests/models/test_clip.py
 def test_every_registered_model_exports_and_gives_its_embeddings(checkpoints, tmp_path, name,
                                                                  fmt):
     checkpoint = checkpoints(name)
