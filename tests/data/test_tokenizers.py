@@ -4,12 +4,19 @@ rebuilt without its folder, padding with the tokenizer's own id, clear errors.""
 import io
 import json
 import shutil
+import socket
 
 import pytest
 import torch
 
 from stages.data.dataset import TokenizedCaptions, open_split
-from stages.data.tokenizers import PretrainedTokenizer, resolve_text_model, tokenizer_from_json
+from stages.data.tokenizers import (
+    PretrainedTokenizer,
+    downloads_allowed,
+    from_folder_or_hub,
+    resolve_text_model,
+    tokenizer_from_json,
+)
 from stages.data.vocab import Vocab
 from stages.errors import UserError
 from stages.training.tasks import PairTask
@@ -83,3 +90,49 @@ def test_a_text_model_that_is_not_there_is_a_clear_error(tmp_path):
     assert resolve_text_model("bert-base-uncased") == "bert-base-uncased"  # a hub name
     with pytest.raises(UserError, match="checkpoint: its stored tokenizer cannot be rebuilt"):
         tokenizer_from_json({"format": "aoq-hf-tokenizer", "files": {}})
+
+
+@pytest.fixture
+def network_calls(monkeypatch):
+    """Every attempt to resolve a host name or open a connection, recorded and refused."""
+    calls = []
+
+    def refuse(*args, **kwargs):
+        calls.append(args)
+        raise OSError("network reached")
+
+    monkeypatch.setattr(socket, "getaddrinfo", refuse)
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    return calls
+
+
+def test_an_uncached_hub_name_fails_at_once_without_the_network(network_calls, monkeypatch):
+    from transformers import AutoModel
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
+    name = "aoq-tests/no-such-text-model"
+    with pytest.raises(UserError, match=f"text model {name}: not in the Hugging Face cache, "
+                       "and downloads are off \\(HF_HUB_OFFLINE=0 allows them\\)") as caught:
+        PretrainedTokenizer.from_pretrained(name, 16)
+    assert "\n" not in str(caught.value)
+    with pytest.raises(UserError, match="downloads are off"):  # the weights, as training
+        from_folder_or_hub(AutoModel, name)
+    assert network_calls == []
+    # HF_HUB_OFFLINE=0 lets it go to the network (refused here, so still an error).
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    with pytest.raises(UserError, match=f"text model {name}: cannot be loaded"):
+        PretrainedTokenizer.from_pretrained(name, 16)
+    assert network_calls
+
+
+@pytest.mark.parametrize("hub, transformers, allowed", [
+    (None, None, False), ("0", None, True), ("false", None, True), ("1", None, False),
+    ("0", "1", False), (None, "0", False)])
+def test_downloads_need_hf_hub_offline_0(monkeypatch, hub, transformers, allowed):
+    for variable, value in [("HF_HUB_OFFLINE", hub), ("TRANSFORMERS_OFFLINE", transformers)]:
+        if value is None:
+            monkeypatch.delenv(variable, raising=False)
+        else:
+            monkeypatch.setenv(variable, value)
+    assert downloads_allowed() is allowed
