@@ -4,7 +4,6 @@ rebuilt without its folder, padding with the tokenizer's own id, clear errors.""
 import io
 import json
 import shutil
-import socket
 
 import pytest
 import torch
@@ -93,20 +92,27 @@ def test_a_text_model_that_is_not_there_is_a_clear_error(tmp_path):
 
 
 @pytest.fixture
-def network_calls(monkeypatch):
-    """Every attempt to resolve a host name or open a connection, recorded and refused."""
+def hub_loads(monkeypatch):
+    """Every ``from_pretrained`` call of the Auto classes that may go to the network (no
+    ``local_files_only``), recorded and refused at once (no retries)."""
+    import transformers
+
     calls = []
+    for name in ("AutoConfig", "AutoModel", "AutoTokenizer"):
+        cls = getattr(transformers, name)
+        real = cls.from_pretrained.__func__
 
-    def refuse(*args, **kwargs):
-        calls.append(args)
-        raise OSError("network reached")
+        def load(cls, where, *args, _real=real, **kwargs):
+            if not kwargs.get("local_files_only"):
+                calls.append((cls.__name__, where))
+                raise OSError(f"network reached for {where}")
+            return _real(cls, where, *args, **kwargs)
 
-    monkeypatch.setattr(socket, "getaddrinfo", refuse)
-    monkeypatch.setattr(socket.socket, "connect", refuse)
+        monkeypatch.setattr(cls, "from_pretrained", classmethod(load))
     return calls
 
 
-def test_an_uncached_hub_name_fails_at_once_without_the_network(network_calls, monkeypatch):
+def test_an_uncached_hub_name_fails_at_once_without_the_network(hub_loads, monkeypatch):
     from transformers import AutoModel
 
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
@@ -118,12 +124,12 @@ def test_an_uncached_hub_name_fails_at_once_without_the_network(network_calls, m
     assert "\n" not in str(caught.value)
     with pytest.raises(UserError, match="downloads are off"):  # the weights, as training
         from_folder_or_hub(AutoModel, name)
-    assert network_calls == []
+    assert hub_loads == []
     # HF_HUB_OFFLINE=0 lets it go to the network (refused here, so still an error).
     monkeypatch.setenv("HF_HUB_OFFLINE", "0")
     with pytest.raises(UserError, match=f"text model {name}: cannot be loaded"):
         PretrainedTokenizer.from_pretrained(name, 16)
-    assert network_calls
+    assert hub_loads == [("AutoTokenizer", name)]
 
 
 @pytest.mark.parametrize("hub, transformers, allowed", [
