@@ -43,9 +43,9 @@ def embed(checkpoint: str | Path, split_name: str = "", config_files=(), overrid
 def _embed(state: dict, checkpoint: Path, config: Config, split, out: Path) -> Path:
     """Encode ``split`` with the checkpoint's model and write ``out`` (under its lock)."""
     device = resolve_device(config.train.device)
-    model, vocab = model_from_checkpoint(state, str(checkpoint))
+    model, tokenizer = model_from_checkpoint(state, str(checkpoint))
     model.to(device)
-    img, cap = encode_split(model, split, vocab, device, workers=config.data.workers,
+    img, cap = encode_split(model, split, tokenizer, device, workers=config.data.workers,
                             desc=f"embed {split.name}")
     need = (img.nbytes + cap.nbytes) + (1 << 20)
     with (atomic_path(out, need_bytes=need, what="the embeddings") as tmp,

@@ -75,9 +75,9 @@ def evaluate(checkpoints: list[str | Path], config_files=(), overrides=(),
                      config.data.name)
         check_feature_dim(split, state["model"]["args"].get("img_dim", split.features.feature_dim),
                           path)
-        model, vocab = model_from_checkpoint(state, str(path))
+        model, tokenizer = model_from_checkpoint(state, str(path))
         model.to(device)
-        img, cap = encode_split(model, split, vocab, device, workers=config.data.workers,
+        img, cap = encode_split(model, split, tokenizer, device, workers=config.data.workers,
                                 desc=f"encode {config.data.eval_split} ({Path(path).name})")
         imgs.append(img)
         caps.append(cap)

@@ -1,18 +1,11 @@
 """The command line end to end, through the real entry point, on tiny generated data."""
 
-import json
-import subprocess
-import sys
-
 import pytest
+
+from tests.run_helpers import aoq, aoq_ok, run_records
 
 TINY = ["--set", "model.embed_size=32", "--set", "model.word_dim=16",
         "--set", "train.batch_size=16", "--set", "train.epochs=1", "--set", "data.workers=0"]
-
-
-def aoq(*args, cwd):
-    return subprocess.run([sys.executable, "-m", "stages.cli", *map(str, args)], cwd=cwd,
-                          capture_output=True, text=True, timeout=300)
 
 
 def test_every_stage_has_help(tmp_path):
@@ -33,11 +26,9 @@ def test_demo_data_vocab_train_eval(tmp_path):
         ["eval", "--ckpt", tmp_path / "run" / "checkpoint.pt", *data],
     ]
     for step in steps:
-        result = aoq(*step, cwd=tmp_path)
-        assert result.returncode == 0, (step, result.stderr)
+        result = aoq_ok(*step, cwd=tmp_path)
     assert "image->text" in result.stdout and "rsum" in result.stdout
-    records = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    assert [r["stage"] for r in records] == ["train", "eval"]
+    assert [r["stage"] for r in run_records(tmp_path / "run")] == ["train", "eval"]
     assert "| INFO | stages.train |" in (tmp_path / "run" / "train.log").read_text()
 
     again = aoq("train", *data, *TINY, "--run-dir", tmp_path / "run", cwd=tmp_path)

@@ -32,6 +32,7 @@ from stages.models.rnn import padded_gru, reverse_within
 from stages.train import train
 from tests.models.text_tower import tiny_bert_for
 from tests.raw_images import write_image_dataset
+from tests.run_helpers import aoq
 
 # Small values of options that registered models share; each model takes those it has.
 TINY_OPTIONS = {"embed_size": 16, "word_dim": 8}
@@ -44,11 +45,6 @@ MODEL_OVERRIDES = {
 }
 # The check's sample, read from the dataset each model trained on.
 SAMPLE = {"vse_cnn": "pix/test: 6 images"}
-
-
-def aoq(*args, cwd):
-    return subprocess.run([sys.executable, "-m", "stages.cli", *map(str, args)], cwd=cwd,
-                          capture_output=True, text=True, timeout=300)
 
 
 @pytest.fixture(scope="module")

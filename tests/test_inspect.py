@@ -9,7 +9,7 @@ from stages.config import OffcandiConfig
 from stages.errors import UserError
 from stages.inspect_candidates import inspect_caption, inspect_image
 from stages.offcandi import offcandi
-from tests.test_cli import aoq
+from tests.run_helpers import aoq
 from tests.test_offcandi import random_embeddings, write_embeddings
 
 

@@ -12,6 +12,7 @@ from stages.candidates import (
 from stages.config import OffcandiConfig, load_config
 from stages.errors import UserError
 from stages.offcandi import offcandi
+from tests.run_helpers import published_style
 
 
 def write_embeddings(path, images, captions, dataset="tiny", weights="w0"):
@@ -170,17 +171,6 @@ def test_false_negative_skips_match_a_loop(mined, ratio):
             assert skips.any() and (skips <= c.k - keep).all()
         if ratio == 2.0:  # no cosine exceeds 2 x a positive score
             assert not skips.any()
-
-
-def published_style(n, k_i2t, k_t2i, seed=0):
-    """Random candidates in AOQ's published format: int32 i2t (n, k_i2t), t2i (5n, k_t2i),
-    never a query's own positive."""
-    rng = np.random.default_rng(seed)
-    i2t = np.array([rng.choice([c for c in range(5 * n) if c // 5 != i], k_i2t, replace=False)
-                    for i in range(n)], dtype=np.int32)
-    t2i = np.array([rng.choice([i for i in range(n) if i != c // 5], k_t2i, replace=False)
-                    for c in range(5 * n)], dtype=np.int32)
-    return i2t, t2i
 
 
 def test_false_negative_filter_needs_scores_and_spare_candidates(mined, tiny_root, tmp_path):

@@ -11,7 +11,7 @@ from stages.errors import UserError
 from stages.metrics.retrieval import rank_metrics
 from stages.offcandi import offcandi
 from stages.plot import plot
-from tests.test_cli import aoq
+from tests.run_helpers import aoq
 from tests.test_diagnostics import brute_ranks, noisy_embeddings
 from tests.test_offcandi import write_embeddings
 

@@ -1,15 +1,12 @@
 """Training from raw images (vse_cnn): resume, the whole chain through the CLI, make."""
 
-import json
 import re
 import shutil
 from pathlib import Path
 
 import h5py
 import pytest
-import torch
 
-import stages.training.loop as loop_module
 from stages.config import load_config
 from stages.errors import UserError
 from stages.inputs import image_input
@@ -18,7 +15,8 @@ from stages.models import MODELS
 from stages.table import finetune
 from stages.train import train
 from tests.raw_images import TINY_CNN, write_image_dataset
-from tests.test_cli import aoq
+from tests.resume_helpers import assert_resume_equals_uninterrupted
+from tests.run_helpers import aoq, aoq_ok, run_records
 from tests.test_pipeline import make
 
 REPO = Path(__file__).resolve().parents[1]
@@ -34,33 +32,14 @@ def config_for(root, images, *more):
                                   *TINY_CNN, *more])
 
 
-def test_resume_equals_uninterrupted_with_crops_and_finetuning(pixels, tmp_path, monkeypatch):
+def test_resume_equals_uninterrupted_with_crops_and_finetuning(pixels, tmp_path):
     images, dataset = pixels
     # 120 captions / 8 = 15 steps an epoch; layer3 and layer4 train, batch norm included.
     config = config_for(tmp_path, images, "model.finetune=true", "model.freeze_stages=3",
                         "model.backbone_lr_scale=0.5", "train.epochs=2", "train.ckpt_every=4",
                         "train.lr=1e-3")
-    train(config, tmp_path / "whole")
-
-    real_save = loop_module.save_checkpoint
-    saves = []
-
-    def save_then_die(path, state):
-        real_save(path, state)
-        saves.append(path.name)
-        if len(saves) == 7:  # epoch 1: steps 4, 8, 12, best, last; epoch 2: step 4, 8
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(loop_module, "save_checkpoint", save_then_die)
-    with pytest.raises(KeyboardInterrupt):
-        train(config, tmp_path / "killed")
-    monkeypatch.setattr(loop_module, "save_checkpoint", real_save)
-    assert load_checkpoint(tmp_path / "killed" / "last.pt")["epoch_step"] == 8
-    train(config, tmp_path / "killed", resume=True)
-    whole = load_checkpoint(tmp_path / "whole" / "last.pt")
-    resumed = load_checkpoint(tmp_path / "killed" / "last.pt")
-    for name, tensor in whole["state_dict"].items():
-        assert torch.equal(tensor, resumed["state_dict"][name]), name
+    # The 7th save, last.pt at step 8 of epoch 2 (epoch 1: steps 4, 8, 12, best, last).
+    whole, _ = assert_resume_equals_uninterrupted(config, tmp_path, save=7, epoch_step=8)
     assert whole["data_fingerprint"]["train_features"]["kind"] == "images"
     assert whole["config"]["data"]["images"] == str(images.resolve())  # stored absolute
     assert whole["model"]["args"]["finetune"] is True
@@ -103,10 +82,9 @@ def test_chain_train_embed_offcandi_retrain_eval_through_the_cli(pixels, tmp_pat
          "--each"],
     ]
     for step in steps:
-        result = aoq(*step, cwd=tmp_path)
-        assert result.returncode == 0, (step, result.stderr[-3000:])
+        result = aoq_ok(*step, cwd=tmp_path)
     assert "base" in result.stdout and "aoq" in result.stdout and "rsum" in result.stdout
-    records = [json.loads(line) for line in (aoq_run / "metrics.jsonl").read_text().splitlines()]
+    records = run_records(aoq_run)
     assert records[-1]["stage"] == "eval" and records[-1]["images"] == 6
     state = load_checkpoint(aoq_run / "checkpoint.pt")
     assert state["model"]["name"] == "vse_cnn"

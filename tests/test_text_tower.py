@@ -2,25 +2,21 @@
 and the memory bank, resume, and train -> embed -> offcandi -> eval -> retrain -> eval
 through the CLI with the text model's folder moved away after training."""
 
-import json
 import math
 import shutil
-import subprocess
-import sys
 
 import h5py
-import numpy as np
 import pytest
 import torch
 
-import stages.training.loop as loop_module
-from stages.candidates import import_published
 from stages.cli import cli
 from stages.io.checkpoint import load_checkpoint, model_from_checkpoint
 from stages.losses import LOSSES
 from stages.train import train
+from tests import run_helpers
 from tests.models.text_tower import text_tower_config, tiny_bert_for
-from tests.test_offcandi import published_style
+from tests.resume_helpers import assert_resume_equals_uninterrupted
+from tests.run_helpers import imported_candidates, run_records
 
 OFFLINE = ["train.offline_negatives=true", "offcandi.hardest=20", "memory.size=16"]
 
@@ -28,13 +24,7 @@ OFFLINE = ["train.offline_negatives=true", "offcandi.hardest=20", "memory.size=1
 @pytest.fixture
 def candidates(tiny_root, tmp_path):
     """Published-style random candidates for the tiny training split (40 images)."""
-    i2t, t2i = published_style(40, 30, 8)
-    np.save(tmp_path / "i2t.npy", i2t)
-    np.save(tmp_path / "t2i.npy", t2i)
-    bert = tiny_bert_for(tiny_root)
-    import_published(tmp_path / "i2t.npy", tmp_path / "t2i.npy",
-                     text_tower_config(tiny_root, bert), tmp_path / "cands")
-    return tmp_path / "cands"
+    return imported_candidates(text_tower_config(tiny_root, tiny_bert_for(tiny_root)), tmp_path)
 
 
 @pytest.mark.parametrize("loss", LOSSES.names())
@@ -44,7 +34,7 @@ def test_every_loss_trains_with_offline_negatives_and_the_memory_bank(tiny_root,
     config = text_tower_config(tiny_root, bert, f"loss.name={loss}", f"offcandi.dir={candidates}",
                                "model.text_freeze_layers=1", *OFFLINE)
     train(config, tmp_path / "run")
-    record = json.loads((tmp_path / "run" / "metrics.jsonl").read_text())
+    [record] = run_records(tmp_path / "run")
     assert all(math.isfinite(record[k]) for k in ("train_loss", "rsum"))
     state = load_checkpoint(tmp_path / "run" / "last.pt")
     assert state["memory"]["filled"] == 16
@@ -58,33 +48,16 @@ def test_every_loss_trains_with_offline_negatives_and_the_memory_bank(tiny_root,
                                  "text_encoder.encoder.encoder.layer.0.")) for k in changed)
 
 
-def test_resume_after_interruption_gives_the_same_weights(tiny_root, tmp_path, monkeypatch):
+def test_resume_after_interruption_gives_the_same_weights(tiny_root, tmp_path):
     bert = tiny_bert_for(tiny_root)
     config = text_tower_config(tiny_root, bert, "train.epochs=2", "train.ckpt_every=5")
-    train(config, tmp_path / "whole")
-    real_save = loop_module.save_checkpoint
-    saves = []
-
-    def save_then_die(path, state):
-        real_save(path, state)
-        saves.append(path.name)
-        if len(saves) == 5:  # last.pt at step 5 of epoch 2 (13 steps an epoch): mid-epoch
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(loop_module, "save_checkpoint", save_then_die)
-    with pytest.raises(KeyboardInterrupt):
-        train(config, tmp_path / "killed")
-    monkeypatch.setattr(loop_module, "save_checkpoint", real_save)
-    assert load_checkpoint(tmp_path / "killed" / "last.pt")["epoch_step"] == 5
-    train(config, tmp_path / "killed", resume=True)
-    whole = load_checkpoint(tmp_path / "whole" / "last.pt")["state_dict"]
-    resumed = load_checkpoint(tmp_path / "killed" / "last.pt")["state_dict"]
-    assert whole.keys() == resumed.keys()
-    assert all(torch.equal(whole[k], resumed[k]) for k in whole)
+    # The 5th save: last.pt at step 5 of epoch 2 (13 steps an epoch), mid-epoch.
+    assert_resume_equals_uninterrupted(config, tmp_path, save=5, epoch_step=5)
 
 
 def aoq(*args):
-    """Run an ``aoq`` sub-command in this process (as ``python -m stages.cli`` would)."""
+    """Run an ``aoq`` sub-command in this process (as ``python -m stages.cli`` would; a
+    subprocess: :func:`tests.run_helpers.aoq`)."""
     cli.main([str(a) for a in args], standalone_mode=False)
 
 
@@ -128,10 +101,9 @@ def test_train_embed_offcandi_retrain_eval_through_the_cli(tiny_root, tmp_path):
         "--set", f"offcandi.dir={tmp_path / 'cands'}", "--set", f"offcandi.base_ckpt={ckpt}",
         "--run-dir", aoq_run)
     aoq("eval", "--ckpt", aoq_run / "checkpoint.pt", *data)
-    records = [json.loads(line) for line in (aoq_run / "metrics.jsonl").read_text().splitlines()]
-    assert [r["stage"] for r in records] == ["train", "eval"]
+    assert [r["stage"] for r in run_records(aoq_run)] == ["train", "eval"]
     assert load_checkpoint(aoq_run / "checkpoint.pt")["loss_state"] is not None
-    evals = [json.loads(line) for line in (base / "metrics.jsonl").read_text().splitlines()]
+    evals = run_records(base)
     assert evals[-1]["stage"] == "eval" and math.isfinite(evals[-1]["rsum"])
 
 
@@ -145,11 +117,10 @@ def test_a_bad_text_model_is_one_line_and_leaves_no_run_folder(tiny_root, tmp_pa
                                                                 message):
     bert = tiny_bert_for(tiny_root)
     paths = {"missing": tmp_path / "no" / "bert", "bert": bert}
-    result = subprocess.run(
-        [sys.executable, "-m", "stages.cli", "train", "--set", f"data.path={tiny_root}",
-         "--set", "data.name=tiny", "--set", "model.name=vse_transformer", "--set",
-         f"model.text_model={bert}", "--set", setting.format(**paths), "--run-dir",
-         tmp_path / "run"], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    result = run_helpers.aoq("train", "--set", f"data.path={tiny_root}", "--set",
+                             "data.name=tiny", "--set", "model.name=vse_transformer", "--set",
+                             f"model.text_model={bert}", "--set", setting.format(**paths),
+                             "--run-dir", tmp_path / "run", cwd=tmp_path)
     assert result.returncode == 2
     assert message.format(**paths) in result.stderr
     assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1

@@ -1,19 +1,21 @@
-import json
-
 import numpy as np
 import pytest
 import torch
 
 import stages.losses.base as losses_base
 import stages.training.loop as loop_module
-from stages.candidates import import_published
 from stages.config import load_config
 from stages.errors import UserError
 from stages.io.checkpoint import load_checkpoint
 from stages.train import train
 from stages.training.loop import learning_rate
 from tests.io.test_scalars import raw_points
-from tests.test_offcandi import published_style
+from tests.resume_helpers import (
+    assert_resume_equals_uninterrupted,
+    assert_same_training,
+    train_killed_at_save,
+)
+from tests.run_helpers import imported_candidates, run_records
 
 
 def _weights(path):
@@ -27,7 +29,7 @@ def test_training_learns_and_writes_the_run_folder(tiny_config, tmp_path):
     assert final == run / "checkpoint.pt"
     for name in ("config.yaml", "train.log", "metrics.jsonl", "last.pt", "best.pt"):
         assert (run / name).is_file(), name
-    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    records = run_records(run)
     assert [r["epoch"] for r in records] == [1, 2, 3]
     assert all(r["split"] == "dev" and "rsum" in r for r in records)
     state = load_checkpoint(final)
@@ -40,35 +42,17 @@ def test_training_learns_and_writes_the_run_folder(tiny_config, tmp_path):
     assert max(r["rsum"] for r in records) > 200
 
 
-def test_resume_after_interruption_gives_the_same_weights(tiny_config, tmp_path,
-                                                          monkeypatch):
+def test_resume_after_interruption_gives_the_same_weights(tiny_config, tmp_path):
     tiny_config.train.ckpt_every = 5  # 200 captions / 16 = 13 steps per epoch
     train(tiny_config, tmp_path / "whole")
-
-    real_save = loop_module.save_checkpoint
-    saves = []
-
-    def save_then_die(path, state):
-        real_save(path, state)
-        saves.append(path.name)
-        if len(saves) == 5:  # last.pt at step 5 of epoch 2: mid-epoch
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(loop_module, "save_checkpoint", save_then_die)
-    with pytest.raises(KeyboardInterrupt):
-        train(tiny_config, tmp_path / "killed")
-    monkeypatch.setattr(loop_module, "save_checkpoint", real_save)
     killed = tmp_path / "killed"
-    assert not (killed / "checkpoint.pt").exists()  # make must not take it as done
-    assert load_checkpoint(killed / "last.pt")["epoch_step"] == 5
+    # The 5th save: last.pt at step 5 of epoch 2 (epoch 1: steps 5, 10, best, last).
+    assert train_killed_at_save(tiny_config, killed, 5)["epoch_step"] == 5
 
     with pytest.raises(UserError, match="already exists; pass --resume"):
         train(tiny_config, killed)
     train(tiny_config, killed, resume=True)
-    whole, resumed = _weights(tmp_path / "whole" / "last.pt"), _weights(killed / "last.pt")
-    for name in whole:
-        assert torch.equal(whole[name], resumed[name]), name
-    assert _metrics(killed) == _metrics(tmp_path / "whole")  # train_loss included
+    assert_same_training(tmp_path / "whole", killed)  # train_loss included
     # TensorBoard holds each step once, with the uninterrupted run's values.
     whole_points, killed_points = raw_points(tmp_path / "whole"), raw_points(killed)
     assert set(whole_points) >= {"train/loss", "train/i2t", "train/t2i", "val/rsum"}
@@ -76,12 +60,6 @@ def test_resume_after_interruption_gives_the_same_weights(tiny_config, tmp_path,
     for tag, points in whole_points.items():
         if tag != "val/epoch_seconds":
             assert killed_points[tag] == points, tag
-
-
-def _metrics(run_dir):
-    """metrics.jsonl's lines without their timings."""
-    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
-    return [{k: v for k, v in json.loads(x).items() if k != "epoch_seconds"} for x in lines]
 
 
 def test_a_kill_after_the_metrics_line_leaves_no_duplicate(tiny_config, tmp_path, monkeypatch):
@@ -99,36 +77,18 @@ def test_a_kill_after_the_metrics_line_leaves_no_duplicate(tiny_config, tmp_path
     with pytest.raises(KeyboardInterrupt):
         train(tiny_config, tmp_path / "killed")
     monkeypatch.setattr(loop_module, "save_checkpoint", real_save)
-    assert [r["epoch"] for r in _metrics(tmp_path / "killed")] == [1, 2]
+    assert [r["epoch"] for r in run_records(tmp_path / "killed")] == [1, 2]
     train(tiny_config, tmp_path / "killed", resume=True)
-    assert _metrics(tmp_path / "killed") == _metrics(tmp_path / "whole")
+    assert_same_training(tmp_path / "whole", tmp_path / "killed")
 
 
-def test_resume_with_the_memory_bank_equals_uninterrupted(tiny_config, tmp_path,
-                                                          monkeypatch):
+def test_resume_with_the_memory_bank_equals_uninterrupted(tiny_config, tmp_path):
     config = load_config(base=tiny_config, overrides=["memory.size=24",
                                                       "memory.warmup_steps=3",
                                                       "train.ckpt_every=4"])
-    train(config, tmp_path / "whole")
-    whole = load_checkpoint(tmp_path / "whole" / "last.pt")
+    # The 6th save: last.pt at step 4 of epoch 2, the bank full.
+    whole, resumed = assert_resume_equals_uninterrupted(config, tmp_path, save=6, epoch_step=4)
     assert whole["memory"]["filled"] == 24 and whole["memory"]["steps"] == 26
-    real_save = loop_module.save_checkpoint
-    saves = []
-
-    def save_then_die(path, state):
-        real_save(path, state)
-        saves.append(path.name)
-        if len(saves) == 6:  # last.pt at step 4 of epoch 2, the bank full
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(loop_module, "save_checkpoint", save_then_die)
-    with pytest.raises(KeyboardInterrupt):
-        train(config, tmp_path / "killed")
-    monkeypatch.setattr(loop_module, "save_checkpoint", real_save)
-    train(config, tmp_path / "killed", resume=True)
-    resumed = load_checkpoint(tmp_path / "killed" / "last.pt")
-    for name in whole["state_dict"]:
-        assert torch.equal(whole["state_dict"][name], resumed["state_dict"][name]), name
     assert torch.equal(whole["memory"]["images"], resumed["memory"]["images"])
     # The bank changes training: the same run without it ends elsewhere.
     train(tiny_config, tmp_path / "plain")
@@ -175,12 +135,7 @@ def test_learning_rate_schedule():
 @pytest.fixture
 def candidates(tiny_root, tiny_config, tmp_path):
     """Published-style random candidates for the tiny training split (40 images)."""
-    i2t, t2i = published_style(40, 30, 8)
-    np.save(tmp_path / "i2t.npy", i2t)
-    np.save(tmp_path / "t2i.npy", t2i)
-    import_published(tmp_path / "i2t.npy", tmp_path / "t2i.npy", tiny_config,
-                     tmp_path / "cands")
-    return tmp_path / "cands"
+    return imported_candidates(tiny_config, tmp_path)
 
 
 def test_any_loss_trains_with_offline_negatives(tiny_config, candidates, tmp_path,

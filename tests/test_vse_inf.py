@@ -1,9 +1,6 @@
 """VSE-infinity: GPO against a naive loop, padding, global features, region dropping,
 training, resume, and the CLI's embed/eval on a vse_inf checkpoint."""
 
-import json
-import subprocess
-import sys
 from pathlib import Path
 
 import h5py
@@ -11,7 +8,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import stages.training.loop as loop_module
 from stages.cli import RETRAIN_DEFAULTS
 from stages.config import load_config
 from stages.errors import UserError
@@ -20,6 +16,8 @@ from stages.models import build_model
 from stages.models.gpo import GPO, positional_encoding
 from stages.models.vse_inf import drop_regions
 from stages.train import train
+from tests.resume_helpers import assert_resume_equals_uninterrupted
+from tests.run_helpers import aoq_ok, run_records
 
 SHIPPED = Path(__file__).resolve().parents[1] / "configs" / "model" / "vse_inf.yaml"
 VSE_INF = ["model.name=vse_inf", "loss.warmup_epochs=1"]
@@ -174,8 +172,7 @@ def test_training_lowers_the_loss_and_learns(tiny_config, tmp_path):
     config = load_config(base=tiny_config, overrides=[*VSE_INF, "train.epochs=4",
                                                       "train.lr=5e-4"])
     train(config, tmp_path / "run")
-    records = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text()
-               .splitlines()]
+    records = run_records(tmp_path / "run")
     # Epoch 1 sums every violation (warm-up); the max-violation epochs after it fall.
     assert records[3]["train_loss"] < records[1]["train_loss"]
     assert max(r["rsum"] for r in records) > 200  # chance is about 160 on 10 dev images
@@ -183,29 +180,12 @@ def test_training_lowers_the_loss_and_learns(tiny_config, tmp_path):
     assert state["model"]["name"] == "vse_inf" and state["model"]["args"]["region_drop"] == 0.2
 
 
-def test_resume_with_region_dropping_equals_uninterrupted(tiny_config, tmp_path, monkeypatch):
+def test_resume_with_region_dropping_equals_uninterrupted(tiny_config, tmp_path):
     config = load_config(base=tiny_config, overrides=[*VSE_INF, "model.region_drop=0.5",
                                                       "train.ckpt_every=5"])
-    train(config, tmp_path / "whole")
-    real_save = loop_module.save_checkpoint
-    saves = []
-
-    def save_then_die(path, state):
-        real_save(path, state)
-        saves.append(path.name)
-        if len(saves) == 5:  # last.pt at step 5 of epoch 2: mid-epoch
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(loop_module, "save_checkpoint", save_then_die)
-    with pytest.raises(KeyboardInterrupt):
-        train(config, tmp_path / "killed")
-    monkeypatch.setattr(loop_module, "save_checkpoint", real_save)
-    assert load_checkpoint(tmp_path / "killed" / "last.pt")["epoch_step"] == 5
-    train(config, tmp_path / "killed", resume=True)
-    whole = load_checkpoint(tmp_path / "whole" / "last.pt")["state_dict"]
-    resumed = load_checkpoint(tmp_path / "killed" / "last.pt")["state_dict"]
-    for name in whole:
-        assert torch.equal(whole[name], resumed[name]), name
+    # The 5th save: last.pt at step 5 of epoch 2, mid-epoch.
+    whole = assert_resume_equals_uninterrupted(config, tmp_path, save=5,
+                                               epoch_step=5)[0]["state_dict"]
     # The dropping matters: without it the same run ends elsewhere.
     plain = load_config(base=config, overrides=["model.region_drop=0"])
     train(plain, tmp_path / "plain")
@@ -226,17 +206,10 @@ def test_train_embed_eval_through_the_cli(tiny_root, tmp_path):
             "train.batch_size=16", "train.epochs=1", "data.workers=0"]
     run = tmp_path / "run"
 
-    def aoq(*args):
-        result = subprocess.run([sys.executable, "-m", "stages.cli", *map(str, args)],
-                                cwd=tmp_path, capture_output=True, text=True, timeout=300)
-        assert result.returncode == 0, (args, result.stderr)
-        return result
-
-    aoq("train", "--config", SHIPPED, *data, *[a for s in sets for a in ("--set", s)],
-        "--run-dir", run)
-    aoq("embed", "--ckpt", run / "checkpoint.pt", *data)
+    aoq_ok("train", "--config", SHIPPED, *data, *[a for s in sets for a in ("--set", s)],
+           "--run-dir", run, cwd=tmp_path)
+    aoq_ok("embed", "--ckpt", run / "checkpoint.pt", *data, cwd=tmp_path)
     with h5py.File(run / "embeddings_train.h5") as f:
         assert f["images"].shape == (40, 32) and f["captions"].shape == (200, 32)
-    assert "rsum" in aoq("eval", "--ckpt", run / "checkpoint.pt", *data).stdout
-    records = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
-    assert [r["stage"] for r in records] == ["train", "eval"]
+    assert "rsum" in aoq_ok("eval", "--ckpt", run / "checkpoint.pt", *data, cwd=tmp_path).stdout
+    assert [r["stage"] for r in run_records(run)] == ["train", "eval"]

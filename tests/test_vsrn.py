@@ -1,16 +1,12 @@
 """VSRN: region reasoning against naive loops, padding, the caption loss, training, resume,
 and the later stages through the CLI, on tiny generated data."""
 
-import json
-
 import h5py
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
-import stages.training.loop as loop_module
-from stages.candidates import import_published
 from stages.cli import RETRAIN_DEFAULTS
 from stages.config import load_config
 from stages.errors import UserError
@@ -20,9 +16,8 @@ from stages.models.caption_decoder import CaptionDecoder
 from stages.models.rs_gcn import RsGCN, valid_mask
 from stages.train import train
 from tests.conftest import write_precomp
-from tests.test_cli import aoq
-from tests.test_offcandi import published_style
-from tests.test_train import _metrics, _weights
+from tests.resume_helpers import assert_resume_equals_uninterrupted
+from tests.run_helpers import aoq_ok, imported_candidates, run_records
 
 TINY_VSRN = {"embed_size": 12, "word_dim": 6, "caption_hidden": 10, "caption_word_dim": 5}
 VSRN_OVERRIDES = ["model.name=vsrn", "model.caption_hidden=16", "model.caption_word_dim=8"]
@@ -245,7 +240,7 @@ def vsrn_config(tiny_config):
 def test_training_lowers_both_losses_and_learns(vsrn_config, tmp_path):
     config = load_config(base=vsrn_config, overrides=["train.epochs=4", "train.lr=1e-3"])
     train(config, tmp_path / "run")
-    records = _metrics(tmp_path / "run")
+    records = run_records(tmp_path / "run")
     captions = [r["loss_caption"] for r in records]
     assert captions == sorted(captions, reverse=True) and captions[-1] < 0.95 * captions[0]
     assert records[-1]["train_loss"] < records[0]["train_loss"]
@@ -259,46 +254,23 @@ def test_training_lowers_both_losses_and_learns(vsrn_config, tmp_path):
     assert any(k.startswith("decoder.") for k in state["state_dict"])
 
 
-def test_resume_equals_uninterrupted(vsrn_config, tmp_path, monkeypatch):
+def test_resume_equals_uninterrupted(vsrn_config, tmp_path):
     """With the batch norm on the final state and dropout in the decoder, whose running
     statistics and random draws a resume must carry."""
     config = load_config(base=vsrn_config, overrides=["model.img_bn=true",
                                                       "train.ckpt_every=5"])
-    train(config, tmp_path / "whole")
-    real_save = loop_module.save_checkpoint
-    saves = []
-
-    def save_then_die(path, state):
-        real_save(path, state)
-        saves.append(path.name)
-        if len(saves) == 5:  # last.pt at step 5 of epoch 2
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(loop_module, "save_checkpoint", save_then_die)
-    with pytest.raises(KeyboardInterrupt):
-        train(config, tmp_path / "killed")
-    monkeypatch.setattr(loop_module, "save_checkpoint", real_save)
-    assert load_checkpoint(tmp_path / "killed" / "last.pt")["epoch_step"] == 5
-    train(config, tmp_path / "killed", resume=True)
-    whole, resumed = _weights(tmp_path / "whole" / "last.pt"), _weights(tmp_path / "killed"
-                                                                         / "last.pt")
-    assert "image_encoder.bn.running_var" in whole
-    for name in whole:
-        assert torch.equal(whole[name], resumed[name]), name
-    assert _metrics(tmp_path / "killed") == _metrics(tmp_path / "whole")
+    # The 5th save: last.pt at step 5 of epoch 2.
+    whole, _ = assert_resume_equals_uninterrupted(config, tmp_path, save=5, epoch_step=5)
+    assert "image_encoder.bn.running_var" in whole["state_dict"]
 
 
 def test_retrains_with_aoq_and_offline_negatives(vsrn_config, tmp_path):
-    i2t, t2i = published_style(40, 30, 8)  # random candidates, as tests/test_train.py's
-    np.save(tmp_path / "i2t.npy", i2t)
-    np.save(tmp_path / "t2i.npy", t2i)
-    candidates = tmp_path / "cands"
-    import_published(tmp_path / "i2t.npy", tmp_path / "t2i.npy", vsrn_config, candidates)
+    candidates = imported_candidates(vsrn_config, tmp_path)
     config = load_config(base=vsrn_config, overrides=[
         *RETRAIN_DEFAULTS, "train.epochs=2", "model.img_bn=true", f"offcandi.dir={candidates}",
         "offcandi.hardest=20"])
     train(config, tmp_path / "aoq")
-    records = _metrics(tmp_path / "aoq")
+    records = run_records(tmp_path / "aoq")
     assert len(records) == 2 and all(r["loss_caption"] > 0 for r in records)
     assert {"loss_caption", "train_loss"} < set(records[0])
     state = load_checkpoint(tmp_path / "aoq" / "checkpoint.pt")
@@ -346,12 +318,11 @@ def test_train_embed_eval_through_the_cli(tmp_path):
         ["eval", "--ckpt", ckpt, "--ckpt", ckpt, *data],
     ]
     for step in steps:
-        result = aoq(*step, cwd=tmp_path)
-        assert result.returncode == 0, (step, result.stderr)
+        result = aoq_ok(*step, cwd=tmp_path)
     assert "rsum" in result.stdout
     with h5py.File(tmp_path / "run" / "embeddings_train.h5") as f:
         images, captions = f["images"][:], f["captions"][:]
     assert images.shape == (30, 16) and captions.shape == (150, 16)
     np.testing.assert_allclose(np.linalg.norm(images, axis=1), 1, rtol=1e-5)
-    record = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1])
+    record = run_records(tmp_path / "run")[-1]
     assert record["stage"] == "eval" and len(record["checkpoints"]) == 2

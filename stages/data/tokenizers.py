@@ -22,6 +22,7 @@ import base64
 import hashlib
 import json
 import logging
+import os
 import tempfile
 from pathlib import Path
 from typing import Protocol
@@ -33,6 +34,9 @@ from .vocab import Vocab
 log = logging.getLogger(__name__)
 
 PRETRAINED_FORMAT = "aoq-hf-tokenizer"
+# Hugging Face's spellings of an environment switch's values.
+_TRUE = {"1", "ON", "YES", "TRUE"}
+_FALSE = {"0", "OFF", "NO", "FALSE"}
 # Captions per call of the Hugging Face tokenizer when a split is encoded.
 _CHUNK = 8192
 
@@ -97,15 +101,28 @@ def resolve_text_model(name: str) -> str:
     return name
 
 
+def downloads_allowed() -> bool:
+    """Whether a hub name missing from the Hugging Face cache may be downloaded: only when
+    the user says so with ``HF_HUB_OFFLINE=0`` (Hugging Face's own switch, set to a false
+    value) and ``TRANSFORMERS_OFFLINE`` is not true. Unset, nothing is downloaded: a run
+    never waits on the network's retries, and what it loads is what the machine holds."""
+    hub = os.environ.get("HF_HUB_OFFLINE", "").strip().upper()
+    transformers = os.environ.get("TRANSFORMERS_OFFLINE", "").strip().upper()
+    return hub in _FALSE and transformers not in _TRUE
+
+
 def from_folder_or_hub(loader, where: str):
-    """``loader.from_pretrained(where)`` (an ``Auto*`` class): from the folder or the
-    Hugging Face cache, and only for a hub name missing there from the hub (whose retries
-    take minutes without network)."""
+    """``loader.from_pretrained(where)`` (an ``Auto*`` class) from the folder or the Hugging
+    Face cache; a hub name missing there is downloaded only where :func:`downloads_allowed`,
+    otherwise it is a one-line :class:`UserError` at once (no network call)."""
     try:
         return loader.from_pretrained(where, local_files_only=True)
     except OSError:
         if Path(where).is_dir():
             raise
+        if not downloads_allowed():
+            raise _missing_model(where, "not in the Hugging Face cache, and downloads are off "
+                                 "(HF_HUB_OFFLINE=0 allows them)") from None
         return loader.from_pretrained(where)
 
 

@@ -1,7 +1,9 @@
 """VSE with a pretrained transformer text tower (as VSE-infinity's BERT variant, without its
 GPO pooling): image side as VSE++ (precomputed features -> linear, L2-normalised), text
 side a Hugging Face encoder (``text_model``: a folder saved with ``save_pretrained``, or a
-hub name) pooled and projected to the joint space (:mod:`.transformer_text`).
+hub name, read from the Hugging Face cache and downloaded only where the user allows it:
+:func:`stages.data.tokenizers.downloads_allowed`) pooled and projected to the joint space
+(:mod:`.transformer_text`).
 
 Captions are tokenized with the text model's own tokenizer (not our vocabulary), truncated
 to ``max_length`` tokens; the checkpoint stores that tokenizer and the model's

@@ -9,7 +9,13 @@ import pytest
 import torch
 
 from stages.data.dataset import TokenizedCaptions, open_split
-from stages.data.tokenizers import PretrainedTokenizer, resolve_text_model, tokenizer_from_json
+from stages.data.tokenizers import (
+    PretrainedTokenizer,
+    downloads_allowed,
+    from_folder_or_hub,
+    resolve_text_model,
+    tokenizer_from_json,
+)
 from stages.data.vocab import Vocab
 from stages.errors import UserError
 from stages.training.tasks import PairTask
@@ -83,3 +89,56 @@ def test_a_text_model_that_is_not_there_is_a_clear_error(tmp_path):
     assert resolve_text_model("bert-base-uncased") == "bert-base-uncased"  # a hub name
     with pytest.raises(UserError, match="checkpoint: its stored tokenizer cannot be rebuilt"):
         tokenizer_from_json({"format": "aoq-hf-tokenizer", "files": {}})
+
+
+@pytest.fixture
+def hub_loads(monkeypatch):
+    """Every ``from_pretrained`` call of the Auto classes that may go to the network (no
+    ``local_files_only``), recorded and refused at once (no retries)."""
+    import transformers
+
+    calls = []
+    for name in ("AutoConfig", "AutoModel", "AutoTokenizer"):
+        cls = getattr(transformers, name)
+        real = cls.from_pretrained.__func__
+
+        def load(cls, where, *args, _real=real, **kwargs):
+            if not kwargs.get("local_files_only"):
+                calls.append((cls.__name__, where))
+                raise OSError(f"network reached for {where}")
+            return _real(cls, where, *args, **kwargs)
+
+        monkeypatch.setattr(cls, "from_pretrained", classmethod(load))
+    return calls
+
+
+def test_an_uncached_hub_name_fails_at_once_without_the_network(hub_loads, monkeypatch):
+    from transformers import AutoModel
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
+    name = "aoq-tests/no-such-text-model"
+    with pytest.raises(UserError, match=f"text model {name}: not in the Hugging Face cache, "
+                       "and downloads are off \\(HF_HUB_OFFLINE=0 allows them\\)") as caught:
+        PretrainedTokenizer.from_pretrained(name, 16)
+    assert "\n" not in str(caught.value)
+    with pytest.raises(UserError, match="downloads are off"):  # the weights, as training
+        from_folder_or_hub(AutoModel, name)
+    assert hub_loads == []
+    # HF_HUB_OFFLINE=0 lets it go to the network (refused here, so still an error).
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    with pytest.raises(UserError, match=f"text model {name}: cannot be loaded"):
+        PretrainedTokenizer.from_pretrained(name, 16)
+    assert hub_loads == [("AutoTokenizer", name)]
+
+
+@pytest.mark.parametrize("hub, transformers, allowed", [
+    (None, None, False), ("0", None, True), ("false", None, True), ("1", None, False),
+    ("0", "1", False), (None, "0", False)])
+def test_downloads_need_hf_hub_offline_0(monkeypatch, hub, transformers, allowed):
+    for variable, value in [("HF_HUB_OFFLINE", hub), ("TRANSFORMERS_OFFLINE", transformers)]:
+        if value is None:
+            monkeypatch.delenv(variable, raising=False)
+        else:
+            monkeypatch.setenv(variable, value)
+    assert downloads_allowed() is allowed
