@@ -33,7 +33,6 @@ import torch
 
 from .config import Config, load_config
 from .data.dataset import pad_tokens
-from .data.images import IMAGENET_MEAN, IMAGENET_STD
 from .data.tokenizers import CaptionTokenizer, PretrainedTokenizer
 from .data.vocab import END, PAD, START, UNK, tokenize
 from .errors import UserError
@@ -41,6 +40,7 @@ from .inputs import image_input, open_model_split
 from .io.atomic import atomic_folder, write_json
 from .io.checkpoint import load_checkpoint, model_from_checkpoint, weights_hash
 from .io.lock import folder_lock
+from .models import MODELS
 
 log = logging.getLogger(__name__)
 
@@ -359,10 +359,13 @@ def check_batches(config: Config, model: dict, tokenizer: CaptionTokenizer,
 EXAMPLE_CAPTION = "A man rides a brown horse on the beach."
 
 
-def _image_side(item_shape: tuple[int, ...]) -> dict:
-    """export.json's image inputs (and, for pixels, the preprocessing that makes them)."""
+def _image_side(item_shape: tuple[int, ...], model: dict) -> dict:
+    """export.json's image inputs (and, for pixels, the preprocessing that makes them, with
+    the normalisation of ``model``, the checkpoint's ``{"name", "args"}``)."""
     if len(item_shape) == 3:
         size = item_shape[-1]
+        mean, std = (list(v) for v in
+                     MODELS.class_of(model["name"]).pixel_normalisation(model["args"]))
         return {"inputs": [{"name": "images", "dtype": "float32",
                             "shape": ["batch", *item_shape],
                             "description": "RGB images (N, C, H, W), preprocessed as "
@@ -373,11 +376,11 @@ def _image_side(item_shape: tuple[int, ...]) -> dict:
                                "antialias": True},
                     "center_crop": [size, size],
                     "scale": "pixel values / 255, to 0..1",
-                    "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD),
+                    "mean": mean, "std": std,
                     "normalise": "(x - mean) / std per channel",
                     "torchvision": f"Compose([Resize({size * 256 // 224}), "
                                    f"CenterCrop({size}), ToTensor(), "
-                                   f"Normalize({list(IMAGENET_MEAN)}, {list(IMAGENET_STD)})])"}}
+                                   f"Normalize({mean}, {std})])"}}
     inputs = [{"name": "images", "dtype": "float32",
                "shape": ["batch", "max_regions", item_shape[1]] if len(item_shape) == 2
                else ["batch", item_shape[0]],
@@ -432,7 +435,7 @@ def _describe(state: dict, checkpoint: Path, fmt: str, item_shape: tuple[int, ..
     pretrained = isinstance(tokenizer, PretrainedTokenizer)
     norms = check["normalisation"]
     output = {"name": "embeddings", "dtype": "float32", "shape": ["batch", embed_size]}
-    image = _image_side(item_shape)
+    image = _image_side(item_shape, state["model"])
     return {
         "format": EXPORT_FORMAT, "version": EXPORT_VERSION, "exporter": fmt,
         "model": state["model"],

@@ -4,7 +4,8 @@ case anywhere else.
 
 A model class says what it reads (:attr:`stages.models.base.EmbeddingModel.image_input`):
 ``features`` (the dataset folder's precomputed features) or ``pixels`` (the split's images,
-``{split}_images.txt`` under the ``data.images`` root, at the model's ``image_size``).
+``{split}_images.txt`` under the ``data.images`` root, at the model's ``image_size``,
+normalised as its ``pixel_normalisation`` says).
 """
 
 from .config import Config
@@ -24,6 +25,7 @@ def open_model_split(config: Config, split: str, model: dict, augment: bool = Fa
     crops (raw images only; seeded by ``train.seed`` and the epoch)."""
     if image_input(model["name"]) == "features":
         return open_split(config.dataset_dir(), split)
+    mean, std = MODELS.class_of(model["name"]).pixel_normalisation(model["args"])
     images = open_images(config.dataset_dir(), split, config.data.images,
-                         model["args"]["image_size"], augment, config.train.seed)
+                         model["args"]["image_size"], augment, config.train.seed, mean, std)
     return open_split(config.dataset_dir(), split, images)

@@ -6,7 +6,8 @@ the image root, in caption order) beside ``{split}_caps.txt``; the image root is
 :class:`~stages.data.features.FeatureStore` stands in a :class:`~stages.data.dataset.Split`
 (same ``read_many``/``regions_many``), so the datasets, tasks and encoders read either.
 
-Items are normalised (ImageNet mean/std) float32 tensors (3, S, S):
+Items are normalised float32 tensors (3, S, S), (x - mean) / std per channel with the
+model's normalisation (ImageNet's mean/std unless its backbone's weights expect another):
 
 * evaluation (``augment=False``): resize the shorter side to S * 256 / 224, center crop S
   (the transform of ``aoq features cnn``);
@@ -81,17 +82,20 @@ class ImageStore:
 
     ``path`` is the split's image list, ``root`` the folder its paths are relative to,
     ``size`` the crop S; ``augment`` picks the training transform, drawn from ``seed`` and
-    the epoch set by :meth:`set_epoch`.
+    the epoch set by :meth:`set_epoch`; ``mean``/``std``: the per-channel normalisation.
     """
 
     def __init__(self, path: Path, root: Path, files: list[str], size: int,
-                 augment: bool = False, seed: int = 0):
+                 augment: bool = False, seed: int = 0,
+                 mean: tuple[float, ...] = IMAGENET_MEAN, std: tuple[float, ...] = IMAGENET_STD):
         self.path = Path(path)
         self.root = Path(root)
         self.files = files
         self.size = size
         self.augment = augment
         self.seed = seed
+        self.mean = tuple(mean)
+        self.std = tuple(std)
         self.epoch = 0
 
     def __len__(self) -> int:
@@ -121,7 +125,7 @@ class ImageStore:
     def head(self, num_images: int) -> "ImageStore":
         """The first ``num_images`` images."""
         store = ImageStore(self.path, self.root, self.files[:num_images], self.size,
-                           self.augment, self.seed)
+                           self.augment, self.seed, self.mean, self.std)
         store.epoch = self.epoch
         return store
 
@@ -166,7 +170,7 @@ class ImageStore:
         else:
             image = F.center_crop(F.resize(image, self.size * 256 // 224, antialias=True),
                                   [self.size, self.size])
-        tensor = F.normalize(F.to_tensor(image), IMAGENET_MEAN, IMAGENET_STD)
+        tensor = F.normalize(F.to_tensor(image), self.mean, self.std)
         return tensor.numpy()
 
     def fingerprint(self) -> dict:
@@ -189,8 +193,11 @@ class ImageStore:
 
 
 def open_images(dataset_dir: str | Path, split: str, root: str | Path, size: int,
-                augment: bool = False, seed: int = 0) -> ImageStore:
-    """The images of ``split`` listed in ``dataset_dir/{split}_images.txt``, under ``root``.
+                augment: bool = False, seed: int = 0,
+                mean: tuple[float, ...] = IMAGENET_MEAN,
+                std: tuple[float, ...] = IMAGENET_STD) -> ImageStore:
+    """The images of ``split`` listed in ``dataset_dir/{split}_images.txt``, under ``root``,
+    normalised with ``mean``/``std``.
 
     The list and the root are checked up front: a missing root, list or image file is a
     :class:`UserError` naming it (the first few missing files listed), so a bad path stops
@@ -219,5 +226,5 @@ def open_images(dataset_dir: str | Path, split: str, root: str | Path, size: int
         raise UserError(f"{len(missing)} of the {len(files)} images {listing} lists are not "
                         f"under {root} (first: {', '.join(missing[:3])}); check data.images "
                         "(make ... IMAGES=PATH)")
-    return ImageStore(listing, root, files, size, augment, seed)
+    return ImageStore(listing, root, files, size, augment, seed, mean, std)
 

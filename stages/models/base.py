@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from ..data.images import IMAGENET_MEAN, IMAGENET_STD
 from .tracing import CaptionEncoderExport, ImageEncoderExport
 
 
@@ -53,6 +54,13 @@ class EmbeddingModel(nn.Module):
         resolved ``options``; None: our vocabulary (``aoq vocab``), passed as
         ``vocab_size``. The tokenizer's ``model_args()`` are constructor arguments."""
         return None
+
+    @classmethod
+    def pixel_normalisation(cls, options: dict) -> tuple[tuple[float, ...], tuple[float, ...]]:
+        """(mean, std) per RGB channel that a ``pixels`` model's images are normalised with,
+        given its resolved ``options``: ImageNet's unless its pretrained weights expect
+        another."""
+        return IMAGENET_MEAN, IMAGENET_STD
 
     def encode_images(self, images: torch.Tensor, regions: torch.Tensor) -> torch.Tensor:
         """(B, R, D) | (B, D) features, (B,) valid regions -> (B, E) embeddings."""
