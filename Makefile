@@ -350,7 +350,7 @@ demo-compare: $(DEMO_CKPTS)
 # target, so a killed `make table` continues. A change of CONFIGS/OVERRIDES/TABLE_SET makes
 # every cell stale (training then refuses to resume a run made with other settings).
 # TABLE_SET: overrides for the table's runs only.
-LOSSES ?= vse_max infonce triplet_semihard aoq
+LOSSES ?= vse_max infonce aoq
 BATCHES ?= 128
 TABLE_MINER ?= vse_max
 TABLE_SET ?=

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
+from torch.nn.utils.rnn import pad_sequence
 from torch.utils.data import Dataset
 
 from ..errors import UserError
@@ -24,10 +25,11 @@ log = logging.getLogger(__name__)
 
 
 class TokenizedCaptions:
-    """Every caption of a split encoded once: token ids in one flat int32 array.
+    """Every caption of a split encoded once: token ids in one flat int64 array.
 
     ``tokens[c]`` is caption c's ids (with the tokenizer's special tokens) as a (L,) long
-    tensor. Tokenizing once up front instead of per item keeps it out of the training loop.
+    tensor, a view of the flat array (not to be modified in place). Tokenizing once up front
+    instead of per item keeps it out of the training loop.
     """
 
     def __init__(self, captions: list[str], tokenizer: CaptionTokenizer):
@@ -35,14 +37,14 @@ class TokenizedCaptions:
         lengths = np.fromiter((len(e) for e in encoded), dtype=np.int64, count=len(encoded))
         self.offsets = np.zeros(len(encoded) + 1, dtype=np.int64)
         np.cumsum(lengths, out=self.offsets[1:])
-        self.flat = np.fromiter((t for e in encoded for t in e), dtype=np.int32,
+        self.flat = np.fromiter((t for e in encoded for t in e), dtype=np.int64,
                                 count=int(self.offsets[-1]))
 
     def __len__(self) -> int:
         return len(self.offsets) - 1
 
     def __getitem__(self, c: int) -> torch.Tensor:
-        return torch.from_numpy(self.flat[self.offsets[c]:self.offsets[c + 1]].astype(np.int64))
+        return torch.from_numpy(self.flat[self.offsets[c]:self.offsets[c + 1]])
 
 
 @dataclass
@@ -199,11 +201,8 @@ def pad_tokens(token_lists: list[torch.Tensor],
                pad: int = PAD) -> tuple[torch.Tensor, torch.Tensor]:
     """Pad variable-length token id sequences with ``pad`` (the tokenizer's ``pad_id``):
     ((B, L) long, lengths (B,) long)."""
-    lengths = torch.tensor([len(t) for t in token_lists], dtype=torch.long)
-    tokens = torch.full((len(token_lists), int(lengths.max())), pad, dtype=torch.long)
-    for row, t in enumerate(token_lists):
-        tokens[row, : len(t)] = t
-    return tokens, lengths
+    lengths = torch.tensor([t.shape[0] for t in token_lists], dtype=torch.long)
+    return pad_sequence(token_lists, batch_first=True, padding_value=pad), lengths
 
 
 def collate_pairs(batch, pad: int = PAD) -> dict[str, torch.Tensor]:
