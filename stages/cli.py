@@ -348,7 +348,7 @@ def features_tsv(tsv_files, dataset_dir, splits, max_regions, feature_dim, dtype
 @_splits_option
 @click.option("--arch", default="resnet152", show_default=True,
               help="resnet152 (2048-d), vgg19 (4096-d), mobilenet_v3_large (1280-d), "
-                   "resnet101/50/18.")
+                   "resnet101/50/18, efficientnet_lite0 (1280-d; needs timm).")
 @click.option("--weights", default="imagenet", show_default=True,
               help="A state-dict file, 'imagenet' (torchvision's cache) or 'random' (tests).")
 @click.option("--crops", type=click.Choice(["1", "10"]), default="1", show_default=True,

