@@ -1,6 +1,7 @@
 """Shared fixtures: tiny generated datasets (no network, no GPU, nothing from ../shared)."""
 
 import logging
+import os
 
 import numpy as np
 import pytest
@@ -11,6 +12,8 @@ from stages.data.synthetic import write_synthetic_dataset
 from stages.data.vocab import build_vocab_file
 from stages.log import remove_file_handlers
 
+# Tests never download: a hub name missing from the cache fails at once (subprocesses too).
+os.environ["HF_HUB_OFFLINE"] = "1"
 # Tiny models gain nothing from a second thread, and the suite's processes share 2 cores.
 torch.set_num_threads(1)
 

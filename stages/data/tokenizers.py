@@ -36,7 +36,6 @@ log = logging.getLogger(__name__)
 PRETRAINED_FORMAT = "aoq-hf-tokenizer"
 # Hugging Face's spellings of an environment switch's values.
 _TRUE = {"1", "ON", "YES", "TRUE"}
-_FALSE = {"0", "OFF", "NO", "FALSE"}
 # Captions per call of the Hugging Face tokenizer when a split is encoded.
 _CHUNK = 8192
 
@@ -102,13 +101,11 @@ def resolve_text_model(name: str) -> str:
 
 
 def downloads_allowed() -> bool:
-    """Whether a hub name missing from the Hugging Face cache may be downloaded: only when
-    the user says so with ``HF_HUB_OFFLINE=0`` (Hugging Face's own switch, set to a false
-    value) and ``TRANSFORMERS_OFFLINE`` is not true. Unset, nothing is downloaded: a run
-    never waits on the network's retries, and what it loads is what the machine holds."""
-    hub = os.environ.get("HF_HUB_OFFLINE", "").strip().upper()
-    transformers = os.environ.get("TRANSFORMERS_OFFLINE", "").strip().upper()
-    return hub in _FALSE and transformers not in _TRUE
+    """Whether a hub name missing from the Hugging Face cache may be downloaded: unless
+    Hugging Face's own switches say offline (``HF_HUB_OFFLINE`` or ``TRANSFORMERS_OFFLINE``
+    true). Offline, a missing name is an error at once instead of the network's retries."""
+    return not any(os.environ.get(variable, "").strip().upper() in _TRUE
+                   for variable in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
 
 
 def from_folder_or_hub(loader, where: str):
@@ -121,8 +118,8 @@ def from_folder_or_hub(loader, where: str):
         if Path(where).is_dir():
             raise
         if not downloads_allowed():
-            raise _missing_model(where, "not in the Hugging Face cache, and downloads are off "
-                                 "(HF_HUB_OFFLINE=0 allows them)") from None
+            raise _missing_model(where, "not in the Hugging Face cache, and HF_HUB_OFFLINE / "
+                                 "TRANSFORMERS_OFFLINE say offline") from None
         return loader.from_pretrained(where)
 
 

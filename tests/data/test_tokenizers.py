@@ -112,30 +112,32 @@ def hub_loads(monkeypatch):
     return calls
 
 
-def test_an_uncached_hub_name_fails_at_once_without_the_network(hub_loads, monkeypatch):
+def test_an_uncached_hub_name_fails_at_once_when_offline(hub_loads, monkeypatch):
     from transformers import AutoModel
 
-    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
-    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     name = "aoq-tests/no-such-text-model"
     with pytest.raises(UserError, match=f"text model {name}: not in the Hugging Face cache, "
-                       "and downloads are off \\(HF_HUB_OFFLINE=0 allows them\\)") as caught:
+                       "and HF_HUB_OFFLINE / TRANSFORMERS_OFFLINE say offline") as caught:
         PretrainedTokenizer.from_pretrained(name, 16)
     assert "\n" not in str(caught.value)
-    with pytest.raises(UserError, match="downloads are off"):  # the weights, as training
+    with pytest.raises(UserError, match="say offline"):  # the weights, as training
         from_folder_or_hub(AutoModel, name)
     assert hub_loads == []
-    # HF_HUB_OFFLINE=0 lets it go to the network (refused here, so still an error).
-    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    # Online (the default), a name missing from the cache goes to the network (refused
+    # here, so still an error).
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
     with pytest.raises(UserError, match=f"text model {name}: cannot be loaded"):
         PretrainedTokenizer.from_pretrained(name, 16)
     assert hub_loads == [("AutoTokenizer", name)]
 
 
 @pytest.mark.parametrize("hub, transformers, allowed", [
-    (None, None, False), ("0", None, True), ("false", None, True), ("1", None, False),
-    ("0", "1", False), (None, "0", False)])
-def test_downloads_need_hf_hub_offline_0(monkeypatch, hub, transformers, allowed):
+    (None, None, True), ("0", None, True), ("1", None, False), ("true", None, False),
+    ("0", "1", False), (None, "yes", False)])
+def test_hugging_face_offline_switches_stop_downloads(monkeypatch, hub, transformers,
+                                                      allowed):
     for variable, value in [("HF_HUB_OFFLINE", hub), ("TRANSFORMERS_OFFLINE", transformers)]:
         if value is None:
             monkeypatch.delenv(variable, raising=False)
