@@ -259,7 +259,7 @@ def test_chain_train_embed_offcandi_retrain_eval_through_the_cli(arch, pixels, t
     state = load_checkpoint(aoq_run / "checkpoint.pt")
     assert state["model"]["name"] == "clip" and state["config"]["loss"]["name"] == "aoq"
     assert set(state["data_fingerprint"]["candidates"]) == {"i2t", "t2i"}
-    assert "logit_scale) is unused" in (aoq_run / "train.log").read_text()
+    assert "logit_scale (T = 0.0700) is unused" in (aoq_run / "train.log").read_text()
     assert finetune(state["model"]) == "yes"
     result = aoq("export", "--ckpt", base / "checkpoint.pt", "--out", tmp_path / "export",
                  cwd=tmp_path)
