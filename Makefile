@@ -130,8 +130,10 @@ install: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check stages tests tools
 
+# TEST_WORKERS: pytest-xdist workers (auto: one per core; 0 runs the suite in this process).
+TEST_WORKERS ?= auto
 test: lint
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n $(TEST_WORKERS)
 
 # BENCH_ONLY=train_step,eval_5k runs some sections (into bench/results-<sections>.json).
 BENCH_ONLY ?=

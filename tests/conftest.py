@@ -14,8 +14,12 @@ from stages.log import remove_file_handlers
 
 # Tests never download: a hub name missing from the cache fails at once (subprocesses too).
 os.environ["HF_HUB_OFFLINE"] = "1"
-# Tiny models gain nothing from a second thread, and the suite's processes share 2 cores.
+# Tiny models gain nothing from a second thread, and `make test` runs one worker per core:
+# one thread each, in this process and in the `aoq`/`make` subprocesses tests start (a thread
+# pool per process on shared cores spends its time waiting for its other threads).
 torch.set_num_threads(1)
+os.environ["OMP_NUM_THREADS"] = "1"
+os.environ["MKL_NUM_THREADS"] = "1"
 
 TINY_SPLITS = {"train": 40, "dev": 10, "test": 10}
 # A model small enough that a few epochs on the tiny dataset take a second or two.
