@@ -17,7 +17,8 @@ def resolve_device(name: str) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UserError(f"train.device={name} but no CUDA device is visible; use "
                         "--set train.device=cpu or auto")
+    threads = torch.get_num_threads()
     log.info("device: %s%s", device,
              f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else
-             f" ({torch.get_num_threads()} threads)")
+             f" ({threads} thread{'' if threads == 1 else 's'})")
     return device

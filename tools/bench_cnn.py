@@ -5,10 +5,10 @@
   torchvision's own classifier of the same backbone doing forward, cross-entropy, backward
   and Adam on the same images; timed alternately, wall and CPU time.
 * ``cnn_memory``: peak RSS of one such step at two batch sizes, each in a fresh process
-  (``python tools/bench_cnn.py ARCH BATCH``, one thread): the memory the step adds over
-  the model and optimiser (after a warm-up step: Adam's moments exist), its growth per image
-  (the slope between the two batches), and the bytes autograd saves for backward in the
-  step; from those, the batch that fits a GPU.
+  (``python tools/bench_cnn.py ARCH BATCH``, one thread): the process's peak, the memory
+  the step adds over the model and optimiser (after a warm-up step: Adam's moments exist),
+  the growth per image (the slope of the peak between the two batches), and the bytes
+  autograd saves for backward in the step; from those, the batch that fits a GPU.
 """
 
 import json
@@ -25,19 +25,17 @@ from stages.config import MemoryConfig, TrainConfig
 from stages.losses import build_loss
 from stages.models import build_model
 from stages.training.loop import Trainer
-from stages.training.tasks import LossInputs
+from stages.training.tasks import PairTask
 
 SIZE = 224
 GIB = 1 << 30
 
 
-class _BatchTask:
-    """A task over ready batches: the loss sees the batch's pairs (PairTask without data)."""
+class _BatchTask(PairTask):
+    """PairTask over ready batches (no dataset): one forward pass, the batch's pairs."""
 
-    dataset = None
-
-    def loss_inputs(self, output, batch):
-        return LossInputs(output.img_emb, output.cap_emb, batch["image_ids"])
+    def __init__(self):
+        self.dataset = None
 
 
 def _batch(size: int) -> dict:
@@ -126,31 +124,50 @@ def probe_memory(arch: str, batch_size: int) -> dict:
             "saved_for_backward_mib": round(sum(saved.values()) / 2**20)}
 
 
-def bench_memory(plan=(("mobilenet_v3_large", (8, 32)), ("resnet152", (2, 8)),
-                       ("vgg19", (2, 8)), ("efficientnet_lite0", (8, 32))),
+def bench_memory(plan=(("mobilenet_v3_large", (8, 32)), ("resnet152", (8, 32)),
+                       ("vgg19", (8, 32)), ("efficientnet_lite0", (8, 32))),
                  gpu_gib: float = 80.0) -> list[dict]:
-    """Per backbone: the step's memory at two batches (fresh processes, one thread), the
-    growth per image, and the batch that fits ``gpu_gib``: (90% of it - 4 x the parameters:
-    weights, gradients, Adam's two moments) / the growth per image."""
+    """Per backbone: the step's memory at two batches (fresh processes, one thread), and
+    from it (:func:`memory_fit`) the memory per image and the batch that fits ``gpu_gib``."""
     results = []
     for arch, batches in plan:
         probes = []
         for batch in batches:
-            out = subprocess.run([sys.executable, __file__, arch, str(batch)],
-                                 capture_output=True, text=True, check=True).stdout
-            probes.append(json.loads(out.splitlines()[-1]))
-        small, large = probes[0], probes[-1]
-        per_image = (large["step_mib"] - small["step_mib"]) / (large["batch"] - small["batch"])
-        fixed = 4 * large["params_mib"]
-        fits = int((0.9 * gpu_gib * 1024 - fixed) / per_image)
-        results.append({"arch": arch, "probes": probes,
-                        "step_mib_per_image": round(per_image, 1),
-                        "saved_for_backward_mib_per_image":
-                            round(large["saved_for_backward_mib"] / large["batch"], 1),
-                        "weights_grads_adam_mib": round(fixed),
-                        f"batch_fitting_{gpu_gib:g}gb": fits,
-                        f"offline_batch_fitting_{gpu_gib:g}gb": fits // 3})
+            probe = subprocess.run([sys.executable, __file__, arch, str(batch)],
+                                   capture_output=True, text=True)
+            if probe.returncode != 0:
+                raise RuntimeError(f"memory probe {arch} batch {batch} failed:\n{probe.stderr}")
+            probes.append(json.loads(probe.stdout.splitlines()[-1]))
+        results.append(memory_fit(arch, probes, gpu_gib))
     return results
+
+
+def memory_fit(arch: str, probes: list[dict], gpu_gib: float = 80.0) -> dict:
+    """The batch that fits ``gpu_gib`` from two probes (:func:`probe_memory`, the smaller
+    batch first): (90% of it - 4 x the parameters: weights, gradients, Adam's two moments)
+    / the memory per image.
+
+    The memory per image is the larger of two measures: the slope of the process's peak RSS
+    between the batches, and the bytes autograd saves for backward per image at the larger
+    batch. The slope alone can fall short: at a small batch the peak may come from another
+    phase of the step (VGG19's Adam update over its 565 MiB of weights), so the two peaks
+    measure different moments; the saved tensors must all be held at once for backward.
+    """
+    small, large = probes[0], probes[-1]
+    slope = (large["peak_rss_mib"] - small["peak_rss_mib"]) / (large["batch"] - small["batch"])
+    saved = large["saved_for_backward_mib"] / large["batch"]
+    per_image = max(slope, saved)
+    if per_image <= 0:
+        raise RuntimeError(f"{arch}: no memory per image measured ({probes})")
+    fixed = 4 * large["params_mib"]
+    fits = int((0.9 * gpu_gib * 1024 - fixed) / per_image)
+    return {"arch": arch, "probes": probes,
+            "peak_mib_per_image": round(slope, 1),
+            "saved_for_backward_mib_per_image": round(saved, 1),
+            "mib_per_image": round(per_image, 1),
+            "weights_grads_adam_mib": round(fixed),
+            f"batch_fitting_{gpu_gib:g}gb": fits,
+            f"offline_batch_fitting_{gpu_gib:g}gb": fits // 3}
 
 
 if __name__ == "__main__":

@@ -1,0 +1,78 @@
+"""`make bench`'s sections run against today's interfaces, on tiny sizes.
+
+The benchmark is run by hand, rarely, and only on a quiet machine: a section broken by a
+change elsewhere (the cnn_memory probe once called a task without ``forward``) would
+otherwise show only when someone needs the figures. The figures themselves are not
+asserted (timing belongs to the benchmark, not to tests); their consistency is.
+"""
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+TOOLS = Path(__file__).resolve().parents[1] / "tools"
+
+
+@pytest.fixture(scope="module")
+def bench():
+    """tools/bench.py as a module (it imports tools/bench_cnn.py as ``bench_cnn``)."""
+    spec = importlib.util.spec_from_file_location("aoq_bench", TOOLS / "bench.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    yield module
+    sys.modules.pop("bench_cnn", None)
+
+
+def test_train_step_section_times_the_engine_against_the_pre_engine_step(bench):
+    result = bench.bench_train_step(32, repeats=1)
+    assert result["step_ms"] > 0 and result["pre_engine_step_ms"] > 0
+    assert result["ratio_to_pre_engine"] == pytest.approx(
+        result["step_ms"] / result["pre_engine_step_ms"], rel=0.01, abs=0.002)
+
+
+def test_eval_and_offcandi_sections_run_on_small_embeddings(bench):
+    ranks = bench.bench_eval(200, 16, sample=5)
+    assert ranks["captions"] == 1000 and ranks["blocked_s"] >= 0
+    mining = bench.bench_offcandi(2000, 16, sample=5)
+    assert mining["captions"] == 10000
+    assert [run["nprobe"] for run in mining["ivf"]] == list(bench.IVF_NPROBES)
+    for run in mining["ivf"]:
+        assert 0 < run["recall_at_k"]["i2t"] <= 1 and 0 < run["recall_at_k"]["t2i"] <= 1
+
+
+def test_tsv_section_converts_a_generated_file(bench):
+    (result,) = bench.bench_tsv((12,))
+    assert result["rows"] == 12 and result["peak_rss_mib"] > 0
+
+
+def test_cnn_finetune_section_times_our_step_against_torchvision(bench):
+    result = bench.bench_cnn_towers.bench_finetune("mobilenet_v3_large", batch_size=2,
+                                                   repeats=1)
+    assert result["images_per_s"] > 0 and result["torchvision_images_per_s"] > 0
+
+
+def test_cnn_memory_section_probes_fresh_processes_and_fits_a_batch(bench):
+    (result,) = bench.bench_cnn_towers.bench_memory(plan=(("mobilenet_v3_large", (1, 3)),))
+    small, large = result["probes"]
+    assert (small["batch"], large["batch"]) == (1, 3)
+    assert large["saved_for_backward_mib"] > small["saved_for_backward_mib"] > 0
+    assert result["peak_mib_per_image"] == pytest.approx(
+        (large["peak_rss_mib"] - small["peak_rss_mib"]) / 2, abs=0.05)
+    assert result["mib_per_image"] == max(result["peak_mib_per_image"],
+                                          result["saved_for_backward_mib_per_image"])
+    assert result["batch_fitting_80gb"] > 0
+    assert result["offline_batch_fitting_80gb"] == result["batch_fitting_80gb"] // 3
+
+
+def test_memory_fit_takes_the_saved_tensors_when_the_peak_grows_less(bench):
+    """VGG19's probes: its small batch peaks in the optimiser's phase, so the slope of the
+    peak (63.4 MiB/image) is below what backward holds (92.9 MiB/image)."""
+    probes = [{"batch": 8, "params_mib": 565.1, "peak_rss_mib": 4199,
+               "saved_for_backward_mib": 1166},
+              {"batch": 32, "params_mib": 565.1, "peak_rss_mib": 5720,
+               "saved_for_backward_mib": 2972}]
+    fit = bench.bench_cnn_towers.memory_fit("vgg19", probes)
+    assert fit["peak_mib_per_image"] == 63.4 and fit["mib_per_image"] == 92.9
+    assert fit["batch_fitting_80gb"] == int((0.9 * 80 * 1024 - 4 * 565.1) / (2972 / 32))
