@@ -3,8 +3,9 @@
 architecture it belongs to.
 
 An architecture (``model.arch``) is a name ``open_clip.list_models()`` knows (``ViT-B-32``,
-``RN50``, ...) or the path of an open_clip model-config JSON file (``embed_dim``,
-``vision_cfg``, ``text_cfg``: e.g. a TinyCLIP config, which open_clip 3 no longer ships).
+``RN50``, ...), a name of a config this package ships (:data:`SHIPPED_CONFIGS`: TinyCLIP's,
+which open_clip does not ship), or the path of an open_clip model-config JSON file
+(``embed_dim``, ``vision_cfg``, ``text_cfg``).
 Its config dict travels in the tokenizer's description (stored in every checkpoint) and in
 the model's arguments (``clip_config``), so later stages need neither the file nor the name.
 
@@ -24,6 +25,13 @@ from pathlib import Path
 from ..errors import UserError
 
 CLIP_FORMAT = "aoq-open-clip-tokenizer"
+# Model configs of architectures open_clip does not ship, by name (stages/models/clip_configs).
+SHIPPED_CONFIGS = Path(__file__).resolve().parents[1] / "models" / "clip_configs"
+
+
+def shipped_archs() -> list[str]:
+    """Names of the architectures whose configs this package ships (TinyCLIP's)."""
+    return sorted(path.stem for path in SHIPPED_CONFIGS.glob("*.json"))
 
 
 def _load_json_config(path: Path) -> dict:
@@ -60,14 +68,17 @@ def arch_config(arch: str) -> dict:
         raise UserError(f"model.arch={arch}: hub and folder schemas are not read here; give "
                         "an open_clip architecture name or the path of its model-config "
                         "JSON (open_clip_config.json's model_cfg)")
+    elif arch in shipped_archs():
+        config = _load_json_config(SHIPPED_CONFIGS / f"{arch}.json")
     else:
         config = open_clip.get_model_config(arch)
         if config is None:
             known = open_clip.list_models()
             raise UserError(f"model.arch={arch}: unknown to open_clip "
                             f"{open_clip.__version__} ({len(known)} known, e.g. "
-                            f"{', '.join(known[:3])}; see open_clip.list_models()); or give "
-                            "the path of a model-config JSON file (e.g. a TinyCLIP config)")
+                            f"{', '.join(known[:3])}; see open_clip.list_models()) and not "
+                            f"one this package ships ({', '.join(shipped_archs())}); or give "
+                            "the path of a model-config JSON file")
     text = config["text_cfg"]
     hf = text.get("hf_tokenizer_name") or text.get("hf_model_name")
     if hf:

@@ -10,7 +10,7 @@ import torch
 
 import stages.training.loop as loop_module
 from stages.config import load_config
-from stages.data.clip_tokenizer import ClipTokenizer, arch_config
+from stages.data.clip_tokenizer import ClipTokenizer, arch_config, shipped_archs
 from stages.data.images import open_images
 from stages.data.tokenizers import tokenizer_from_json
 from stages.errors import UserError
@@ -97,7 +97,8 @@ def test_archs_that_would_need_the_network_are_one_line_errors(tmp_path):
     assert arch_config("ViT-B-32")["vision_cfg"]["patch_size"] == 32
     for arch, reason in [("xlm-roberta-base-ViT-B-32", "Hugging Face"),
                          ("ViT-B-16-SigLIP", "SigLIP"), ("coca_ViT-B-32", "Hugging Face|CoCa"),
-                         ("ViT-Q-99", "unknown to open_clip"), ("hf-hub:org/x", "schemas"),
+                         ("ViT-Q-99", "unknown to open_clip .* TinyCLIP-ViT-8M-16-Text-3M"),
+                         ("hf-hub:org/x", "schemas"),
                          (str(tmp_path / "none.json"), "no such file")]:
         with pytest.raises(UserError, match=reason) as info:
             arch_config(arch)
@@ -121,6 +122,40 @@ def test_preprocessing_is_clips_at_the_archs_size(arch, pixels):
     with Image.open(store.image_path(2)) as file:
         np.testing.assert_allclose(store.read_many([2])[0],
                                    expected(file.convert("RGB")).numpy(), atol=1e-6)
+
+
+def test_tinyclip_archs_resolve_by_name_to_the_sizes_their_names_give():
+    """TinyCLIP-<image tower>-<M params>-...-Text-<M params>: the shipped configs build
+    open_clip models whose image tower and text transformer have those sizes (the text
+    figure of the smallest, 3M, rounds up its 2.4M)."""
+    assert shipped_archs() == [
+        "TinyCLIP-ResNet-19M-Text-19M", "TinyCLIP-ResNet-30M-Text-29M",
+        "TinyCLIP-ViT-39M-16-Text-19M", "TinyCLIP-ViT-40M-32-Text-19M",
+        "TinyCLIP-ViT-61M-32-Text-29M", "TinyCLIP-ViT-8M-16-Text-3M"]
+    for name in shipped_archs():
+        parts = name.split("-")
+        image_m, text_m = float(parts[2].rstrip("M")), float(parts[-1].rstrip("M"))
+        clip = build_open_clip(arch_config(name))
+        image = sum(p.numel() for p in clip.visual.parameters()) / 1e6
+        text = sum(p.numel() for n, p in clip.named_parameters()
+                   if n.startswith("transformer.")) / 1e6
+        assert image == pytest.approx(image_m, rel=0.05), name
+        assert text == pytest.approx(text_m, rel=0.25), name
+
+
+def test_a_tinyclip_name_is_the_arch_of_model_tokenizer_and_checkpoint():
+    name = "TinyCLIP-ViT-8M-16-Text-3M"
+    tokenizer = ClipTokenizer.for_arch(name)
+    model = build_model("clip", {"arch": name, "weights": "random", "image_freeze_blocks": 10,
+                                 "text_freeze_blocks": 3}, img_dim=3, **tokenizer.model_args())
+    assert model.clip.visual.image_size == (224, 224)
+    assert not any(p.requires_grad for n, p in model.clip.named_parameters()
+                   if n.startswith("transformer."))
+    rebuilt = tokenizer_from_json(json.loads(json.dumps(tokenizer.to_json())))
+    assert rebuilt.clip_config == arch_config(name) and rebuilt.arch == name
+    with pytest.raises(UserError, match="has 10 blocks"):
+        build_model("clip", {"arch": name, "weights": "random", "image_freeze_blocks": 11},
+                    img_dim=3, **tokenizer.model_args())
 
 
 @pytest.mark.parametrize("config,blocks", [(TINY_VIT, 2), (TINY_RN, 4)])
