@@ -142,7 +142,7 @@ class OffcandiConfig:
     block_size: Annotated[int, AtLeastOne] = 4096  # queries per search block
     # queries on which an approximate index is checked
     recall_sample: Annotated[int, NonNegative] = 1000
-    threads: Annotated[int, NonNegative] = 0  # FAISS threads (0: all this process may use)
+    threads: Annotated[int, NonNegative] = 0  # FAISS threads (0: OMP_NUM_THREADS, else all)
     # h: a negative is drawn uniformly from the top h (t2i: top h / 5)
     hardest: Annotated[int, AtLeastOne] = 300
     base_ckpt: str = ""  # retrain refuses candidates not mined with this checkpoint

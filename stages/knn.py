@@ -24,8 +24,11 @@ ADD_BLOCK_BYTES = 32 << 20  # vectors read and added per step: 8192 rows at d = 
 
 
 def set_threads(threads: int = 0) -> int:
-    """FAISS/OpenMP threads: ``threads`` if > 0, else the CPUs this process may use."""
-    threads = threads or len(os.sched_getaffinity(0))
+    """FAISS/OpenMP threads: ``threads`` if > 0, else ``OMP_NUM_THREADS`` when it is one
+    whole number (as the OpenMP runtime reads it), else the CPUs this process may use."""
+    if not threads:
+        env = os.environ.get("OMP_NUM_THREADS", "").strip()
+        threads = int(env) if env.isdigit() and int(env) > 0 else len(os.sched_getaffinity(0))
     faiss.omp_set_num_threads(threads)
     return threads
 

@@ -17,11 +17,14 @@ TOOLS = Path(__file__).resolve().parents[1] / "tools"
 
 @pytest.fixture(scope="module")
 def bench():
-    """tools/bench.py as a module (it imports tools/bench_cnn.py as ``bench_cnn``)."""
+    """tools/bench.py as a module (it puts tools/ on sys.path and imports bench_cnn.py);
+    sys.path and sys.modules are restored after the module's tests."""
+    path = list(sys.path)
     spec = importlib.util.spec_from_file_location("aoq_bench", TOOLS / "bench.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     yield module
+    sys.path[:] = path
     sys.modules.pop("bench_cnn", None)
 
 
@@ -60,19 +63,24 @@ def test_cnn_memory_section_probes_fresh_processes_and_fits_a_batch(bench):
     assert large["saved_for_backward_mib"] > small["saved_for_backward_mib"] > 0
     assert result["peak_mib_per_image"] == pytest.approx(
         (large["peak_rss_mib"] - small["peak_rss_mib"]) / 2, abs=0.05)
-    assert result["mib_per_image"] == max(result["peak_mib_per_image"],
-                                          result["saved_for_backward_mib_per_image"])
+    # Activations only, so they scale with the batch (the weights, 37.7 MiB that autograd
+    # saves too, would make batch 3 save about 2.1x batch 1's, not 3x).
+    assert large["saved_for_backward_mib"] == pytest.approx(
+        3 * small["saved_for_backward_mib"], rel=0.1)
     assert result["batch_fitting_80gb"] > 0
-    assert result["offline_batch_fitting_80gb"] == result["batch_fitting_80gb"] // 3
 
 
 def test_memory_fit_takes_the_saved_tensors_when_the_peak_grows_less(bench):
-    """VGG19's probes: its small batch peaks in the optimiser's phase, so the slope of the
-    peak (63.4 MiB/image) is below what backward holds (92.9 MiB/image)."""
+    """VGG19's probes (their saved bytes as first measured, weights included): its small
+    batch peaks in the optimiser's phase, so the slope of the peak (63.4 MiB/image) is below
+    that of the tensors backward holds (75.25 MiB/image); the weights, saved at every batch,
+    drop out of the slope."""
     probes = [{"batch": 8, "params_mib": 565.1, "peak_rss_mib": 4199,
                "saved_for_backward_mib": 1166},
               {"batch": 32, "params_mib": 565.1, "peak_rss_mib": 5720,
                "saved_for_backward_mib": 2972}]
     fit = bench.bench_cnn_towers.memory_fit("vgg19", probes)
-    assert fit["peak_mib_per_image"] == 63.4 and fit["mib_per_image"] == 92.9
-    assert fit["batch_fitting_80gb"] == int((0.9 * 80 * 1024 - 4 * 565.1) / (2972 / 32))
+    assert fit["peak_mib_per_image"] == 63.4
+    assert fit["mib_per_image"] == round((2972 - 1166) / 24, 1)
+    assert fit["batch_fitting_80gb"] == int((0.9 * 80 * 1024 - 4 * 565.1) / 75.25)
+    assert fit["offline_batch_fitting_80gb"] == fit["batch_fitting_80gb"] // 3

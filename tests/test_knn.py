@@ -1,8 +1,17 @@
+import os
+
+import faiss
 import h5py
 import numpy as np
 import pytest
 
-from stages.knn import approximate_recall, build_index, exact_top_k, search_blocks
+from stages.knn import (
+    approximate_recall,
+    build_index,
+    exact_top_k,
+    search_blocks,
+    set_threads,
+)
 
 
 @pytest.fixture
@@ -44,3 +53,17 @@ def test_index_from_hdf5_equals_index_from_memory(vectors, kind):
         assert recall == 1.0  # nprobe = nlist: every list is visited
     else:
         assert 0.8 < recall <= 1.0
+
+
+@pytest.mark.parametrize("env,expected", [("1", 1), ("3", 3), ("", None), ("4,2", None),
+                                          ("0", None)])
+def test_threads_follow_the_setting_then_omp_num_threads_then_the_cpus(env, expected,
+                                                                       monkeypatch):
+    cpus = len(os.sched_getaffinity(0))
+    monkeypatch.setenv("OMP_NUM_THREADS", env)
+    try:
+        assert set_threads() == (expected or cpus)
+        assert faiss.omp_get_max_threads() == (expected or cpus)
+        assert set_threads(2) == 2 and faiss.omp_get_max_threads() == 2
+    finally:
+        set_threads(1)  # the suite's one thread per worker

@@ -142,7 +142,8 @@ def bench_train_step(embed_size: int, repeats: int) -> dict:
     (ours, ours_cpu), (legacy, legacy_cpu) = (
         (statistics.median(wall), statistics.median(cpu)) for wall, cpu in times.values())
     floor = _median_seconds(bare, repeats)
-    return {"embed_size": embed_size, "batch": 128, "step_ms": round(ours * 1e3, 1),
+    return {"embed_size": embed_size, "batch": 128, "repeats": repeats,
+            "step_ms": round(ours * 1e3, 1),
             "pre_engine_step_ms": round(legacy * 1e3, 1),
             "ratio_to_pre_engine": round(ours / legacy, 3),
             "step_cpu_ms": round(ours_cpu * 1e3, 1),

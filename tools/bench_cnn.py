@@ -32,7 +32,8 @@ GIB = 1 << 30
 
 
 class _BatchTask(PairTask):
-    """PairTask over ready batches (no dataset): one forward pass, the batch's pairs."""
+    """PairTask's ``forward`` and ``loss_inputs`` over ready batches: no dataset, so no
+    ``collate`` or ``set_epoch`` (``Trainer.step`` uses neither)."""
 
     def __init__(self):
         self.dataset = None
@@ -99,18 +100,21 @@ def _rss_kib(field: str) -> int:
 
 def probe_memory(arch: str, batch_size: int) -> dict:
     """In this process: RSS around one training step after a warm-up step (Adam's states
-    exist), and the bytes autograd saves for backward in the forward pass."""
+    exist), and the bytes autograd saves for backward in the forward pass (activations: the
+    weights it saves too are left out)."""
     batch = _batch(batch_size)
     with tempfile.TemporaryDirectory() as tmp:
         trainer = _trainer(arch, tmp)
         trainer.model.train()
         trainer.step(batch)
         params = sum(p.numel() * p.element_size() for p in trainer.model.parameters())
+        weights = {p.untyped_storage().data_ptr() for p in trainer.model.parameters()}
         saved: dict[int, int] = {}
 
         def pack(tensor):  # keeps the tensor itself: no memory of its own
             storage = tensor.untyped_storage()
-            saved[storage.data_ptr()] = storage.nbytes()
+            if storage.data_ptr() not in weights:  # activations only: weights are fixed
+                saved[storage.data_ptr()] = storage.nbytes()
             return tensor
 
         Path("/proc/self/clear_refs").write_text("5")  # reset the peak (VmHWM) to now
@@ -147,22 +151,24 @@ def memory_fit(arch: str, probes: list[dict], gpu_gib: float = 80.0) -> dict:
     batch first): (90% of it - 4 x the parameters: weights, gradients, Adam's two moments)
     / the memory per image.
 
-    The memory per image is the larger of two measures: the slope of the process's peak RSS
-    between the batches, and the bytes autograd saves for backward per image at the larger
-    batch. The slope alone can fall short: at a small batch the peak may come from another
-    phase of the step (VGG19's Adam update over its 565 MiB of weights), so the two peaks
-    measure different moments; the saved tensors must all be held at once for backward.
+    The memory per image is the larger of two slopes between the batches: of the process's
+    peak RSS, and of the tensors autograd saves for backward (the slope leaves out what
+    does not grow with the batch). The peak's slope alone can fall short: at a small batch
+    the peak may come from another phase of the step (VGG19's Adam update over its 565 MiB
+    of weights), so the two peaks measure different moments; the saved tensors must all be
+    held at once for backward.
     """
     small, large = probes[0], probes[-1]
-    slope = (large["peak_rss_mib"] - small["peak_rss_mib"]) / (large["batch"] - small["batch"])
-    saved = large["saved_for_backward_mib"] / large["batch"]
-    per_image = max(slope, saved)
+    images = large["batch"] - small["batch"]
+    peak = (large["peak_rss_mib"] - small["peak_rss_mib"]) / images
+    saved = (large["saved_for_backward_mib"] - small["saved_for_backward_mib"]) / images
+    per_image = max(peak, saved)
     if per_image <= 0:
         raise RuntimeError(f"{arch}: no memory per image measured ({probes})")
     fixed = 4 * large["params_mib"]
     fits = int((0.9 * gpu_gib * 1024 - fixed) / per_image)
     return {"arch": arch, "probes": probes,
-            "peak_mib_per_image": round(slope, 1),
+            "peak_mib_per_image": round(peak, 1),
             "saved_for_backward_mib_per_image": round(saved, 1),
             "mib_per_image": round(per_image, 1),
             "weights_grads_adam_mib": round(fixed),

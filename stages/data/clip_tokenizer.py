@@ -3,7 +3,7 @@
 architecture it belongs to.
 
 An architecture (``model.arch``) is a name ``open_clip.list_models()`` knows (``ViT-B-32``,
-``RN50``, ...), a name of a config this package ships (:data:`SHIPPED_CONFIGS`: TinyCLIP's,
+``RN50``, ...), a name of a config this package ships (:data:`SHIPPED_CONFIG_DIR`: TinyCLIP's,
 which open_clip does not ship), or the path of an open_clip model-config JSON file
 (``embed_dim``, ``vision_cfg``, ``text_cfg``).
 Its config dict travels in the tokenizer's description (stored in every checkpoint) and in
@@ -26,12 +26,12 @@ from ..errors import UserError
 
 CLIP_FORMAT = "aoq-open-clip-tokenizer"
 # Model configs of architectures open_clip does not ship, by name (stages/models/clip_configs).
-SHIPPED_CONFIGS = Path(__file__).resolve().parents[1] / "models" / "clip_configs"
+SHIPPED_CONFIG_DIR = Path(__file__).resolve().parents[1] / "models" / "clip_configs"
 
 
 def shipped_archs() -> list[str]:
     """Names of the architectures whose configs this package ships (TinyCLIP's)."""
-    return sorted(path.stem for path in SHIPPED_CONFIGS.glob("*.json"))
+    return sorted(path.stem for path in SHIPPED_CONFIG_DIR.glob("*.json"))
 
 
 def _load_json_config(path: Path) -> dict:
@@ -68,10 +68,10 @@ def arch_config(arch: str) -> dict:
         raise UserError(f"model.arch={arch}: hub and folder schemas are not read here; give "
                         "an open_clip architecture name or the path of its model-config "
                         "JSON (open_clip_config.json's model_cfg)")
-    elif arch in shipped_archs():
-        config = _load_json_config(SHIPPED_CONFIGS / f"{arch}.json")
     else:
         config = open_clip.get_model_config(arch)
+        if config is None and arch in shipped_archs():
+            config = _load_json_config(SHIPPED_CONFIG_DIR / f"{arch}.json")
         if config is None:
             known = open_clip.list_models()
             raise UserError(f"model.arch={arch}: unknown to open_clip "

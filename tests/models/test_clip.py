@@ -127,7 +127,8 @@ def test_preprocessing_is_clips_at_the_archs_size(arch, pixels):
 def test_tinyclip_archs_resolve_by_name_to_the_sizes_their_names_give():
     """TinyCLIP-<image tower>-<M params>-...-Text-<M params>: the shipped configs build
     open_clip models whose image tower and text transformer have those sizes (the text
-    figure of the smallest, 3M, rounds up its 2.4M)."""
+    figure of the smallest, 3M, rounds up its 2.4M; one text layer more or less moves the
+    others' size by 11% or more)."""
     assert shipped_archs() == [
         "TinyCLIP-ResNet-19M-Text-19M", "TinyCLIP-ResNet-30M-Text-29M",
         "TinyCLIP-ViT-39M-16-Text-19M", "TinyCLIP-ViT-40M-32-Text-19M",
@@ -140,7 +141,7 @@ def test_tinyclip_archs_resolve_by_name_to_the_sizes_their_names_give():
         text = sum(p.numel() for n, p in clip.named_parameters()
                    if n.startswith("transformer.")) / 1e6
         assert image == pytest.approx(image_m, rel=0.05), name
-        assert text == pytest.approx(text_m, rel=0.25), name
+        assert text == pytest.approx(text_m, rel=0.25 if text_m == 3 else 0.05), name
 
 
 def test_a_tinyclip_name_is_the_arch_of_model_tokenizer_and_checkpoint():
