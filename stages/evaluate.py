@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 from .config import Config, load_config
+from .data.captions import split_names
 from .data.dataset import check_feature_dim
 from .device import resolve_device
 from .encode import encode_split
@@ -59,6 +60,12 @@ def evaluate(checkpoints: list[str | Path], config_files=(), overrides=(),
     config = load_config(config_files, overrides,
                          base=Config.from_dict(states[0]["config"], str(checkpoints[0]),
                                                stored=True))
+    dataset_dir, eval_split = config.dataset_dir(), config.data.eval_split
+    if dataset_dir.is_dir() and eval_split not in split_names(dataset_dir):
+        raise UserError(f"data.eval_split={eval_split}: {dataset_dir} has no such split (its "
+                        f"splits: {', '.join(split_names(dataset_dir)) or 'none'}); evaluate "
+                        "another with --set data.eval_split=NAME (make ... "
+                        "SET=data.eval_split=NAME)")
     split = open_model_split(config, config.data.eval_split, states[0]["model"])
     folds = FOLDS if config.eval.fold5 else 1
     if folds > 1 and split.num_images % folds:

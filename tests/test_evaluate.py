@@ -24,6 +24,14 @@ def test_eval_appends_a_record_beside_the_checkpoint(trained):
                                                for d in ("i2t", "t2i")))
 
 
+def test_an_eval_split_the_dataset_lacks_names_its_splits_and_the_setting(trained):
+    with pytest.raises(UserError, match=r"data.eval_split=testall: .* has no such split "
+                                        r"\(its splits: dev, test, train\); evaluate another "
+                                        r"with --set data.eval_split=NAME") as info:
+        evaluate([trained], overrides=["data.eval_split=testall"])
+    assert "\n" not in str(info.value)
+
+
 def test_ensemble_of_a_model_with_itself_equals_the_model(trained, tmp_path):
     single = evaluate([trained], out=tmp_path / "a.jsonl")
     double = evaluate([trained, trained], out=tmp_path / "b.jsonl")

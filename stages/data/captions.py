@@ -7,6 +7,22 @@ from ..errors import UserError
 CAPTIONS_PER_IMAGE = 5
 
 
+def split_names(dataset_dir: Path) -> list[str]:
+    """The splits of a dataset folder: the names of its ``{split}_caps.txt`` files."""
+    return sorted(p.name[: -len("_caps.txt")] for p in Path(dataset_dir).glob("*_caps.txt"))
+
+
+def check_split(dataset_dir: Path, split: str) -> Path:
+    """``dataset_dir/{split}_caps.txt``; a split the folder does not have is a
+    :class:`UserError` naming the splits it has."""
+    path = Path(dataset_dir) / f"{split}_caps.txt"
+    if not path.is_file():
+        raise UserError(f"{dataset_dir} has no split {split!r} (no {path.name}; its splits: "
+                        f"{', '.join(split_names(dataset_dir)) or 'none'}); a split is a "
+                        "{split}_caps.txt file beside that split's features or image list")
+    return path
+
+
 def read_text_lines(path: Path) -> list[str]:
     """The lines of a UTF-8 text file (without their newline; no empty last line for a
     final newline). Bytes that are not UTF-8 are a :class:`UserError` naming the line."""

@@ -13,7 +13,7 @@ from torch.nn.utils.rnn import pad_sequence
 from torch.utils.data import Dataset
 
 from ..errors import UserError
-from .captions import CAPTIONS_PER_IMAGE, read_captions
+from .captions import CAPTIONS_PER_IMAGE, check_split, read_captions
 from .features import FeatureStore, open_features
 from .tokenizers import CaptionTokenizer
 from .vocab import PAD
@@ -92,10 +92,7 @@ def open_split(dataset_dir: str | Path, split: str, images: "ImageStore | None" 
     if not dataset_dir.is_dir():
         raise UserError(f"dataset folder {dataset_dir} not found; set DATA_PATH to the folder "
                         "holding it (make ... DATA_PATH=/datasets) or run the features stage")
-    caps_path = dataset_dir / f"{split}_caps.txt"
-    if not caps_path.is_file():
-        raise UserError(f"caption file {caps_path} not found for split {split!r}; a precomp "
-                        "dataset folder holds {split}_caps.txt beside its features")
+    caps_path = check_split(dataset_dir, split)
     features = images if images is not None else open_features(dataset_dir, split)
     captions = read_captions(caps_path)
     n_caps, rows = len(captions), features.num_images

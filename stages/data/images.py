@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import UserError
-from .captions import read_text_lines
+from .captions import check_split, read_text_lines
 from .offline import counter_hash
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -237,6 +237,7 @@ def open_images(dataset_dir: str | Path, split: str, root: str | Path,
                         f"(make ... IMAGES=PATH) to the folder the paths in {listing.name} "
                         "are relative to")
     if not listing.is_file():
+        check_split(dataset_dir, split)  # no such split at all: say which splits there are
         raise UserError(f"{listing} not found; models that read raw images need the image "
                         "list `aoq captions` writes (make features KARPATHY=... or "
                         "COCO_JSON=...)")

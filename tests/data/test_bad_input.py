@@ -18,7 +18,9 @@ def test_missing_dataset_folder(tmp_path):
 
 def test_missing_caption_file(tmp_path):
     np.save(tmp_path / "train_ims.npy", np.zeros((2, 3), np.float32))
-    with pytest.raises(UserError, match="train_caps.txt not found"):
+    (tmp_path / "dev_caps.txt").write_text("a caption\n" * 5)
+    with pytest.raises(UserError, match=r"has no split 'train' \(no train_caps.txt; its "
+                                        r"splits: dev\); a split is a \{split\}_caps.txt"):
         open_split(tmp_path, "train")
 
 

@@ -107,8 +107,12 @@ def test_missing_root_list_or_files_are_clear_errors(pixels, tmp_path):
         open_images(dataset, "dev", "", SIZE)
     with pytest.raises(UserError, match="image folder .* not found"):
         open_images(dataset, "dev", tmp_path / "nowhere", SIZE)
-    with pytest.raises(UserError, match="testall_images.txt not found"):
+    with pytest.raises(UserError, match=r"has no split 'testall' \(no testall_caps.txt; "
+                                        r"its splits: dev, test, train\)"):
         open_images(dataset, "testall", images, SIZE)
+    (dataset / "test_images.txt").unlink()  # the split's captions are there, its list not
+    with pytest.raises(UserError, match="test_images.txt not found; models that read raw"):
+        open_images(dataset, "test", images, SIZE)
     (images / "dev" / "0001.jpg").unlink()
     with pytest.raises(UserError, match=r"1 of the 6 images .* dev/0001.jpg"):
         open_images(dataset, "dev", images, SIZE)
