@@ -6,6 +6,9 @@ from pathlib import Path
 
 FORMAT = "%(asctime)s | %(levelname)s | %(name)s | %(message)s"
 DATEFMT = "%Y-%m-%d %H:%M:%S"
+# Libraries whose INFO lines say nothing a user acts on: FAISS's loader reports each CPU
+# build it tries (two failed imports before the one that loads) on every stage that mines.
+QUIET_LOGGERS = ("faiss.loader",)
 
 
 def setup_logging(log_file: Path | None = None, level: int = logging.INFO) -> None:
@@ -15,6 +18,8 @@ def setup_logging(log_file: Path | None = None, level: int = logging.INFO) -> No
     """
     root = logging.getLogger()
     root.setLevel(level)
+    for name in QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(max(level, logging.WARNING))
     formatter = logging.Formatter(FORMAT, DATEFMT)
     if not any(getattr(h, "_aoq_console", False) for h in root.handlers):
         console = logging.StreamHandler(sys.stderr)
