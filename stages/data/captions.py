@@ -13,8 +13,11 @@ def split_names(dataset_dir: Path) -> list[str]:
 
 
 def check_split(dataset_dir: Path, split: str) -> Path:
-    """``dataset_dir/{split}_caps.txt``; a split the folder does not have is a
-    :class:`UserError` naming the splits it has."""
+    """``dataset_dir/{split}_caps.txt``; a missing folder, or a split the folder does not
+    have, is a :class:`UserError` (the latter naming the splits it has)."""
+    if not Path(dataset_dir).is_dir():
+        raise UserError(f"dataset folder {dataset_dir} not found; set DATA_PATH to the folder "
+                        "holding it (make ... DATA_PATH=/datasets) or run the features stage")
     path = Path(dataset_dir) / f"{split}_caps.txt"
     if not path.is_file():
         raise UserError(f"{dataset_dir} has no split {split!r} (no {path.name}; its splits: "

@@ -89,9 +89,6 @@ def open_split(dataset_dir: str | Path, split: str, images: "ImageStore | None" 
     instead of its features.
     """
     dataset_dir = Path(dataset_dir)
-    if not dataset_dir.is_dir():
-        raise UserError(f"dataset folder {dataset_dir} not found; set DATA_PATH to the folder "
-                        "holding it (make ... DATA_PATH=/datasets) or run the features stage")
     caps_path = check_split(dataset_dir, split)
     features = images if images is not None else open_features(dataset_dir, split)
     captions = read_captions(caps_path)
