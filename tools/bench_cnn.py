@@ -7,8 +7,9 @@
 * ``cnn_memory``: peak RSS of one such step at two batch sizes, each in a fresh process
   (``python tools/bench_cnn.py ARCH BATCH``, one thread): the process's peak, the memory
   the step adds over the model and optimiser (after a warm-up step: Adam's moments exist),
-  the growth per image (the slope of the peak between the two batches), and the bytes
-  autograd saves for backward in the step; from those, the batch that fits a GPU.
+  and the activations autograd saves for backward; from the two batches, the memory per
+  image (:func:`memory_fit`: the larger slope, of the peak or of the saved activations)
+  and the batch that fits a GPU.
 """
 
 import json
