@@ -112,8 +112,9 @@ help:
 	@echo "make f30k-all      the whole chain on f30k_precomp; coco-all likewise on coco_precomp"
 	@echo "make export        CKPT's encoders as FORMAT=torchscript|onnx, checked -> <run>/export/FORMAT/"
 	@echo "make bench         speed figures                            -> bench/results.json"
-	@echo "make table         loss x offline negatives x batch size, LOSSES='...' BATCHES='...'"
-	@echo "                   -> runs/DATA/table/table.{md,csv,png}"
+	@echo "make table         loss x offline negatives x batch size x seed, LOSSES='...' BATCHES='...'"
+	@echo "                   SEEDS=n, TABLE_INIT=<checkpoint> (continue every cell from it)"
+	@echo "                   -> runs/DATA/table/table.{md,csv,png}, pairs.csv (offline vs control)"
 	@echo "variables: DATA=$(DATA) DATA_PATH=$(DATA_PATH) RUN=$(RUN) AOQ_RUN=$(AOQ_RUN) ROUNDS=$(ROUNDS)"
 	@echo "           EXP=$(EXP) FOLD5=$(FOLD5)"
 	@echo "           CKPT=$(CKPT) SET='section.key=value ...' TORCH=$(TORCH)"
@@ -342,24 +343,39 @@ demo-compare: $(DEMO_CKPTS)
 	$(AOQ) eval --each $(foreach c,$(DEMO_CKPTS),--ckpt $(c)) $(CONFIGS) $(OVERRIDES) \
 	    --set eval.fold5=$(FOLD5)
 
-# --- make table: loss x offline negatives (no/yes) x batch size --------------------------
-# One run per cell, each trained from scratch with the same settings (the "on" cells with
-# `aoq train --set train.offline_negatives=true`, not retrain's schedule), in
-# runs/DATA/table/<loss>-<off|on>-b<batch>/ (checkpoint.pt, eval.jsonl). "on" cells train
-# with candidates (offcandi/DATA/table-b<batch>) mined by the TABLE_MINER cell without
-# offline negatives of the same batch size; losses that need offline negatives (aoq, offquin,
-# offtri) only get an "on" cell (`aoq table --plan` lists the cells). Every cell file is a
-# target, so a killed `make table` continues. A change of CONFIGS/OVERRIDES/TABLE_SET makes
-# every cell stale (training then refuses to resume a run made with other settings).
-# TABLE_SET: overrides for the table's runs only.
+# --- make table: loss x offline negatives (no/yes) x batch size x seed -------------------
+# One run per cell with the same settings (the "on" cells with `aoq train --set
+# train.offline_negatives=true`, not retrain's schedule), in
+# runs/DATA/table/<loss>-<off|on>-b<batch>[-s<seed>]/ (checkpoint.pt, eval.jsonl), each
+# trained with train.seed 0..SEEDS-1, from scratch or (TABLE_INIT=<checkpoint>) all
+# continued from one checkpoint, into runs/DATA/table-from-<its run>/. "on" cells train
+# with candidates mined by TABLE_INIT (into offcandi/DATA/table-<its run>), else by the
+# TABLE_MINER cell without offline negatives of the same batch size (seed 0, into
+# offcandi/DATA/table-b<batch>); losses that need offline negatives (aoq, offquin, offtri)
+# only get an "on" cell, and their matched control (vse_max's "off" cell) is always planned
+# (`aoq table --plan` lists the cells). Every cell file is a target, so a killed `make
+# table` continues. A change of CONFIGS/OVERRIDES/TABLE_SET makes every cell stale (training
+# then refuses to resume a run made with other settings). TABLE_SET: overrides for the
+# table's runs only.
 LOSSES ?= vse_max infonce aoq
 BATCHES ?= 128
+SEEDS ?= 1
+$(call positive_int,SEEDS)
 TABLE_MINER ?= vse_max
 TABLE_SET ?=
-TABLE_DIR = runs/$(DATA)/$(model_prefix)table
+TABLE_INIT ?=
+table_init_run = $(notdir $(patsubst %/,%,$(dir $(TABLE_INIT))))
+TABLE_DIR = runs/$(DATA)/$(model_prefix)table$(if $(TABLE_INIT),-from-$(table_init_run))
 TABLE_OVERRIDES = $(OVERRIDES) $(foreach s,$(TABLE_SET),--set $(s))
 TABLE_MAKEFILE := $(firstword $(MAKEFILE_LIST))
-TABLE_ARGS = --dir $(TABLE_DIR) --losses '$(LOSSES)' --batches '$(BATCHES)' --miner $(TABLE_MINER)
+TABLE_ARGS = --dir $(TABLE_DIR) --losses '$(LOSSES)' --batches '$(BATCHES)' \
+	--miner $(TABLE_MINER) --seeds $(SEEDS) $(if $(TABLE_INIT),--init $(TABLE_INIT))
+ifneq ($(filter table table-files,$(MAKECMDGOALS)),)
+$(if $(findstring train.seed=,$(SET) $(TABLE_SET)),$(error make table sets train.seed \
+	per cell (SEEDS=n trains seeds 0..n-1): drop train.seed from SET / TABLE_SET))
+$(if $(filter-out 0 1,$(words $(TABLE_INIT))),$(error TABLE_INIT='$(TABLE_INIT)': give one \
+	checkpoint))
+endif
 
 table: | $(STAMP)
 	cells=$$($(AOQ) table --plan $(TABLE_ARGS)) && \
@@ -385,31 +401,37 @@ $(TABLE_DIR)/settings.txt $(TABLE_DIR)/eval-settings.txt: ;
 
 table_part = $(word $(2),$(subst -, ,$(1)))
 table_batch = $(patsubst b%,%,$(call table_part,$(1),3))
-table_offcandi = $(OFFCANDI_DIR)/table-b$(1)
-table_miner = $(TABLE_DIR)/$(TABLE_MINER)-off-b$(1)
+table_seed = $(patsubst s%,%,$(or $(call table_part,$(1),4),s0))
+# The candidates and the checkpoint that mined them, for batch size $(1).
+table_offcandi = $(OFFCANDI_DIR)/table-$(if $(TABLE_INIT),$(table_init_run),b$(1))
+table_miner_ckpt = $(or $(TABLE_INIT),$(TABLE_DIR)/$(TABLE_MINER)-off-b$(1)/checkpoint.pt)
 
 define TABLE_CELL_RULES
-$(TABLE_DIR)/$(1)/checkpoint.pt: $(TABLE_DIR)/settings.txt \
+$(TABLE_DIR)/$(1)/checkpoint.pt: $(TABLE_DIR)/settings.txt $(TABLE_INIT) \
 	    $(if $(filter on,$(call table_part,$(1),2)),$(call table_offcandi,$(call table_batch,$(1)))/t2i.h5,$(VOCAB) $(TRAIN_INPUT)) | $(STAMP)
 	$$(AOQ) train $$(CONFIGS) $$(TABLE_OVERRIDES) \
 	    --set loss.name=$(call table_part,$(1),1) --set train.batch_size=$(call table_batch,$(1)) \
+	    --set train.seed=$(call table_seed,$(1)) \
+	    $(if $(TABLE_INIT),--set train.init_from=$(TABLE_INIT)) \
 	    $(if $(filter on,$(call table_part,$(1),2)),--set train.offline_negatives=true \
 	    --set offcandi.dir=$(call table_offcandi,$(call table_batch,$(1))) \
-	    --set offcandi.base_ckpt=$(call table_miner,$(call table_batch,$(1)))/checkpoint.pt) \
+	    --set offcandi.base_ckpt=$(call table_miner_ckpt,$(call table_batch,$(1)))) \
 	    --run-dir $(TABLE_DIR)/$(1) --resume
 
 $(TABLE_DIR)/$(1)/eval.jsonl: $(TABLE_DIR)/$(1)/checkpoint.pt $(TABLE_DIR)/eval-settings.txt
-	$$(AOQ) eval --ckpt $$< $$(CONFIGS) $$(TABLE_OVERRIDES) --set eval.fold5=$$(FOLD5) --out $$@
+	$$(AOQ) eval --ckpt $$< $$(CONFIGS) $$(TABLE_OVERRIDES) --set eval.fold5=$$(FOLD5) --ranks \
+	    --out $$@
 endef
 
 define TABLE_MINING_RULES
-$(call table_offcandi,$(1))/t2i.h5: $(call table_miner,$(1))/embeddings_train.h5
+$(call table_offcandi,$(1))/t2i.h5: $(dir $(call table_miner_ckpt,$(1)))embeddings_train.h5
 	$$(AOQ) offcandi --embeddings $$< $$(CONFIGS) $$(TABLE_OVERRIDES) --out-dir $$(@D)
 endef
 
 $(foreach c,$(sort $(TABLE_CELLS) $(foreach b,$(BATCHES),$(TABLE_MINER)-off-b$(b))),\
 	$(eval $(call TABLE_CELL_RULES,$(c))))
-$(foreach b,$(BATCHES),$(eval $(call TABLE_MINING_RULES,$(b))))
+$(foreach b,$(if $(TABLE_INIT),$(firstword $(BATCHES)),$(BATCHES)),\
+	$(eval $(call TABLE_MINING_RULES,$(b))))
 endif
 
 table-files: $(foreach c,$(TABLE_CELLS),$(TABLE_DIR)/$(c)/eval.jsonl) | $(STAMP)

@@ -106,8 +106,9 @@ def load_candidates(folder: str | Path, direction: str, dataset: str, split: str
                 if "scores" not in f or "positive_scores" not in f:
                     raise UserError(f"{path} has no candidate or positive scores (imported, "
                                     "or mined before version 2), which the false-negative "
-                                    "filter needs; mine again with `make offcandi` or set "
-                                    "offcandi.false_negative_ratio=0")
+                                    "filters need; mine again with `make offcandi` or turn "
+                                    "offcandi.false_negative_ratio / false_negative_margin "
+                                    "off")
                 scores = np.asarray(f["scores"], dtype=np.float32)
                 positive = np.asarray(f["positive_scores"], dtype=np.float32)
     except OSError as exc:
@@ -131,29 +132,10 @@ def load_candidates(folder: str | Path, direction: str, dataset: str, split: str
     limit = num_images * (CAPTIONS_PER_IMAGE if direction == "i2t" else 1)
     if indices.min() < 0 or indices.max() >= limit:
         raise UserError(f"{path}: indices out of range [0, {limit}); {remake}")
-    if positives_present(direction, indices[:, :min_k]).any():
+    if positives_present(direction, indices).any():
         raise UserError(f"{path}: lists queries' own positives as negatives (built for "
                         f"another caption order?); {remake}")
     return Candidates(path, indices, attrs, scores, positive)
-
-
-def false_negative_skips(candidates: Candidates, ratio: float, keep: int) -> np.ndarray:
-    """(Q,) int64: how many of each query's hardest candidates to skip as likely false
-    negatives, those scoring above ``ratio`` x the query's positive score.
-
-    Candidates are sorted hardest first, so the suspects are a prefix of each row. At most
-    K − ``keep`` are skipped, so ``keep`` candidates always remain to sample from.
-    """
-    if candidates.scores is None or candidates.positive_scores is None:
-        raise ValueError("load the candidates with with_scores=True")
-    if candidates.k <= keep:
-        raise UserError(f"{candidates.path} holds K={candidates.k} candidates per query and "
-                        f"the run samples from the top {keep}: the false-negative filter has "
-                        "none to spare; mine with a larger K (offcandi.k_i2t / k_t2i) or "
-                        "lower offcandi.hardest")
-    threshold = ratio * candidates.positive_scores[:, None]
-    skips = (candidates.scores > threshold).sum(axis=1)
-    return np.minimum(skips, candidates.k - keep).astype(np.int64)
 
 
 def import_published(i2t_file: str | Path, t2i_file: str | Path, config, out_dir: str | Path

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from .config import load_config
+from .config import load_config, set_value
 from .errors import UserError
 from .log import setup_logging
 from .stamps import STAGES
@@ -80,15 +80,19 @@ def train(config_files, overrides, run_dir, resume) -> None:
 @click.option("--each", is_flag=True,
               help="Evaluate the checkpoints one by one and print them side by side, "
                    "instead of as an ensemble.")
-def evaluate(config_files, overrides, checkpoints, out, each) -> None:
+@click.option("--ranks", is_flag=True,
+              help="Also store every query's rank in the record (for paired comparisons: "
+                   "`aoq table`'s bootstrap reads them).")
+def evaluate(config_files, overrides, checkpoints, out, each, ranks) -> None:
     """Recall@K, medr, meanr, rsum on data.eval_split (eval.fold5 for COCO 5-fold 1K)."""
     from .evaluate import evaluate as run_eval
     from .evaluate import print_results, run_name
 
     if not each:
-        run_eval(list(checkpoints), config_files, overrides, out)
+        run_eval(list(checkpoints), config_files, overrides, out, ranks=ranks)
         return
-    records = {run_name([c]): run_eval([c], config_files, overrides, out, show=False)
+    records = {run_name([c]): run_eval([c], config_files, overrides, out, show=False,
+                                       ranks=ranks)
                for c in checkpoints}
     print_results(records)
 
@@ -180,22 +184,29 @@ def offcandi_import(config_files, overrides, i2t_file, t2i_file, out_dir) -> Non
 @click.option("--image", type=int, help="Show this training image's candidate captions.")
 @click.option("--caption", type=int, help="Show this training caption's candidate images.")
 @click.option("--top", default=10, show_default=True, help="How many candidates to show.")
-@click.option("--false-negative-ratio", "ratio", type=float,
-              help="Mark candidates scoring above this x the query's positive score "
-                   "(default: offcandi.false_negative_ratio; 0: no marks).")
+@click.option("--false-negative-ratio", "ratio", type=str,
+              help="Short for --set offcandi.false_negative_ratio=...: mark candidates "
+                   "scoring above this x the query's positive score (0: no marks). The "
+                   "other filters: --set offcandi.false_negative_margin / duplicate_overlap "
+                   "/ skip_top.")
 def inspect_command(config_files, overrides, folder, image, caption, top, ratio) -> None:
-    """Print one query's offline candidates with their captions and scores."""
+    """Print one query's offline candidates with their captions and scores, marked by the
+    false-negative filters (offcandi.*) retraining would apply."""
     from .inspect_candidates import inspect_caption, inspect_image
+    from .negative_selection import SelectionRules
 
     if (image is None) == (caption is None):
         raise UserError("give one of --image N or --caption N")
     if top < 1:
         raise UserError(f"--top {top}: must be at least 1")
     config = load_config(config_files, overrides)
-    ratio = config.offcandi.false_negative_ratio if ratio is None else ratio
+    if ratio is not None:  # checked as the config checks it (a finite number >= 0)
+        set_value(config, "offcandi.false_negative_ratio", ratio,
+                  f"--false-negative-ratio {ratio}")
     show = inspect_image if image is not None else inspect_caption
     click.echo(show(folder, image if image is not None else caption, config.data.path,
-                    top=top, ratio=ratio, hardest=config.offcandi.hardest))
+                    top=top, rules=SelectionRules.from_config(config.offcandi),
+                    hardest=config.offcandi.hardest))
 
 
 @cli.command(name="plot")
@@ -398,18 +409,25 @@ def features_precomp(dataset_dir, splits, dtype) -> None:
 @click.option("--miner", default="vse_max", show_default=True,
               help="The loss whose model without offline negatives mines the candidates of "
                    "each batch size's 'on' cells.")
+@click.option("--seeds", default=1, show_default=True,
+              help="Train every cell with train.seed 0..N-1 and report means, the std over "
+                   "seeds and paired bootstrap intervals.")
+@click.option("--init", default="", help="Every cell continues from this checkpoint, which "
+                                         "also mines the offline negatives (default: from "
+                                         "scratch, mined by the --miner cell).")
 @click.option("--plan", is_flag=True,
               help="Only print the cells' folder names (one line) and exit.")
-def table(table_dir, losses, batches, miner, plan) -> None:
-    """Loss x offline negatives x batch size: table.md, table.csv and table.png from the
-    cells' checkpoints and eval records (`make table` trains and evaluates the cells)."""
+def table(table_dir, losses, batches, miner, seeds, init, plan) -> None:
+    """Loss x offline negatives x batch size x seed: table.md, table.csv, pairs.csv and
+    table.png from the cells' checkpoints and eval records (`make table` trains and
+    evaluates the cells); each offline cell is paired with its matched control."""
     from .table import parse_batches, plan_cells, split_words, write_table
 
     if plan:
-        cells = plan_cells(split_words(losses), parse_batches(batches), miner)
+        cells = plan_cells(split_words(losses), parse_batches(batches), miner, seeds)
         print(" ".join(c.name for c in cells))
         return
-    write_table(table_dir, split_words(losses), parse_batches(batches), miner)
+    write_table(table_dir, split_words(losses), parse_batches(batches), miner, seeds, init)
 
 
 @cli.command(name="demo-data")

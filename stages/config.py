@@ -146,9 +146,19 @@ class OffcandiConfig:
     # h: a negative is drawn uniformly from the top h (t2i: top h / 5)
     hardest: Annotated[int, AtLeastOne] = 300
     base_ckpt: str = ""  # retrain refuses candidates not mined with this checkpoint
-    # False-negative filter (0: off): skip candidates scoring above ratio x the query's
-    # positive score (i2t: mean over the image's captions), likely true matches.
+    # False-negative-aware selection (stages/negative_selection.py), applied when retraining
+    # draws, so changing it needs no mining; each is off at 0. Skip candidates scoring above
+    # ratio x the query's positive score (i2t: mean over the image's captions) ...
     false_negative_ratio: Annotated[float, NonNegative] = 0.0
+    # ... or above positive - margin ...
+    false_negative_margin: Annotated[float, NonNegative] = 0.0
+    # ... or whose words overlap the anchor's captions by at least this Jaccard ...
+    duplicate_overlap: Annotated[float, Range(min=0, max=1)] = 0.0
+    # ... and each row's skip_top hardest (sample from ranks skip_top.. of what remains).
+    skip_top: Annotated[int, NonNegative] = 0
+    # Hardness curriculum: the sampled window slides from each row's easiest eligible
+    # candidates (epoch 1) to its hardest (epoch curriculum_epochs + 1 on); 0: off.
+    curriculum_epochs: Annotated[int, NonNegative] = 0
 
 
 @dataclass

@@ -21,11 +21,17 @@ from .candidates import (
     CAPTIONS_PER_IMAGE,
     DIRECTIONS,
     Candidates,
-    false_negative_skips,
     load_candidates,
 )
 from .embeddings import Embeddings
 from .metrics.retrieval import rank_metrics
+from .negative_selection import (
+    NO_FILTERS,
+    CaptionWords,
+    Selection,
+    SelectionRules,
+    drop_reasons,
+)
 from .offcandi import positive_scores
 
 log = logging.getLogger(__name__)
@@ -142,26 +148,31 @@ def online_hardest(images: np.ndarray, captions, batch_size: int, num_batches: i
 @dataclass
 class Offline:
     """One direction's candidates as scored for the diagnostics: ``top1`` (Q,) the first
-    candidate of each row, ``sampled`` (Q, h') the range retraining samples from (after the
-    false-negative filter's skips), ``positive`` (Q,) each query's positive score (i2t:
-    mean over its 5 captions), ``rescored``: scores computed from the embeddings (imported
-    candidates, or mined by another model) instead of read from the file."""
+    candidate of each row, ``sampled`` (Q, h') the range retraining samples from (each
+    row's first eligible candidates under the false-negative filters), ``positive`` (Q,)
+    each query's positive score (i2t: mean over its 5 captions), ``rescored``: scores
+    computed from the embeddings (imported candidates, or mined by another model) instead
+    of read from the file."""
 
     top1: np.ndarray
     sampled: np.ndarray
     positive: np.ndarray
     rescored: bool
-    skips: np.ndarray | None = None
+    dropped: np.ndarray | None = None  # (Q,) candidates the filters drop per row
 
 
 def offline_scores(folder: str | Path, direction: str, embeddings: Embeddings,
-                   pair_positive: np.ndarray, hardest: int, ratio: float) -> Offline:
+                   pair_positive: np.ndarray, hardest: int, rules: SelectionRules,
+                   words: CaptionWords | None = None) -> Offline:
     """Score one direction's candidates in ``folder`` for ``embeddings``'s model.
 
     ``pair_positive`` (5N,): each caption's score with its image. ``hardest``: h (t2i
-    samples from the top ceil(h / 5)); ``ratio``: the false-negative filter's (0: off).
-    The file must index the embeddings' dataset, split and image count; its stored scores
-    are used when it was mined from the same weights, otherwise candidates are rescored.
+    samples from the top ceil(h / 5)); ``rules``: the false-negative filters retraining
+    applies (``words``: the split's captions, for the duplicate filter), so the sampled
+    range is each row's first eligible candidates. The file must index the embeddings'
+    dataset, split and image count; its stored scores are used when it was mined from the
+    same weights, otherwise candidates are rescored (and the score filters, which need the
+    miner's own scores, are not applied).
     """
     a = embeddings.attrs
     n = int(a["num_images"])
@@ -183,14 +194,24 @@ def offline_scores(folder: str | Path, direction: str, embeddings: Embeddings,
                                   else (targets, queries))
         scores = pair_scores(embeddings.images, embeddings.captions, image_ids,
                              caption_ids).reshape(cand.indices.shape)
-    skips = None
-    if ratio > 0 and stored and cand.k > keep:
-        skips = false_negative_skips(
-            Candidates(cand.path, cand.indices, cand.attrs, scores, positive), ratio, keep)
-    start = skips if skips is not None else np.zeros(len(scores), dtype=np.int64)
-    width = min(keep, cand.k)
-    sampled = np.take_along_axis(scores, start[:, None] + np.arange(width)[None, :], axis=1)
-    return Offline(scores[:, 0].copy(), sampled, positive, not stored, skips)
+    dropped = None
+    if rules.active and (stored or not rules.needs_scores):
+        reasons = drop_reasons(direction, Candidates(cand.path, cand.indices, cand.attrs,
+                                                     scores, positive), rules, words)
+        dropped = (reasons > 0).sum(axis=1)
+        selection = Selection.from_reasons(cand.indices, reasons)
+        width = min(keep, cand.k)
+        # Rows keeping fewer than the window repeat their last kept candidate's position,
+        # as the sampler draws only from what they keep; rows keeping none, their last.
+        columns = np.minimum(np.arange(width)[None, :],
+                             np.maximum(selection.counts[:, None] - 1, 0))
+        positions = np.where(selection.counts[:, None] > 0,
+                             np.take_along_axis(selection.eligible, columns, axis=1),
+                             cand.k - 1)
+        sampled = np.take_along_axis(scores, positions, axis=1)
+    else:
+        sampled = scores[:, :min(keep, cand.k)]
+    return Offline(scores[:, 0].copy(), sampled, positive, not stored, dropped)
 
 
 @dataclass
@@ -210,7 +231,8 @@ class RoundStats:
 
 
 def round_stats(embeddings_path: str | Path, candidates_dir: str | Path, label: str, *,
-                batch_size: int, hardest: int, ratio: float, rank_sample: int = 1000,
+                batch_size: int, hardest: int, rules: SelectionRules = NO_FILTERS,
+                words: CaptionWords | None = None, rank_sample: int = 1000,
                 online_batches: int = 160, seed: int = 0) -> RoundStats:
     """The diagnostics of one round: its miner's embeddings and the candidates mined."""
     stats = RoundStats(label, Path(embeddings_path), Path(candidates_dir))
@@ -227,7 +249,8 @@ def round_stats(embeddings_path: str | Path, candidates_dir: str | Path, label: 
                    "rank_sample_images": len(sample), "online_anchors": len(online["i2t"]),
                    "online_batch_size": min(batch_size, 5 * n)}
         for direction in DIRECTIONS:
-            off = offline_scores(candidates_dir, direction, emb, pair_positive, hardest, ratio)
+            off = offline_scores(candidates_dir, direction, emb, pair_positive, hardest,
+                                 rules, words)
             stats.values[direction] = {"positive": pair_positive, "online": online[direction],
                                        "offline_top1": off.top1,
                                        "offline_range": off.sampled.ravel()}
@@ -239,8 +262,8 @@ def round_stats(embeddings_path: str | Path, candidates_dir: str | Path, label: 
                 "offline_top1_above_positive": float(np.mean(off.top1 > off.positive)),
                 "sampled_range": off.sampled.shape[1],
                 "rescored": off.rescored,
-                "false_negative_skips_mean": (None if off.skips is None
-                                              else float(off.skips.mean())),
+                "filtered_per_query_mean": (None if off.dropped is None
+                                            else float(off.dropped.mean())),
                 **rank_metrics(ranks[direction])}
     stats.summary = summary
     return stats

@@ -19,7 +19,7 @@ from .errors import UserError
 from .inputs import open_model_split
 from .io.atomic import append_jsonl
 from .io.checkpoint import load_checkpoint, model_from_checkpoint, weights_hash
-from .metrics.retrieval import RECALL_KS, evaluate_embeddings
+from .metrics.retrieval import RECALL_KS, evaluate_ranks, fold_ranks
 
 log = logging.getLogger(__name__)
 
@@ -46,13 +46,14 @@ def run_name(checkpoints: list[str | Path]) -> str:
 
 
 def evaluate(checkpoints: list[str | Path], config_files=(), overrides=(),
-             out: str | Path | None = None, show: bool = True) -> dict:
+             out: str | Path | None = None, show: bool = True, ranks: bool = False) -> dict:
     """Evaluate ``checkpoints`` (an ensemble if several) on ``data.eval_split``.
 
     The data config starts from the first checkpoint's and is changed by ``config_files``
     and ``overrides`` (e.g. ``data.eval_split=testall``, ``eval.fold5=true``). The record
     is appended to ``out`` (default: ``metrics.jsonl`` beside the first checkpoint) and
-    returned.
+    returned. ``ranks``: the record also holds every query's 0-based rank (``ranks``:
+    ``{"i2t": [N], "t2i": [5N]}``, each within its fold), for paired comparisons.
     """
     if not checkpoints:
         raise UserError("no checkpoint given; pass --ckpt PATH (repeat it for an ensemble)")
@@ -89,13 +90,17 @@ def evaluate(checkpoints: list[str | Path], config_files=(), overrides=(),
         imgs.append(img)
         caps.append(cap)
         hashes.append(weights_hash(state["state_dict"]))
-    metrics = evaluate_embeddings(imgs, caps, folds=folds, block_size=config.eval.block_size)
+    i2t_ranks, t2i_ranks = fold_ranks(imgs, caps, folds=folds,
+                                      block_size=config.eval.block_size)
+    metrics = evaluate_ranks(i2t_ranks, t2i_ranks, folds)
     record = {"stage": "eval", "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
               "checkpoints": [str(p) for p in checkpoints], "weights": hashes,
               "epoch": states[0]["epoch"], "dataset": config.data.name,
               "split": config.data.eval_split,
               "protocol": f"{folds}fold" if folds > 1 else "all",
               "images": split.num_images // folds, **metrics}
+    if ranks:
+        record["ranks"] = {"i2t": i2t_ranks.tolist(), "t2i": t2i_ranks.tolist()}
     out = Path(out) if out else Path(checkpoints[0]).parent / "metrics.jsonl"
     append_jsonl(out, record)
     log.info("appended to %s", out)

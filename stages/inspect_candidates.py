@@ -2,9 +2,9 @@
 
 For an image: its 5 captions, then its hardest candidate captions; for a caption: its
 text and its image's other captions, then its hardest candidate images (each shown by its
-first caption). Scores, the query's positive score and the false-negative filter's
-suspects (candidates scoring above ratio x the positive score, the rule of
-:func:`stages.candidates.false_negative_skips`) are shown where the file has them. The
+first caption). Scores, the query's positive score, which candidates each false-negative
+filter drops (:mod:`stages.negative_selection`) and the window retraining samples from are
+shown where the file has them. The
 captions come from the dataset the candidate file records (``<data.path>/<dataset>/
 <split>_caps.txt``); only the query's row of the file is read.
 """
@@ -20,12 +20,23 @@ from .candidates import (
     CAPTIONS_PER_IMAGE,
     Candidates,
     candidate_path,
-    false_negative_skips,
     is_positive,
 )
 from .data.captions import read_captions
 from .errors import UserError
 from .io.atomic import plain_attrs
+from .negative_selection import (
+    DUPLICATE,
+    MARGIN,
+    NO_FILTERS,
+    RATIO,
+    REASON_NAMES,
+    REASONS,
+    TOP,
+    CaptionWords,
+    SelectionRules,
+    drop_reasons,
+)
 
 
 @dataclass
@@ -113,52 +124,78 @@ def dataset_captions(attrs: dict, data_path: str | Path, path: Path) -> tuple[li
     return captions, caps_file
 
 
-def _suspect_line(row: QueryRow, ratio: float, keep: int, positive_what: str) -> list[str]:
-    """What the false-negative filter does for this query, as text lines."""
+def _row_reasons(row: QueryRow, rules: SelectionRules, captions: list[str] | None
+                 ) -> np.ndarray | None:
+    """(K,) uint8 drop flags of the row's candidates (:func:`drop_reasons`), or None when
+    the file lacks the scores the score filters need."""
+    if rules.needs_scores and (row.scores is None or row.positive_score is None):
+        return None
+    one = Candidates(row.path, row.indices[None], row.attrs,
+                     None if row.scores is None else row.scores[None],
+                     None if row.positive_score is None
+                     else np.array([row.positive_score], dtype=np.float32))
+    words = CaptionWords(captions) if rules.duplicate_overlap else None
+    return drop_reasons(row.attrs["direction"], one, rules, words,
+                        rows=np.array([row.query]))[0]
+
+
+def _filter_lines(row: QueryRow, rules: SelectionRules, reasons: np.ndarray | None,
+                  window: int, positive_what: str) -> list[str]:
+    """What the false-negative filters do for this query, as text lines."""
+    lines = []
     if row.scores is None:
-        return ["no scores in this file (imported candidates): neither scores nor the "
-                "false-negative filter can be shown"]
-    if row.positive_score is None:
-        return [f"no positive scores in this file (version {row.attrs.get('version')}, "
-                "mined before they were stored): the false-negative filter cannot be "
-                "shown; mine again with `make offcandi`"]
-    lines = [f"positive score {row.positive_score:.4f} ({positive_what})"]
-    if ratio <= 0:
-        lines.append("false-negative filter off (offcandi.false_negative_ratio=0); "
-                     "--false-negative-ratio 1.0 marks candidates scoring above the positive")
-        return lines
-    threshold = ratio * row.positive_score
-    suspects = int((row.scores > threshold).sum())
-    k = len(row.scores)
-    lines.append(f"false-negative filter at ratio {ratio:g}: ? marks suspects, scoring above "
-                 f"{threshold:.4f}: {suspects} of this query's {k} candidates")
-    if k > keep:
-        one = Candidates(row.path, row.indices[None], row.attrs, row.scores[None],
-                         np.array([row.positive_score], dtype=np.float32))
-        skips = int(false_negative_skips(one, ratio, keep)[0])
-        lines.append(f"  retraining skips its first {skips} (at most K - h = {k} - {keep})")
+        lines.append("no scores in this file (imported candidates): scores and the "
+                     "score filters cannot be shown")
+    elif row.positive_score is None:
+        lines.append(f"no positive scores in this file (version {row.attrs.get('version')}, "
+                     "mined before they were stored): the score filters cannot be shown; "
+                     "mine again with `make offcandi`")
     else:
-        lines.append(f"  retraining skips none (K={k} leaves none beyond the {keep} it "
-                     "samples from)")
+        lines.append(f"positive score {row.positive_score:.4f} ({positive_what})")
+    if not rules.active:
+        lines.append("false-negative filters off (offcandi.false_negative_ratio, "
+                     "false_negative_margin, duplicate_overlap, skip_top all 0); e.g. "
+                     "--set offcandi.false_negative_ratio=0.95 marks candidates scoring "
+                     "above 0.95 x the positive")
+        return lines
+    if reasons is None:
+        lines.append("the ratio/margin filters need the file's scores: not shown")
+        return lines
+    settings = [f"{REASON_NAMES[bit]}={value:g}" for bit, value in (
+        (TOP, rules.skip_top), (RATIO, rules.ratio), (MARGIN, rules.margin),
+        (DUPLICATE, rules.duplicate_overlap)) if value]
+    lines.append(f"filters {', '.join(settings)}: the mark says which dropped a candidate "
+                 "(t: among the skip_top hardest, r: above ratio x positive, m: above "
+                 "positive - margin, d: nearly repeats the anchor's words)")
+    kept = int((reasons == 0).sum())
+    lines.append(f"  dropped: {len(reasons) - kept} of this query's K={len(reasons)} "
+                 f"candidates; retraining samples from the first {min(kept, window)} of the "
+                 f"{kept} kept (window {window})"
+                 + ("" if kept else "; none kept: it falls back to the last candidate"))
     return lines
 
 
-def _table(row: QueryRow, top: int, ratio: float, describe) -> list[str]:
-    """The top candidates, hardest first: rank, score, mark, id, text."""
+def _table(row: QueryRow, top: int, reasons: np.ndarray | None, window: int,
+           describe) -> list[str]:
+    """The top candidates, hardest first: rank, score, mark, id, text. Marks: ``+`` a
+    positive (a broken file), the letters of the filters that drop it, ``*`` in the
+    window retraining samples from."""
     direction = row.attrs["direction"]
     shown = min(top, len(row.indices))
     positive = is_positive(direction, np.array([row.query]), row.indices[None, :shown])[0]
-    threshold = (ratio * row.positive_score
-                 if ratio > 0 and row.positive_score is not None else None)
+    sampled = np.zeros(len(row.indices), bool)
+    if reasons is not None:
+        sampled[np.flatnonzero(reasons == 0)[:window]] = True
     lines = []
     for rank in range(shown):
         score = "     -" if row.scores is None else f"{row.scores[rank]:.4f}"
-        mark = " "
         if positive[rank]:
             mark = "+"
-        elif threshold is not None and row.scores[rank] > threshold:
-            mark = "?"
-        lines.append(f"{rank + 1:5d}  {score} {mark}  {describe(int(row.indices[rank]))}")
+        elif reasons is not None and reasons[rank]:
+            mark = "".join(letter for bit, letter in REASONS.items() if reasons[rank] & bit)
+        else:
+            mark = "*" if sampled[rank] else " "
+        lines.append(f"{rank + 1:5d}  {score} {mark:<4} {describe(int(row.indices[rank]))}")
     if positive.any():
         lines.append(f"+ a positive of the query listed as a negative: {row.path} is broken "
                      "(another caption order?); mine it again")
@@ -174,9 +211,10 @@ def _header(row: QueryRow) -> str:
 
 
 def inspect_image(folder: str | Path, image: int, data_path: str | Path, top: int = 10,
-                  ratio: float = 0.0, hardest: int = 300) -> str:
-    """Image ``image``'s captions and its ``top`` hardest candidate captions, as text.
-    ``hardest``: h, the range retraining samples from (for the filter's cap)."""
+                  rules: SelectionRules = NO_FILTERS, hardest: int = 300) -> str:
+    """Image ``image``'s captions and its ``top`` hardest candidate captions, as text,
+    marked by the false-negative ``rules``; ``hardest``: h, the window retraining samples
+    from."""
     row = read_query(folder, "i2t", image)
     captions, caps_file = dataset_captions(row.attrs, data_path, row.path)
     own = caption_positive_scores(folder, row.attrs, image)
@@ -186,16 +224,18 @@ def inspect_image(folder: str | Path, image: int, data_path: str | Path, top: in
         c = image * CAPTIONS_PER_IMAGE + j
         score = f"{own[j]:.4f}" if own is not None else "     -"
         lines.append(f"       {score} +  caption {c:>7}  {captions[c]}")
-    lines += ["", *_suspect_line(row, ratio, hardest, "mean over the 5 captions"), "",
-              f"top {min(top, len(row.indices))} of {len(row.indices)} candidate captions, "
-              "hardest first:", " rank   score    candidate (caption id, its image)"]
-    lines += _table(row, top, ratio, lambda c: f"caption {c:>7} (image {c // 5:>6})  "
-                                               f"{captions[c]}")
+    reasons = _row_reasons(row, rules, captions)
+    lines += ["", *_filter_lines(row, rules, reasons, hardest, "mean over the 5 captions"),
+              "", f"top {min(top, len(row.indices))} of {len(row.indices)} candidate "
+              "captions, hardest first (* in the window retraining samples from):",
+              " rank   score  mark candidate (caption id, its image)"]
+    lines += _table(row, top, reasons, hardest,
+                    lambda c: f"caption {c:>7} (image {c // 5:>6})  {captions[c]}")
     return "\n".join(lines)
 
 
 def inspect_caption(folder: str | Path, caption: int, data_path: str | Path, top: int = 10,
-                    ratio: float = 0.0, hardest: int = 300) -> str:
+                    rules: SelectionRules = NO_FILTERS, hardest: int = 300) -> str:
     """Caption ``caption``, its image's other captions and its ``top`` hardest candidate
     images (each shown by its first caption), as text."""
     row = read_query(folder, "t2i", caption)
@@ -210,10 +250,12 @@ def inspect_caption(folder: str | Path, caption: int, data_path: str | Path, top
         if c != caption:
             score = f"{own[j]:.4f}" if own is not None else "     -"
             lines.append(f"       {score} +  caption {c:>7}  {captions[c]}")
-    lines += ["", *_suspect_line(row, ratio, -(-hardest // CAPTIONS_PER_IMAGE),
-                                 "the caption with its image"), "",
-              f"top {min(top, len(row.indices))} of {len(row.indices)} candidate images, "
-              "hardest first (each by its first caption):", " rank   score    candidate"]
-    lines += _table(row, top, ratio, lambda i: f"image {i:>7}  "
-                                               f"{captions[i * CAPTIONS_PER_IMAGE]}")
+    window = -(-hardest // CAPTIONS_PER_IMAGE)
+    reasons = _row_reasons(row, rules, captions)
+    lines += ["", *_filter_lines(row, rules, reasons, window, "the caption with its image"),
+              "", f"top {min(top, len(row.indices))} of {len(row.indices)} candidate images, "
+              "hardest first (each by its first caption; * in the window retraining samples "
+              "from):", " rank   score  mark candidate"]
+    lines += _table(row, top, reasons, window,
+                    lambda i: f"image {i:>7}  {captions[i * CAPTIONS_PER_IMAGE]}")
     return "\n".join(lines)

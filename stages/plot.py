@@ -26,9 +26,12 @@ from matplotlib.figure import Figure
 
 from .candidates import DIRECTIONS, candidate_path
 from .config import Config
+from .data.captions import read_captions
 from .diagnostics import QUANTITIES, RoundStats, round_stats
+from .embeddings import Embeddings
 from .errors import UserError
 from .io.atomic import atomic_path, write_json
+from .negative_selection import CaptionWords, SelectionRules
 
 log = logging.getLogger(__name__)
 
@@ -160,6 +163,21 @@ def recorded_embeddings(folder: Path) -> Path:
     return Path(str(recorded))
 
 
+def _caption_words(embeddings_path: Path, config: Config, rules: SelectionRules
+                   ) -> CaptionWords | None:
+    """The words of the captions the embeddings index, when the duplicate filter is on."""
+    if not rules.duplicate_overlap:
+        return None
+    with Embeddings(embeddings_path) as emb:
+        dataset, split = emb.attrs["dataset"], emb.attrs["split"]
+    caps = Path(config.data.path) / dataset / f"{split}_caps.txt"
+    if not caps.is_file():
+        raise UserError(f"{caps} not found: offcandi.duplicate_overlap compares the captions "
+                        f"of {dataset} {split}; point data.path at the datasets root that "
+                        f"holds {dataset}/")
+    return CaptionWords(read_captions(caps))
+
+
 def plot(candidate_dirs: list[Path], embeddings: list[Path], config: Config, out_dir: Path,
          rank_sample: int = 1000, online_batches: int = 160, seed: int = 0) -> list[Path]:
     """Write the figures and ``diagnostics.json`` for rounds ``candidate_dirs`` (in order),
@@ -173,13 +191,14 @@ def plot(candidate_dirs: list[Path], embeddings: list[Path], config: Config, out
     if rank_sample < 1 or online_batches < 1:
         raise UserError("--rank-sample and --online-batches must be at least 1")
     embeddings = embeddings or [recorded_embeddings(Path(d)) for d in candidate_dirs]
+    rules = SelectionRules.from_config(config.offcandi)
     rounds = []
     for r, (emb, folder) in enumerate(zip(embeddings, candidate_dirs, strict=True), 1):
         label = f"round {r} ({Path(emb).parent.name})"
         log.info("%s: %s with candidates %s", label, emb, folder)
         rounds.append(round_stats(emb, folder, label, batch_size=config.train.batch_size,
-                                  hardest=config.offcandi.hardest,
-                                  ratio=config.offcandi.false_negative_ratio,
+                                  hardest=config.offcandi.hardest, rules=rules,
+                                  words=_caption_words(emb, config, rules),
                                   rank_sample=rank_sample, online_batches=online_batches,
                                   seed=seed))
     names = quantity_names(config.train.batch_size, config.offcandi.hardest)

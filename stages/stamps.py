@@ -33,7 +33,9 @@ NO_EFFECT = {"data.path", "data.vocab", "data.images", "data.workers", "train.de
 # Offline-candidate keys that only the retrain stage reads (how candidates are sampled
 # and checked); the others say how candidates are mined.
 SAMPLING_KEYS = {"offcandi.dir", "offcandi.base_ckpt", "offcandi.hardest",
-                 "offcandi.false_negative_ratio"}
+                 "offcandi.false_negative_ratio", "offcandi.false_negative_margin",
+                 "offcandi.duplicate_overlap", "offcandi.skip_top",
+                 "offcandi.curriculum_epochs"}
 # What each stage reads. An unlisted key of a stage's sections counts (a new config field
 # reruns a stage rather than leaving a stale output).
 STAGE_KEYS = {

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from .candidates import false_negative_skips, load_candidates
+from .candidates import load_candidates
 from .config import Config, config_diff
 from .data.dataset import Split, check_compatible
 from .data.offline import OfflineNegativeSampler
@@ -35,6 +35,7 @@ from .log import setup_logging
 from .losses import LOSSES, build_loss
 from .metrics.retrieval import evaluate_embeddings
 from .models import MODELS, build_model
+from .negative_selection import CaptionWords, SelectionRules, select
 from .stamps import stage_settings
 from .training.distributed import is_main
 from .training.loop import Trainer
@@ -123,10 +124,12 @@ def _offline_task(config: Config, split: Split, tokenizer: CaptionTokenizer,
     if config.offcandi.base_ckpt:
         expected = weights_hash(load_checkpoint(config.offcandi.base_ckpt)["state_dict"])
     folder = config.candidates_dir()
-    ratio = config.offcandi.false_negative_ratio
+    rules = SelectionRules.from_config(config.offcandi)
+    windows = {"i2t": h, "t2i": -(-h // 5)}
     i2t, t2i = (load_candidates(folder, direction, config.data.name, split.name,
-                                split.num_images, min_k, expected, with_scores=ratio > 0)
-                for direction, min_k in (("i2t", h), ("t2i", -(-h // 5))))
+                                split.num_images, windows[direction], expected,
+                                with_scores=rules.needs_scores)
+                for direction in ("i2t", "t2i"))
     if i2t.attrs["weights"] != t2i.attrs["weights"]:
         raise UserError(f"{i2t.path} and {t2i.path} were mined with different models "
                         f"({i2t.attrs['weights']} vs {t2i.attrs['weights']}); mine both "
@@ -137,17 +140,12 @@ def _offline_task(config: Config, split: Split, tokenizer: CaptionTokenizer,
                                "sha256": file_sha256(d.path)} for d in (i2t, t2i)}
     log.info("offline negatives from %s (mined with %s), sampled from the top %d",
              folder, i2t.attrs.get("checkpoint"), h)
-    skips = {}
-    if ratio > 0:
-        for candidates, keep in ((i2t, h), (t2i, -(-h // 5))):
-            skips[candidates.attrs["direction"]] = skip = false_negative_skips(
-                candidates, ratio, keep)
-            log.info("false-negative filter (ratio %g): %s skips %.2f candidates per query "
-                     "on average, %.1f%% of queries skip any, %d hit the cap of K - %d",
-                     ratio, candidates.path, skip.mean(), 100 * (skip > 0).mean(),
-                     int((skip == candidates.k - keep).sum()), keep)
-    sampler = OfflineNegativeSampler(i2t.indices, t2i.indices, h, config.train.seed,
-                                     skips.get("i2t"), skips.get("t2i"))
+    words = CaptionWords(split.captions) if rules.duplicate_overlap else None
+    selections = {c.attrs["direction"]: select(c.attrs["direction"], c, rules,
+                                               windows[c.attrs["direction"]], words)
+                  for c in (i2t, t2i)}
+    sampler = OfflineNegativeSampler(selections["i2t"], selections["t2i"], h,
+                                     config.train.seed, config.offcandi.curriculum_epochs)
     return OfflineTask(split, tokenizer, sampler)
 
 

@@ -17,6 +17,7 @@ from stages.diagnostics import (
 )
 from stages.embeddings import Embeddings
 from stages.metrics.retrieval import rank_metrics, retrieval_ranks
+from stages.negative_selection import NO_FILTERS, SelectionRules
 from stages.offcandi import offcandi
 from tests.test_offcandi import random_embeddings, write_embeddings
 
@@ -126,7 +127,8 @@ def test_offline_scores_read_or_rescored_agree(mined, tmp_path, direction, keep)
     indices, scores = stored(folder, direction)
     pair_positive = (np.repeat(img, 5, axis=0) * cap).sum(1)
     with Embeddings(path) as emb:
-        got = offline_scores(folder, direction, emb, pair_positive, hardest=5, ratio=0)
+        got = offline_scores(folder, direction, emb, pair_positive, hardest=5,
+                             rules=NO_FILTERS)
         assert not got.rescored
         np.testing.assert_array_equal(got.top1, scores[:, 0])
         np.testing.assert_array_equal(got.sampled, scores[:, :keep])
@@ -135,7 +137,8 @@ def test_offline_scores_read_or_rescored_agree(mined, tmp_path, direction, keep)
             attrs = dict(f.attrs)
         write_candidates(tmp_path / "imp" / f"{direction}.h5", indices, None,
                          {**attrs, "weights": "imported:x", "index": "imported"})
-        again = offline_scores(tmp_path / "imp", direction, emb, pair_positive, 5, ratio=0)
+        again = offline_scores(tmp_path / "imp", direction, emb, pair_positive, 5,
+                               NO_FILTERS)
     assert again.rescored
     np.testing.assert_allclose(again.sampled, got.sampled, atol=1e-5)
     want_positive = pair_positive.reshape(-1, 5).mean(1) if direction == "i2t" \
@@ -143,23 +146,26 @@ def test_offline_scores_read_or_rescored_agree(mined, tmp_path, direction, keep)
     np.testing.assert_allclose(got.positive, want_positive, atol=1e-6)
 
 
-def test_the_sampled_range_starts_after_the_false_negative_skips(mined):
+def test_the_sampled_range_is_the_first_candidates_the_filters_keep(mined):
     path, img, cap, folder = mined
     _, scores = stored(folder, "i2t")
     pair_positive = (np.repeat(img, 5, axis=0) * cap).sum(1)
     positive = pair_positive.reshape(-1, 5).mean(1)
+    rules = SelectionRules(ratio=0.5, skip_top=1)
     with Embeddings(path) as emb:
-        got = offline_scores(folder, "i2t", emb, pair_positive, hardest=5, ratio=0.5)
+        got = offline_scores(folder, "i2t", emb, pair_positive, hardest=5, rules=rules)
     for q in range(len(scores)):
-        skip = min(int((scores[q] > 0.5 * positive[q]).sum()), 12 - 5)
-        assert got.skips[q] == skip
-        np.testing.assert_array_equal(got.sampled[q], scores[q, skip:skip + 5])
-    assert got.skips.any()
+        kept = [j for j in range(12) if j >= 1 and scores[q, j] <= 0.5 * positive[q]]
+        assert got.dropped[q] == 12 - len(kept)
+        want = [scores[q, kept[min(j, len(kept) - 1)]] for j in range(5)] if kept \
+            else [scores[q, -1]] * 5  # none kept: the last, as the sampler
+        np.testing.assert_array_equal(got.sampled[q], want)
+    assert (got.dropped > 1).any()
 
 
 def test_round_stats_summary(mined):
     path, img, cap, folder = mined
-    stats = round_stats(path, folder, "round 1", batch_size=8, hardest=5, ratio=0,
+    stats = round_stats(path, folder, "round 1", batch_size=8, hardest=5,
                         rank_sample=10, online_batches=4, seed=1)
     sample = np.sort(np.random.default_rng(1).choice(23, size=10, replace=False))
     want_i2t, want_t2i = brute_ranks(img, cap, sample)

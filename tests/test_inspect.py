@@ -8,6 +8,7 @@ from stages.candidates import write_candidates
 from stages.config import OffcandiConfig
 from stages.errors import UserError
 from stages.inspect_candidates import inspect_caption, inspect_image
+from stages.negative_selection import SelectionRules
 from stages.offcandi import offcandi
 from tests.run_helpers import aoq
 from tests.test_offcandi import random_embeddings, write_embeddings
@@ -36,7 +37,7 @@ def table_rows(text):
         parts = line.split(maxsplit=1)
         if len(parts) == 2 and parts[0].isdigit() and line.startswith(" "):
             score, rest = line[7:13], line[14:]
-            rows.append((int(parts[0]), score, rest[0], rest[3:]))
+            rows.append((int(parts[0]), score, rest[:4].rstrip(), rest[5:]))
     return rows
 
 
@@ -44,39 +45,55 @@ def test_image_query(mined, tiny_root):
     folder, captions = mined
     indices, scores, positive, _ = read(folder, "i2t")
     _, _, caption_positive, _ = read(folder, "t2i")
-    ratio = 0.5
-    text = inspect_image(folder, 7, tiny_root, top=5, ratio=ratio, hardest=4)
+    rules = SelectionRules(ratio=0.75, skip_top=1)
+    text = inspect_image(folder, 7, tiny_root, top=12, rules=rules, hardest=4)
     for c in range(35, 40):  # image 7's captions, each with its score
         assert f"{caption_positive[c]:.4f} +  caption {c:>7}  {captions[c]}" in text
     assert f"positive score {positive[7]:.4f} (mean over the 5 captions)" in text
     rows = table_rows(text)
-    assert [r[0] for r in rows] == [1, 2, 3, 4, 5]
-    suspects = scores[7] > ratio * positive[7]
-    for (_, score, mark, rest), c, s, suspect in zip(rows, indices[7], scores[7], suspects,
-                                                      strict=False):
+    assert [r[0] for r in rows] == list(range(1, 13))
+    kept = 0
+    for rank, ((_, score, mark, rest), c, s) in enumerate(zip(rows, indices[7], scores[7],
+                                                               strict=True)):
+        want = ("t" if rank < 1 else "") + ("r" if s > 0.75 * positive[7] else "")
+        if not want:
+            want = "*" if kept < 4 else ""  # the first h kept: the window sampled from
+            kept += 1
         assert score == f"{s:.4f}"
-        assert mark == ("?" if suspect else " ")
+        assert mark == want, rank
         assert rest == f"caption {c:>7} (image {c // 5:>6})  {captions[c]}"
-    skip = min(int(suspects.sum()), 12 - 4)
-    assert f"{int(suspects.sum())} of this query's 12 candidates" in text
-    assert f"retraining skips its first {skip} (at most K - h = 12 - 4)" in text
-    assert suspects[:5].any()  # the marks are exercised
+    dropped = 12 - kept
+    assert f"dropped: {dropped} of this query's K=12 candidates" in text
+    assert f"samples from the first {min(kept, 4)} of the {kept} kept" in text
+    assert any("r" in r[2] for r in rows) and any(r[2] == "*" for r in rows)
+
+
+def test_duplicate_marks(mined, tiny_root):
+    folder, captions = mined
+    indices, _, _, _ = read(folder, "i2t")
+    text = inspect_image(folder, 7, tiny_root, top=12,
+                         rules=SelectionRules(duplicate_overlap=0.5), hardest=4)
+    own = [set(captions[c].lower().rstrip(".").split()) for c in range(35, 40)]
+    for (_, _, mark, _), c in zip(table_rows(text), indices[7], strict=True):
+        words = set(captions[c].lower().rstrip(".").split())
+        duplicate = max(len(words & o) / len(words | o) for o in own) >= 0.5
+        assert ("d" in mark) == duplicate
 
 
 def test_caption_query(mined, tiny_root):
     folder, captions = mined
     indices, scores, positive, _ = read(folder, "t2i")
-    text = inspect_caption(folder, 13, tiny_root, top=3, ratio=0)
+    text = inspect_caption(folder, 13, tiny_root, top=3)
     assert f"caption 13 ({tiny_root / 'tiny' / 'train_caps.txt'}):\n    {captions[13]}" in text
     assert "its image 2, whose other captions are" in text
     for c in (10, 11, 12, 14):
         assert f"{positive[c]:.4f} +  caption {c:>7}  {captions[c]}" in text
     assert f"caption      13  {captions[13]}" not in text  # the query is not its own sibling
     assert f"positive score {positive[13]:.4f} (the caption with its image)" in text
-    assert "false-negative filter off" in text
+    assert "false-negative filters off" in text
     rows = table_rows(text)
     assert [(r[1], r[2], r[3]) for r in rows] == [
-        (f"{s:.4f}", " ", f"image {i:>7}  {captions[5 * i]}")
+        (f"{s:.4f}", "*", f"image {i:>7}  {captions[5 * i]}")  # all in the top ceil(300/5)
         for i, s in zip(indices[13][:3], scores[13][:3], strict=True)]
 
 
@@ -97,9 +114,9 @@ def test_files_without_positive_scores_or_scores(mined, tiny_root, tmp_path):
     folder, captions = mined
     indices, scores, _, attrs = read(folder, "i2t")
     write_candidates(tmp_path / "v1" / "i2t.h5", indices, scores, {**attrs, "version": 1})
-    text = inspect_image(tmp_path / "v1", 7, tiny_root, ratio=1.0)
+    text = inspect_image(tmp_path / "v1", 7, tiny_root, rules=SelectionRules(ratio=1.0))
     assert "no positive scores in this file (version 1" in text
-    assert "filter cannot be shown" in text
+    assert "score filters cannot be shown" in text
     assert [r[1] for r in table_rows(text)] == [f"{s:.4f}" for s in scores[7][:10]]
     assert f"     - +  caption      35  {captions[35]}" in text  # no t2i.h5 beside it
     write_candidates(tmp_path / "imp" / "i2t.h5", indices, None,
@@ -115,7 +132,7 @@ def test_a_listed_positive_is_marked(mined, tiny_root):
     with h5py.File(folder / "i2t.h5", "r+") as f:
         f["indices"][7, 1] = 36  # a caption of image 7 itself
     text = inspect_image(folder, 7, tiny_root, top=3)
-    assert [r[2] for r in table_rows(text)] == [" ", "+", " "]
+    assert [r[2] for r in table_rows(text)] == ["*", "+", "*"]
     assert "a positive of the query listed as a negative" in text
 
 
@@ -133,7 +150,7 @@ def test_cli(mined, tiny_root, tmp_path):
                  "--set", f"data.path={tiny_root}", "--set",
                  "offcandi.false_negative_ratio=0.5", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
-    assert captions[15] in result.stdout and "ratio 0.5" in result.stdout
+    assert captions[15] in result.stdout and "false_negative_ratio=0.5" in result.stdout
     assert len(table_rows(result.stdout)) == 4
     result = aoq("inspect", "--candidates", folder, "--caption", 200,
                  "--set", f"data.path={tiny_root}", cwd=tmp_path)
@@ -141,3 +158,15 @@ def test_cli(mined, tiny_root, tmp_path):
     assert "caption 200 is out of range" in result.stderr and "Traceback" not in result.stderr
     result = aoq("inspect", "--candidates", folder, cwd=tmp_path)
     assert result.returncode == 2 and "give one of --image N or --caption N" in result.stderr
+
+
+@pytest.mark.parametrize("value, message", [
+    ("nan", "offcandi.false_negative_ratio must be a finite float, got nan"),
+    ("-1", "offcandi.false_negative_ratio must be >= 0, got -1.0"),
+    ("x", "must be a finite float, got 'x'")])
+def test_cli_checks_the_ratio_as_the_config_does(mined, tiny_root, tmp_path, value, message):
+    folder, _ = mined
+    result = aoq("inspect", "--candidates", folder, "--image", 3, "--false-negative-ratio",
+                 value, "--set", f"data.path={tiny_root}", cwd=tmp_path)
+    assert result.returncode == 2 and message in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr

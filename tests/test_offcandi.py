@@ -4,7 +4,6 @@ import pytest
 
 import stages.offcandi as offcandi_module
 from stages.candidates import (
-    false_negative_skips,
     import_published,
     load_candidates,
     positives_present,
@@ -154,29 +153,7 @@ def test_load_refuses_a_mismatch(mined, kwargs, message):
         load_candidates(mined, "i2t", **args)
 
 
-@pytest.mark.parametrize("ratio", [0.5, 0.9, 1.0, 2.0])
-def test_false_negative_skips_match_a_loop(mined, ratio):
-    for direction, keep in (("i2t", 4), ("t2i", 1)):
-        c = load_candidates(mined, direction, "tiny", "train", 20, min_k=keep,
-                            with_scores=True)
-        skips = false_negative_skips(c, ratio, keep)
-        for q in range(len(c.indices)):
-            suspects = 0
-            for score in c.scores[q]:  # hardest first: suspects are a prefix
-                if score <= ratio * c.positive_scores[q]:
-                    break
-                suspects += 1
-            assert skips[q] == min(suspects, c.k - keep)
-        if ratio == 0.5:  # positives ~0.8, hardest negatives above 0.4: some are skipped
-            assert skips.any() and (skips <= c.k - keep).all()
-        if ratio == 2.0:  # no cosine exceeds 2 x a positive score
-            assert not skips.any()
-
-
-def test_false_negative_filter_needs_scores_and_spare_candidates(mined, tiny_root, tmp_path):
-    c = load_candidates(mined, "i2t", "tiny", "train", 20, min_k=10, with_scores=True)
-    with pytest.raises(UserError, match="K=10 .* top 10: the false-negative filter has none"):
-        false_negative_skips(c, 0.9, keep=10)
+def test_scores_are_refused_where_an_imported_file_has_none(tiny_root, tmp_path):
     config = load_config(overrides=[f"data.path={tiny_root}", "data.name=tiny"])
     i2t, t2i = published_style(40, 6, 2)
     np.save(tmp_path / "i2t.npy", i2t)

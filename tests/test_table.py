@@ -5,16 +5,22 @@ import json
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import yaml
 
 from stages.errors import UserError
 from stages.io.checkpoint import load_checkpoint, weights_hash
+from stages.metrics.retrieval import recall_metrics
 from stages.table import (
     METRIC_KEYS,
     Cell,
     collect_rows,
+    control_loss,
+    pair_rows,
+    paired_bootstrap,
     parse_batches,
+    per_image_rsum,
     plan_cells,
     split_words,
     write_table,
@@ -162,3 +168,80 @@ def test_demo_continues_base_for_equal_epochs(workdir):  # noqa: F811
         assert run in out
     base = yaml.safe_load((work / "runs/tiny/base/config.yaml").read_text())
     assert base["train"]["init_from"] == "" and "base" in out and "rsum" in out
+
+
+def test_seeds_and_the_controls_of_offline_only_losses_are_planned():
+    cells = plan_cells(["aoq", "infonce"], [16], miner="vse_max", seeds=2)
+    assert [c.name for c in cells] == [
+        "aoq-on-b16", "aoq-on-b16-s1", "infonce-off-b16", "infonce-off-b16-s1",
+        "infonce-on-b16", "infonce-on-b16-s1", "vse_max-off-b16", "vse_max-off-b16-s1"]
+    assert control_loss("aoq") == control_loss("offtri") == "vse_max"
+    assert control_loss("infonce") == "infonce"
+    with pytest.raises(UserError, match="SEEDS=0"):
+        plan_cells(["aoq"], [16], "vse_max", seeds=0)
+
+
+def test_per_image_rsum_averages_to_rsum():
+    rng = np.random.default_rng(0)
+    ranks = {"i2t": rng.integers(0, 30, 40), "t2i": rng.integers(0, 30, 200)}
+    shares = per_image_rsum(ranks)
+    assert shares.shape == (40,)
+    assert shares.mean() == pytest.approx(recall_metrics(ranks["i2t"], ranks["t2i"])["rsum"])
+
+
+def test_paired_bootstrap_against_a_loop():
+    rng = np.random.default_rng(1)
+    offline, control = rng.normal(size=(3, 50)), rng.normal(size=(3, 50))
+    low, high = paired_bootstrap(offline, control, resamples=300, seed=4)
+    difference = offline.mean(0) - control.mean(0)
+    picks = np.random.default_rng(4).integers(0, 50, (300, 50))
+    means = sorted(float(np.mean([difference[i] for i in row])) for row in picks)
+    assert low == pytest.approx(np.percentile(means, 2.5))
+    assert high == pytest.approx(np.percentile(means, 97.5))
+    assert low < difference.mean() < high
+    shifted = paired_bootstrap(control + 2.0, control, resamples=50)
+    assert shifted == pytest.approx((2.0, 2.0))  # a constant gain has no spread
+
+
+def test_pairs_match_each_offline_cell_with_its_control_seed_by_seed():
+    def row(loss, offline, seed, rsum, hits):
+        ranks = {"i2t": [0 if h else 99 for h in hits],
+                 "t2i": [0 if h else 99 for h in hits for _ in range(5)]}
+        return {"loss": loss, "offline_negatives": offline, "batch_size": 8, "seed": seed,
+                "rsum": rsum, "ranks": ranks, "checkpoint": f"{loss}{seed}"}
+    rows = [row("vse_max", "no", 0, 100.0, [1, 0, 0, 0]), row("vse_max", "no", 1, 110.0,
+                                                                [1, 0, 0, 0]),
+            row("aoq", "yes", 0, 130.0, [1, 1, 0, 0]), row("aoq", "yes", 1, 125.0,
+                                                          [1, 1, 0, 0])]
+    (pair,) = pair_rows(rows)
+    assert (pair["loss"], pair["control"], pair["seeds"]) == ("aoq", "vse_max", 2)
+    assert pair["delta_per_seed"] == "+30.0 +15.0" and pair["delta_rsum"] == 22.5
+    assert pair["delta_std"] == pytest.approx(np.std([30, 15], ddof=1))
+    assert pair["control_rsum"] == 105.0 and pair["offline_rsum"] == 127.5
+    assert pair["delta_ci_low"] <= 150.0 <= pair["delta_ci_high"]  # ranks: +600 / 4 images
+    with pytest.raises(UserError, match="no matched control vse_max-off-b8 with seed 1"):
+        pair_rows(rows[:1] + rows[2:])
+    with pytest.raises(UserError, match="holds no per-query ranks"):
+        pair_rows([{**r, "ranks": None} for r in rows])
+
+
+def test_table_with_seeds_continued_from_one_checkpoint(workdir):  # noqa: F811
+    work = workdir
+    args = ["LOSSES=aoq", "BATCHES=16", "SEEDS=2", "TABLE_INIT=runs/tiny/base/checkpoint.pt"]
+    out = make(work, "table", *args)
+    table_dir = work / "runs/tiny/table-from-base"
+    base = weights_hash(load_checkpoint(work / "runs/tiny/base/checkpoint.pt")["state_dict"])
+    for cell, seed in (("aoq-on-b16", 0), ("aoq-on-b16-s1", 1), ("vse_max-off-b16", 0),
+                       ("vse_max-off-b16-s1", 1)):
+        config = yaml.safe_load((table_dir / cell / "config.yaml").read_text())
+        assert config["train"]["seed"] == seed
+        assert config["train"]["init_from"] == "runs/tiny/base/checkpoint.pt"
+        record = json.loads((table_dir / cell / "eval.jsonl").read_text())
+        assert len(record["ranks"]["i2t"]) == 10 and len(record["ranks"]["t2i"]) == 50
+    assert read_csv(table_dir / "table.csv")[0]["negatives_mined_by"] == base
+    (pair,) = read_csv(table_dir / "pairs.csv")
+    assert (pair["loss"], pair["control"], pair["seeds"]) == ("aoq", "vse_max", "2")
+    assert "| aoq | vse_max | 16 | 2 |" in out and "continued from runs/tiny/base" in out
+    assert (work / "offcandi/tiny/table-base/t2i.h5").is_file()
+    refused = make(work, "table", *args, "SET=train.seed=3", dry_run=True, check=False)
+    assert refused.returncode != 0 and "drop train.seed from SET" in refused.stderr

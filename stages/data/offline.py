@@ -9,14 +9,15 @@ DataLoader workers draw the same), and gives
 * T'' = a random caption of I',
 * I'' = the image of T'.
 
-With the false-negative filter on, each query's row starts after its skipped suspects:
-T' = i2t[i][skip_i2t[i] + n] and I' = t2i[c][skip_t2i[c] + n // 5].
+With false-negative filters or a curriculum (:mod:`stages.negative_selection`), n indexes
+each row's eligible candidates instead, within the window the sampler describes.
 """
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from ..negative_selection import Selection
 from .captions import CAPTIONS_PER_IMAGE
 from .dataset import Split, pad_tokens
 from .tokenizers import CaptionTokenizer
@@ -39,22 +40,49 @@ def counter_hash(seed: int, epoch: int, items: np.ndarray) -> np.ndarray:
 
 
 class OfflineNegativeSampler:
-    """Draws (T', I', T'', I'') for captions from i2t (N, K) and t2i (5N, K') indices,
-    optionally skipping the first ``skip_i2t`` (N,) / ``skip_t2i`` (5N,) of each row."""
+    """Draws (T', I', T'', I'') for captions from each direction's
+    :class:`~stages.negative_selection.Selection` (the mined candidates and which of them
+    the false-negative filters keep).
 
-    def __init__(self, i2t: np.ndarray, t2i: np.ndarray, hardest: int, seed: int,
-                 skip_i2t: np.ndarray | None = None, skip_t2i: np.ndarray | None = None):
+    Each row's draw is uniform over a window of its eligible candidates: the first h (i2t)
+    or ceil(h / 5) (t2i), or, with ``curriculum_epochs`` E > 0, a window that starts at the
+    easiest eligible ones in epoch 0 and slides linearly to the hardest by epoch E. A row
+    with fewer eligible candidates than the window samples from those it has; a row with
+    none takes its last (least similar) candidate. With no filter and no curriculum this is
+    the reference's draw: one n for both directions, T' = i2t[i][n], I' = t2i[c][n // 5].
+    """
+
+    def __init__(self, i2t: Selection, t2i: Selection, hardest: int, seed: int,
+                 curriculum_epochs: int = 0):
         need_t2i = -(-hardest // CAPTIONS_PER_IMAGE)
-        self.skip_i2t = np.zeros(len(i2t), np.int64) if skip_i2t is None else skip_i2t
-        self.skip_t2i = np.zeros(len(t2i), np.int64) if skip_t2i is None else skip_t2i
-        if (i2t.shape[1] < hardest + self.skip_i2t.max(initial=0)
-                or t2i.shape[1] < need_t2i + self.skip_t2i.max(initial=0)):
-            raise ValueError(f"need K >= {hardest} (i2t) and >= {need_t2i} (t2i) after the "
-                             f"skipped candidates, got {i2t.shape[1]} and {t2i.shape[1]}")
+        if i2t.k < hardest or t2i.k < need_t2i:
+            raise ValueError(f"need K >= {hardest} (i2t) and >= {need_t2i} (t2i), got "
+                             f"{i2t.k} and {t2i.k}")
         self.i2t, self.t2i = i2t, t2i
         self.hardest = hardest
         self.seed = seed
+        self.curriculum_epochs = curriculum_epochs
         self.epoch = 0
+
+    def _offset(self, counts: np.ndarray, window: np.ndarray) -> np.ndarray:
+        """(B,) where each row's window starts: 0, or under the curriculum the share of the
+        row's spare eligible candidates still to cover."""
+        if not self.curriculum_epochs:
+            return np.zeros_like(counts)
+        left = max(self.curriculum_epochs - self.epoch, 0)
+        return (counts - window) * left // self.curriculum_epochs
+
+    def _pick(self, selection: Selection, rows: np.ndarray, rank: np.ndarray,
+              full: int, words: np.ndarray) -> np.ndarray:
+        """Candidate ids (B,) of ``rows``: the reference's ``rank`` where a row's window is
+        full (``full`` wide), else uniform by ``words`` over what the row keeps."""
+        counts = selection.counts[rows]
+        window = np.minimum(counts, full)
+        own = (words % np.maximum(window, 1).astype(np.uint64)).astype(np.int64)
+        n = np.where(window == full, rank, own) + self._offset(counts, window)
+        position = np.where(counts > 0, selection.eligible[rows, n],
+                            selection.k - 1)
+        return selection.indices[rows, position].astype(np.int64)
 
     def draw(self, captions: list[int]) -> dict[str, np.ndarray]:
         """(B,) caption ids -> int64 (B,) arrays ``captions`` (T'), ``images`` (I'),
@@ -62,10 +90,13 @@ class OfflineNegativeSampler:
         c = np.asarray(captions, dtype=np.int64)
         words = counter_hash(self.seed, self.epoch, c)
         rank = (words % np.uint64(self.hardest)).astype(np.int64)
-        which = (_splitmix64(words) % np.uint64(CAPTIONS_PER_IMAGE)).astype(np.int64)
+        second = _splitmix64(words)
+        which = (second % np.uint64(CAPTIONS_PER_IMAGE)).astype(np.int64)
         image = c // CAPTIONS_PER_IMAGE
-        t1 = self.i2t[image, self.skip_i2t[image] + rank].astype(np.int64)
-        i1 = self.t2i[c, self.skip_t2i[c] + rank // CAPTIONS_PER_IMAGE].astype(np.int64)
+        need_t2i = -(-self.hardest // CAPTIONS_PER_IMAGE)
+        t1 = self._pick(self.i2t, image, rank, self.hardest, words)
+        i1 = self._pick(self.t2i, c, rank // CAPTIONS_PER_IMAGE, need_t2i,
+                        _splitmix64(second))
         return {"captions": t1, "images": i1, "captions2": i1 * CAPTIONS_PER_IMAGE + which,
                 "images2": t1 // CAPTIONS_PER_IMAGE}
 

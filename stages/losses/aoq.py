@@ -9,8 +9,9 @@ offline negatives T' (of I_k), I' (of T_k), T'' (a caption of I'), I'' (the imag
     L_quin = Σ_k [m_off + S(I_k, T'_k) − p_k]₊ + [m_off + S(I'_k, T_k) − p_k]₊
                + [m_off + S(I'_k, T'_k) − p_k]₊ + [m_off + S(I''_k, T''_k) − p_k]₊
 
-``aoq`` is L_adap + L_quin. The reference neither clamps nor detaches w (it turns negative
-once an offline negative beats the online one by more than αβ); ``clamp_weights`` and
+``aoq`` is L_adap + λ L_quin, λ = ``offline_weight`` (1 in the reference). The reference
+neither clamps nor detaches w (it turns negative once an offline negative beats the online
+one by more than αβ); ``clamp_weights`` and
 ``detach_weights`` change that. Ablations from the paper: ``offquin`` (w = 1, all four
 offline terms) and ``offtri`` (w = 1, the two offline triplet terms).
 """
@@ -44,11 +45,13 @@ class AOQLoss(RetrievalLoss):
     """
 
     requires_offline = True
+    online_counterpart = "vse_max"  # L_adap and the offline terms extend VSE++'s max hinge
 
     def __init__(self, variant: str = "aoq", margin: Annotated[float, Range(min=0)] = 0.2,
                  offline_margin: Annotated[float, Range(min=0)] = 0.0,
                  alpha: Annotated[float, Range(min=0, min_open=True)] = 0.3,
                  beta: float = 1.5, clamp_weights: bool = False, detach_weights: bool = False,
+                 offline_weight: Annotated[float, Range(min=0)] = 1.0,
                  mask_same_image: bool = False,
                  reduction: Annotated[str, OneOf("sum", "mean")] = "sum"):
         super().__init__(mask_same_image, reduction)
@@ -61,6 +64,7 @@ class AOQLoss(RetrievalLoss):
         self.beta = beta
         self.clamp_weights = clamp_weights
         self.detach_weights = detach_weights
+        self.offline_weight = offline_weight
 
     def adaptive_weights(self, offline_sim: torch.Tensor,
                          online_hardest: torch.Tensor) -> torch.Tensor:
@@ -97,4 +101,4 @@ class AOQLoss(RetrievalLoss):
             offline_terms = (offline_terms + _hinge(m, s_i1_t1, positive)
                              + _hinge(m, s_i2_t2, positive))
         return {"online_i2t": self.reduce(online_c), "online_t2i": self.reduce(online_i),
-                "offline": self.reduce(offline_terms)}
+                "offline": self.offline_weight * self.reduce(offline_terms)}

@@ -132,6 +132,9 @@ class RetrievalLoss(nn.Module):
     """
 
     requires_offline = False
+    # A loss that needs offline negatives names the loss it adds its offline terms to: the
+    # matched control it is compared with (`make table`).
+    online_counterpart: str | None = None
 
     def __init__(self, mask_same_image: bool = False,
                  reduction: Annotated[str, OneOf("sum", "mean")] = "sum"):

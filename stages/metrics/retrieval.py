@@ -85,26 +85,43 @@ def rsum(metrics: dict[str, float]) -> float:
     return sum(metrics[f"r{k}_{d}"] for k in RECALL_KS for d in ("i2t", "t2i"))
 
 
-def evaluate_embeddings(img_embs, cap_embs, folds: int = 1,
-                        block_size: int = 1024) -> dict[str, float]:
-    """Metrics of a split, whole (``folds=1``) or as the mean over equal folds.
-
-    For COCO's 5-fold 1K protocol each fold is 1000 images and their 5000 captions; all
-    metrics are averaged over folds and rsum is recomputed from the averaged recalls (some
-    reference code sums per-fold rsums wrongly).
-    """
+def fold_ranks(img_embs, cap_embs, folds: int = 1, block_size: int = 1024
+               ) -> tuple[np.ndarray, np.ndarray]:
+    """0-based ranks of every query, each within its fold: i2t (N,) and t2i (5N,), in the
+    split's order. Folds are equal consecutive blocks of images and their captions (COCO's
+    5-fold 1K: each fold 1000 images); ``img_embs``/``cap_embs`` as :func:`retrieval_ranks`."""
     imgs, caps = _as_list(img_embs), _as_list(cap_embs)
     num_images = imgs[0].shape[0]
     if folds < 1 or num_images % folds:
         raise ValueError(f"{num_images} images cannot be split into {folds} equal folds")
     size = num_images // folds
-    per_fold = []
+    i2t, t2i = [], []
     for f in range(folds):
         i0, c0 = f * size, f * size * CAPTIONS_PER_IMAGE
-        i2t, t2i = retrieval_ranks([im[i0:i0 + size] for im in imgs],
-                                   [c[c0:c0 + size * CAPTIONS_PER_IMAGE] for c in caps],
-                                   block_size)
-        per_fold.append(recall_metrics(i2t, t2i))
+        a, b = retrieval_ranks([im[i0:i0 + size] for im in imgs],
+                               [c[c0:c0 + size * CAPTIONS_PER_IMAGE] for c in caps],
+                               block_size)
+        i2t.append(a)
+        t2i.append(b)
+    return np.concatenate(i2t), np.concatenate(t2i)
+
+
+def evaluate_ranks(i2t: np.ndarray, t2i: np.ndarray, folds: int = 1) -> dict[str, float]:
+    """Metrics of :func:`fold_ranks`' ranks, as the mean over the folds; rsum recomputed
+    from the averaged recalls (some reference code sums per-fold rsums wrongly)."""
+    size, cap_size = len(i2t) // folds, len(t2i) // folds
+    per_fold = [recall_metrics(i2t[f * size:(f + 1) * size],
+                               t2i[f * cap_size:(f + 1) * cap_size]) for f in range(folds)]
     mean = {k: float(np.mean([m[k] for m in per_fold])) for k in per_fold[0]}
     mean["rsum"] = rsum(mean)
     return mean
+
+
+def evaluate_embeddings(img_embs, cap_embs, folds: int = 1,
+                        block_size: int = 1024) -> dict[str, float]:
+    """Metrics of a split, whole (``folds=1``) or as the mean over equal folds.
+
+    For COCO's 5-fold 1K protocol each fold is 1000 images and their 5000 captions; all
+    metrics are averaged over folds and rsum is recomputed from the averaged recalls.
+    """
+    return evaluate_ranks(*fold_ranks(img_embs, cap_embs, folds, block_size), folds)

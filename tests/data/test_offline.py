@@ -4,7 +4,13 @@ import pytest
 from stages.data.dataset import open_split
 from stages.data.offline import OfflineNegativeSampler, OfflinePairDataset, collate_offline
 from stages.data.vocab import Vocab
+from stages.negative_selection import Selection
 from stages.offcandi import drop_positives
+
+
+def sampler_of(i2t, t2i, hardest, seed, **kwargs):
+    return OfflineNegativeSampler(Selection.unfiltered(i2t), Selection.unfiltered(t2i),
+                                  hardest, seed, **kwargs)
 
 
 def mined_candidates(n, k_i2t, k_t2i, seed=0):
@@ -21,7 +27,7 @@ def mined_candidates(n, k_i2t, k_t2i, seed=0):
 def test_sampler_invariants():
     n = 30
     i2t, t2i = mined_candidates(n, 20, 4)
-    sampler = OfflineNegativeSampler(i2t, t2i, hardest=20, seed=1)
+    sampler = sampler_of(i2t, t2i, hardest=20, seed=1)
     captions = np.arange(5 * n)
     for epoch in range(3):
         sampler.epoch = epoch
@@ -38,8 +44,8 @@ def test_sampler_invariants():
 
 def test_draws_are_a_function_of_seed_epoch_and_caption():
     i2t, t2i = mined_candidates(80, 300, 60)
-    a = OfflineNegativeSampler(i2t, t2i, hardest=300, seed=0)
-    b = OfflineNegativeSampler(i2t, t2i, hardest=300, seed=0)
+    a = sampler_of(i2t, t2i, hardest=300, seed=0)
+    b = sampler_of(i2t, t2i, hardest=300, seed=0)
     first = a.draw([5, 17, 200])
     reordered = b.draw([200, 5, 17])
     assert first["captions"].tolist() == reordered["captions"][[1, 2, 0]].tolist()
@@ -52,35 +58,17 @@ def test_draws_are_a_function_of_seed_epoch_and_caption():
     assert min(ranks) < 30 and max(ranks) > 270
 
 
-def test_skipped_candidates_are_never_drawn():
-    n = 30
-    i2t, t2i = mined_candidates(n, 25, 6)
-    rng = np.random.default_rng(3)
-    skip_i2t, skip_t2i = rng.integers(0, 6, n), rng.integers(0, 3, 5 * n)
-    sampler = OfflineNegativeSampler(i2t, t2i, 20, 1, skip_i2t, skip_t2i)
-    captions = np.arange(5 * n)
-    for epoch in range(4):
-        sampler.epoch = epoch
-        d = sampler.draw(captions.tolist())
-        for c in captions:
-            i = c // 5
-            assert d["captions"][c] in i2t[i, skip_i2t[i]:skip_i2t[i] + 20]
-            assert d["images"][c] in t2i[c, skip_t2i[c]:skip_t2i[c] + 4]
-    with pytest.raises(ValueError, match="after the skipped candidates"):
-        OfflineNegativeSampler(i2t, t2i, 20, 1, skip_i2t + 1, skip_t2i)
-
-
 def test_k_smaller_than_h_is_refused():
     i2t, t2i = mined_candidates(10, 20, 3)
     with pytest.raises(ValueError, match="need K >= 20 .* and >= 4"):
-        OfflineNegativeSampler(i2t, t2i, hardest=20, seed=0)
+        sampler_of(i2t, t2i, hardest=20, seed=0)
 
 
 def test_dataset_items_and_collate(tiny_root):
     split = open_split(tiny_root / "tiny", "train")
     vocab = Vocab.load(tiny_root / "tiny" / "vocab.json")
     i2t, t2i = mined_candidates(40, 10, 2)
-    data = OfflinePairDataset(split, vocab, OfflineNegativeSampler(i2t, t2i, 10, 0))
+    data = OfflinePairDataset(split, vocab, sampler_of(i2t, t2i, 10, 0))
     items = data.__getitems__([0, 7, 199])
     batch = collate_offline(items)
     assert batch["images"].shape == (9, 12, 32) and batch["tokens"].shape[0] == 9

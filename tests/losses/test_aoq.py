@@ -12,7 +12,8 @@ def _unit(*shape):
     return F.normalize(torch.randn(*shape, dtype=torch.float64), dim=-1)
 
 
-def naive_aoq(I, T, off, variant, m_on=0.2, m_off=0.0, alpha=0.3, beta=1.5, clamp=False):
+def naive_aoq(I, T, off, variant, m_on=0.2, m_off=0.0, alpha=0.3, beta=1.5, clamp=False,
+              offline_weight=1.0):
     """Straight from the paper, one batch item at a time."""
     size = I.shape[0]
     total = 0.0
@@ -29,9 +30,10 @@ def naive_aoq(I, T, off, variant, m_on=0.2, m_off=0.0, alpha=0.3, beta=1.5, clam
         if clamp:
             wc, wi = max(wc, 0.0), max(wi, 0.0)
         total += wc * max(0.0, m_on + hard_c - p) + wi * max(0.0, m_on + hard_i - p)
-        total += max(0.0, m_off + s_it1 - p) + max(0.0, m_off + s_i1t - p)
+        offline = max(0.0, m_off + s_it1 - p) + max(0.0, m_off + s_i1t - p)
         if variant != "offtri":
-            total += max(0.0, m_off + s_i1t1 - p) + max(0.0, m_off + s_i2t2 - p)
+            offline += max(0.0, m_off + s_i1t1 - p) + max(0.0, m_off + s_i2t2 - p)
+        total += offline_weight * offline
     return total
 
 
@@ -44,12 +46,13 @@ def batch(size=8, dim=6, seed=0):
 
 
 @pytest.mark.parametrize("variant", ["aoq", "offquin", "offtri"])
-@pytest.mark.parametrize("m_off", [0.0, 0.2])
-def test_matches_naive_loop(variant, m_off):
+@pytest.mark.parametrize("m_off, weight", [(0.0, 1.0), (0.2, 1.0), (0.2, 0.25)])
+def test_matches_naive_loop(variant, m_off, weight):
     I, T, off = batch()
-    loss = build_loss(variant, {"offline_margin": m_off})
+    loss = build_loss(variant, {"offline_margin": m_off, "offline_weight": weight})
     got = total(loss(I, T, torch.arange(8), offline=offline_negatives(off))).item()
-    assert got == pytest.approx(naive_aoq(I, T, off, variant, m_off=m_off), rel=1e-10)
+    assert got == pytest.approx(naive_aoq(I, T, off, variant, m_off=m_off,
+                                          offline_weight=weight), rel=1e-10)
 
 
 def test_negative_weights_as_in_the_reference_and_clamped_option():

@@ -1,0 +1,199 @@
+"""Which offline candidates retraining may draw: false-negative-aware selection.
+
+A candidate file ranks, for every query, K candidates hardest first (see
+:mod:`stages.candidates`). Mined negatives include true matches of the query that belong
+to other images ("a white dog running in the snow" as a negative of a photo captioned "a
+brown and white dog is running through the snow"); the filters below drop such suspects
+*when the sampler draws*, from the scores and captions the files already hold, so changing
+a filter never needs mining again. Each filter is off at 0:
+
+* ``skip_top`` r: the r hardest candidates of every row (a rank range: skip the top r,
+  sample from the next h; sentence-transformers' ``range_min``);
+* ``false_negative_ratio`` ρ: candidates scoring above ρ x the query's positive score
+  (positive-aware mining, NV-Retriever's TopK-PercPos keeps those below 0.95 x positive);
+* ``false_negative_margin`` μ: candidates scoring above positive − μ (an absolute margin
+  to the positive, sentence-transformers' ``absolute_margin``);
+* ``duplicate_overlap`` τ: candidates whose text nearly repeats the anchor's: the Jaccard
+  overlap of the word sets of two captions is at least τ, for i2t between the candidate
+  caption and any of the anchor image's captions, for t2i between the anchor caption and
+  any caption of the candidate image.
+
+The query's positive score is the file's ``positive_scores`` (i2t: the mean over the
+image's captions; t2i: the caption with its own image). What passes is the row's
+*eligible* list, still hardest first; :class:`Selection` holds it as positions into the
+row. The sampler draws from a window of it (see :mod:`stages.data.offline`).
+"""
+
+import logging
+import re
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .candidates import CAPTIONS_PER_IMAGE, Candidates
+from .errors import UserError
+
+log = logging.getLogger(__name__)
+
+# Why a candidate was dropped: bit flags, several may apply to one candidate.
+TOP = 1
+RATIO = 2
+MARGIN = 4
+DUPLICATE = 8
+REASONS = {TOP: "t", RATIO: "r", MARGIN: "m", DUPLICATE: "d"}
+REASON_NAMES = {TOP: "skip_top", RATIO: "false_negative_ratio",
+                MARGIN: "false_negative_margin", DUPLICATE: "duplicate_overlap"}
+
+
+@dataclass(frozen=True)
+class SelectionRules:
+    """The filters' settings (``offcandi.*``); 0 turns a filter off."""
+
+    skip_top: int = 0
+    ratio: float = 0.0
+    margin: float = 0.0
+    duplicate_overlap: float = 0.0
+
+    @classmethod
+    def from_config(cls, offcandi) -> "SelectionRules":
+        return cls(offcandi.skip_top, offcandi.false_negative_ratio,
+                   offcandi.false_negative_margin, offcandi.duplicate_overlap)
+
+    @property
+    def needs_scores(self) -> bool:
+        return self.ratio > 0 or self.margin > 0
+
+    @property
+    def active(self) -> bool:
+        return bool(self.skip_top or self.ratio or self.margin or self.duplicate_overlap)
+
+
+class CaptionWords:
+    """Each caption's set of distinct words (lower-cased runs of letters and digits), as
+    word ids padded to one length: ``ids`` (C, L) int32, padding −1, and ``sizes`` (C,)."""
+
+    def __init__(self, captions: list[str]):
+        vocabulary: dict[str, int] = {}
+        sets = [sorted({vocabulary.setdefault(w, len(vocabulary))
+                        for w in re.findall(r"[a-z0-9]+", text.lower())}) for text in captions]
+        self.sizes = np.array([len(s) for s in sets], dtype=np.int64)
+        self.ids = np.full((len(sets), max(self.sizes.max(initial=0), 1)), -1, np.int32)
+        for row, words in enumerate(sets):
+            self.ids[row, :len(words)] = words
+
+    def jaccard(self, a: np.ndarray, b: np.ndarray, block: int = 65536) -> np.ndarray:
+        """(P,) float32 Jaccard overlap of the word sets of captions ``a`` (P,) and ``b``
+        (P,), exact (two empty captions overlap 0)."""
+        a, b = np.asarray(a).reshape(-1), np.asarray(b).reshape(-1)
+        out = np.empty(len(a), np.float32)
+        ids = torch.from_numpy(self.ids)
+        for start in range(0, len(a), block):
+            wa = ids[a[start:start + block]]
+            wb = ids[b[start:start + block]]
+            common = ((wa[:, :, None] == wb[:, None, :]) & (wa[:, :, None] >= 0)).sum((1, 2))
+            common = common.numpy()
+            union = self.sizes[a[start:start + block]] + self.sizes[b[start:start + block]] \
+                - common
+            out[start:start + block] = np.where(union > 0, common / np.maximum(union, 1), 0)
+        return out
+
+
+NO_FILTERS = SelectionRules()
+
+
+def duplicate_scores(direction: str, indices: np.ndarray, words: CaptionWords,
+                     rows: np.ndarray | None = None) -> np.ndarray:
+    """(Q, K) float32: the largest word overlap between each candidate and its query's text
+    (i2t: candidate caption vs the anchor image's captions; t2i: the anchor caption vs the
+    candidate image's captions). ``rows``: the query ids of ``indices``' rows (default
+    0..Q−1)."""
+    q, k = indices.shape
+    rows = np.arange(q) if rows is None else np.asarray(rows)
+    best = np.zeros((q, k), np.float32)
+    for j in range(CAPTIONS_PER_IMAGE):
+        if direction == "i2t":
+            own = np.repeat(rows * CAPTIONS_PER_IMAGE + j, k)
+            other = indices.reshape(-1)
+        else:
+            own = np.repeat(rows, k)
+            other = indices.reshape(-1).astype(np.int64) * CAPTIONS_PER_IMAGE + j
+        best = np.maximum(best, words.jaccard(own, other).reshape(q, k))
+    return best
+
+
+def drop_reasons(direction: str, candidates: Candidates, rules: SelectionRules,
+                 words: CaptionWords | None = None, rows: np.ndarray | None = None
+                 ) -> np.ndarray:
+    """(Q, K) uint8: for each candidate, the bit flags of the filters that drop it (0: it
+    stays eligible). ``candidates`` must hold scores when the ratio or margin filter is
+    on, and ``words`` the split's captions when the duplicate filter is."""
+    indices = candidates.indices
+    reasons = np.zeros(indices.shape, np.uint8)
+    if rules.skip_top:
+        reasons[:, :rules.skip_top] |= TOP
+    if rules.needs_scores:
+        if candidates.scores is None or candidates.positive_scores is None:
+            raise UserError(f"{candidates.path} has no candidate or positive scores (imported, "
+                            "or mined before version 2), which offcandi.false_negative_ratio "
+                            "and false_negative_margin need; mine again with `make offcandi` "
+                            "or turn those filters off")
+        positive = candidates.positive_scores[:, None]
+        if rules.ratio:
+            reasons[candidates.scores > rules.ratio * positive] |= RATIO
+        if rules.margin:
+            reasons[candidates.scores > positive - rules.margin] |= MARGIN
+    if rules.duplicate_overlap:
+        if words is None:
+            raise ValueError("the duplicate filter needs the split's CaptionWords")
+        overlap = duplicate_scores(direction, indices, words, rows)
+        reasons[overlap >= rules.duplicate_overlap] |= DUPLICATE
+    return reasons
+
+
+@dataclass
+class Selection:
+    """One direction's candidates as the sampler sees them: ``indices`` (Q, K) the mined
+    candidate ids, ``eligible`` (Q, K) int32 positions into each row of the candidates
+    that passed the filters (hardest first, then padding), ``counts`` (Q,) how many did."""
+
+    indices: np.ndarray
+    eligible: np.ndarray
+    counts: np.ndarray
+
+    @classmethod
+    def from_reasons(cls, indices: np.ndarray, reasons: np.ndarray) -> "Selection":
+        keep = reasons == 0
+        # A stable sort puts each row's eligible positions first, in rank order.
+        order = np.argsort(~keep, axis=1, kind="stable").astype(np.int32)
+        return cls(indices, order, keep.sum(axis=1).astype(np.int64))
+
+    @classmethod
+    def unfiltered(cls, indices: np.ndarray) -> "Selection":
+        q, k = indices.shape
+        return cls(indices, np.broadcast_to(np.arange(k, dtype=np.int32), (q, k)),
+                   np.full(q, k, np.int64))
+
+    @property
+    def k(self) -> int:
+        return self.indices.shape[1]
+
+
+def select(direction: str, candidates: Candidates, rules: SelectionRules, window: int,
+           words: CaptionWords | None = None) -> Selection:
+    """Apply ``rules`` to a loaded candidate file and log what they drop; ``window`` is how
+    many eligible candidates the sampler draws from per row (h for i2t, ceil(h / 5) for
+    t2i)."""
+    if not rules.active:
+        return Selection.unfiltered(candidates.indices)
+    reasons = drop_reasons(direction, candidates, rules, words)
+    selection = Selection.from_reasons(candidates.indices, reasons)
+    by_rule = ", ".join(f"{name} {(reasons & bit).astype(bool).sum(1).mean():.1f}"
+                        for bit, name in REASON_NAMES.items() if (reasons & bit).any())
+    short = selection.counts < window
+    log.info("%s: the filters drop %.1f of K=%d candidates per query on average (%s); "
+             "%.1f%% of queries keep fewer than the %d sampled from (they sample from what "
+             "they keep), %d keep none (they fall back to their last candidate)",
+             candidates.path, (reasons > 0).sum(1).mean(), candidates.k,
+             by_rule or "none", 100 * short.mean(), window, int((selection.counts == 0).sum()))
+    return selection

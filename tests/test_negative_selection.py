@@ -1,0 +1,178 @@
+"""False-negative-aware selection: each filter against a brute-force loop, the word overlap
+against Python sets, and the sampler's window (filters, short rows, curriculum)."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from stages.candidates import Candidates
+from stages.data.offline import OfflineNegativeSampler, counter_hash
+from stages.errors import UserError
+from stages.negative_selection import (
+    DUPLICATE,
+    MARGIN,
+    RATIO,
+    TOP,
+    CaptionWords,
+    Selection,
+    SelectionRules,
+    drop_reasons,
+    duplicate_scores,
+    select,
+)
+from tests.data.test_offline import mined_candidates
+
+WORDS = ["a", "the", "dog", "dogs", "man", "woman", "runs", "running", "snow", "grass", "red",
+         "ball", "white", "brown", "on", "in"]
+
+
+def random_captions(count, seed=0):
+    rng = np.random.default_rng(seed)
+    return [" ".join(rng.choice(WORDS, size=rng.integers(0, 9))).capitalize() + "."
+            for _ in range(count)]
+
+
+def scored(n=12, k_i2t=20, k_t2i=6, seed=0):
+    """Candidates of both directions with descending scores and positive scores."""
+    rng = np.random.default_rng(seed)
+    i2t, t2i = mined_candidates(n, k_i2t, k_t2i, seed)
+    out = {}
+    for direction, indices in (("i2t", i2t), ("t2i", t2i)):
+        scores = -np.sort(-rng.uniform(-0.2, 0.9, indices.shape), axis=1).astype(np.float32)
+        positive = rng.uniform(0.1, 0.8, len(indices)).astype(np.float32)
+        out[direction] = Candidates(Path(f"{direction}.h5"), indices, {"direction": direction},
+                                    scores, positive)
+    return out
+
+
+def set_jaccard(a, b):
+    a, b = ({w for w in "".join(ch if ch.isalnum() else " " for ch in t.lower()).split()}
+            for t in (a, b))
+    return len(a & b) / len(a | b) if a | b else 0.0
+
+
+def test_word_overlap_is_jaccard_of_word_sets():
+    captions = random_captions(60, seed=1) + ["", "A dog, a DOG!", "dog"]
+    words = CaptionWords(captions)
+    rng = np.random.default_rng(2)
+    a, b = rng.integers(0, len(captions), 500), rng.integers(0, len(captions), 500)
+    a[:3], b[:3] = [60, 61, 61], [60, 62, 61]
+    got = words.jaccard(a, b, block=64)
+    want = [set_jaccard(captions[x], captions[y]) for x, y in zip(a, b, strict=True)]
+    np.testing.assert_allclose(got, want, atol=1e-6)
+    assert got[0] == 0 and got[1] == pytest.approx(0.5) and got[2] == 1
+
+
+@pytest.mark.parametrize("direction", ["i2t", "t2i"])
+def test_duplicate_scores_match_a_loop(direction):
+    c = scored(n=10)[direction]
+    captions = random_captions(50, seed=3)
+    got = duplicate_scores(direction, c.indices, CaptionWords(captions))
+    for q in range(len(c.indices)):
+        for j, cand in enumerate(c.indices[q]):
+            if direction == "i2t":  # candidate caption vs the anchor image's captions
+                pairs = [(captions[5 * q + s], captions[cand]) for s in range(5)]
+            else:  # the anchor caption vs the candidate image's captions
+                pairs = [(captions[q], captions[5 * cand + s]) for s in range(5)]
+            assert got[q, j] == pytest.approx(max(set_jaccard(x, y) for x, y in pairs),
+                                              abs=1e-6)
+
+
+@pytest.mark.parametrize("rules", [
+    SelectionRules(skip_top=3), SelectionRules(ratio=0.9), SelectionRules(margin=0.05),
+    SelectionRules(duplicate_overlap=0.5),
+    SelectionRules(skip_top=2, ratio=1.0, margin=0.1, duplicate_overlap=0.4)])
+@pytest.mark.parametrize("direction", ["i2t", "t2i"])
+def test_drop_reasons_match_a_loop(rules, direction):
+    c = scored(n=10)[direction]
+    captions = random_captions(50, seed=4)
+    got = drop_reasons(direction, c, rules, CaptionWords(captions))
+    overlap = duplicate_scores(direction, c.indices, CaptionWords(captions))
+    for q in range(len(c.indices)):
+        for j in range(c.k):
+            want = 0
+            if j < rules.skip_top:
+                want |= TOP
+            if rules.ratio and c.scores[q, j] > rules.ratio * c.positive_scores[q]:
+                want |= RATIO
+            if rules.margin and c.scores[q, j] > c.positive_scores[q] - rules.margin:
+                want |= MARGIN
+            if rules.duplicate_overlap and overlap[q, j] >= rules.duplicate_overlap:
+                want |= DUPLICATE
+            assert got[q, j] == want
+    assert (got > 0).any() and (got == 0).any()  # the case is not trivial
+
+
+def test_score_filters_need_scores():
+    c = scored()["i2t"]
+    bare = Candidates(c.path, c.indices, c.attrs)
+    with pytest.raises(UserError, match="no candidate or positive scores"):
+        drop_reasons("i2t", bare, SelectionRules(margin=0.1))
+    assert not drop_reasons("i2t", bare, SelectionRules(skip_top=2))[:, 2:].any()
+
+
+def test_selection_lists_the_kept_positions_in_rank_order():
+    indices = np.arange(12).reshape(2, 6)
+    reasons = np.array([[1, 0, 2, 0, 0, 8], [3, 3, 3, 3, 3, 3]], np.uint8)
+    s = Selection.from_reasons(indices, reasons)
+    assert s.counts.tolist() == [3, 0]
+    assert s.eligible[0, :3].tolist() == [1, 3, 4]
+
+
+def draws(sampler, captions, epochs):
+    out = []
+    for epoch in epochs:
+        sampler.epoch = epoch
+        out.append(sampler.draw(captions.tolist()))
+    return out
+
+
+def test_unfiltered_draw_is_the_reference_draw():
+    n, h = 20, 15
+    i2t, t2i = mined_candidates(n, 40, 8)
+    sampler = OfflineNegativeSampler(Selection.unfiltered(i2t), Selection.unfiltered(t2i),
+                                     h, seed=7)
+    captions = np.arange(5 * n)
+    for epoch, d in enumerate(draws(sampler, captions, range(3))):
+        rank = (counter_hash(7, epoch, captions) % np.uint64(h)).astype(np.int64)
+        np.testing.assert_array_equal(d["captions"], i2t[captions // 5, rank])
+        np.testing.assert_array_equal(d["images"], t2i[captions, rank // 5])
+
+
+def test_filtered_draws_come_from_the_first_kept_candidates():
+    n, h = 12, 6
+    c = scored(n=n, k_i2t=20, k_t2i=6)
+    rules = SelectionRules(ratio=0.95, skip_top=1)
+    sel = {d: select(d, c[d], rules, w) for d, w in (("i2t", h), ("t2i", 2))}
+    reasons = {d: drop_reasons(d, c[d], rules) for d in sel}
+    sampler = OfflineNegativeSampler(sel["i2t"], sel["t2i"], h, seed=1)
+    captions = np.arange(5 * n)
+    seen = {d: {q: set() for q in range(len(c[d].indices))} for d in sel}
+    for d in draws(sampler, captions, range(60)):
+        for cap in captions:
+            seen["i2t"][cap // 5].add(int(d["captions"][cap]))
+            seen["t2i"][cap].add(int(d["images"][cap]))
+    for direction, window in (("i2t", h), ("t2i", 2)):
+        for q, got in seen[direction].items():
+            kept = c[direction].indices[q][reasons[direction][q] == 0]
+            want = set(kept[:window].tolist()) if len(kept) else {c[direction].indices[q, -1]}
+            assert got == want, (direction, q)  # every one of them drawn, nothing else
+    short = sel["i2t"].counts < h
+    assert short.any() and (sel["i2t"].counts > 0).any()  # rows of both kinds exercised
+
+
+def test_curriculum_slides_from_the_easiest_to_the_hardest_kept():
+    n, h, e = 6, 4, 3
+    i2t, t2i = mined_candidates(n, 16, 4)
+    sampler = OfflineNegativeSampler(Selection.unfiltered(i2t), Selection.unfiltered(t2i),
+                                     h, seed=2, curriculum_epochs=e)
+    captions = np.arange(5 * n)
+    for epoch in range(e + 2):
+        start = (16 - h) * max(e - epoch, 0) // e
+        ranks = set()
+        for d in draws(sampler, captions, [epoch] * 1):
+            for cap in captions:
+                ranks.add(list(i2t[cap // 5]).index(d["captions"][cap]))
+        assert ranks <= set(range(start, start + h)), (epoch, ranks)
+    assert sampler._offset(np.array([16]), np.array([h]))[0] == 0  # past E: the hardest
