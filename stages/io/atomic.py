@@ -196,7 +196,9 @@ def _journal_renames(journal: Path) -> list[tuple[str, str]]:
 
 # --- stale temporary files ------------------------------------------------------------------
 def pid_alive(pid: int) -> bool:
-    """Whether process ``pid`` exists on this host."""
+    """Whether process ``pid`` runs on this host. A zombie (a process that has ended but
+    that its parent has not reaped yet, e.g. one killed under a parent that never waits)
+    does not: it writes nothing more, though ``kill(pid, 0)`` still finds it."""
     if pid == os.getpid():
         return True
     try:
@@ -204,8 +206,18 @@ def pid_alive(pid: int) -> bool:
     except ProcessLookupError:
         return False
     except PermissionError:  # another user's process
-        return True
-    return True
+        pass
+    return not _zombie(pid)
+
+
+def _zombie(pid: int) -> bool:
+    """Whether ``/proc`` says process ``pid`` is a zombie (state Z; False without /proc)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    # "pid (command) state ...": the command may hold spaces and parentheses.
+    return stat[stat.rfind(")") + 1:].split()[:1] == ["Z"]
 
 
 def remove_stale_temp_files(folder: str | os.PathLike) -> list[Path]:
