@@ -115,7 +115,9 @@ def embed(config_files, overrides, checkpoint, split, out) -> None:
               help="Export folder (default: export/<format>/ beside the checkpoint).")
 @click.option("--format", "fmt", default="torchscript", show_default=True,
               help="torchscript (torch.jit.load) or onnx (onnxruntime).")
-@click.option("--force", is_flag=True, help="Replace an existing export folder.")
+@click.option("--force", is_flag=True,
+              help="Replace an earlier export at --out (a folder holding its export.json; "
+                   "nothing else is ever replaced).")
 @click.option("--tolerance", type=float, default=1e-4, show_default=True,
               help="Largest abs difference allowed between the exported encoders' and the "
                    "checkpoint's embeddings.")
