@@ -170,6 +170,31 @@ def _load_pretrained(model, tokenizer) -> dict | None:
     return model.init_word_vectors(tokenizer)
 
 
+def _promote_best(run_dir: Path, info: dict) -> None:
+    """Copy ``best.pt`` to ``checkpoint.pt``, the file make and the later stages take as the
+    run's output, once it is verified: a whole checkpoint of this project, of this run's
+    model and data (``info``, the trainer's checkpoint_info). A missing, truncated or
+    foreign best.pt is a :class:`UserError` and no checkpoint.pt is written."""
+    best, final = run_dir / "best.pt", run_dir / "checkpoint.pt"
+    problem = "is missing" if not best.is_file() else ""
+    if not problem:
+        try:
+            state = load_checkpoint(best)
+            if (state["model"], state["data_fingerprint"]) != (info["model"],
+                                                              info["data_fingerprint"]):
+                problem = "holds another run's model or data"
+        except UserError as exc:
+            detail = str(exc.__cause__ or exc).splitlines()[0][:200]
+            problem = f"cannot be read as a whole checkpoint ({detail})"
+    if problem:
+        raise UserError(f"{best} {problem}: it cannot become {final}. The best model of "
+                        f"this run is lost: delete {run_dir} and train it again (rerun the same "
+                        "make or aoq command)")
+    with atomic_path(final, need_bytes=best.stat().st_size,
+                     what="the final checkpoint") as tmp:
+        shutil.copyfile(best, tmp)
+
+
 def train(config: Config, run_dir: str | Path, resume: bool = False) -> Path:
     """Train, validating on the dev split every epoch; returns ``run_dir/checkpoint.pt``.
 
@@ -277,10 +302,7 @@ def train(config: Config, run_dir: str | Path, resume: bool = False) -> Path:
 
         final = run_dir / "checkpoint.pt"
         if is_main():
-            best = run_dir / "best.pt"
-            with atomic_path(final, need_bytes=best.stat().st_size,
-                             what="the final checkpoint") as tmp:
-                shutil.copyfile(best, tmp)
+            _promote_best(run_dir, trainer.checkpoint_info)
             p = trainer.progress
             log.info("done: best dev rsum %.2f at epoch %d -> %s", p.best_rsum, p.best_epoch,
                      final)

@@ -138,6 +138,31 @@ def test_nan_in_the_training_features_names_the_image(tiny_root, tiny_config, tm
 
 
 # --- what a run promotes and what it keeps after a kill -----------------------------------
+@pytest.mark.parametrize("spoil", ["truncated", "missing", "other-run"])
+def test_a_bad_best_pt_is_never_promoted_to_checkpoint_pt(tiny_config, tmp_path, spoil):
+    """A finished run resumed without its checkpoint.pt copies best.pt again: a truncated
+    (`head -c`), missing or foreign best.pt is one clear error, and no checkpoint.pt."""
+    run = tmp_path / "run"
+    train(tiny_config, run)
+    best = run / "best.pt"
+    if spoil == "truncated":
+        best.write_bytes(best.read_bytes()[:len(best.read_bytes()) // 2])
+    elif spoil == "missing":
+        best.unlink()
+    else:
+        other = load_config(base=tiny_config, overrides=["model.embed_size=16"])
+        train(other, tmp_path / "other")
+        best.write_bytes((tmp_path / "other" / "best.pt").read_bytes())
+    (run / "checkpoint.pt").unlink()
+    with pytest.raises(UserError, match=rf"{best} (is missing|cannot be read|holds another "
+                                        rf"run's model or data).*it cannot become "
+                                        rf"{run / 'checkpoint.pt'}.*delete {run} and train it "
+                                        "again") as info:
+        train(tiny_config, run, resume=True)
+    assert "\n" not in str(info.value)
+    assert not (run / "checkpoint.pt").exists()
+
+
 def test_a_kill_or_full_disk_before_the_first_last_pt_leaves_no_duplicate(tiny_config,
                                                                           tmp_path,
                                                                           monkeypatch):
