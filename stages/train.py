@@ -195,6 +195,18 @@ def _promote_best(run_dir: Path, info: dict) -> None:
         shutil.copyfile(best, tmp)
 
 
+def _check_memory_size(config: Config, train_split: Split) -> None:
+    """A memory bank holds at most one epoch of pairs: more would keep each pair several
+    times (and a typo like memory.size=100000000000 would allocate 800 GB)."""
+    pairs = len(train_split.captions)
+    if config.memory.size > pairs:
+        captions = config.dataset_dir() / f"{train_split.name}_caps.txt"
+        raise UserError(f"memory.size={config.memory.size} is more than the {pairs} pairs of "
+                        f"an epoch of {train_split.name} ({captions}): a bank that large "
+                        f"would keep each pair more than once; give memory.size <= {pairs} "
+                        "(0 turns the bank off)")
+
+
 def train(config: Config, run_dir: str | Path, resume: bool = False) -> Path:
     """Train, validating on the dev split every epoch; returns ``run_dir/checkpoint.pt``.
 
@@ -223,6 +235,7 @@ def train(config: Config, run_dir: str | Path, resume: bool = False) -> Path:
                         f"but {train_split.features.path} holds global (N, D) features: use "
                         "region features (aoq features tsv, or aoq features cnn --grid) or a "
                         "model for global features (model.name=vsepp)")
+    _check_memory_size(config, train_split)
     log.info("train: %d images / %d captions; validation: %d images of %s",
              train_split.num_images, len(train_split.captions), val_split.num_images,
              config.data.val_split)

@@ -201,6 +201,24 @@ def test_a_metrics_line_cut_short_is_dropped_on_resume(tiny_config, tmp_path):
     assert [r["epoch"] for r in run_records(run)] == [1, 2]
 
 
+def test_a_memory_bank_larger_than_an_epoch_is_refused_before_anything_is_made(tiny_config,
+                                                                               tmp_path):
+    config = load_config(base=tiny_config, overrides=["memory.size=100000000000"])
+    with pytest.raises(UserError, match=r"memory.size=100000000000 is more than the 200 pairs "
+                                        r"of an epoch of train \(.*train_caps.txt\).*give "
+                                        r"memory.size <= 200"):
+        train(config, tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+    train(load_config(base=tiny_config, overrides=["memory.size=200"]), tmp_path / "run")
+
+
+def test_vocab_of_another_dataset_is_refused(tiny_root, tiny_config, tmp_path):
+    caps = tiny_root / "tiny" / "train_caps.txt"
+    caps.write_text(caps.read_text().replace("a ", "one ", 1))
+    with pytest.raises(UserError, match="vocab.json was built from other captions"):
+        train(tiny_config, tmp_path / "run")
+
+
 def test_learning_rate_schedule():
     config = load_config(overrides=["train.lr=1e-3", "train.lr_update=2"])
     assert [learning_rate(config.train, e) for e in range(5)] == pytest.approx(
