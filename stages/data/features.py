@@ -4,7 +4,8 @@ Two layouts are read:
 
 * SCAN/VSE++ precomp: ``{split}_ims.npy``, (N, R, D) region features or (N, D) global
   features, opened memory-mapped. Some VSE++ releases repeat each image's row once per
-  caption (5N rows); those are read as N images (every 5th row).
+  caption (5N rows); those are read as N images (every 5th row) once the split's ids or
+  rows confirm it (:func:`stages.data.dataset.open_split`).
 * The project's HDF5: ``{split}.h5`` with dataset ``features`` (N, R, D) or (N, D), float32
   or float16, chunked one image per chunk; optional ``num_regions`` (N,) for padded
   adaptive region sets, ``boxes`` (N, R, 4), ``image_size`` (N, 2), ``image_ids`` (N,).
