@@ -318,7 +318,11 @@ CASES = {
     "npy/rank-1": (npy_array(np.zeros(10, np.float32)), "features have shape"),
     "npy/no-images": (npy_array(np.zeros((0, D), np.float32)), "hold no images"),
     "npy/strings": (npy_array(np.array([["a"] * D] * N)), "not numbers"),
-    "npy/objects": (npy_array(np.array([[None] * D] * N, dtype=object)), "Python objects"),
+    "npy/objects": (npy_array(np.array([[None] * D] * N, dtype=object)),
+                    r"an array of Python objects \(dtype object, shape \(2, 4\)\), not numbers; "
+                    "save the features as float32"),
+    "npy/list-of-arrays": (npy_array(np.array([np.zeros(3), np.zeros(4)], dtype=object)),
+                           "an array of Python objects"),
     "npy/complex": (npy_array(np.zeros((N, D), np.complex64)), "not numbers"),
     "npy/npz-archive": (npz_as_npy, "an .npz archive"),
     # .h5 features
@@ -383,7 +387,7 @@ CASES = {
     "published/truncated": (published(b"\x93NUMPY"), "cannot be read as a .npy"),
     "published/floats": (published(np.zeros((N, 3))), "not integer"),
     "published/objects": (published(np.array([[None]] * N, dtype=object)),
-                          "cannot be read as a .npy"),
+                          r"an array of Python objects .*; is it AOQ's i2t_<data>.npy\?"),
     "published/wrong-shape": (published(np.zeros((N + 1, 3), np.int32)), "shape"),
     # checkpoints
     "checkpoint/empty": (checkpoint(lambda s: b""), "truncated or corrupt.*delete it and rerun"),
