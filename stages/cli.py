@@ -359,7 +359,8 @@ def features_tsv(tsv_files, dataset_dir, splits, max_regions, feature_dim, dtype
               help="Store the last conv map as regions (e.g. 49 x 2048) instead of a vector.")
 @click.option("--crop-size", default=224, show_default=True)
 @click.option("--batch-size", default=32, show_default=True)
-@click.option("--workers", default=4, show_default=True, help="Image decoding processes.")
+@click.option("--workers", default=4, show_default=True,
+              help="Image decoding processes (at most the cores this process may use).")
 @click.option("--device", default="auto", show_default=True, help="auto | cpu | cuda[:N]")
 @_dtype_option
 @click.option("--on-bad-image", type=click.Choice(["fail", "skip"]), default="fail",
