@@ -170,7 +170,7 @@ def _load_pretrained(model, tokenizer) -> dict | None:
     return model.init_word_vectors(tokenizer)
 
 
-def _promote_best(run_dir: Path, info: dict) -> None:
+def promote_best(run_dir: Path, info: dict) -> None:
     """Copy ``best.pt`` to ``checkpoint.pt``, the file make and the later stages take as the
     run's output, once it is verified: a whole checkpoint of this project, of this run's
     model and data (``info``, the trainer's checkpoint_info). A missing, truncated or
@@ -315,7 +315,7 @@ def train(config: Config, run_dir: str | Path, resume: bool = False) -> Path:
 
         final = run_dir / "checkpoint.pt"
         if is_main():
-            _promote_best(run_dir, trainer.checkpoint_info)
+            promote_best(run_dir, trainer.checkpoint_info)
             p = trainer.progress
             log.info("done: best dev rsum %.2f at epoch %d -> %s", p.best_rsum, p.best_epoch,
                      final)
