@@ -184,8 +184,10 @@ def promote_best(run_dir: Path, info: dict) -> None:
                                                               info["data_fingerprint"]):
                 problem = "holds another run's model or data"
         except UserError as exc:
-            detail = str(exc.__cause__ or exc).splitlines()[0][:200]
-            problem = f"cannot be read as a whole checkpoint ({detail})"
+            cause = exc.__cause__ or exc
+            detail = (str(cause).splitlines() or [""])[0][:200]
+            problem = (f"cannot be read as a whole checkpoint of this project (truncated or "
+                       f"corrupt: {type(cause).__name__}: {detail})")
     if problem:
         raise UserError(f"{best} {problem}: it cannot become {final}. The best model of "
                         f"this run is lost: delete {run_dir} and train it again (rerun the same "
