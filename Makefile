@@ -79,6 +79,20 @@ $(call a_name,DATA)
 $(call a_name,RUN)
 $(call a_name,AOQ_RUN)
 $(call a_name,MODEL)
+# Paths: make splits a value at its spaces (into several targets, and the CLI gets extra
+# arguments), so a path must be one word. CKPT may hold several checkpoints (an ensemble):
+# each must then be a file, or a checkpoint.pt make can build.
+a_path = $(if $(call one_word,$(1)),,$(error $(1)='$($(1))' is not allowed: give one path \
+	without spaces (make splits values at spaces); for a folder or file whose path has \
+	spaces, link it from one without: ln -s '<that path>' <new path>))
+$(call a_path,DATA_PATH)
+$(call a_path,VOCAB)
+$(call a_path,OFFCANDI_DIR)
+ckpt_not_files = $(filter-out $(wildcard $(CKPT)) %/checkpoint.pt,$(CKPT))
+$(if $(and $(filter-out 0 1,$(words $(CKPT))),$(ckpt_not_files)),$(error CKPT='$(CKPT)' \
+	is not allowed: '$(ckpt_not_files)' not found; CKPT is one checkpoint, or several \
+	separated by spaces (an ensemble), so a path in it cannot hold spaces: link the \
+	checkpoint from one without: ln -s '<that path>' <new path>))
 MODELS := $(filter-out $(foreach m,$(basename $(notdir $(wildcard configs/model/*.yaml))),\
 	$(filter $(m)_%,$(basename $(notdir $(wildcard configs/model/*_*.yaml))))),\
 	$(basename $(notdir $(wildcard configs/model/*.yaml))))

@@ -17,6 +17,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
+from .data.features import refuse_object_npy
 from .errors import UserError
 from .io.atomic import atomic_path, plain_attrs
 from .io.lock import folder_lock
@@ -190,6 +191,7 @@ def _load_published(path: Path, direction: str) -> np.ndarray:
     try:
         indices = np.load(path, mmap_mode="r")
     except (ValueError, OSError, EOFError) as exc:
+        refuse_object_npy(path, f"is it AOQ's {direction}_<data>.npy?")
         raise UserError(f"{path}: cannot be read as a .npy array ({exc}); it may be "
                         f"truncated: download AOQ's {direction}_<data>.npy again") from exc
     if not isinstance(indices, np.ndarray) or not np.issubdtype(indices.dtype, np.integer):

@@ -119,7 +119,9 @@ def embed(config_files, overrides, checkpoint, split, out) -> None:
               help="Export folder (default: export/<format>/ beside the checkpoint).")
 @click.option("--format", "fmt", default="torchscript", show_default=True,
               help="torchscript (torch.jit.load) or onnx (onnxruntime).")
-@click.option("--force", is_flag=True, help="Replace an existing export folder.")
+@click.option("--force", is_flag=True,
+              help="Replace an earlier export at --out (a folder holding its export.json; "
+                   "nothing else is ever replaced).")
 @click.option("--tolerance", type=float, default=1e-4, show_default=True,
               help="Largest abs difference allowed between the exported encoders' and the "
                    "checkpoint's embeddings.")
@@ -368,7 +370,8 @@ def features_tsv(tsv_files, dataset_dir, splits, max_regions, feature_dim, dtype
               help="Store the last conv map as regions (e.g. 49 x 2048) instead of a vector.")
 @click.option("--crop-size", default=224, show_default=True)
 @click.option("--batch-size", default=32, show_default=True)
-@click.option("--workers", default=4, show_default=True, help="Image decoding processes.")
+@click.option("--workers", default=4, show_default=True,
+              help="Image decoding processes (at most the cores this process may use).")
 @click.option("--device", default="auto", show_default=True, help="auto | cpu | cuda[:N]")
 @_dtype_option
 @click.option("--on-bad-image", type=click.Choice(["fail", "skip"]), default="fail",

@@ -24,6 +24,7 @@ from .metrics.retrieval import RECALL_KS, evaluate_ranks, fold_ranks
 log = logging.getLogger(__name__)
 
 FOLDS = 5
+COCO_FOLD_IMAGES = 1000  # COCO's 5-fold protocol: 5 folds of 1000 images of its 5K test
 
 
 def format_table(results: dict[str, dict]) -> str:
@@ -73,6 +74,12 @@ def evaluate(checkpoints: list[str | Path], config_files=(), overrides=(),
         raise UserError(f"eval.fold5 needs a split of 5 equal folds (COCO's testall: 5000 "
                         f"images); {config.data.eval_split} of {config.dataset_dir()} has "
                         f"{split.num_images} images")
+    if folds > 1 and split.num_images != FOLDS * COCO_FOLD_IMAGES:
+        log.warning("eval.fold5: %s of %s has %d images, evaluated as %d folds of %d: not "
+                    "COCO's 5-fold 1K protocol (5000 images, folds of %d), so the figures "
+                    "are not comparable with published 1K ones; FOLD5=0 (eval.fold5=false) "
+                    "evaluates the whole split", config.data.eval_split, config.dataset_dir(),
+                    split.num_images, folds, split.num_images // folds, COCO_FOLD_IMAGES)
     device = resolve_device(config.train.device)
     imgs, caps, hashes = [], [], []
     for path, state in zip(checkpoints, states, strict=True):
@@ -112,7 +119,7 @@ def evaluate(checkpoints: list[str | Path], config_files=(), overrides=(),
 def print_results(records: dict[str, dict]) -> None:
     """Print eval records (of one dataset, split and protocol) as one table."""
     first = next(iter(records.values()))
-    protocol = (f"5-fold {first['images']}" if first["protocol"] == "5fold"
+    protocol = (f"{FOLDS} folds of {first['images']} images" if first["protocol"] == "5fold"
                 else f"{first['images']} images")
     print(f"\n{first['dataset']} {first['split']} ({protocol})")
     print(format_table(records))

@@ -516,6 +516,21 @@ def _check_tokenizer(folder: Path, meta: dict, tokenizer: CaptionTokenizer,
                         "would get other token ids; export again with `aoq export --force`")
 
 
+def check_replaceable(out: Path) -> None:
+    """Refuse to replace ``out`` unless it is an earlier export: a folder whose export.json
+    is this project's export description. ``--force`` never deletes anything else (a
+    folder of notes, a dataset given as ``--out`` by mistake)."""
+    try:
+        meta = json.loads((out / "export.json").read_text(encoding="utf-8"))
+        is_export = out.is_dir() and meta.get("format") == EXPORT_FORMAT
+    except (OSError, ValueError, AttributeError):  # none, unreadable, not a JSON object
+        is_export = False
+    if not is_export:
+        raise UserError(f"{out} is not an export folder (no export.json of `aoq export` in "
+                        "it): --force replaces only an earlier export; choose another --out, "
+                        f"or move {out} away")
+
+
 def export(checkpoint: str | Path, out: str | Path | None = None, fmt: str = "torchscript",
            force: bool = False, tolerance: float = DEFAULT_TOLERANCE, config_files=(),
            overrides=()) -> Path:
@@ -530,9 +545,11 @@ def export(checkpoint: str | Path, out: str | Path | None = None, fmt: str = "to
     checkpoint = Path(checkpoint)
     state = load_checkpoint(checkpoint)
     out = Path(out) if out else checkpoint.parent / "export" / fmt
-    if (out.exists() or out.is_symlink()) and not force:
-        raise UserError(f"{out} already exists; pass --force to replace it, or choose "
-                        "another --out")
+    if out.exists() or out.is_symlink():
+        if not force:
+            raise UserError(f"{out} already exists; pass --force to replace it, or choose "
+                            "another --out")
+        check_replaceable(out)
     config = load_config(config_files, overrides,
                          base=Config.from_dict(state["config"], str(checkpoint), stored=True))
     model, tokenizer = model_from_checkpoint(state, str(checkpoint))
@@ -544,7 +561,8 @@ def export(checkpoint: str | Path, out: str | Path | None = None, fmt: str = "to
     example = generated_batch(item_shape, ids, 4, 4, ids.longest(7), seed=0)
     image_module, caption_module = model.export_encoders(global_features=len(item_shape) != 2)
     name = state["model"]["name"]
-    with folder_lock(out.parent, "aoq export"), atomic_folder(out, replace=force) as tmp:
+    with (folder_lock(out.parent, "aoq export"),
+          atomic_folder(out, replace=force, check_old=check_replaceable) as tmp):
         _write_encoder(image_module.eval(), example.image_inputs(),
                        tmp / f"image_encoder{SUFFIX[fmt]}", fmt, name, "image")
         _write_encoder(caption_module.eval(), example.caption_inputs(),

@@ -24,6 +24,7 @@ from pathlib import Path
 import yaml
 
 from .config import SECTIONS, Config
+from .errors import UserError
 from .io.atomic import write_text
 
 # Keys that never change any stage's output: paths (make tracks the files they name as
@@ -82,6 +83,22 @@ def _read(path: Path) -> str | None:
         return None
 
 
+def _read_stamp(path: Path) -> str | None:
+    """The content of the stamp ``path`` (None when there is none); a file there that is
+    not a stamp (a mapping whose ``stage`` is one of :data:`STAGES`, as :func:`stamp_text`
+    writes) is a :class:`UserError`: it is someone else's file, never overwritten."""
+    try:
+        text = _read(path)
+        values = yaml.safe_load(text) if text is not None else None
+    except (UnicodeDecodeError, yaml.YAMLError):
+        values = text = ""
+    if text is not None and not (isinstance(values, dict) and values.get("stage") in STAGES):
+        raise UserError(f"{path} exists and is not a settings stamp (no 'stage: <one of "
+                        f"{', '.join(STAGES)}>'); refusing to overwrite it: give --out a "
+                        "stamp's path, or move the file away")
+    return text
+
+
 def write_stamp(path: str | os.PathLike, text: str, target: str | os.PathLike | None = None
                 ) -> list[str] | None:
     """Write ``text`` to the stamp ``path`` unless it already holds it.
@@ -91,7 +108,7 @@ def write_stamp(path: str | os.PathLike, text: str, target: str | os.PathLike | 
     """
     path = Path(path)
     done = path.with_name(path.name + ".done")
-    old = _read(path)
+    old = _read_stamp(path)
     if old == text:
         return None
     target_time = _mtime_ns(Path(target)) if target is not None else None

@@ -168,6 +168,45 @@ def _load_pretrained(model, tokenizer) -> dict | None:
     return model.init_word_vectors(tokenizer)
 
 
+def promote_best(run_dir: Path, info: dict) -> None:
+    """Copy ``best.pt`` to ``checkpoint.pt``, the file make and the later stages take as the
+    run's output, once it is verified: a whole checkpoint of this project, of this run's
+    model and data (``info``, the trainer's checkpoint_info). A missing, truncated or
+    foreign best.pt is a :class:`UserError` and no checkpoint.pt is written."""
+    best, final = run_dir / "best.pt", run_dir / "checkpoint.pt"
+    problem = "is missing" if not best.is_file() else ""
+    if not problem:
+        try:
+            state = load_checkpoint(best)
+            if (state["model"], state["data_fingerprint"]) != (info["model"],
+                                                              info["data_fingerprint"]):
+                problem = "holds another run's model or data"
+        except UserError as exc:
+            cause = exc.__cause__ or exc
+            detail = (str(cause).splitlines() or [""])[0][:200]
+            problem = (f"cannot be read as a whole checkpoint of this project (truncated or "
+                       f"corrupt: {type(cause).__name__}: {detail})")
+    if problem:
+        raise UserError(f"{best} {problem}: it cannot become {final}. The best model of "
+                        f"this run is lost: delete {run_dir} and train it again (rerun the same "
+                        "make or aoq command)")
+    with atomic_path(final, need_bytes=best.stat().st_size,
+                     what="the final checkpoint") as tmp:
+        shutil.copyfile(best, tmp)
+
+
+def _check_memory_size(config: Config, train_split: Split) -> None:
+    """A memory bank holds at most one epoch of pairs: more would keep each pair several
+    times (and a typo like memory.size=100000000000 would allocate 800 GB)."""
+    pairs = len(train_split.captions)
+    if config.memory.size > pairs:
+        captions = config.dataset_dir() / f"{train_split.name}_caps.txt"
+        raise UserError(f"memory.size={config.memory.size} is more than the {pairs} pairs of "
+                        f"an epoch of {train_split.name} ({captions}): a bank that large "
+                        f"would keep each pair more than once; give memory.size <= {pairs} "
+                        "(0 turns the bank off)")
+
+
 def train(config: Config, run_dir: str | Path, resume: bool = False) -> Path:
     """Train, validating on the dev split every epoch; returns ``run_dir/checkpoint.pt``.
 
@@ -196,6 +235,7 @@ def train(config: Config, run_dir: str | Path, resume: bool = False) -> Path:
                         f"but {train_split.features.path} holds global (N, D) features: use "
                         "region features (aoq features tsv, or aoq features cnn --grid) or a "
                         "model for global features (model.name=vsepp)")
+    _check_memory_size(config, train_split)
     log.info("train: %d images / %d captions; validation: %d images of %s",
              train_split.num_images, len(train_split.captions), val_split.num_images,
              config.data.val_split)
@@ -275,10 +315,7 @@ def train(config: Config, run_dir: str | Path, resume: bool = False) -> Path:
 
         final = run_dir / "checkpoint.pt"
         if is_main():
-            best = run_dir / "best.pt"
-            with atomic_path(final, need_bytes=best.stat().st_size,
-                             what="the final checkpoint") as tmp:
-                shutil.copyfile(best, tmp)
+            promote_best(run_dir, trainer.checkpoint_info)
             p = trainer.progress
             log.info("done: best dev rsum %.2f at epoch %d -> %s", p.best_rsum, p.best_epoch,
                      final)

@@ -1,7 +1,13 @@
 """A catalogue of bad inputs, one row per (file the tool reads, way it can be bad): each must
 give a UserError naming the file, never a traceback. Each row writes a good neighbourhood
-(a tiny dataset folder), spoils one file, and calls the reader the stages use."""
+(a tiny dataset folder), spoils one file, and calls the reader the stages use.
 
+Two more classes: files the tool promotes to the name later stages read (checkpoint.pt from
+best.pt) are verified first, so a bad one is an error and nothing is promoted; and what the
+tool would replace or delete (an export folder, a settings stamp, the demo dataset) must be
+its own, so anything else is an error and stays exactly as it was."""
+
+import copy
 import json
 import re
 
@@ -13,14 +19,18 @@ import torch
 from stages.candidates import import_published, load_candidates
 from stages.config import load_config
 from stages.data.dataset import open_split
+from stages.data.synthetic import write_synthetic_dataset
 from stages.data.vocab import Vocab
 from stages.errors import UserError
+from stages.export import export
 from stages.features.annotations import coco_splits, karpathy_splits
 from stages.features.butd_tsv import tsv_to_hdf5
 from stages.features.cnn import FeatureExtractor, read_image_list
 from stages.features.splits import read_ids_file
 from stages.io.checkpoint import load_checkpoint, model_from_checkpoint
 from stages.offcandi import offcandi
+from stages.stamps import write_stamp
+from stages.train import promote_best
 
 N, D = 2, 4
 CAPS = "".join(f"caption {i}\n" for i in range(5 * N))
@@ -67,6 +77,14 @@ def image_list(content: bytes):
         (ds / "train_images.txt").write_bytes(content)
         return lambda: read_image_list(ds, "train"), "train_images.txt"
     return run
+
+
+def one_caption_per_image(tmp_path):
+    """As many feature rows and ids as captions: not SCAN's repeated rows, whatever 5 | N."""
+    ds = folder(tmp_path)
+    np.save(ds / "train_ims.npy", np.arange(5 * N * D, dtype=np.float32).reshape(5 * N, D))
+    (ds / "train_ids.txt").write_text("".join(f"{i}\n" for i in range(5 * N)))
+    return lambda: read_split(ds), "train_ids.txt"
 
 
 # --- features ------------------------------------------------------------------------------
@@ -299,6 +317,8 @@ CASES = {
     "ids/repeated": (ids(b"1\n1\n2\n"), "listed more than once"),
     "images-list/not-utf8": (image_list(b"a.jpg\n\xff.jpg\n"), "not UTF-8"),
     "images-list/empty": (image_list(b""), "lists no images"),
+    "layout/one-caption-per-image": (one_caption_per_image, "lists 10 images: one caption "
+                                                            "per image cannot be trained on"),
     # .npy features
     "npy/empty-file": (npy_bytes(b""), "cannot be read as .npy"),
     "npy/text": (npy_bytes(b"hello\n"), "cannot be read as .npy"),
@@ -308,7 +328,11 @@ CASES = {
     "npy/rank-1": (npy_array(np.zeros(10, np.float32)), "features have shape"),
     "npy/no-images": (npy_array(np.zeros((0, D), np.float32)), "hold no images"),
     "npy/strings": (npy_array(np.array([["a"] * D] * N)), "not numbers"),
-    "npy/objects": (npy_array(np.array([[None] * D] * N, dtype=object)), "Python objects"),
+    "npy/objects": (npy_array(np.array([[None] * D] * N, dtype=object)),
+                    r"an array of Python objects \(dtype object, shape \(2, 4\)\), not numbers; "
+                    "save the features as float32"),
+    "npy/list-of-arrays": (npy_array(np.array([np.zeros(3), np.zeros(4)], dtype=object)),
+                           "an array of Python objects"),
     "npy/complex": (npy_array(np.zeros((N, D), np.complex64)), "not numbers"),
     "npy/npz-archive": (npz_as_npy, "an .npz archive"),
     # .h5 features
@@ -373,7 +397,7 @@ CASES = {
     "published/truncated": (published(b"\x93NUMPY"), "cannot be read as a .npy"),
     "published/floats": (published(np.zeros((N, 3))), "not integer"),
     "published/objects": (published(np.array([[None]] * N, dtype=object)),
-                          "cannot be read as a .npy"),
+                          r"an array of Python objects .*; is it AOQ's i2t_<data>.npy\?"),
     "published/wrong-shape": (published(np.zeros((N + 1, 3), np.int32)), "shape"),
     # checkpoints
     "checkpoint/empty": (checkpoint(lambda s: b""), "truncated or corrupt.*delete it and rerun"),
@@ -425,6 +449,118 @@ CASES = {
     "cnn-weights/truncated": (cnn_weights(b"PK\x03\x04abc"), "cannot be read"),
     "cnn-weights/other-network": (cnn_weights({"fc.weight": torch.zeros(2, 2)}), "do not fit"),
 }
+
+
+# --- files the tool promotes: verified before they take the name later stages read ----------
+def best_pt(spoil):
+    """A finished run's best.pt, spoiled, promoted to checkpoint.pt as training ends."""
+    def run(tmp_path):
+        run_dir = tmp_path / "runs" / "d" / "base"
+        run_dir.mkdir(parents=True)
+        state = checkpoint_state()
+        info = copy.deepcopy({k: state[k] for k in ("model", "data_fingerprint")})
+        content = spoil(state)
+        if isinstance(content, bytes):
+            (run_dir / "best.pt").write_bytes(content)
+        elif content is not MISSING:
+            torch.save(state, run_dir / "best.pt")
+        return lambda: promote_best(run_dir, info), "best.pt", run_dir / "checkpoint.pt"
+    return run
+
+
+MISSING = object()
+
+PROMOTED = {
+    "best-pt/truncated": (best_pt(truncated_checkpoint), "cannot be read as a whole checkpoint"),
+    "best-pt/missing": (best_pt(lambda s: MISSING), "is missing"),
+    "best-pt/text": (best_pt(lambda s: b"hello"), "cannot be read as a whole checkpoint"),
+    "best-pt/other-run": (best_pt(lambda s: s["model"]["args"].update(embed_size=16)),
+                          "holds another run's model or data"),
+}
+
+
+@pytest.mark.parametrize("case", list(PROMOTED))
+def test_a_bad_file_is_never_promoted(tmp_path, case):
+    build, pattern = PROMOTED[case]
+    call, name, promoted = build(tmp_path)
+    with pytest.raises(UserError) as info:
+        call()
+    message = str(info.value)
+    assert re.search(pattern, message) and name in message, message
+    assert "\n" not in message and not promoted.exists()
+
+
+# --- what the tool would replace or delete: only its own files, else refused and kept -------
+def snapshot(path):
+    """What a path holds: a file's bytes, a folder's (relative path -> bytes), or None."""
+    if path.is_dir():
+        return {str(p.relative_to(path)): p.read_bytes() if p.is_file() else None
+                for p in sorted(path.rglob("*"))}
+    return path.read_bytes() if path.exists() else None
+
+
+def export_force(make_out):
+    """`aoq export --force --out X` onto something that is not an earlier export."""
+    def run(tmp_path):
+        checkpoint = tmp_path / "checkpoint.pt"
+        state = checkpoint_state()  # exportable: without the check, X would be replaced
+        state["data_fingerprint"]["train_features"] = {"shape": [N, D]}
+        torch.save(state, checkpoint)
+        out = make_out(tmp_path)
+        return lambda: export(checkpoint, out, force=True), out.name, out
+    return run
+
+
+def notes(tmp_path):
+    out = tmp_path / "mydocs"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    return out
+
+
+def foreign_export_json(tmp_path):
+    out = notes(tmp_path)
+    (out / "export.json").write_text('{"format": "something-else"}')
+    return out
+
+
+def stamp_over(content: bytes):
+    """`aoq settings --out f.txt` onto a file that is not a settings stamp."""
+    def run(tmp_path):
+        path = tmp_path / "f.txt"
+        path.write_bytes(content)
+        return lambda: write_stamp(path, "stage: train\n"), "f.txt", path
+    return run
+
+
+def demo_data_over(tmp_path):
+    """`aoq demo-data --out X` onto a folder holding files demo-data did not write."""
+    out = notes(tmp_path)
+    return lambda: write_synthetic_dataset(out, {"train": 2}), "mydocs", out
+
+
+KEPT = {
+    "export-force/notes": (export_force(notes), "not an export folder"),
+    "export-force/dataset": (export_force(folder), "not an export folder"),
+    "export-force/foreign-export-json": (export_force(foreign_export_json),
+                                         "not an export folder"),
+    "settings/notes": (stamp_over(b"my notes\n"), "not a settings stamp"),
+    "settings/yaml-list": (stamp_over(b"- 1\n"), "not a settings stamp"),
+    "demo-data/notes": (demo_data_over, "holds files demo-data did not write"),
+}
+
+
+@pytest.mark.parametrize("case", list(KEPT))
+def test_what_is_not_the_tools_own_is_never_replaced(tmp_path, case):
+    build, pattern = KEPT[case]
+    call, name, target = build(tmp_path)
+    before = snapshot(target)
+    with pytest.raises(UserError) as info:
+        call()
+    message = str(info.value)
+    assert re.search(pattern, message) and name in message, message
+    assert "\n" not in message
+    assert snapshot(target) == before
 
 
 # stages/config.py belongs to the lead (load_config must catch UnicodeDecodeError and give

@@ -1,5 +1,6 @@
 import argparse
 import json
+import re
 
 import pytest
 import torch
@@ -40,15 +41,20 @@ def test_ensemble_of_a_model_with_itself_equals_the_model(trained, tmp_path):
     assert len(double["checkpoints"]) == 2
 
 
-def test_five_fold_on_testall(tiny_root, trained, tmp_path):
+def test_five_fold_on_testall(tiny_root, trained, tmp_path, caplog, capsys):
     from stages.data.synthetic import write_synthetic_dataset
 
     write_synthetic_dataset(tiny_root / "tiny5", {"testall": 20, "test": 7}, seed=4,
                             feature_dim=32)
     tiny5 = ["data.name=tiny5", "eval.fold5=1"]
-    record = evaluate([trained], overrides=[*tiny5, "data.eval_split=testall"],
-                      out=tmp_path / "m.jsonl")
+    with caplog.at_level("WARNING"):
+        record = evaluate([trained], overrides=[*tiny5, "data.eval_split=testall"],
+                          out=tmp_path / "m.jsonl")
     assert record["protocol"] == "5fold" and record["images"] == 4
+    # Not COCO's 5000 images: said, not left to the table's header.
+    assert re.search(r"eval.fold5: testall of .*tiny5 has 20 images, evaluated as 5 folds of 4: "
+                     r"not COCO's 5-fold 1K protocol", caplog.text)
+    assert "(5 folds of 4 images)" in capsys.readouterr().out
     with pytest.raises(UserError, match="5 equal folds.*has 7 images"):
         evaluate([trained], overrides=tiny5, out=tmp_path / "m.jsonl")
 

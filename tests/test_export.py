@@ -2,6 +2,8 @@
 files run without this package, export.json describes them, bad input is one clear line."""
 
 import json
+import re
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -16,7 +18,7 @@ from stages.config import load_config
 from stages.data.dataset import pad_tokens
 from stages.data.synthetic import write_synthetic_dataset
 from stages.data.vocab import build_vocab_file
-from stages.errors import UserError
+from stages.errors import NoSpaceError, UserError
 from stages.export import (
     FORMATS,
     CaptionIds,
@@ -380,10 +382,9 @@ def test_bad_requests_are_one_clear_line(checkpoints, tmp_path):
     assert "unknown export format 'tflite'" in result.stderr and "Traceback" not in result.stderr
 
 
-def test_an_existing_folder_is_replaced_only_with_force(checkpoints, tmp_path, caplog):
+def test_an_existing_export_is_replaced_only_with_force(checkpoints, tmp_path, caplog):
     checkpoint = checkpoints("vsepp")
-    out = tmp_path / "export"
-    out.mkdir()
+    out = export(checkpoint, tmp_path / "export")
     (out / "old.txt").write_text("old")
     result = aoq("export", "--ckpt", checkpoint, "--out", out, cwd=tmp_path)
     assert result.returncode == 2 and "already exists; pass --force" in result.stderr
@@ -394,6 +395,74 @@ def test_an_existing_folder_is_replaced_only_with_force(checkpoints, tmp_path, c
     assert sorted(p.name for p in out.iterdir()) == [
         "caption_encoder.pt", "export.json", "image_encoder.pt", "vocab.json"]
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+@pytest.mark.parametrize("kind", ["notes", "dataset", "foreign-export-json", "file"])
+def test_force_never_deletes_what_is_not_an_export(checkpoints, root, tmp_path, kind):
+    """--force replaces an earlier export only: a user's folder (`--out mydocs`), a dataset
+    (`--out data/demo_copy`), a folder whose export.json is not ours, a file."""
+    checkpoint = checkpoints("vsepp")
+    out = tmp_path / "mydocs"
+    if kind == "dataset":
+        shutil.copytree(root / "tiny", out)
+    elif kind == "file":
+        out.write_text("notes")
+    else:
+        out.mkdir()
+        (out / ("notes.txt" if kind == "notes" else "export.json")).write_text('{"a": 1}')
+    before = sorted(p.name for p in out.iterdir()) if out.is_dir() else out.read_text()
+    message = (f"{out} is not an export folder (no export.json of `aoq export` in it): --force "
+               "replaces only an earlier export")
+    with pytest.raises(UserError, match=re.escape(message)):
+        export(checkpoint, out, force=True)
+    if kind == "notes":
+        result = aoq("export", "--ckpt", checkpoint, "--out", out, "--force", cwd=tmp_path)
+        assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+        assert message in result.stderr
+    assert (sorted(p.name for p in out.iterdir()) if out.is_dir() else out.read_text()) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mydocs"]
+
+
+def test_a_folder_swapped_in_during_the_export_is_not_deleted(checkpoints, tmp_path,
+                                                              monkeypatch):
+    """The check runs again right before the old folder is moved aside."""
+    import stages.export as export_module
+
+    checkpoint = checkpoints("vsepp")
+    out = export(checkpoint, tmp_path / "export")
+    real = export_module.check_encoders
+
+    def swap_then_check(folder, *args, **kwargs):
+        shutil.rmtree(out)
+        out.mkdir()
+        (out / "notes.txt").write_text("mine")
+        return real(folder, *args, **kwargs)
+
+    monkeypatch.setattr(export_module, "check_encoders", swap_then_check)
+    with pytest.raises(UserError, match="is not an export folder"):
+        export(checkpoint, out, force=True)
+    assert [p.name for p in out.iterdir()] == ["notes.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["export"]
+
+
+def test_a_disk_too_full_for_the_lock_is_one_line_and_leaves_no_folder(checkpoints, tmp_path,
+                                                                       monkeypatch):
+    import errno
+
+    from stages.io import lock
+
+    checkpoint = checkpoints("vsepp")
+    run = tmp_path / "run"
+    run.mkdir()
+    shutil.copyfile(checkpoint, run / "checkpoint.pt")
+
+    def full(fd, data):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(lock.os, "write", full)
+    with pytest.raises(NoSpaceError, match=r"no space left on .*run/export for the lock file"):
+        export(run / "checkpoint.pt")
+    assert sorted(p.name for p in run.iterdir()) == ["checkpoint.pt"]
 
 
 def test_a_tampered_onnx_file_fails_the_check(checkpoints, tmp_path):

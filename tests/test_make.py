@@ -28,6 +28,14 @@ def make(cwd, *args):
     (["EXP=nope"], "configs/experiment/ has"),
     (["RUN=aoq"], "name them apart"),
     (["RUN=aoq_round2", "ROUNDS=2"], "name them apart"),
+    # Paths with spaces: make's "mixed implicit and normal rules", click's "unexpected extra
+    # arguments" otherwise.
+    (["DATA_PATH=my data"], "give one path without spaces"),
+    (["DATA_PATH="], "give one path without spaces"),
+    (["VOCAB=my vocab.json"], "give one path without spaces"),
+    (["OFFCANDI_DIR=my cands"], "give one path without spaces"),
+    (["CKPT=runs/my run/checkpoint.pt"], "'runs/my' not found; CKPT is one checkpoint, or "
+                                         "several separated by spaces (an ensemble)"),
 ])
 def test_unknown_values_are_errors_that_list_the_allowed_ones(values, allowed):
     result = make(REPO, "help", *values)
@@ -37,7 +45,9 @@ def test_unknown_values_are_errors_that_list_the_allowed_ones(values, allowed):
 
 
 @pytest.mark.parametrize("value", ["RETRAIN_INIT=miner", "FOLD5=1", "ROUNDS=12", "EXP=demo",
-                                   "RUN=warm"])
+                                   "RUN=warm", "DATA_PATH=/datasets/scan_data",
+                                   "CKPT=runs/a/checkpoint.pt runs/b/checkpoint.pt",
+                                   "CKPT=Makefile README.md", "CKPT=runs/x/best.pt"])
 def test_allowed_values_pass(value):
     result = make(REPO, "help", value)
     assert result.returncode == 0, result.stderr

@@ -4,10 +4,12 @@ import os
 import subprocess
 import sys
 
+import pytest
 import yaml
 
 from stages.cli import RETRAIN_DEFAULTS
 from stages.config import load_config
+from stages.errors import UserError
 from stages.stamps import stage_settings, stamp_text, write_stamp
 
 
@@ -79,6 +81,28 @@ def test_a_changed_output_is_not_taken_for_the_one_made_with_old_settings(tmp_pa
     os.utime(output, ns=(10**18 + 9, 10**18 + 9))  # mined again, with K=30
     write_stamp(path, stamp("offcandi"), output)
     assert path.stat().st_mtime_ns > output.stat().st_mtime_ns  # so mine again
+
+
+@pytest.mark.parametrize("content", [b"my notes\n", b"- a list\n", b"stage: nope\n",
+                                     b"a: [\n", b"\xff\xfe notes", b""])
+def test_a_file_that_is_not_a_stamp_is_never_overwritten(tmp_path, content):
+    path = tmp_path / "f.txt"
+    path.write_bytes(content)
+    with pytest.raises(UserError, match=r"f.txt exists and is not a settings stamp.*move the "
+                                        "file away"):
+        write_stamp(path, stamp("train"))
+    assert path.read_bytes() == content
+    assert [p.name for p in tmp_path.iterdir()] == ["f.txt"]
+
+
+def test_the_settings_command_refuses_a_file_that_is_not_a_stamp(tmp_path):
+    (tmp_path / "f.txt").write_text("my notes\n")
+    result = subprocess.run([sys.executable, "-m", "stages.cli", "settings", "--stage", "train",
+                             "--out", "f.txt"], cwd=tmp_path, capture_output=True, text=True,
+                            timeout=60)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    assert "f.txt exists and is not a settings stamp" in result.stderr
+    assert (tmp_path / "f.txt").read_text() == "my notes\n"
 
 
 def test_the_settings_command_resolves_the_retrain_defaults(tmp_path):

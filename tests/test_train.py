@@ -109,14 +109,107 @@ def test_resume_refuses_a_changed_experiment(tiny_config, tmp_path):
     assert load_checkpoint(tmp_path / "run" / "last.pt")["epoch"] == 3
 
 
-def test_nan_loss_stops_with_the_step(tiny_root, tiny_config, tmp_path):
-    path = tiny_root / "tiny" / "train_ims.npy"
-    feats = np.load(path)
-    feats[:] = np.nan
-    np.save(path, feats)
+def test_nan_loss_stops_with_the_step(tiny_config, tmp_path, monkeypatch):
+    """A loss that is not finite from finite features (a diverging run) names the step."""
+    real = losses_base.similarities
+
+    def nan_similarities(*args, **kwargs):
+        sims = real(*args, **kwargs)
+        sims.positive = sims.positive * np.nan
+        return sims
+
+    monkeypatch.setattr(losses_base, "similarities", nan_similarities)
     with pytest.raises(UserError, match=r"loss is nan \(.*\) at epoch 1, step 1 .*train_ims.npy"):
         train(tiny_config, tmp_path / "run")
     assert not (tmp_path / "run" / "checkpoint.pt").exists()
+
+
+def test_nan_in_the_training_features_names_the_image(tiny_root, tiny_config, tmp_path):
+    """As validation and evaluation do: the split, the file and the row, not "lower lr"."""
+    path = tiny_root / "tiny" / "train_ims.npy"
+    feats = np.load(path)
+    feats[7, 2] = np.nan
+    np.save(path, feats)
+    with pytest.raises(UserError, match=r"split 'train': .*train_ims.npy has NaN or inf "
+                                        r"features for 1 of a batch of 16 images \(first: "
+                                        r"image 7, 0-based row\); regenerate the features"):
+        train(tiny_config, tmp_path / "run")
+    assert not (tmp_path / "run" / "checkpoint.pt").exists()
+
+
+# --- what a run promotes and what it keeps after a kill -----------------------------------
+@pytest.mark.parametrize("spoil", ["truncated", "missing", "other-run"])
+def test_a_bad_best_pt_is_never_promoted_to_checkpoint_pt(tiny_config, tmp_path, spoil):
+    """A finished run resumed without its checkpoint.pt copies best.pt again: a truncated
+    (`head -c`), missing or foreign best.pt is one clear error, and no checkpoint.pt."""
+    run = tmp_path / "run"
+    train(tiny_config, run)
+    best = run / "best.pt"
+    if spoil == "truncated":
+        best.write_bytes(best.read_bytes()[:len(best.read_bytes()) // 2])
+    elif spoil == "missing":
+        best.unlink()
+    else:
+        other = load_config(base=tiny_config, overrides=["model.embed_size=16"])
+        train(other, tmp_path / "other")
+        best.write_bytes((tmp_path / "other" / "best.pt").read_bytes())
+    (run / "checkpoint.pt").unlink()
+    with pytest.raises(UserError, match=rf"{best} (is missing|cannot be read|holds another "
+                                        rf"run's model or data).*it cannot become "
+                                        rf"{run / 'checkpoint.pt'}.*delete {run} and train it "
+                                        "again") as info:
+        train(tiny_config, run, resume=True)
+    assert "\n" not in str(info.value)
+    assert not (run / "checkpoint.pt").exists()
+
+
+def test_a_kill_or_full_disk_before_the_first_last_pt_leaves_no_duplicate(tiny_config,
+                                                                          tmp_path,
+                                                                          monkeypatch):
+    """The metrics line of epoch 1 is written, then best.pt or last.pt is not (a kill, a
+    full disk): the rerun starts over without a last.pt and must not log epoch 1 twice."""
+    from stages.errors import NoSpaceError
+
+    train(tiny_config, tmp_path / "whole")
+    real_save = loop_module.save_checkpoint
+    for name, failure in (("best.pt", KeyboardInterrupt), ("last.pt", NoSpaceError)):
+        run = tmp_path / name
+
+        def fail(path, state, name=name, failure=failure):
+            if path.name == name:
+                raise failure("killed" if failure is KeyboardInterrupt else "disk full")
+            real_save(path, state)
+
+        monkeypatch.setattr(loop_module, "save_checkpoint", fail)
+        with pytest.raises(failure):
+            train(tiny_config, run)
+        monkeypatch.setattr(loop_module, "save_checkpoint", real_save)
+        assert [r["epoch"] for r in run_records(run)] == [1]
+        assert not (run / "last.pt").exists()
+        train(tiny_config, run, resume=True)
+        assert [r["epoch"] for r in run_records(run)] == [1, 2], name
+        assert_same_training(tmp_path / "whole", run)
+
+
+def test_a_metrics_line_cut_short_is_dropped_on_resume(tiny_config, tmp_path):
+    """A full disk can cut the metrics line short: the resumed run drops it."""
+    run = tmp_path / "run"
+    train_killed_at_save(tiny_config, run, 2)  # epoch 1's best.pt and last.pt
+    with open(run / "metrics.jsonl", "a") as f:
+        f.write('{"stage": "train", "epoch": 2, "st')
+    train(tiny_config, run, resume=True)
+    assert [r["epoch"] for r in run_records(run)] == [1, 2]
+
+
+def test_a_memory_bank_larger_than_an_epoch_is_refused_before_anything_is_made(tiny_config,
+                                                                               tmp_path):
+    config = load_config(base=tiny_config, overrides=["memory.size=100000000000"])
+    with pytest.raises(UserError, match=r"memory.size=100000000000 is more than the 200 pairs "
+                                        r"of an epoch of train \(.*train_caps.txt\).*give "
+                                        r"memory.size <= 200"):
+        train(config, tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+    train(load_config(base=tiny_config, overrides=["memory.size=200"]), tmp_path / "run")
 
 
 def test_vocab_of_another_dataset_is_refused(tiny_root, tiny_config, tmp_path):

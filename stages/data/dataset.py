@@ -13,6 +13,7 @@ from torch.nn.utils.rnn import pad_sequence
 from torch.utils.data import Dataset
 
 from ..errors import UserError
+from ..features.splits import read_ids_file
 from .captions import CAPTIONS_PER_IMAGE, check_split, read_captions
 from .features import FeatureStore, open_features
 from .tokenizers import CaptionTokenizer
@@ -96,6 +97,7 @@ def open_split(dataset_dir: str | Path, split: str, images: "ImageStore | None" 
     if n_caps == CAPTIONS_PER_IMAGE * rows:
         pass
     elif images is None and n_caps == rows and rows % CAPTIONS_PER_IMAGE == 0:
+        _check_repeated_rows(dataset_dir, split, features, caps_path)
         log.info("%s: %d feature rows for %d captions: one row per caption, reading every "
                  "%dth row as the image", features.path, rows, n_caps, CAPTIONS_PER_IMAGE)
         features = FeatureStore(features.path, rows, features.item_shape, CAPTIONS_PER_IMAGE)
@@ -104,6 +106,35 @@ def open_split(dataset_dir: str | Path, split: str, images: "ImageStore | None" 
                         f"images; expected exactly {CAPTIONS_PER_IMAGE} consecutive captions "
                         "per image: check that both files come from the same split and release")
     return Split(split, features, captions)
+
+
+def _check_repeated_rows(dataset_dir: Path, split: str, store: FeatureStore,
+                         caps_path: Path) -> None:
+    """As many feature rows as captions is either SCAN's layout (each image's row repeated
+    for its 5 captions) or one caption per image. The split's ids file tells them apart
+    (one id per image, or per caption in runs of 5), else the rows themselves (an image's 5
+    rows are equal): what neither confirms is a :class:`UserError`, never a guess that
+    would pair captions with the wrong images."""
+    rows = store.num_images
+    ids_file = dataset_dir / f"{split}_ids.txt"
+    if ids_file.is_file():
+        ids = read_ids_file(ids_file)
+        if len(ids) * CAPTIONS_PER_IMAGE == rows:
+            return
+        problem = f"{ids_file} lists {len(ids)} images"
+    else:
+        ends = [*range(CAPTIONS_PER_IMAGE), *range(rows - CAPTIONS_PER_IMAGE, rows)]
+        groups = store.read_many(ends).reshape(2, CAPTIONS_PER_IMAGE, -1)
+        if (groups == groups[:, :1]).all():
+            return
+        problem = (f"rows 0-{CAPTIONS_PER_IMAGE - 1} or the last {CAPTIONS_PER_IMAGE} of "
+                   f"{store.path.name} differ (there is no {ids_file.name} to say more)")
+    raise UserError(f"{caps_path} has {rows} captions for the {rows} feature rows of "
+                    f"{store.path}, which would be {rows // CAPTIONS_PER_IMAGE} images with "
+                    f"their row repeated for each of {CAPTIONS_PER_IMAGE} captions (SCAN's "
+                    f"layout), but {problem}: one caption per image cannot be trained on yet "
+                    f"(this tool needs {CAPTIONS_PER_IMAGE} consecutive captions per image); "
+                    "otherwise check that the files come from the same split and release")
 
 
 def check_compatible(train_split: Split, other_split: Split) -> None:

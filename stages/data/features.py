@@ -4,7 +4,8 @@ Two layouts are read:
 
 * SCAN/VSE++ precomp: ``{split}_ims.npy``, (N, R, D) region features or (N, D) global
   features, opened memory-mapped. Some VSE++ releases repeat each image's row once per
-  caption (5N rows); those are read as N images (every 5th row).
+  caption (5N rows); those are read as N images (every 5th row) once the split's ids or
+  rows confirm it (:func:`stages.data.dataset.open_split`).
 * The project's HDF5: ``{split}.h5`` with dataset ``features`` (N, R, D) or (N, D), float32
   or float16, chunked one image per chunk; optional ``num_regions`` (N,) for padded
   adaptive region sets, ``boxes`` (N, R, 4), ``image_size`` (N, 2), ``image_ids`` (N,).
@@ -243,6 +244,24 @@ def _check_counts(path: Path, counts, shape: tuple[int, ...]) -> None:
                         "features again")
 
 
+def refuse_object_npy(path: Path, fix: str) -> None:
+    """Raise a :class:`UserError` saying what ``path`` is when its .npy header declares
+    Python objects (np.save of a list of arrays, or of an object array), which np.load
+    refuses to memory-map: the file is whole, so "it may be truncated" would mislead.
+    Returns when the header is unreadable or declares anything else."""
+    try:
+        with open(path, "rb") as f:
+            version = np.lib.format.read_magic(f)
+            header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                      else np.lib.format.read_array_header_2_0)
+            shape, _, dtype = header(f)
+    except (OSError, ValueError, EOFError):
+        return
+    if dtype.hasobject:
+        raise UserError(f"{path}: an array of Python objects (dtype {dtype}, shape {shape}), "
+                        f"not numbers; {fix}")
+
+
 def open_features(dataset_dir: Path, split: str) -> FeatureStore:
     """Open the features of ``split``: ``{split}.h5`` if present, else ``{split}_ims.npy``.
 
@@ -260,6 +279,7 @@ def open_features(dataset_dir: Path, split: str) -> FeatureStore:
         try:
             array = np.load(npy_path, mmap_mode="r")
         except (ValueError, OSError, EOFError) as exc:
+            refuse_object_npy(npy_path, "save the features as float32 with np.save")
             raise UserError(f"{npy_path}: cannot be read as .npy ({exc}); the file may be "
                             "truncated, download or convert it again") from exc
         if not isinstance(array, np.ndarray):  # np.load gives an NpzFile for archives

@@ -14,11 +14,13 @@ Weights come from a local file (``weights=PATH``), from torchvision's cache
 (``weights="random"``, for tests only: drawn from ``seed``, which the file records so a
 resume with another seed starts over). An image that cannot be read is reported with
 its path; ``on_bad_image="skip"`` drops it (and its captions) from the split and lists it
-in ``{split}_skipped.txt``, ``"fail"`` stops the run.
+in ``{split}_skipped.txt``, ``"fail"`` stops the run. Images are decoded in at most as many
+worker processes as the cores this process may use (said once when fewer than asked).
 """
 
 import json
 import logging
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -251,6 +253,19 @@ def read_image_list(dataset_dir: Path, split: str) -> list[str]:
     return files
 
 
+def decoding_workers(requested: int) -> int:
+    """``requested`` worker processes, at most the cores this process may use: more only
+    wait for each other (and PyTorch warns of it at every split, twice); logged once when
+    fewer are taken."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (
+        os.cpu_count() or 1)
+    if requested > cores:
+        log.info("--workers %d: this process may use %d cores; decoding images in %d worker "
+                 "processes", requested, cores, cores)
+        return cores
+    return requested
+
+
 def cnn_features(images_root: str | Path, dataset_dir: str | Path, splits: list[str],
                  arch: str = "resnet152", weights: str = "imagenet", crops: int = 1,
                  grid: bool = False, crop_size: int = 224, batch_size: int = 32,
@@ -268,6 +283,7 @@ def cnn_features(images_root: str | Path, dataset_dir: str | Path, splits: list[
     if not images_root.is_dir():
         raise UserError(f"image folder {images_root} not found")
     torch_device = resolve_device(device)
+    workers = decoding_workers(workers)
     model = FeatureExtractor(arch, weights, grid, seed).to(torch_device)
     transform = image_transform(crops, crop_size, arch)
     with torch.no_grad():

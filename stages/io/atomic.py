@@ -75,25 +75,31 @@ def atomic_path(path: str | os.PathLike, need_bytes: int = 0, what: str = "") ->
 
 
 @contextlib.contextmanager
-def atomic_folder(path: str | os.PathLike, replace: bool = False) -> Iterator[Path]:
+def atomic_folder(path: str | os.PathLike, replace: bool = False,
+                  check_old: Callable[[Path], None] | None = None) -> Iterator[Path]:
     """Yield an empty temporary folder beside ``path``; rename it to ``path`` on success.
 
     An existing ``path`` is a :class:`UserError` unless ``replace``: it is then moved aside
     under a temporary name, the new folder renamed into place, and the old one removed (a
     kill in between leaves no ``path``, so make redoes it, and the old folder is removed
-    as a stale temporary). On an exception the temporary folder is removed.
+    as a stale temporary). ``check_old(path)``, called just before, raises to keep a
+    ``path`` that is not the caller's to delete. On an exception the temporary folder is
+    removed.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temp_files(path.parent)
     tmp = temp_path(path)
-    tmp.mkdir()
+    with no_space_as_user_error(path):
+        tmp.mkdir()
     try:
         with no_space_as_user_error(path):
             yield tmp
         if path.exists() or path.is_symlink():
             if not replace:
                 raise UserError(f"{path} already exists; remove it or ask to replace it")
+            if check_old is not None:
+                check_old(path)
             old = path.with_name(f".{path.name}.old.tmp-{os.getpid()}-{HOST}")
             os.replace(path, old)
             os.replace(tmp, path)
@@ -196,7 +202,9 @@ def _journal_renames(journal: Path) -> list[tuple[str, str]]:
 
 # --- stale temporary files ------------------------------------------------------------------
 def pid_alive(pid: int) -> bool:
-    """Whether process ``pid`` exists on this host."""
+    """Whether process ``pid`` runs on this host. A zombie (a process that has ended but
+    that its parent has not reaped yet, e.g. one killed under a parent that never waits)
+    does not: it writes nothing more, though ``kill(pid, 0)`` still finds it."""
     if pid == os.getpid():
         return True
     try:
@@ -204,8 +212,18 @@ def pid_alive(pid: int) -> bool:
     except ProcessLookupError:
         return False
     except PermissionError:  # another user's process
-        return True
-    return True
+        pass
+    return not _zombie(pid)
+
+
+def _zombie(pid: int) -> bool:
+    """Whether ``/proc`` says process ``pid`` is a zombie (state Z; False without /proc)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    # "pid (command) state ...": the command may hold spaces and parentheses.
+    return stat[stat.rfind(")") + 1:].split()[:1] == ["Z"]
 
 
 def remove_stale_temp_files(folder: str | os.PathLike) -> list[Path]:

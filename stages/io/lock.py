@@ -5,7 +5,9 @@ terminal) would interleave their files into a mix neither made. :func:`folder_lo
 ``fcntl.flock`` on ``<folder>/.lock`` and writes the holder's pid into it; a second process
 gets a :class:`UserError` naming the folder and that pid. The operating system releases a
 flock when its process ends, killed or not, so a ``.lock`` file left by a crash never
-blocks the next run.
+blocks the next run. A disk too full for the lock file is one clear line, and a lock that
+cannot be taken, or a block that fails, removes again the folders it created while they are
+still empty (``aoq export`` on a full disk left an empty ``export/``).
 """
 
 import contextlib
@@ -15,6 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from ..errors import UserError
+from .atomic import no_space_as_user_error
 
 LOCK_NAME = ".lock"
 
@@ -25,13 +28,50 @@ def folder_lock(folder: str | os.PathLike, what: str = "") -> Iterator[Path]:
 
     ``what`` names the stage in the error a second process gets. The lock file is removed
     on release; a process that opened it meanwhile notices (the file it locked is no longer
-    the one at the path) and takes the lock again on the new file.
+    the one at the path) and takes the lock again on the new file. A disk too full to
+    write the lock file is a :class:`NoSpaceError`. When the lock cannot be taken or the
+    block fails, the folders this call created are removed again if they are still empty,
+    so a failed start leaves nothing behind.
     """
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
+    made = [p for p in (folder, *folder.parents) if not p.exists()]  # deepest first
+    try:
+        with no_space_as_user_error(folder, what=f"the lock file {folder / LOCK_NAME}"):
+            folder.mkdir(parents=True, exist_ok=True)
+            fd = _lock(folder, what)
+    except BaseException:
+        _remove_if_empty(made)
+        raise
+    path = folder / LOCK_NAME
+    try:
+        yield folder
+    except BaseException:
+        _release(fd, path)
+        _remove_if_empty(made)
+        raise
+    _release(fd, path)
+
+
+def _remove_if_empty(folders: list[Path]) -> None:
+    """Remove the folders this process created (deepest first) while they are empty."""
+    for made in folders:
+        try:
+            made.rmdir()
+        except FileNotFoundError:  # never made (mkdir failed before it), or gone
+            continue
+        except OSError:  # not empty: someone else's files are in it now
+            return
+
+
+def _lock(folder: Path, what: str) -> int:
+    """Open, lock and fill ``folder/.lock`` with our pid; returns its descriptor."""
     path = folder / LOCK_NAME
     while True:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except FileNotFoundError:  # a failed writer removed the empty folder meanwhile
+            folder.mkdir(parents=True, exist_ok=True)
+            continue
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -54,14 +94,19 @@ def folder_lock(folder: str | os.PathLike, what: str = "") -> Iterator[Path]:
     try:
         os.ftruncate(fd, 0)
         os.write(fd, f"{os.getpid()}\n".encode())
-        yield folder
-    finally:
-        # Remove the file while still holding it, so nobody can lock a file that is gone;
-        # only our own file (the folder may have been renamed and another lock made since).
-        with contextlib.suppress(FileNotFoundError):
-            if _identity(os.stat(path)) == _identity(os.fstat(fd)):
-                os.unlink(path)
-        os.close(fd)
+    except BaseException:
+        _release(fd, path)
+        raise
+    return fd
+
+
+def _release(fd: int, path: Path) -> None:
+    """Remove the lock file while still holding it, so nobody can lock a file that is gone;
+    only our own file (the folder may have been renamed and another lock made since)."""
+    with contextlib.suppress(FileNotFoundError):
+        if _identity(os.stat(path)) == _identity(os.fstat(fd)):
+            os.unlink(path)
+    os.close(fd)
 
 
 def _identity(stat: os.stat_result) -> tuple[int, int]:

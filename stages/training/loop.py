@@ -20,6 +20,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from ..config import MemoryConfig, TrainConfig
+from ..encode import check_finite
 from ..errors import UserError
 from ..io.atomic import append_jsonl, write_text
 from ..io.checkpoint import save_checkpoint
@@ -126,19 +127,34 @@ class Trainer:
         torch.set_rng_state(state["rng"]["torch"])
         if self.device.type == "cuda" and state["rng"].get("cuda") is not None:
             torch.cuda.set_rng_state_all(state["rng"]["cuda"])
-        self._drop_metrics_after(self.progress.epoch)
 
     def _drop_metrics_after(self, epoch: int) -> None:
-        """Keep the metrics lines of epochs up to ``epoch`` only: lines written after the
-        resume point (a kill between the metrics line and last.pt) would be duplicated."""
+        """Keep the metrics lines of epochs up to ``epoch`` only, so a run continued from
+        there (resumed, or started over when no last.pt was saved yet) leaves one line per
+        validated epoch: lines written after the last checkpoint (a kill or a full disk
+        between the metrics line and last.pt) would be written again. A line that is not
+        JSON is the remains of a write cut short, and goes too."""
         path = self.run_dir / "metrics.jsonl"
         if not is_main() or not path.exists():
             return
-        lines = path.read_text(encoding="utf-8").splitlines()
-        keep = [line for line in lines if line.strip()
-                and (json.loads(line).get("stage") != "train"
-                     or json.loads(line)["epoch"] <= epoch)]
+        lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+        keep, later, torn = [], 0, 0
+        for line in filter(str.strip, lines):
+            try:
+                record = json.loads(line)
+            except ValueError:
+                torn += 1
+                continue
+            if (isinstance(record, dict) and record.get("stage") == "train"
+                    and record.get("epoch", 0) > epoch):
+                later += 1
+            else:
+                keep.append(line)
         if len(keep) != len(lines):
+            if later or torn:
+                log.info("%s: dropped %d lines of epochs after %d (written after the "
+                         "checkpoint this run continues from) and %d lines cut short", path,
+                         later, epoch, torn)
             write_text(path, "".join(line + "\n" for line in keep))
 
     def _save(self, name: str, state: dict) -> None:
@@ -161,6 +177,8 @@ class Trainer:
         values = dict(zip(names, torch.stack([t.detach() for t in (*terms.values(), loss)])
                           .tolist(), strict=True))
         if not math.isfinite(values["loss"]):
+            # Features that are not finite are the usual cause: name the first such image.
+            check_finite(batch["images"], batch["image_ids"], self.task.dataset.split)
             p = self.progress
             bad = ", ".join(f"{k} {v}" for k, v in values.items() if not math.isfinite(v))
             raise UserError(
@@ -180,6 +198,7 @@ class Trainer:
     def fit(self) -> None:
         """Train until ``train.epochs`` epochs are done, from wherever the run is."""
         t, p = self.train, self.progress
+        self._drop_metrics_after(p.epoch)
         while p.epoch < t.epochs:
             lr = learning_rate(t, p.epoch)
             for group in self.optimizer.param_groups:

@@ -12,6 +12,7 @@ from stages.data.dataset import (
     open_split,
 )
 from stages.data.vocab import Vocab
+from stages.errors import UserError
 from stages.training.batches import epoch_batches, epoch_permutation
 from tests.conftest import write_precomp
 
@@ -65,6 +66,32 @@ def test_one_feature_row_per_caption_is_read_as_one_image(tmp_path):
     split = open_split(tmp_path, "dev")
     assert split.num_images == 6
     np.testing.assert_array_equal(split.features[2], feats[10])
+
+
+@pytest.mark.parametrize("ids", [None, "per-image", "per-caption"])
+def test_repeated_rows_are_read_as_one_image_when_the_ids_or_rows_say_so(tmp_path, ids):
+    feats = np.repeat(_features((6, 3)), 5, axis=0)
+    write_precomp(tmp_path, "dev", feats, CAPTIONS)
+    if ids:
+        per = 1 if ids == "per-image" else 5
+        (tmp_path / "dev_ids.txt").write_text("".join(f"{10 + i // per}\n"
+                                                      for i in range(6 * per)))
+    assert open_split(tmp_path, "dev").num_images == 6
+
+
+@pytest.mark.parametrize("ids", [True, False])
+def test_one_caption_per_image_is_an_error_not_a_guess(tmp_path, ids):
+    """30 images with one caption each (and 30 ids) were read as 6 images of 5 captions,
+    pairing captions with the wrong images."""
+    write_precomp(tmp_path, "dev", _features((30, 3)), CAPTIONS)
+    if ids:
+        (tmp_path / "dev_ids.txt").write_text("".join(f"{100 + i}\n" for i in range(30)))
+    problem = "dev_ids.txt lists 30 images" if ids else "rows 0-4 or the last 5 of dev_ims.npy"
+    with pytest.raises(UserError, match=rf"dev_caps.txt has 30 captions for the 30 feature rows "
+                                        rf".*dev_ims.npy, which would be 6 images .* but .*"
+                                        rf"{problem}.*: one caption per image cannot be trained "
+                                        "on yet"):
+        open_split(tmp_path, "dev")
 
 
 def test_padded_region_counts_from_hdf5(tmp_path):

@@ -1,4 +1,5 @@
 import json
+import os
 
 import h5py
 import numpy as np
@@ -258,3 +259,22 @@ def test_dropping_bad_images_killed_midway_is_finished_by_a_rerun(image_dataset,
     assert sorted(p.name for p in dataset.iterdir() if p.name.startswith(".")) == []
     assert not list(dataset.glob("*.partial")) and not list(dataset.glob("*.kept.h5"))
     assert (dataset / "train.h5").stat().st_mtime >= (dataset / "train_caps.txt").stat().st_mtime
+
+
+def test_workers_are_sized_to_the_machine_and_said_once(image_dataset, tmp_path, monkeypatch,
+                                                        caplog):
+    """`--workers 4` (the default) on a 2-core machine: 2 decoding processes, one line
+    saying so, and none of PyTorch's "suggested max" warnings (it gave two per split)."""
+    import warnings
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1})
+    root, dataset = image_dataset
+    with warnings.catch_warnings(record=True) as caught, caplog.at_level("INFO"):
+        warnings.simplefilter("always")
+        cnn_features(root, dataset, ["train", "dev"], "resnet18", "random", crop_size=CROP,
+                     workers=4, device="cpu")
+    assert [str(w.message) for w in caught if "worker" in str(w.message)] == []
+    said = [r.getMessage() for r in caplog.records if "--workers" in r.getMessage()]
+    assert said == ["--workers 4: this process may use 2 cores; decoding images in 2 worker "
+                    "processes"]
+    assert read(dataset / "train.h5")[0].shape[0] == 5

@@ -4,6 +4,7 @@ import errno
 import os
 import shutil
 from collections import namedtuple
+from pathlib import Path
 
 import pytest
 
@@ -146,3 +147,24 @@ def test_files_replaced_together_are_all_old_or_all_new(tmp_path, monkeypatch, k
         assert not journal.exists()
         assert not list(tmp_path.glob(f"*{temp_path(tmp_path / 'x').name[3:]}"))
     assert (tmp_path / "c").stat().st_mtime >= (tmp_path / "a").stat().st_mtime
+
+
+def test_temp_files_of_a_killed_process_not_yet_reaped_are_stale(tmp_path):
+    """A process killed under a parent that has not waited for it yet (a zombie) still
+    answers kill(pid, 0), but writes nothing more: its temporary file goes."""
+    import subprocess
+    import sys
+
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+    try:
+        child.kill()
+        state = ""
+        while state != "Z":  # ended, not reaped: this test has not called wait()
+            stat = (Path("/proc") / str(child.pid) / "stat").read_text()
+            state = stat[stat.rfind(")") + 1:].split()[0]
+        stale = tmp_path / f".i2t.h5.tmp-{child.pid}-{HOST}"
+        stale.write_bytes(b"x")
+        assert remove_stale_temp_files(tmp_path) == [stale]
+        assert not stale.exists()
+    finally:
+        child.wait()

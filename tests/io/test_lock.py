@@ -97,3 +97,31 @@ def test_every_stage_locks_its_output_folder(tmp_path, tiny_config, holder, stag
     with pytest.raises(UserError, match=rf"out is being written by another process \(pid "
                                         rf"{holder.pid}"):
         _stages(tmp_path, tiny_config)[stage]()
+
+
+def test_a_full_disk_is_one_clear_error_and_leaves_nothing(tmp_path, monkeypatch):
+    import errno
+
+    from stages.errors import NoSpaceError
+    from stages.io import lock
+
+    def full(fd, data):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(lock.os, "write", full)
+    with (pytest.raises(NoSpaceError, match=rf"no space left on {tmp_path / 'a' / 'b'} for the "
+                                            r"lock file .*b/\.lock.*free some space and rerun"),
+          folder_lock(tmp_path / "a" / "b", "a test")):
+        pass
+    assert list(tmp_path.iterdir()) == []  # the folders it made are gone again
+
+
+def test_a_failed_block_removes_only_the_empty_folders_it_made(tmp_path):
+    (tmp_path / "kept").mkdir()
+    with pytest.raises(RuntimeError), folder_lock(tmp_path / "kept" / "new" / "out"):
+        raise RuntimeError("boom")
+    assert [p.name for p in tmp_path.iterdir()] == ["kept"]  # existed before: kept
+    with pytest.raises(RuntimeError), folder_lock(tmp_path / "kept" / "new") as folder:
+        (folder / "result.txt").write_text("x")
+        raise RuntimeError("boom")
+    assert [p.name for p in (tmp_path / "kept" / "new").iterdir()] == ["result.txt"]
