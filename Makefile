@@ -114,6 +114,7 @@ help:
 	@echo "make train         base VSE++ model                         -> runs/DATA/RUN/checkpoint.pt"
 	@echo "make embed         embed the training split with the base model -> runs/DATA/RUN/embeddings_train.h5"
 	@echo "make offcandi      FAISS offline candidates                 -> offcandi/DATA/{i2t,t2i}.h5"
+	@echo "                   MINER=<run> or text:<model folder>: mine with another model"
 	@echo "make retrain       AOQ quintuplet-loss model                -> runs/DATA/AOQ_RUN/checkpoint.pt"
 	@echo "                   ROUNDS=n: mine again with round r-1's model and retrain, n times"
 	@echo "                   (round r > 1: offcandi/DATA/round<r>, runs/DATA/AOQ_RUN_round<r>)"
@@ -264,15 +265,40 @@ embed: $(EMBEDDINGS)
 # offcandi/DATA and trains runs/DATA/AOQ_RUN; round r > 1 mines with round r-1's model into
 # offcandi/DATA/round<r> and trains runs/DATA/AOQ_RUN_round<r>. i2t.h5 is written before
 # t2i.h5, each atomically: t2i.h5 stands for both (so it is removed before mining again).
+#
+# MINER: what mines round 1: the base model (default), another run of DATA (MINER=<run
+# name>: runs/DATA/<name>/checkpoint.pt), or a pretrained sentence encoder over the
+# captions (MINER=text:<model folder>, embedded by `aoq embed-text` into
+# runs/DATA/text-<folder name>/); its candidates go to OFFCANDI_DIR/miner-<name>.
+MINER ?=
+text_miner = $(patsubst text:%,%,$(filter text:%,$(MINER)))
+miner_name = $(if $(text_miner),text-$(notdir $(patsubst %/,%,$(text_miner))),$(MINER))
+ifneq ($(MINER),)
+ifeq ($(text_miner),)
+$(call a_name,MINER)
+endif
+$(if $(filter 1,$(words $(MINER))),,$(error MINER='$(MINER)': give one run name or text:<folder>))
+$(if $(and $(text_miner),$(filter miner,$(RETRAIN_INIT))),$(error RETRAIN_INIT=miner needs \
+	a trained miner, and MINER=$(MINER) is a text model: use RETRAIN_INIT=scratch))
+endif
 round_name = $(AOQ_RUN)$(if $(filter-out 1,$(1)),_round$(1))
 round_run = runs/$(DATA)/$(call round_name,$(1))
-round_offcandi = $(OFFCANDI_DIR)$(if $(filter-out 1,$(1)),/round$(1))
-round_miner = $(if $(filter-out 1,$(1)),$(call round_run,$(shell expr $(1) - 1)),$(RUN_DIR))
+round_offcandi = $(OFFCANDI_DIR)$(if $(filter-out 1,$(1)),/round$(1),$(if $(MINER),/miner-$(miner_name)))
+round_miner = $(if $(filter-out 1,$(1)),$(call round_run,$(shell expr $(1) - 1)),\
+	$(if $(MINER),runs/$(DATA)/$(miner_name),$(RUN_DIR)))
+# What retraining checks its candidates were mined by: a checkpoint, or text:<folder>.
+round_miner_ckpt = $(if $(and $(text_miner),$(filter 1,$(1))),text:$(text_miner),\
+	$(call round_miner,$(1))/checkpoint.pt)
 # The retrain stage's settings beyond CONFIGS and OVERRIDES, for round $(1).
 retrain_args = --set offcandi.dir=$(call round_offcandi,$(1)) \
-	--set offcandi.base_ckpt=$(call round_miner,$(1))/checkpoint.pt \
+	--set offcandi.base_ckpt=$(call round_miner_ckpt,$(1)) \
 	$(if $(filter miner,$(RETRAIN_INIT)),--set train.init_from=$(call round_miner,$(1))/checkpoint.pt) \
 	$(foreach s,$(RETRAIN_SET),--set $(s))
+
+ifneq ($(text_miner),)
+runs/$(DATA)/$(miner_name)/embeddings_train.h5: $(DATASET)/train_caps.txt | $(STAMP)
+	$(AOQ) embed-text --text-model $(text_miner) $(CONFIGS) $(OVERRIDES) --out $@
+endif
 
 define ROUND_RULES
 $(call round_offcandi,$(1))/t2i.h5: $(call round_miner,$(1))/embeddings_train.h5 \
@@ -331,17 +357,24 @@ demo:
 clean-demo:
 	rm -rf data/demo runs/demo offcandi/demo
 
-# --- make demo: the base model, then the control, AOQ and DEMO_OTHER_LOSS (both with offline
-# negatives) each continued from it for DEMO_EPOCHS more epochs: all at equal epochs.
+# --- make demo: the base model, then each offline-negative run beside its matched control,
+# all continued from the base for DEMO_EPOCHS more epochs: AOQ beside VSE++ without offline
+# negatives (base_plus<n>, the loss AOQ adds its terms to), DEMO_OTHER_LOSS with offline
+# negatives beside the same loss without them.
 DEMO_EPOCHS ?= 3
 # The loss trained with offline negatives beside AOQ in the demo.
 DEMO_OTHER_LOSS ?= infonce
 demo_run = runs/$(DATA)/$(model_prefix)$(1)_plus$(DEMO_EPOCHS)
-DEMO_CKPTS = $(BASE_CKPT) $(foreach r,base $(DEMO_OTHER_LOSS)_offline aoq,$(call demo_run,$(r))/checkpoint.pt)
+DEMO_CKPTS = $(BASE_CKPT) $(foreach r,base aoq $(DEMO_OTHER_LOSS) $(DEMO_OTHER_LOSS)_offline,\
+	$(call demo_run,$(r))/checkpoint.pt)
 DEMO_CONTINUE = --set train.init_from=$(BASE_CKPT) --set train.epochs=$(DEMO_EPOCHS) --resume
 
 $(call demo_run,base)/checkpoint.pt: $(BASE_CKPT)
 	$(AOQ) train $(CONFIGS) $(OVERRIDES) $(DEMO_CONTINUE) --run-dir $(@D)
+
+$(call demo_run,$(DEMO_OTHER_LOSS))/checkpoint.pt: $(BASE_CKPT)
+	$(AOQ) train $(CONFIGS) $(OVERRIDES) --set loss.name=$(DEMO_OTHER_LOSS) $(DEMO_CONTINUE) \
+	    --run-dir $(@D)
 
 define DEMO_OFFLINE_RULE
 $(call demo_run,$(1))/checkpoint.pt: $(OFFCANDI_DIR)/t2i.h5
@@ -353,7 +386,10 @@ $(eval $(call DEMO_OFFLINE_RULE,$(DEMO_OTHER_LOSS)_offline,$(DEMO_OTHER_LOSS)))
 
 demo-compare: $(DEMO_CKPTS)
 	@echo "base: the base model; *_plus$(DEMO_EPOCHS): the base model trained $(DEMO_EPOCHS) more" \
-	      "epochs each, without offline negatives (the control) or with them ($(DEMO_OTHER_LOSS), aoq)"
+	      "epochs each. Matched pairs (same loss family, init and epochs; only the offline" \
+	      "negatives differ): aoq_plus$(DEMO_EPOCHS) vs its control base_plus$(DEMO_EPOCHS)" \
+	      "(VSE++), $(DEMO_OTHER_LOSS)_offline_plus$(DEMO_EPOCHS) vs its control" \
+	      "$(DEMO_OTHER_LOSS)_plus$(DEMO_EPOCHS)"
 	$(AOQ) eval --each $(foreach c,$(DEMO_CKPTS),--ckpt $(c)) $(CONFIGS) $(OVERRIDES) \
 	    --set eval.fold5=$(FOLD5)
 

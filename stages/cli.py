@@ -111,6 +111,24 @@ def embed(config_files, overrides, checkpoint, split, out) -> None:
     run_embed(checkpoint, split, config_files, overrides, out)
 
 
+@cli.command(name="embed-text")
+@config_options
+@click.option("--text-model", required=True,
+              help="A Hugging Face sentence encoder folder (or hub name), e.g. "
+                   "/models/all-MiniLM-L6-v2.")
+@click.option("--split", default="", help="Split to embed (default: data.train_split).")
+@click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="The embeddings file to write (then `aoq offcandi --embeddings` it).")
+def embed_text_command(config_files, overrides, text_model, split, out) -> None:
+    """Embed a split's captions with a pretrained text model (images: the mean of their
+    captions), to mine offline negatives without a trained model."""
+    from .text_miner import embed_text
+
+    config = load_config(config_files, overrides)
+    embed_text(text_model, config.dataset_dir(), config.data.name,
+               split or config.data.train_split, out)
+
+
 @cli.command(name="export")
 @config_options
 @click.option("--ckpt", "checkpoint", required=True,

@@ -145,7 +145,9 @@ class OffcandiConfig:
     threads: Annotated[int, NonNegative] = 0  # FAISS threads (0: OMP_NUM_THREADS, else all)
     # h: a negative is drawn uniformly from the top h (t2i: top h / 5)
     hardest: Annotated[int, AtLeastOne] = 300
-    base_ckpt: str = ""  # retrain refuses candidates not mined with this checkpoint
+    # retrain refuses candidates not mined with this checkpoint (or text:<model folder>,
+    # the pretrained text miner of `aoq embed-text`)
+    base_ckpt: str = ""
     # False-negative-aware selection (stages/negative_selection.py), applied when retraining
     # draws, so changing it needs no mining; each is off at 0. Skip candidates scoring above
     # ratio x the query's positive score (i2t: mean over the image's captions) ...

@@ -37,6 +37,7 @@ from .metrics.retrieval import evaluate_embeddings
 from .models import MODELS, build_model
 from .negative_selection import CaptionWords, SelectionRules, select
 from .stamps import stage_settings
+from .text_miner import miner_weights
 from .training.distributed import is_main
 from .training.loop import Trainer
 from .training.tasks import OfflineTask, PairTask
@@ -120,9 +121,7 @@ def _offline_task(config: Config, split: Split, tokenizer: CaptionTokenizer,
                   fingerprint: dict) -> OfflineTask:
     """Pairs plus negatives from checked candidate files; records them in the fingerprint."""
     h = config.offcandi.hardest
-    expected = ""
-    if config.offcandi.base_ckpt:
-        expected = weights_hash(load_checkpoint(config.offcandi.base_ckpt)["state_dict"])
+    expected = miner_weights(config.offcandi.base_ckpt) if config.offcandi.base_ckpt else ""
     folder = config.candidates_dir()
     rules = SelectionRules.from_config(config.offcandi)
     windows = {"i2t": h, "t2i": -(-h // 5)}

@@ -176,3 +176,20 @@ def test_features_from_karpathy_json_and_butd_tsv_then_train(workdir):
     assert "stages.cli" not in make(work, "features", *args, dry_run=True)  # up to date
     make(work, "train", *args)
     assert (work / "runs/kp/base/checkpoint.pt").is_file()
+
+
+def test_miner_picks_what_mines_round_one(workdir):
+    """MINER=text:<folder> embeds the captions with it and retraining checks its weights;
+    MINER=<run> mines with that run; each into its own candidate folder."""
+    work = workdir
+    out = make(work, "retrain", "MINER=text:/models/minilm", dry_run=True)
+    assert "embed-text --text-model /models/minilm" in out
+    assert "--out runs/tiny/text-minilm/embeddings_train.h5" in out
+    assert "--embeddings runs/tiny/text-minilm/embeddings_train.h5" in out
+    assert "--out-dir offcandi/tiny/miner-text-minilm" in out
+    assert "--set offcandi.base_ckpt=text:/models/minilm" in out
+    out = make(work, "retrain", "MINER=other", "RETRAIN_INIT=miner", dry_run=True, check=False)
+    assert "runs/tiny/other/embeddings_train.h5" in out.stdout + out.stderr
+    refused = make(work, "retrain", "MINER=text:/m", "RETRAIN_INIT=miner", dry_run=True,
+                   check=False)
+    assert refused.returncode != 0 and "needs a trained miner" in refused.stderr

@@ -154,12 +154,12 @@ def test_table_trains_every_cell_writes_md_csv_png_and_resumes(workdir):  # noqa
 
 
 def test_demo_continues_base_for_equal_epochs(workdir):  # noqa: F811
-    """`make demo-compare`: the control, AOQ and DEMO_OTHER_LOSS (offline negatives) each
-    start from the base model and train DEMO_EPOCHS more epochs."""
+    """`make demo-compare`: AOQ and DEMO_OTHER_LOSS (offline negatives) and each one's
+    matched control start from the base model and train DEMO_EPOCHS more epochs."""
     work = workdir
     out = make(work, "demo-compare", "DEMO_EPOCHS=2", "DEMO_OTHER_LOSS=vse_sum")
     runs = {"base_plus2": ("vse_max", False), "vse_sum_offline_plus2": ("vse_sum", True),
-            "aoq_plus2": ("aoq", True)}
+            "vse_sum_plus2": ("vse_sum", False), "aoq_plus2": ("aoq", True)}
     for run, (loss, offline) in runs.items():
         config = yaml.safe_load((work / "runs/tiny" / run / "config.yaml").read_text())
         assert config["train"]["init_from"] == "runs/tiny/base/checkpoint.pt"
@@ -168,6 +168,10 @@ def test_demo_continues_base_for_equal_epochs(workdir):  # noqa: F811
         assert run in out
     base = yaml.safe_load((work / "runs/tiny/base/config.yaml").read_text())
     assert base["train"]["init_from"] == "" and "base" in out and "rsum" in out
+    assert "vse_sum_offline_plus2 vs its control vse_sum_plus2" in out
+    header = next(line for line in out.splitlines() if line.split()[:1] == ["base"])
+    assert header.split() == ["base", "base_plus2", "aoq_plus2", "vse_sum_plus2",
+                              "vse_sum_offline_plus2"]  # each pair side by side
 
 
 def test_seeds_and_the_controls_of_offline_only_losses_are_planned():
