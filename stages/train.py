@@ -151,16 +151,14 @@ def _offline_task(config: Config, split: Split, tokenizer: CaptionTokenizer,
     return OfflineTask(split, tokenizer, sampler)
 
 
-def _init_weights(model, spec: dict, path: str) -> dict | None:
-    """Start from another checkpoint's weights (``train.init_from``); returns the record of
-    the word vectors that initialised its words (None if none did)."""
+def _init_source(spec: dict, path: str) -> dict:
+    """The checkpoint a run starts from (``train.init_from``), checked to hold this run's
+    model."""
     source = load_checkpoint(path)
     if source["model"] != spec:
         raise UserError(f"train.init_from={path} holds model {source['model']}, which "
                         f"differs from this run's {spec}")
-    model.load_state_dict(source["state_dict"])
-    log.info("initialised from %s (weights %s)", path, weights_hash(source["state_dict"]))
-    return source.get("word_vectors")
+    return source
 
 
 def _load_pretrained(model, tokenizer) -> dict | None:
@@ -175,7 +173,8 @@ def train(config: Config, run_dir: str | Path, resume: bool = False) -> Path:
 
     With ``resume`` an existing run folder is continued from its ``last.pt`` exactly:
     same batches, optimiser, loss parameters, memory bank and RNG, so the result equals an
-    uninterrupted run.
+    uninterrupted run. A resume is refused, leaving the run folder as it was, when the run
+    was made with other settings or data.
     """
     run_dir = Path(run_dir)
     config = copy.deepcopy(config)
@@ -223,8 +222,17 @@ def train(config: Config, run_dir: str | Path, resume: bool = False) -> Path:
     # The lock comes after the inputs are checked: a failed start leaves no folder.
     with folder_lock(run_dir, "aoq train"):
         state = _prepare_run_dir(run_dir, config, resume)
+        if state is not None and state["data_fingerprint"] != fingerprint:
+            changed = sorted(k for k in {*state["data_fingerprint"], *fingerprint}
+                             if state["data_fingerprint"].get(k) != fingerprint.get(k))
+            raise UserError(f"cannot resume {run_dir}: it was trained on other data or "
+                            f"candidates than those now given (changed: {', '.join(changed)}); "
+                            f"delete {run_dir} to start it over, or use another run folder")
         if state is None and not t.init_from and not from_scratch:  # last.pt went meanwhile
             words = _load_pretrained(model, tokenizer)
+        source = _init_source(spec, t.init_from) if t.init_from and state is None else None
+        # The run is accepted: only now is anything in its folder written, so a refused
+        # resume leaves a finished run as it was.
         if is_main():
             setup_logging(run_dir / "train.log")
             write_text(run_dir / "config.yaml",
@@ -235,8 +243,11 @@ def train(config: Config, run_dir: str | Path, resume: bool = False) -> Path:
             log.info("word embedding: %d vocabulary words from %s (sha256 %s), %d not in it "
                      "keep their random init", words["found"], words["path"], words["sha256"],
                      words["missing"])
-        if t.init_from and state is None:
-            words = _init_weights(model, spec, t.init_from)
+        if source is not None:
+            model.load_state_dict(source["state_dict"])
+            log.info("initialised from %s (weights %s)", t.init_from,
+                     weights_hash(source["state_dict"]))
+            words = source.get("word_vectors")
         elif state is not None:
             words = state.get("word_vectors")
 
@@ -257,13 +268,6 @@ def train(config: Config, run_dir: str | Path, resume: bool = False) -> Path:
                           workers=config.data.workers,
                           features_hint=str(train_split.features.path))
         if state is not None:
-            if state["data_fingerprint"] != fingerprint:
-                changed = sorted(k for k in {*state["data_fingerprint"], *fingerprint}
-                                 if state["data_fingerprint"].get(k) != fingerprint.get(k))
-                raise UserError(f"cannot resume {run_dir}: it was trained on other data or "
-                                f"candidates than those now given (changed: "
-                                f"{', '.join(changed)}); delete {run_dir} to start it over, "
-                                "or use another run folder")
             trainer.load_state_dict(state)
             log.info("resuming %s at epoch %d step %d (best rsum %.2f)", run_dir,
                      state["epoch"] + 1, state["epoch_step"], state["best_rsum"])
