@@ -208,12 +208,15 @@ $(DATASET)/%_images.txt: | $(DATASET)/%_caps.txt
 
 # --- settings stamps ---------------------------------------------------------------------
 # Each stage's output depends on a stamp holding the resolved settings that stage reads
-# (`aoq settings`), rewritten only when they change: a changed setting redoes the stage
-# (train and retrain then refuse to resume a finished run under another config: name
-# another RUN / AOQ_RUN), one that resolves to the same value redoes nothing. The check
-# runs on every make, also under make -n (hence the +). Stamps of runs are kept in
-# runs/DATA/.settings/<run>.<stage>.yaml (run folders stay as the trainer writes them);
-# offcandi's beside its candidates. $(call stamp,STAGE,OUTPUT,EXTRA ARGUMENTS)
+# (`aoq settings`), dated after the output when the stage recorded other settings for it
+# (the stage writes that record beside its output, holding its folder's lock, once the
+# output is complete): a changed setting redoes the stage (train and retrain then refuse to
+# resume a finished run under another config: name another RUN / AOQ_RUN), one that
+# resolves to the settings the output was made with redoes nothing. A stage refused by the
+# lock of another process records nothing, so its settings are never taken as done. The
+# check runs on every make, also under make -n (hence the +). Stamps of runs are kept in
+# runs/DATA/.settings/<run>.<stage>.yaml; offcandi's beside its candidates.
+# $(call stamp,STAGE,OUTPUT,EXTRA ARGUMENTS)
 SETTINGS := runs/$(DATA)/.settings
 stamp = +@$(AOQ) settings --stage $(1) $(CONFIGS) $(OVERRIDES) $(3) --out $@ --target $(2)
 
@@ -248,7 +251,8 @@ embed: $(EMBEDDINGS)
 # Mining and retraining, once per round. Round 1 mines with the base model into
 # offcandi/DATA and trains runs/DATA/AOQ_RUN; round r > 1 mines with round r-1's model into
 # offcandi/DATA/round<r> and trains runs/DATA/AOQ_RUN_round<r>. i2t.h5 is written before
-# t2i.h5, each atomically: t2i.h5 stands for both (so it is removed before mining again).
+# t2i.h5, each atomically: t2i.h5 stands for both (mining records its settings once both
+# are written, so a mining stopped between the two is redone).
 round_name = $(AOQ_RUN)$(if $(filter-out 1,$(1)),_round$(1))
 round_run = runs/$(DATA)/$(call round_name,$(1))
 round_offcandi = $(OFFCANDI_DIR)$(if $(filter-out 1,$(1)),/round$(1))
@@ -262,7 +266,6 @@ retrain_args = --set offcandi.dir=$(call round_offcandi,$(1)) \
 define ROUND_RULES
 $(call round_offcandi,$(1))/t2i.h5: $(call round_miner,$(1))/embeddings_train.h5 \
 	    $(call round_offcandi,$(1))/.settings.offcandi.yaml
-	rm -f $$@
 	$$(AOQ) offcandi --embeddings $$< $$(CONFIGS) $$(OVERRIDES) --out-dir $(call round_offcandi,$(1))
 $(call round_offcandi,$(1))/.settings.offcandi.yaml: FORCE | $$(STAMP)
 	$$(call stamp,offcandi,$(call round_offcandi,$(1))/t2i.h5)

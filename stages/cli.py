@@ -47,12 +47,18 @@ def cli() -> None:
 def vocab(config_files, overrides, out, threshold) -> None:
     """Build the vocabulary from the training captions only."""
     from .data.vocab import build_vocab_file
+    from .io.lock import folder_lock
+    from .stamps import clear_record, settings_text, write_record
 
     config = load_config(config_files, overrides)
     captions = config.dataset_dir() / f"{config.data.train_split}_caps.txt"
     if not captions.is_file():
         raise UserError(f"training captions {captions} not found; check DATA_PATH and DATA")
-    build_vocab_file(captions, out or config.vocab_path(), threshold)
+    out = out or config.vocab_path()
+    with folder_lock(out.parent, "aoq vocab", name=f".{out.name}.lock"):
+        clear_record(out)
+        build_vocab_file(captions, out, threshold)
+        write_record(out, settings_text(config, "vocab"))
 
 
 @cli.command()
@@ -253,18 +259,21 @@ def retrain(config_files, overrides, run_dir, resume) -> None:
               help="The stage whose settings to write (retrain starts from the retrain "
                    "defaults, as `aoq retrain` does).")
 @click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path),
-              help="The stamp file; rewritten only when its content changes.")
-@click.option("--target", type=click.Path(dir_okay=False, path_type=Path),
-              help="The stage's output: settings going back to the ones it was made with "
-                   "take back its date, so make does not redo it.")
+              help="The stamp file: it holds the settings asked for, and is dated after "
+                   "--target when that was made with others.")
+@click.option("--target", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="The stage's output, whose stage recorded the settings it made it with.")
 def settings(config_files, overrides, stage, out, target) -> None:
-    """Write the resolved settings a stage reads (the Makefile's stamp for that stage)."""
-    from .stamps import stage_settings, stamp_text, write_stamp
+    """Write the resolved settings a stage reads (the Makefile's stamp for that stage),
+    dated so that make redoes the stage exactly when its output was made with others."""
+    from .stamps import read_record, run_stage, settings_text, update_stamp
 
     retrain = stage == "retrain"
     base = load_config(overrides=RETRAIN_DEFAULTS) if retrain else None
     config = load_config(config_files, overrides, base=base, retrain=retrain)
-    write_stamp(out, stamp_text(stage, stage_settings(config, stage)), target)
+    if stage in ("train", "retrain"):
+        stage = run_stage(config)
+    update_stamp(out, settings_text(config, stage), target, read_record(target))
 
 
 @cli.command()

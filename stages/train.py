@@ -35,7 +35,7 @@ from .log import setup_logging
 from .losses import LOSSES, build_loss
 from .metrics.retrieval import evaluate_embeddings
 from .models import MODELS, build_model
-from .stamps import stage_settings
+from .stamps import clear_record, run_stage, settings_text, stage_settings, write_record
 from .training.distributed import is_main
 from .training.loop import Trainer
 from .training.tasks import OfflineTask, PairTask
@@ -84,7 +84,7 @@ def _prepare_run_dir(run_dir: Path, config: Config, resume: bool) -> dict | None
             log.info("%s has no last.pt yet: starting the run from scratch", run_dir)
             return None
         state = load_checkpoint(last)
-        stage = "retrain" if config.train.offline_negatives else "train"
+        stage = run_stage(config)
         before = stage_settings(Config.from_dict(state["config"], str(last), stored=True), stage)
         changed = [d for d in config_diff(before, stage_settings(config, stage))
                    if d.split(":")[0] not in RESUMABLE_CHANGES]
@@ -233,10 +233,12 @@ def train(config: Config, run_dir: str | Path, resume: bool = False) -> Path:
         source = _init_source(spec, t.init_from) if t.init_from and state is None else None
         # The run is accepted: only now is anything in its folder written, so a refused
         # resume leaves a finished run as it was.
+        final = run_dir / "checkpoint.pt"
         if is_main():
             setup_logging(run_dir / "train.log")
             write_text(run_dir / "config.yaml",
                        yaml.safe_dump(config.to_dict(), sort_keys=False))
+            clear_record(final)  # until this run's checkpoint.pt is written
         if bound:
             log.info("%s", bound)
         if words is not None:
@@ -279,14 +281,14 @@ def train(config: Config, run_dir: str | Path, resume: bool = False) -> Path:
             if trainer.scalars is not None:
                 trainer.scalars.close()
 
-        final = run_dir / "checkpoint.pt"
         if is_main():
             best = run_dir / "best.pt"
             with atomic_path(final, need_bytes=best.stat().st_size,
                              what="the final checkpoint") as tmp:
                 shutil.copyfile(best, tmp)
+            write_record(final, settings_text(config, run_stage(config)))
             p = trainer.progress
             log.info("done: best dev rsum %.2f at epoch %d -> %s", p.best_rsum, p.best_epoch,
                      final)
-    return run_dir / "checkpoint.pt"
+    return final
 

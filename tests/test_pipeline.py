@@ -1,6 +1,7 @@
 """The Makefile chain (train -> embed -> offcandi -> retrain -> compare) on tiny data."""
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -10,6 +11,7 @@ import h5py
 import pytest
 import yaml
 
+from stages.io.lock import LOCK_NAME, folder_lock
 from tests.features.test_annotations import karpathy_entry
 from tests.features.test_butd_tsv import make_images, write_tsv
 
@@ -124,6 +126,36 @@ def test_changed_settings_redo_exactly_the_stages_that_read_them(workdir):
     assert result.returncode != 0 and "cannot resume runs/tiny/aoq" in result.stderr
     assert stages_to_run(work, k30) == ["retrain", "eval", "plot"]
     assert ckpt.stat().st_mtime_ns == made  # the base model was never touched
+
+
+def test_only_a_stage_holding_its_lock_records_its_settings(workdir):
+    """For every stage with a settings stamp: a make that asks for other settings while
+    another process holds the stage's lock is refused, and once that process has finished
+    (its output made anew), the refused settings are still to be done, never "nothing to
+    do"; the settings the output was made with are done."""
+    work = workdir
+    make(work, "retrain")
+    dataset, base, aoq = work.parent / "tiny", work / "runs/tiny/base", work / "runs/tiny/aoq"
+    old_ckpt = ["-o", "runs/tiny/base/checkpoint.pt"]  # embed alone, not train before it
+    # Later stages first: an output made anew leaves the stages before it up to date.
+    cases = [  # stage, the folder and lock file it holds, its output, a setting it reads
+        ("retrain", aoq, LOCK_NAME, aoq / "checkpoint.pt", "RETRAIN_SET=loss.detach_weights=1"),
+        ("offcandi", work / "offcandi/tiny", LOCK_NAME, work / "offcandi/tiny/t2i.h5",
+         "SET=offcandi.k_i2t=30"),
+        ("embed", base, LOCK_NAME, base / "embeddings_train.h5", "SET=data.train_split=dev",
+         *old_ckpt),
+        ("train", base, LOCK_NAME, base / "checkpoint.pt", "SET=train.lr=1e-3"),
+        ("vocab", dataset, ".vocab.json.lock", dataset / "vocab.json",
+         "SET=data.train_split=dev"),
+    ]
+    for stage, folder, lock, output, other, *args in cases:
+        with folder_lock(folder, "another make", name=lock):
+            result = make(work, stage, other, *args, check=False)
+            os.utime(output)  # the process holding the lock finishes its output
+        assert result.returncode != 0, (stage, result.stdout)
+        assert "being written by another process" in result.stderr, (stage, result.stderr)
+        assert stage in stages_to_run(work, other, *args, goal=stage), stage
+        assert stage not in stages_to_run(work, *args, goal=stage), stage
 
 
 def test_rounds_mine_again_with_the_retrained_model(workdir):

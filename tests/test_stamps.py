@@ -3,12 +3,20 @@
 import os
 import subprocess
 import sys
+import time
 
 import yaml
 
 from stages.cli import RETRAIN_DEFAULTS
 from stages.config import load_config
-from stages.stamps import stage_settings, stamp_text, write_stamp
+from stages.stamps import (
+    clear_record,
+    read_record,
+    stage_settings,
+    stamp_text,
+    update_stamp,
+    write_record,
+)
 
 
 def stamp(stage, *overrides, base=None):
@@ -38,53 +46,66 @@ def test_a_stamp_holds_the_resolved_settings_its_stage_reads():
     assert "eval" not in content and "k_i2t" not in content["offcandi"]
 
 
-def test_a_stamp_changes_only_with_its_content(tmp_path):
-    path = tmp_path / ".settings" / "base.train.yaml"
-    assert write_stamp(path, stamp("train")) == []  # new
-    os.utime(path, ns=(1, 1))
-    assert write_stamp(path, stamp("train", "lr=0.0002")) is None
-    assert path.stat().st_mtime_ns == 1  # make sees nothing new
-    assert write_stamp(path, stamp("train", "lr=0.01")) == ["train.lr: 0.0002 -> 0.01"]
-    assert path.stat().st_mtime_ns > 1
+def made(output, text, when):
+    """``output`` written at ``when`` (ns) by its stage, with the settings ``text``."""
+    output.write_bytes(b"output")
+    os.utime(output, ns=(when, when))
+    write_record(output, text)
 
 
-def test_settings_back_to_those_of_the_output_take_back_its_date(tmp_path):
-    """A refused change then a return to the old settings leaves the output up to date."""
-    path, output = tmp_path / "base.train.yaml", tmp_path / "checkpoint.pt"
-    write_stamp(path, stamp("train"), output)
-    output.write_bytes(b"model")  # made with the default settings, after the stamp
-    os.utime(path, ns=(10**18, 10**18))
-    os.utime(output, ns=(10**18 + 5, 10**18 + 5))
-    write_stamp(path, stamp("train", "lr=0.01"), output)
-    assert path.stat().st_mtime_ns > output.stat().st_mtime_ns  # make redoes train
-    write_stamp(path, stamp("train", "lr=0.05"), output)  # still not made
-    write_stamp(path, stamp("train"), output)
-    assert path.stat().st_mtime_ns == output.stat().st_mtime_ns  # up to date again
+def redo(path, output) -> bool:
+    """Whether make would make ``output`` again because of its stamp ``path``."""
+    return path.stat().st_mtime_ns > output.stat().st_mtime_ns
+
+
+def test_the_stamp_is_dated_by_what_the_output_was_made_with(tmp_path):
+    path, output = tmp_path / ".settings" / "base.train.yaml", tmp_path / "checkpoint.pt"
+    assert update_stamp(path, stamp("train"), output, read_record(output)) == []  # none yet
     assert path.read_text() == stamp("train")
+    made(output, stamp("train"), 10**18)
+    assert update_stamp(path, stamp("train", "lr=0.0002"), output, read_record(output)) is None
+    assert not redo(path, output)  # the same resolved settings: nothing to redo
+    assert update_stamp(path, stamp("train", "lr=0.01"), output, read_record(output)) == [
+        "train.lr: 0.0002 -> 0.01"]
+    assert redo(path, output) and path.read_text() == stamp("train", "lr=0.01")
+    update_stamp(path, stamp("train", "lr=0.05"), output, read_record(output))  # still not made
+    assert redo(path, output)
+    update_stamp(path, stamp("train"), output, read_record(output))  # back: nothing to redo
+    assert not redo(path, output) and path.read_text() == stamp("train")
 
-    output.write_bytes(b"another model")  # remade since (e.g. its input changed)
-    os.utime(output, ns=(10**18 + 9, 10**18 + 9))
-    write_stamp(path, stamp("train", "lr=0.01"), output)
-    write_stamp(path, stamp("train"), output)  # the settings it was remade with
-    assert path.stat().st_mtime_ns == output.stat().st_mtime_ns
 
-
-def test_a_changed_output_is_not_taken_for_the_one_made_with_old_settings(tmp_path):
+def test_settings_asked_by_a_refused_stage_are_not_taken_as_done(tmp_path):
+    """While one stage holds the lock and makes the output with its settings, a second make
+    asks for others and is refused; once the first has finished, the output is still out
+    of date for the second's settings, and up to date for the first's."""
     path, output = tmp_path / "s.yaml", tmp_path / "t2i.h5"
-    write_stamp(path, stamp("offcandi"), output)
-    output.touch()  # mined with the default K
-    os.utime(path, ns=(10**18, 10**18))
-    os.utime(output, ns=(10**18 + 5, 10**18 + 5))
-    write_stamp(path, stamp("offcandi", "k_i2t=30"), output)
-    os.utime(output, ns=(10**18 + 9, 10**18 + 9))  # mined again, with K=30
-    write_stamp(path, stamp("offcandi"), output)
-    assert path.stat().st_mtime_ns > output.stat().st_mtime_ns  # so mine again
+    update_stamp(path, stamp("offcandi"), output, read_record(output))  # the first make
+    update_stamp(path, stamp("offcandi", "k_i2t=30"), output, read_record(output))  # refused
+    made(output, stamp("offcandi"), time.time_ns() + 10**9)  # the first stage finishes
+    update_stamp(path, stamp("offcandi", "k_i2t=30"), output, read_record(output))
+    assert redo(path, output)
+    update_stamp(path, stamp("offcandi"), output, read_record(output))
+    assert not redo(path, output)
+
+
+def test_an_output_without_a_record_is_made_again(tmp_path):
+    """A stage killed after replacing its output (or an output of an older version) has no
+    record: whatever the stamp held, the output is made again."""
+    path, output = tmp_path / "s.yaml", tmp_path / "embeddings_train.h5"
+    made(output, stamp("embed"), 10**18)
+    update_stamp(path, stamp("embed"), output, read_record(output))
+    assert not redo(path, output)
+    clear_record(output)
+    assert read_record(output) is None
+    update_stamp(path, stamp("embed"), output, read_record(output))
+    assert redo(path, output)
 
 
 def test_the_settings_command_resolves_the_retrain_defaults(tmp_path):
     code = ("import sys; from stages.cli import cli; "
             "cli(['settings', '--stage', 'retrain', '--set', 'train.lr=0.01', '--out', "
-            f"{str(tmp_path / 's.yaml')!r}], standalone_mode=False)")
+            f"{str(tmp_path / 's.yaml')!r}, '--target', {str(tmp_path / 'ckpt.pt')!r}], "
+            "standalone_mode=False)")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                             timeout=60)
     assert result.returncode == 0, result.stderr
@@ -96,7 +117,8 @@ def test_the_settings_command_resolves_the_retrain_defaults(tmp_path):
 def test_the_settings_command_needs_no_torch_once_the_options_are_cached(tmp_path):
     code = ("import sys; from stages.cli import cli; "
             "cli(['settings', '--stage', 'retrain', '--set', 'loss.name=infonce', '--out', "
-            f"{str(tmp_path / 's.yaml')!r}], standalone_mode=False); "
+            f"{str(tmp_path / 's.yaml')!r}, '--target', {str(tmp_path / 'ckpt.pt')!r}], "
+            "standalone_mode=False); "
             "print('torch' in sys.modules)")
     runs = [subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                            timeout=120) for _ in range(2)]

@@ -20,16 +20,19 @@ LOCK_NAME = ".lock"
 
 
 @contextlib.contextmanager
-def folder_lock(folder: str | os.PathLike, what: str = "") -> Iterator[Path]:
+def folder_lock(folder: str | os.PathLike, what: str = "",
+                name: str = LOCK_NAME) -> Iterator[Path]:
     """Hold the lock of ``folder`` (created if missing) for the block; yields the folder.
 
-    ``what`` names the stage in the error a second process gets. The lock file is removed
-    on release; a process that opened it meanwhile notices (the file it locked is no longer
+    ``what`` names the stage in the error a second process gets. ``name``: the lock file;
+    a stage that writes one file of a folder other stages write too (the vocabulary in the
+    dataset folder) locks that file only, ``.<file>.lock``. The lock file is removed on
+    release; a process that opened it meanwhile notices (the file it locked is no longer
     the one at the path) and takes the lock again on the new file.
     """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    path = folder / LOCK_NAME
+    path = folder / name
     while True:
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
