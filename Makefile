@@ -35,6 +35,8 @@ AOQ_RUN ?= $(model_prefix)aoq
 DATASET := $(DATA_PATH)/$(DATA)
 VOCAB ?= $(DATASET)/vocab.json
 RUN_DIR := runs/$(DATA)/$(RUN)
+# The settings stamps (see "settings stamps" below).
+SETTINGS := runs/$(DATA)/.settings
 BASE_CKPT := $(RUN_DIR)/checkpoint.pt
 EMBEDDINGS := $(RUN_DIR)/embeddings_train.h5
 OFFCANDI_DIR ?= offcandi/$(DATA)$(if $(model_prefix),/$(MODEL))
@@ -179,13 +181,18 @@ else
 	@exit 1
 endif
 
-# train.h5 is written last of the splits: it stands for all of them.
-$(DATASET)/train.h5: $(DATASET)/train_caps.txt | $(STAMP)
-ifneq ($(TSV),)
-	$(AOQ) features tsv $(foreach t,$(TSV),--tsv $(t)) --dataset-dir $(DATASET) $(FEATURE_OPTS)
-else ifneq ($(IMAGES),)
-	$(AOQ) features cnn --images $(IMAGES) --dataset-dir $(DATASET) --arch $(CNN) \
-	    --weights $(WEIGHTS) $(FEATURE_OPTS)
+# The `aoq features` command of the sources given (none: features are taken as they are).
+FEATURES_COMMAND := $(if $(TSV),tsv $(foreach t,$(TSV),--tsv $(t)) --dataset-dir $(DATASET) \
+	$(FEATURE_OPTS),$(if $(IMAGES),cnn --images $(IMAGES) --dataset-dir $(DATASET) \
+	--arch $(CNN) --weights $(WEIGHTS) $(FEATURE_OPTS)))
+
+# train.h5 is written last of the splits: it stands for all of them. Its stamp (the
+# settings stamps below) holds what the features command records in the files it writes:
+# other settings than those of the features there run it, and it refuses them.
+$(DATASET)/train.h5: $(DATASET)/train_caps.txt \
+	    $(if $(FEATURES_COMMAND),$(SETTINGS)/features.yaml) | $(STAMP)
+ifneq ($(FEATURES_COMMAND),)
+	$(AOQ) features $(FEATURES_COMMAND)
 else
 	@echo "error: no features in $(DATASET): put the precomp {split}_ims.npy there, or" \
 	      "make them with TSV=<BUTD .tsv files> or IMAGES=<image folder> (see README.md)." >&2
@@ -210,14 +217,13 @@ $(DATASET)/%_images.txt: | $(DATASET)/%_caps.txt
 # Each stage's output depends on a stamp holding the resolved settings that stage reads
 # (`aoq settings`), dated after the output when the stage recorded other settings for it
 # (the stage writes that record beside its output, holding its folder's lock, once the
-# output is complete): a changed setting redoes the stage (train and retrain then refuse to
+# output is complete; the features stage in its files): a changed setting redoes the stage (train and retrain then refuse to
 # resume a finished run under another config: name another RUN / AOQ_RUN), one that
 # resolves to the settings the output was made with redoes nothing. A stage refused by the
 # lock of another process records nothing, so its settings are never taken as done. The
 # check runs on every make, also under make -n (hence the +). Stamps of runs are kept in
 # runs/DATA/.settings/<run>.<stage>.yaml; offcandi's beside its candidates.
 # $(call stamp,STAGE,OUTPUT,EXTRA ARGUMENTS)
-SETTINGS := runs/$(DATA)/.settings
 stamp = +@$(AOQ) settings --stage $(1) $(CONFIGS) $(OVERRIDES) $(3) --out $@ --target $(2)
 
 FORCE:
@@ -231,6 +237,10 @@ $(VOCAB): $(DATASET)/train_caps.txt $(VOCAB_SETTINGS) | $(STAMP)
 	$(AOQ) vocab $(CONFIGS) $(OVERRIDES)
 $(SETTINGS)/vocab.yaml: FORCE | $(STAMP)
 	$(call stamp,vocab,$(VOCAB))
+
+$(SETTINGS)/features.yaml: FORCE | $(STAMP)
+	+@$(AOQ) settings --stage features --out $@ --target $(DATASET)/train.h5 \
+	    -- $(FEATURES_COMMAND)
 
 # --- stages ------------------------------------------------------------------------------
 train: $(BASE_CKPT)

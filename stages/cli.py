@@ -255,25 +255,50 @@ def retrain(config_files, overrides, run_dir, resume) -> None:
 @cli.command()
 @config_options
 @click.option("--stage", required=True,
-              type=click.Choice(STAGES),
+              type=click.Choice([*STAGES, "features"]),
               help="The stage whose settings to write (retrain starts from the retrain "
-                   "defaults, as `aoq retrain` does).")
+                   "defaults, as `aoq retrain` does; features: those of the feature "
+                   "command given after --).")
 @click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path),
               help="The stamp file: it holds the settings asked for, and is dated after "
                    "--target when that was made with others.")
 @click.option("--target", required=True, type=click.Path(dir_okay=False, path_type=Path),
               help="The stage's output, whose stage recorded the settings it made it with.")
-def settings(config_files, overrides, stage, out, target) -> None:
+@click.argument("feature_command", nargs=-1, metavar="[-- cnn|tsv OPTIONS]")
+def settings(config_files, overrides, stage, out, target, feature_command) -> None:
     """Write the resolved settings a stage reads (the Makefile's stamp for that stage),
     dated so that make redoes the stage exactly when its output was made with others."""
-    from .stamps import read_record, run_stage, settings_text, update_stamp
+    from .stamps import read_record, run_stage, settings_text, stamp_text, update_stamp
 
+    if stage == "features":
+        from .features.identity import recorded_identity
+
+        identity = _feature_identity(feature_command)
+        made_with = recorded_identity(target, identity)
+        update_stamp(out, stamp_text(stage, {"features": identity}), target,
+                     None if made_with is None else stamp_text(stage, {"features": made_with}))
+        return
     retrain = stage == "retrain"
     base = load_config(overrides=RETRAIN_DEFAULTS) if retrain else None
     config = load_config(config_files, overrides, base=base, retrain=retrain)
     if stage in ("train", "retrain"):
         stage = run_stage(config)
     update_stamp(out, settings_text(config, stage), target, read_record(target))
+
+
+def _feature_identity(command: tuple[str, ...]) -> dict:
+    """What the features command ``aoq features COMMAND`` records in the files it makes."""
+    from .features.identity import cnn_identity, tsv_identity
+
+    name, *args = command or ("",)
+    if name not in ("cnn", "tsv"):
+        raise UserError("aoq settings --stage features: give the feature command after --, "
+                        "e.g. -- cnn --images DIR --dataset-dir DIR --arch resnet152")
+    p = features.commands[name].make_context(f"aoq features {name}", list(args)).params
+    if name == "cnn":
+        return cnn_identity(p["images"], p["arch"], p["weights"], p["grid"], p["seed"],
+                            int(p["crops"]), p["crop_size"], p["dtype"])
+    return tsv_identity(p["tsv_files"], p["max_regions"], p["feature_dim"], p["dtype"])
 
 
 @cli.command()

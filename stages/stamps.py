@@ -3,7 +3,8 @@
 The Makefile makes each stage's output depend on a stamp file holding the part of the
 resolved config (defaults, ``--config`` files, ``--set`` overrides) that the stage reads,
 and the stage records beside its output the settings it made that output with
-(``.<output>.settings.yaml``). `aoq settings`, which make runs for every stamp on every
+(``.<output>.settings.yaml``; the features stage in the attributes of its files, see
+:mod:`stages.features.identity`). `aoq settings`, which make runs for every stamp on every
 call, compares the two: when the output was made with the settings asked for, the stamp
 is dated like the output (nothing to redo); otherwise it is dated after it, so make reruns
 the stage. ``SET=train.lr=2e-4`` (the default) changes nothing, ``SET=train.lr=0.01``

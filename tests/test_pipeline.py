@@ -135,6 +135,8 @@ def test_only_a_stage_holding_its_lock_records_its_settings(workdir):
     do"; the settings the output was made with are done."""
     work = workdir
     make(work, "retrain")
+    features = raw_sources(work)
+    make(work, "features", *features)
     dataset, base, aoq = work.parent / "tiny", work / "runs/tiny/base", work / "runs/tiny/aoq"
     old_ckpt = ["-o", "runs/tiny/base/checkpoint.pt"]  # embed alone, not train before it
     # Later stages first: an output made anew leaves the stages before it up to date.
@@ -147,14 +149,16 @@ def test_only_a_stage_holding_its_lock_records_its_settings(workdir):
         ("train", base, LOCK_NAME, base / "checkpoint.pt", "SET=train.lr=1e-3"),
         ("vocab", dataset, ".vocab.json.lock", dataset / "vocab.json",
          "SET=data.train_split=dev"),
+        ("features", work.parent / "kp", LOCK_NAME, work.parent / "kp/train.h5",
+         "FEATURE_OPTS=--feature-dim 8 --max-regions 5", *features),
     ]
-    for stage, folder, lock, output, other, *args in cases:
+    for stage, folder, lock, output, other, *args in cases:  # other: the last, it wins
         with folder_lock(folder, "another make", name=lock):
-            result = make(work, stage, other, *args, check=False)
+            result = make(work, stage, *args, other, check=False)
             os.utime(output)  # the process holding the lock finishes its output
         assert result.returncode != 0, (stage, result.stdout)
         assert "being written by another process" in result.stderr, (stage, result.stderr)
-        assert stage in stages_to_run(work, other, *args, goal=stage), stage
+        assert stage in stages_to_run(work, *args, other, goal=stage), stage
         assert stage not in stages_to_run(work, *args, goal=stage), stage
 
 
@@ -188,9 +192,10 @@ def test_rounds_mine_again_with_the_retrained_model(workdir):
     assert stages_to_run(work, "ROUNDS=2", *variant) == ["eval", "plot"]
 
 
-def test_features_from_karpathy_json_and_butd_tsv_then_train(workdir):
-    """`make features` builds the dataset folder from raw sources; `make train` uses it."""
-    work, sources = workdir, workdir.parent / "sources"
+def raw_sources(work) -> list[str]:
+    """A Karpathy split file and a BUTD TSV of 20 images (4 regions of 8-d) beside ``work``;
+    returns the make arguments that build dataset ``kp`` from them."""
+    sources = work.parent / "sources"
     sources.mkdir()
     splits = ["train"] * 16 + ["val"] * 2 + ["test"] * 2
     entries = [karpathy_entry(i, split, 5, filename=f"{1000 + i}.jpg")
@@ -198,13 +203,19 @@ def test_features_from_karpathy_json_and_butd_tsv_then_train(workdir):
     (sources / "dataset_flickr30k.json").write_text(json.dumps({"images": entries}))
     ids = [1000 + i for i in range(len(splits))]
     write_tsv(sources / "feats.tsv", make_images(ids, [4] * len(ids)), order=ids[::-1])
-    args = ["DATA=kp", f"KARPATHY={sources / 'dataset_flickr30k.json'}",
+    return ["DATA=kp", f"KARPATHY={sources / 'dataset_flickr30k.json'}",
             f"TSV={sources / 'feats.tsv'}", "FEATURE_OPTS=--feature-dim 8 --max-regions 4"]
+
+
+def test_features_from_karpathy_json_and_butd_tsv_then_train(workdir):
+    """`make features` builds the dataset folder from raw sources; `make train` uses it."""
+    work = workdir
+    args = raw_sources(work)
     make(work, "features", *args)
     dataset = work.parent / "kp"
     for name in ("train_caps.txt", "dev_ids.txt", "test_images.txt", "train.h5", "dev.h5",
                  "test.h5"):
         assert (dataset / name).is_file(), name
-    assert "stages.cli" not in make(work, "features", *args, dry_run=True)  # up to date
+    assert stages_to_run(work, *args, goal="features") == []  # up to date
     make(work, "train", *args)
     assert (work / "runs/kp/base/checkpoint.pt").is_file()
