@@ -228,15 +228,21 @@ stamp = +@$(AOQ) settings --stage $(1) $(CONFIGS) $(OVERRIDES) $(3) --out $@ --t
 
 FORCE:
 
-# The vocabulary's stamp only when make owns its path (a VOCAB given is never rebuilt
-# because of settings).
-VOCAB_SETTINGS := $(if $(filter $(DATASET)/vocab.json,$(VOCAB)),$(SETTINGS)/vocab.yaml)
-
+# The vocabulary: make builds the dataset's own (DATASET/vocab.json, with its stamp). A
+# VOCAB given is the user's file: an input, used as it is and never rebuilt, whatever its
+# date (train refuses one built from other captions).
 vocab: $(VOCAB)
-$(VOCAB): $(DATASET)/train_caps.txt $(VOCAB_SETTINGS) | $(STAMP)
+ifeq ($(VOCAB),$(DATASET)/vocab.json)
+$(VOCAB): $(DATASET)/train_caps.txt $(SETTINGS)/vocab.yaml | $(STAMP)
 	$(AOQ) vocab $(CONFIGS) $(OVERRIDES)
 $(SETTINGS)/vocab.yaml: FORCE | $(STAMP)
 	$(call stamp,vocab,$(VOCAB))
+else
+$(VOCAB):
+	@echo "error: VOCAB=$@ not found: give an existing vocabulary file (\`aoq vocab --out" \
+	      "FILE\` makes one), or leave VOCAB out to build $(DATASET)/vocab.json" >&2
+	@exit 1
+endif
 
 $(SETTINGS)/features.yaml: FORCE | $(STAMP)
 	+@$(AOQ) settings --stage features --out $@ --target $(DATASET)/train.h5 \

@@ -11,6 +11,8 @@ import h5py
 import pytest
 import yaml
 
+from stages.data.vocab import build_vocab_file, file_sha256
+from stages.io.checkpoint import load_checkpoint
 from stages.io.lock import LOCK_NAME, folder_lock
 from tests.features.test_annotations import karpathy_entry
 from tests.features.test_butd_tsv import make_images, write_tsv
@@ -160,6 +162,30 @@ def test_only_a_stage_holding_its_lock_records_its_settings(workdir):
         assert "being written by another process" in result.stderr, (stage, result.stderr)
         assert stage in stages_to_run(work, *args, other, goal=stage), stage
         assert stage not in stages_to_run(work, *args, goal=stage), stage
+
+
+def test_a_vocabulary_given_is_used_as_it_is(workdir):
+    """VOCAB= names the user's file: however old, make trains with it and never rewrites
+    it; one built from other captions is refused in one line, and left as it was."""
+    work, old = workdir, (1577836800, 1577836800)  # 2020-01-01
+    mine, stale = work / "my_vocab.json", work / "stale.json"
+    build_vocab_file(work.parent / "tiny" / "train_caps.txt", mine, threshold=2)
+    (work / "other_caps.txt").write_text("a caption of another dataset\n")
+    build_vocab_file(work / "other_caps.txt", stale, threshold=1)
+    given = {}
+    for path in (mine, stale):
+        os.utime(path, old)
+        given[path] = path.read_bytes()
+    make(work, "train", "RUN=uv", "VOCAB=my_vocab.json")
+    state = load_checkpoint(work / "runs/tiny/uv/checkpoint.pt")
+    assert state["data_fingerprint"]["vocab_sha256"] == file_sha256(mine)
+    result = make(work, "train", "RUN=stale", "VOCAB=stale.json", check=False)
+    assert result.returncode != 0
+    assert "stale.json was built from other captions" in result.stderr
+    assert "`aoq vocab --out FILE` builds one" in result.stderr
+    for path, content in given.items():
+        assert path.read_bytes() == content and path.stat().st_mtime == old[0], path
+    assert stages_to_run(work, "RUN=uv", "VOCAB=my_vocab.json", goal="train") == []
 
 
 def test_rounds_mine_again_with_the_retrained_model(workdir):
