@@ -43,7 +43,8 @@ OFFCANDI_DIR ?= offcandi/$(DATA)$(if $(model_prefix),/$(MODEL))
 ROUNDS ?= 1
 # Retraining starts from scratch (as the reference) or, RETRAIN_INIT=miner, from the model
 # that mined its candidates (the base model in round 1). RETRAIN_SET: overrides for the
-# retrain stage only (SET applies to every stage), e.g. RETRAIN_SET=loss.detach_weights=1.
+# retrain stage only (SET applies to every stage), e.g. RETRAIN_SET=loss.detach_weights=1;
+# a key retrain does not read (a mining setting: SET=) is refused by its settings stamp.
 RETRAIN_INIT ?= scratch
 RETRAIN_SET ?=
 AOQ_CKPT = $(call round_run,$(ROUNDS))/checkpoint.pt
@@ -273,11 +274,10 @@ round_name = $(AOQ_RUN)$(if $(filter-out 1,$(1)),_round$(1))
 round_run = runs/$(DATA)/$(call round_name,$(1))
 round_offcandi = $(OFFCANDI_DIR)$(if $(filter-out 1,$(1)),/round$(1))
 round_miner = $(if $(filter-out 1,$(1)),$(call round_run,$(shell expr $(1) - 1)),$(RUN_DIR))
-# The retrain stage's settings beyond CONFIGS and OVERRIDES, for round $(1).
+# The retrain stage's settings beyond CONFIGS, OVERRIDES and RETRAIN_SET, for round $(1).
 retrain_args = --set offcandi.dir=$(call round_offcandi,$(1)) \
 	--set offcandi.base_ckpt=$(call round_miner,$(1))/checkpoint.pt \
-	$(if $(filter miner,$(RETRAIN_INIT)),--set train.init_from=$(call round_miner,$(1))/checkpoint.pt) \
-	$(foreach s,$(RETRAIN_SET),--set $(s))
+	$(if $(filter miner,$(RETRAIN_INIT)),--set train.init_from=$(call round_miner,$(1))/checkpoint.pt)
 
 define ROUND_RULES
 $(call round_offcandi,$(1))/t2i.h5: $(call round_miner,$(1))/embeddings_train.h5 \
@@ -286,12 +286,13 @@ $(call round_offcandi,$(1))/t2i.h5: $(call round_miner,$(1))/embeddings_train.h5
 $(call round_offcandi,$(1))/.settings.offcandi.yaml: FORCE | $$(STAMP)
 	$$(call stamp,offcandi,$(call round_offcandi,$(1))/t2i.h5)
 
-$(call round_run,$(1))/checkpoint.pt: $(call round_offcandi,$(1))/t2i.h5 \
-	    $(SETTINGS)/$(call round_name,$(1)).retrain.yaml
+$(call round_run,$(1))/checkpoint.pt: $(SETTINGS)/$(call round_name,$(1)).retrain.yaml \
+	    $(call round_offcandi,$(1))/t2i.h5
 	$$(AOQ) retrain $$(CONFIGS) $$(OVERRIDES) $$(call retrain_args,$(1)) \
-	    --run-dir $(call round_run,$(1)) --resume
+	    $$(foreach s,$$(RETRAIN_SET),--set $$(s)) --run-dir $(call round_run,$(1)) --resume
 $(SETTINGS)/$(call round_name,$(1)).retrain.yaml: FORCE | $$(STAMP)
-	$$(call stamp,retrain,$(call round_run,$(1))/checkpoint.pt,$$(call retrain_args,$(1)))
+	$$(call stamp,retrain,$(call round_run,$(1))/checkpoint.pt,$$(call retrain_args,$(1)) \
+	    $$(foreach s,$$(RETRAIN_SET),--retrain-set $$(s)))
 endef
 ROUND_NUMBERS := $(shell seq 1 $(ROUNDS))
 $(foreach r,$(ROUND_NUMBERS),$(eval $(call ROUND_RULES,$(r))))

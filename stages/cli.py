@@ -264,11 +264,25 @@ def retrain(config_files, overrides, run_dir, resume) -> None:
                    "--target when that was made with others.")
 @click.option("--target", required=True, type=click.Path(dir_okay=False, path_type=Path),
               help="The stage's output, whose stage recorded the settings it made it with.")
+@click.option("--retrain-set", "retrain_overrides", multiple=True, metavar="KEY=VALUE",
+              help="make's RETRAIN_SET: an override of the retrain stage only, applied "
+                   "after --set; a key the retrain stage does not read is refused.")
 @click.argument("feature_command", nargs=-1, metavar="[-- cnn|tsv OPTIONS]")
-def settings(config_files, overrides, stage, out, target, feature_command) -> None:
+def settings(config_files, overrides, stage, out, target, retrain_overrides,
+             feature_command) -> None:
     """Write the resolved settings a stage reads (the Makefile's stamp for that stage),
     dated so that make redoes the stage exactly when its output was made with others."""
-    from .stamps import read_record, run_stage, settings_text, stamp_text, update_stamp
+    from .stamps import (
+        check_retrain_set,
+        read_record,
+        run_stage,
+        settings_text,
+        stamp_text,
+        update_stamp,
+    )
+
+    if retrain_overrides and stage != "retrain":
+        raise UserError(f"--retrain-set is for --stage retrain, not {stage}")
 
     if stage == "features":
         from .features.identity import recorded_identity
@@ -281,6 +295,11 @@ def settings(config_files, overrides, stage, out, target, feature_command) -> No
     retrain = stage == "retrain"
     base = load_config(overrides=RETRAIN_DEFAULTS) if retrain else None
     config = load_config(config_files, overrides, base=base, retrain=retrain)
+    if retrain_overrides:
+        without = config
+        config = load_config(config_files, [*overrides, *retrain_overrides], base=base,
+                             retrain=True)
+        check_retrain_set(without, config)
     if stage in ("train", "retrain"):
         stage = run_stage(config)
     update_stamp(out, settings_text(config, stage), target, read_record(target))

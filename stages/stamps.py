@@ -30,6 +30,7 @@ from pathlib import Path
 import yaml
 
 from .config import SECTIONS, Config
+from .errors import UserError
 from .io.atomic import write_text
 
 # Keys that never change any stage's output: paths (make tracks the files they name as
@@ -75,6 +76,23 @@ def stage_settings(config: Config | dict, stage: str) -> dict:
             if key not in NO_EFFECT and uses(key):
                 out.setdefault(section, {})[name] = value
     return {section: out[section] for section in SECTIONS if section in out}
+
+
+def check_retrain_set(config: Config, with_retrain_set: Config) -> None:
+    """Refuse what make's RETRAIN_SET (settings of the retrain stage only) sets that the
+    retrain stage does not read: recorded in the run's config yet ignored, it would claim
+    an experiment that was not run. ``config``: the retrain settings without RETRAIN_SET;
+    ``with_retrain_set``: with it. Mining settings are those of SAMPLING_KEYS' complement."""
+    before, after = _flat(config.to_dict()), _flat(with_retrain_set.to_dict())
+    for key in sorted(k for k in after if after[k] != before.get(k)):
+        if key in NO_EFFECT or STAGE_KEYS["retrain"](key):
+            continue
+        if key.startswith("offcandi."):
+            raise UserError(f"RETRAIN_SET sets {key}, a mining setting: the offcandi stage "
+                            "reads it, retrain does not; give it in SET= (which the offcandi "
+                            "stage reads), with its own OFFCANDI_DIR= and AOQ_RUN=")
+        raise UserError(f"RETRAIN_SET sets {key}, which the retrain stage does not read; "
+                        "give it in SET=")
 
 
 def stamp_text(stage: str, settings: dict) -> str:

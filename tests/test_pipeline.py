@@ -188,6 +188,17 @@ def test_a_vocabulary_given_is_used_as_it_is(workdir):
     assert stages_to_run(work, "RUN=uv", "VOCAB=my_vocab.json", goal="train") == []
 
 
+def test_a_mining_setting_in_retrain_set_is_an_error_before_any_work(workdir):
+    """RETRAIN_SET reaches retrain only: a mining setting there would be recorded in the
+    run yet not mined with. It is refused by retrain's settings stamp, first thing."""
+    result = make(workdir, "retrain", "AOQ_RUN=aoq_k", "RETRAIN_SET=offcandi.k_i2t=5",
+                  check=False)
+    assert result.returncode != 0
+    assert "RETRAIN_SET sets offcandi.k_i2t, a mining setting" in result.stderr
+    assert "give it in SET=" in result.stderr
+    assert not (workdir / "runs").exists() or not list((workdir / "runs").rglob("*.pt"))
+
+
 def test_rounds_mine_again_with_the_retrained_model(workdir):
     work = workdir
     variant = ["RETRAIN_INIT=miner", "RETRAIN_SET=loss.detach_weights=1"]

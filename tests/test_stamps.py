@@ -1,15 +1,21 @@
 """Settings stamps: what each stage's stamp holds, and when the stamp file changes."""
 
+import dataclasses
 import os
 import subprocess
 import sys
 import time
 
+import pytest
 import yaml
 
 from stages.cli import RETRAIN_DEFAULTS
-from stages.config import load_config
+from stages.config import OffcandiConfig, load_config
+from stages.errors import UserError
 from stages.stamps import (
+    NO_EFFECT,
+    SAMPLING_KEYS,
+    check_retrain_set,
     clear_record,
     read_record,
     stage_settings,
@@ -44,6 +50,39 @@ def test_a_stamp_holds_the_resolved_settings_its_stage_reads():
     content = yaml.safe_load(stamp("retrain", base=load_config(overrides=["loss.name=aoq"])))
     assert content["stage"] == "retrain" and content["loss"]["name"] == "aoq"
     assert "eval" not in content and "k_i2t" not in content["offcandi"]
+
+
+def another_value(field: dataclasses.Field):
+    """A valid value of an offcandi field other than its default."""
+    if field.name == "index":
+        return "hnsw"
+    if isinstance(field.default, str):
+        return "x"
+    return field.default + (1 if isinstance(field.default, int) else 0.5)
+
+
+@pytest.mark.parametrize("field", dataclasses.fields(OffcandiConfig), ids=lambda f: f.name)
+def test_retrain_set_refuses_every_mining_setting(field):
+    """make's RETRAIN_SET reaches the retrain stage only: a mining setting there (every
+    offcandi key but those retrain reads) would be recorded in the run yet not mined with."""
+    key = f"offcandi.{field.name}"
+    base = load_config(overrides=RETRAIN_DEFAULTS)
+    given = load_config(overrides=[f"{key}={another_value(field)}"], base=base)
+    if key in SAMPLING_KEYS or key in NO_EFFECT:
+        check_retrain_set(base, given)
+    else:
+        with pytest.raises(UserError, match=f"RETRAIN_SET sets {key}, a mining setting: .*"
+                                            "give it in SET="):
+            check_retrain_set(base, given)
+
+
+def test_retrain_set_takes_what_retrain_reads_and_refuses_the_rest():
+    base = load_config(overrides=RETRAIN_DEFAULTS)
+    for text in ("loss.detach_weights=1", "hardest=100", "train.lr=0.01"):
+        check_retrain_set(base, load_config(overrides=[text], base=base))
+    with pytest.raises(UserError, match="RETRAIN_SET sets eval.fold5, which the retrain stage "
+                                        "does not read; give it in SET="):
+        check_retrain_set(base, load_config(overrides=["eval.fold5=1"], base=base))
 
 
 def made(output, text, when):
