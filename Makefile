@@ -369,62 +369,61 @@ demo-compare: $(DEMO_CKPTS)
 # with candidates (offcandi/DATA/table-b<batch>) mined by the TABLE_MINER cell without
 # offline negatives of the same batch size; losses that need offline negatives (aoq, offquin,
 # offtri) only get an "on" cell (`aoq table --plan` lists the cells). Every cell file is a
-# target, so a killed `make table` continues. A change of CONFIGS/OVERRIDES/TABLE_SET makes
-# every cell stale (training then refuses to resume a run made with other settings).
-# TABLE_SET: overrides for the table's runs only.
+# target, so a killed `make table` continues. Each cell's training and evaluation, and each
+# batch size's mining, have settings stamps as the chain's stages do: other settings
+# (CONFIGS, SET, TABLE_SET, FOLD5) redo what reads them (training then refuses to resume a
+# cell made with other settings, saying how to start the table over), and going back to
+# the settings the table was made with redoes nothing. TABLE_SET: overrides for the
+# table's runs only.
 LOSSES ?= vse_max infonce aoq
 BATCHES ?= 128
 TABLE_MINER ?= vse_max
 TABLE_SET ?=
 TABLE_DIR = runs/$(DATA)/$(model_prefix)table
-TABLE_OVERRIDES = $(OVERRIDES) $(foreach s,$(TABLE_SET),--set $(s))
+TABLE_SETTINGS = $(SETTINGS)/$(model_prefix)table
+TABLE_SET_ARGS = $(foreach s,$(TABLE_SET),--set $(s))
+TABLE_OVERRIDES = $(OVERRIDES) $(TABLE_SET_ARGS)
 TABLE_MAKEFILE := $(firstword $(MAKEFILE_LIST))
 TABLE_ARGS = --dir $(TABLE_DIR) --losses '$(LOSSES)' --batches '$(BATCHES)' --miner $(TABLE_MINER)
+TABLE_REFUSED = a table holds one experiment: delete $(TABLE_DIR) to train it with these \
+	settings, or give the settings it was made with
 
 table: | $(STAMP)
 	cells=$$($(AOQ) table --plan $(TABLE_ARGS)) && \
 	    $(MAKE) -f $(TABLE_MAKEFILE) --no-print-directory table-files TABLE_CELLS="$$cells"
 
 ifneq ($(TABLE_CELLS),)
-# settings.txt (training) and eval-settings.txt are rewritten only when the settings change
-# (not in a dry run, make -n).
-TABLE_TRAIN_SETTINGS := $(strip $(CONFIGS) $(TABLE_OVERRIDES))
-TABLE_EVAL_SETTINGS := $(strip $(CONFIGS) $(TABLE_OVERRIDES) --set eval.fold5=$(FOLD5))
-ifeq ($(findstring n,$(firstword -$(MAKEFLAGS))),)
-ifneq ($(file <$(TABLE_DIR)/settings.txt),$(TABLE_TRAIN_SETTINGS))
-$(shell mkdir -p $(TABLE_DIR))
-$(file >$(TABLE_DIR)/settings.txt,$(TABLE_TRAIN_SETTINGS))
-endif
-ifneq ($(file <$(TABLE_DIR)/eval-settings.txt),$(TABLE_EVAL_SETTINGS))
-$(shell mkdir -p $(TABLE_DIR))
-$(file >$(TABLE_DIR)/eval-settings.txt,$(TABLE_EVAL_SETTINGS))
-endif
-endif
-
-$(TABLE_DIR)/settings.txt $(TABLE_DIR)/eval-settings.txt: ;
-
 table_part = $(word $(2),$(subst -, ,$(1)))
 table_batch = $(patsubst b%,%,$(call table_part,$(1),3))
 table_offcandi = $(OFFCANDI_DIR)/table-b$(1)
 table_miner = $(TABLE_DIR)/$(TABLE_MINER)-off-b$(1)
+# The training settings of cell $(1) beyond CONFIGS and TABLE_OVERRIDES.
+table_cell_args = --set loss.name=$(call table_part,$(1),1) \
+	--set train.batch_size=$(call table_batch,$(1)) \
+	$(if $(filter on,$(call table_part,$(1),2)),--set train.offline_negatives=true \
+	--set offcandi.dir=$(call table_offcandi,$(call table_batch,$(1))) \
+	--set offcandi.base_ckpt=$(call table_miner,$(call table_batch,$(1)))/checkpoint.pt)
 
 define TABLE_CELL_RULES
-$(TABLE_DIR)/$(1)/checkpoint.pt: $(TABLE_DIR)/settings.txt \
+$(TABLE_DIR)/$(1)/checkpoint.pt: $(TABLE_SETTINGS)/$(1).train.yaml \
 	    $(if $(filter on,$(call table_part,$(1),2)),$(call table_offcandi,$(call table_batch,$(1)))/t2i.h5,$(VOCAB) $(TRAIN_INPUT)) | $(STAMP)
-	$$(AOQ) train $$(CONFIGS) $$(TABLE_OVERRIDES) \
-	    --set loss.name=$(call table_part,$(1),1) --set train.batch_size=$(call table_batch,$(1)) \
-	    $(if $(filter on,$(call table_part,$(1),2)),--set train.offline_negatives=true \
-	    --set offcandi.dir=$(call table_offcandi,$(call table_batch,$(1))) \
-	    --set offcandi.base_ckpt=$(call table_miner,$(call table_batch,$(1)))/checkpoint.pt) \
-	    --run-dir $(TABLE_DIR)/$(1) --resume
+	$$(AOQ) train $$(CONFIGS) $$(TABLE_OVERRIDES) $(call table_cell_args,$(1)) \
+	    --run-dir $(TABLE_DIR)/$(1) --resume --refused-hint '$$(TABLE_REFUSED)'
+$(TABLE_SETTINGS)/$(1).train.yaml: FORCE | $(STAMP)
+	$$(call stamp,train,$(TABLE_DIR)/$(1)/checkpoint.pt,$$(TABLE_SET_ARGS) $(call table_cell_args,$(1)))
 
-$(TABLE_DIR)/$(1)/eval.jsonl: $(TABLE_DIR)/$(1)/checkpoint.pt $(TABLE_DIR)/eval-settings.txt
+$(TABLE_DIR)/$(1)/eval.jsonl: $(TABLE_DIR)/$(1)/checkpoint.pt $(TABLE_SETTINGS)/$(1).eval.yaml
 	$$(AOQ) eval --ckpt $$< $$(CONFIGS) $$(TABLE_OVERRIDES) --set eval.fold5=$$(FOLD5) --out $$@
+$(TABLE_SETTINGS)/$(1).eval.yaml: FORCE | $(STAMP)
+	$$(call stamp,eval,$(TABLE_DIR)/$(1)/eval.jsonl,$$(TABLE_SET_ARGS) --set eval.fold5=$$(FOLD5))
 endef
 
 define TABLE_MINING_RULES
-$(call table_offcandi,$(1))/t2i.h5: $(call table_miner,$(1))/embeddings_train.h5
+$(call table_offcandi,$(1))/t2i.h5: $(call table_miner,$(1))/embeddings_train.h5 \
+	    $(call table_offcandi,$(1))/.settings.offcandi.yaml
 	$$(AOQ) offcandi --embeddings $$< $$(CONFIGS) $$(TABLE_OVERRIDES) --out-dir $$(@D)
+$(call table_offcandi,$(1))/.settings.offcandi.yaml: FORCE | $(STAMP)
+	$$(call stamp,offcandi,$(call table_offcandi,$(1))/t2i.h5,$$(TABLE_SET_ARGS))
 endef
 
 $(foreach c,$(sort $(TABLE_CELLS) $(foreach b,$(BATCHES),$(TABLE_MINER)-off-b$(b))),\

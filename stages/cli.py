@@ -68,12 +68,16 @@ def vocab(config_files, overrides, out, threshold) -> None:
 @click.option("--resume", is_flag=True,
               help="Continue the run in --run-dir from its last.pt (or start it if it has "
                    "none); without it an existing run folder is refused.")
-def train(config_files, overrides, run_dir, resume) -> None:
+@click.option("--refused-hint", default="",
+              help="What to advise instead when --resume refuses the run (other settings "
+                   "or data); make's table passes how to start its cells over.")
+def train(config_files, overrides, run_dir, resume, refused_hint) -> None:
     """Train a base model with online hard negatives (VSE++)."""
     from .train import train as run_training
 
     config = load_config(config_files, overrides)
-    run_training(config, run_dir or Path("runs") / config.data.name / "base", resume=resume)
+    run_training(config, run_dir or Path("runs") / config.data.name / "base", resume=resume,
+                 refused_hint=refused_hint)
 
 
 @cli.command(name="eval")

@@ -51,6 +51,7 @@ STAGE_KEYS = {
     "retrain": lambda key: key.split(".")[0] != "eval" and key != "data.eval_split"
     and (not key.startswith("offcandi.") or key in SAMPLING_KEYS),
     "offcandi": lambda key: key.startswith("offcandi.") and key not in SAMPLING_KEYS,
+    "eval": lambda key: key.startswith("eval.") or key in ("data.name", "data.eval_split"),
 }
 STAGES = tuple(STAGE_KEYS)
 

@@ -73,8 +73,10 @@ def _absolute_paths(config: Config) -> None:
         config.data.images = str(Path(config.data.images).resolve())
 
 
-def _prepare_run_dir(run_dir: Path, config: Config, resume: bool) -> dict | None:
-    """Create or reopen the run folder; returns the state to resume from, if any."""
+def _prepare_run_dir(run_dir: Path, config: Config, resume: bool,
+                     refused_hint: str = "") -> dict | None:
+    """Create or reopen the run folder; returns the state to resume from, if any.
+    ``refused_hint``: what to advise when the run was made with other settings."""
     last = run_dir / "last.pt"
     if run_dir.exists() and any(p.name != LOCK_NAME for p in run_dir.iterdir()):
         if not resume:
@@ -90,9 +92,11 @@ def _prepare_run_dir(run_dir: Path, config: Config, resume: bool) -> dict | None
                    if d.split(":")[0] not in RESUMABLE_CHANGES]
         if changed:
             raise UserError(f"cannot resume {run_dir}: it was made with other settings: "
-                            f"{'; '.join(changed)}. For a new experiment choose another run "
-                            "name (make ... RUN=<name> for train, AOQ_RUN=<name> for "
-                            f"retrain; --run-dir for aoq), or delete {run_dir} to redo it")
+                            f"{'; '.join(changed)}. " + (
+                                refused_hint or "For a new experiment choose another run "
+                                "name (make ... RUN=<name> for train, AOQ_RUN=<name> for "
+                                f"retrain; --run-dir for aoq), or delete {run_dir} to redo "
+                                "it"))
         if config.train.epochs < state["epoch"]:
             raise UserError(f"cannot resume {run_dir} with train.epochs={config.train.epochs}: "
                             f"it has already trained {state['epoch']} epochs; give "
@@ -168,13 +172,15 @@ def _load_pretrained(model, tokenizer) -> dict | None:
     return model.init_word_vectors(tokenizer)
 
 
-def train(config: Config, run_dir: str | Path, resume: bool = False) -> Path:
+def train(config: Config, run_dir: str | Path, resume: bool = False,
+          refused_hint: str = "") -> Path:
     """Train, validating on the dev split every epoch; returns ``run_dir/checkpoint.pt``.
 
     With ``resume`` an existing run folder is continued from its ``last.pt`` exactly:
     same batches, optimiser, loss parameters, memory bank and RNG, so the result equals an
     uninterrupted run. A resume is refused, leaving the run folder as it was, when the run
-    was made with other settings or data.
+    was made with other settings or data; ``refused_hint`` then replaces the advice on
+    what to do instead (make's table says how to start its cells over).
     """
     run_dir = Path(run_dir)
     config = copy.deepcopy(config)
@@ -221,13 +227,14 @@ def train(config: Config, run_dir: str | Path, resume: bool = False) -> Path:
 
     # The lock comes after the inputs are checked: a failed start leaves no folder.
     with folder_lock(run_dir, "aoq train"):
-        state = _prepare_run_dir(run_dir, config, resume)
+        state = _prepare_run_dir(run_dir, config, resume, refused_hint)
         if state is not None and state["data_fingerprint"] != fingerprint:
             changed = sorted(k for k in {*state["data_fingerprint"], *fingerprint}
                              if state["data_fingerprint"].get(k) != fingerprint.get(k))
             raise UserError(f"cannot resume {run_dir}: it was trained on other data or "
                             f"candidates than those now given (changed: {', '.join(changed)}); "
-                            f"delete {run_dir} to start it over, or use another run folder")
+                            + (refused_hint or f"delete {run_dir} to start it over, or use "
+                               "another run folder"))
         if state is None and not t.init_from and not from_scratch:  # last.pt went meanwhile
             words = _load_pretrained(model, tokenizer)
         source = _init_source(spec, t.init_from) if t.init_from and state is None else None

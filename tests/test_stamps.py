@@ -47,6 +47,8 @@ def test_a_stamp_holds_the_resolved_settings_its_stage_reads():
     assert stamp("offcandi", "offcandi.hardest=100", "train.lr=0.01") == stamp("offcandi")
     assert stamp("embed", "train.lr=0.01") == stamp("embed")
     assert stamp("vocab", "data.train_split=restval") != stamp("vocab")
+    assert stamp("eval", "eval.fold5=1") != stamp("eval")
+    assert stamp("eval", "train.lr=0.01", "eval.block_size=7") == stamp("eval")
     content = yaml.safe_load(stamp("retrain", base=load_config(overrides=["loss.name=aoq"])))
     assert content["stage"] == "retrain" and content["loss"]["name"] == "aoq"
     assert "eval" not in content and "k_i2t" not in content["offcandi"]
