@@ -218,12 +218,13 @@ $(DATASET)/%_images.txt: | $(DATASET)/%_caps.txt
 # Each stage's output depends on a stamp holding the resolved settings that stage reads
 # (`aoq settings`), dated after the output when the stage recorded other settings for it
 # (the stage writes that record beside its output, holding its folder's lock, once the
-# output is complete; the features stage in its files): a changed setting redoes the stage (train and retrain then refuse to
-# resume a finished run under another config: name another RUN / AOQ_RUN), one that
-# resolves to the settings the output was made with redoes nothing. A stage refused by the
-# lock of another process records nothing, so its settings are never taken as done. The
-# check runs on every make, also under make -n (hence the +). Stamps of runs are kept in
-# runs/DATA/.settings/<run>.<stage>.yaml; offcandi's beside its candidates.
+# output is complete; the features stage in its files): a changed setting redoes the
+# stage (train and retrain then refuse to resume a finished run under another config: name
+# another RUN / AOQ_RUN), one that resolves to the settings the output was made with
+# redoes nothing. A stage refused by the lock of another process records nothing, so its
+# settings are never taken as done. The check runs on every make, also under make -n
+# (hence the +). Stamps are kept in runs/DATA/.settings/ (<run>.<stage>.yaml, vocab.yaml,
+# features.yaml, table/), offcandi's beside its candidates.
 # $(call stamp,STAGE,OUTPUT,EXTRA ARGUMENTS)
 stamp = +@$(AOQ) settings --stage $(1) $(CONFIGS) $(OVERRIDES) $(3) --out $@ --target $(2)
 
