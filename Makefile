@@ -35,13 +35,16 @@ AOQ_RUN ?= $(model_prefix)aoq
 DATASET := $(DATA_PATH)/$(DATA)
 VOCAB ?= $(DATASET)/vocab.json
 RUN_DIR := runs/$(DATA)/$(RUN)
+# The settings stamps (see "settings stamps" below).
+SETTINGS := runs/$(DATA)/.settings
 BASE_CKPT := $(RUN_DIR)/checkpoint.pt
 EMBEDDINGS := $(RUN_DIR)/embeddings_train.h5
 OFFCANDI_DIR ?= offcandi/$(DATA)$(if $(model_prefix),/$(MODEL))
 ROUNDS ?= 1
 # Retraining starts from scratch (as the reference) or, RETRAIN_INIT=miner, from the model
 # that mined its candidates (the base model in round 1). RETRAIN_SET: overrides for the
-# retrain stage only (SET applies to every stage), e.g. RETRAIN_SET=loss.detach_weights=1.
+# retrain stage only (SET applies to every stage), e.g. RETRAIN_SET=loss.detach_weights=1;
+# a key retrain does not read (a mining setting: SET=) is refused by its settings stamp.
 RETRAIN_INIT ?= scratch
 RETRAIN_SET ?=
 AOQ_CKPT = $(call round_run,$(ROUNDS))/checkpoint.pt
@@ -195,13 +198,18 @@ else
 	@exit 1
 endif
 
-# train.h5 is written last of the splits: it stands for all of them.
-$(DATASET)/train.h5: $(DATASET)/train_caps.txt | $(STAMP)
-ifneq ($(TSV),)
-	$(AOQ) features tsv $(foreach t,$(TSV),--tsv $(t)) --dataset-dir $(DATASET) $(FEATURE_OPTS)
-else ifneq ($(IMAGES),)
-	$(AOQ) features cnn --images $(IMAGES) --dataset-dir $(DATASET) --arch $(CNN) \
-	    --weights $(WEIGHTS) $(FEATURE_OPTS)
+# The `aoq features` command of the sources given (none: features are taken as they are).
+FEATURES_COMMAND := $(if $(TSV),tsv $(foreach t,$(TSV),--tsv $(t)) --dataset-dir $(DATASET) \
+	$(FEATURE_OPTS),$(if $(IMAGES),cnn --images $(IMAGES) --dataset-dir $(DATASET) \
+	--arch $(CNN) --weights $(WEIGHTS) $(FEATURE_OPTS)))
+
+# train.h5 is written last of the splits: it stands for all of them. Its stamp (the
+# settings stamps below) holds what the features command records in the files it writes:
+# other settings than those of the features there run it, and it refuses them.
+$(DATASET)/train.h5: $(DATASET)/train_caps.txt \
+	    $(if $(FEATURES_COMMAND),$(SETTINGS)/features.yaml) | $(STAMP)
+ifneq ($(FEATURES_COMMAND),)
+	$(AOQ) features $(FEATURES_COMMAND)
 else
 	@echo "error: no features in $(DATASET): put the precomp {split}_ims.npy there, or" \
 	      "make them with TSV=<BUTD .tsv files> or IMAGES=<image folder> (see README.md)." >&2
@@ -224,26 +232,39 @@ $(DATASET)/%_images.txt: | $(DATASET)/%_caps.txt
 
 # --- settings stamps ---------------------------------------------------------------------
 # Each stage's output depends on a stamp holding the resolved settings that stage reads
-# (`aoq settings`), rewritten only when they change: a changed setting redoes the stage
-# (train and retrain then refuse to resume a finished run under another config: name
-# another RUN / AOQ_RUN), one that resolves to the same value redoes nothing. The check
-# runs on every make, also under make -n (hence the +). Stamps of runs are kept in
-# runs/DATA/.settings/<run>.<stage>.yaml (run folders stay as the trainer writes them);
-# offcandi's beside its candidates. $(call stamp,STAGE,OUTPUT,EXTRA ARGUMENTS)
-SETTINGS := runs/$(DATA)/.settings
+# (`aoq settings`), dated after the output when the stage recorded other settings for it
+# (the stage writes that record beside its output, holding its folder's lock, once the
+# output is complete; the features stage in its files): a changed setting redoes the
+# stage (train and retrain then refuse to resume a finished run under another config: name
+# another RUN / AOQ_RUN), one that resolves to the settings the output was made with
+# redoes nothing. A stage refused by the lock of another process records nothing, so its
+# settings are never taken as done. The check runs on every make, also under make -n
+# (hence the +). Stamps are kept in runs/DATA/.settings/ (<run>.<stage>.yaml, vocab.yaml,
+# features.yaml, table/), offcandi's beside its candidates.
+# $(call stamp,STAGE,OUTPUT,EXTRA ARGUMENTS)
 stamp = +@$(AOQ) settings --stage $(1) $(CONFIGS) $(OVERRIDES) $(3) --out $@ --target $(2)
 
 FORCE:
 
-# The vocabulary's stamp only when make owns its path (a VOCAB given is never rebuilt
-# because of settings).
-VOCAB_SETTINGS := $(if $(filter $(DATASET)/vocab.json,$(VOCAB)),$(SETTINGS)/vocab.yaml)
-
+# The vocabulary: make builds the dataset's own (DATASET/vocab.json, with its stamp). A
+# VOCAB given is the user's file: an input, used as it is and never rebuilt, whatever its
+# date (train refuses one built from other captions).
 vocab: $(VOCAB)
-$(VOCAB): $(DATASET)/train_caps.txt $(VOCAB_SETTINGS) | $(STAMP)
+ifeq ($(VOCAB),$(DATASET)/vocab.json)
+$(VOCAB): $(DATASET)/train_caps.txt $(SETTINGS)/vocab.yaml | $(STAMP)
 	$(AOQ) vocab $(CONFIGS) $(OVERRIDES)
 $(SETTINGS)/vocab.yaml: FORCE | $(STAMP)
 	$(call stamp,vocab,$(VOCAB))
+else
+$(VOCAB):
+	@echo "error: VOCAB=$@ not found: give an existing vocabulary file (\`aoq vocab --out" \
+	      "FILE\` makes one), or leave VOCAB out to build $(DATASET)/vocab.json" >&2
+	@exit 1
+endif
+
+$(SETTINGS)/features.yaml: FORCE | $(STAMP)
+	+@$(AOQ) settings --stage features --out $@ --target $(DATASET)/train.h5 \
+	    -- $(FEATURES_COMMAND)
 
 # --- stages ------------------------------------------------------------------------------
 train: $(BASE_CKPT)
@@ -264,7 +285,8 @@ embed: $(EMBEDDINGS)
 # Mining and retraining, once per round. Round 1 mines with the base model into
 # offcandi/DATA and trains runs/DATA/AOQ_RUN; round r > 1 mines with round r-1's model into
 # offcandi/DATA/round<r> and trains runs/DATA/AOQ_RUN_round<r>. i2t.h5 is written before
-# t2i.h5, each atomically: t2i.h5 stands for both (so it is removed before mining again).
+# t2i.h5, each atomically: t2i.h5 stands for both (mining records its settings once both
+# are written, so a mining stopped between the two is redone).
 #
 # MINER: what mines round 1: the base model (default), another run of DATA (MINER=<run
 # name>: runs/DATA/<name>/checkpoint.pt), or a pretrained sentence encoder over the
@@ -289,11 +311,10 @@ round_miner = $(if $(filter-out 1,$(1)),$(call round_run,$(shell expr $(1) - 1))
 # What retraining checks its candidates were mined by: a checkpoint, or text:<folder>.
 round_miner_ckpt = $(if $(and $(text_miner),$(filter 1,$(1))),text:$(text_miner),\
 	$(call round_miner,$(1))/checkpoint.pt)
-# The retrain stage's settings beyond CONFIGS and OVERRIDES, for round $(1).
+# The retrain stage's settings beyond CONFIGS, OVERRIDES and RETRAIN_SET, for round $(1).
 retrain_args = --set offcandi.dir=$(call round_offcandi,$(1)) \
 	--set offcandi.base_ckpt=$(call round_miner_ckpt,$(1)) \
-	$(if $(filter miner,$(RETRAIN_INIT)),--set train.init_from=$(call round_miner,$(1))/checkpoint.pt) \
-	$(foreach s,$(RETRAIN_SET),--set $(s))
+	$(if $(filter miner,$(RETRAIN_INIT)),--set train.init_from=$(call round_miner,$(1))/checkpoint.pt)
 
 ifneq ($(text_miner),)
 runs/$(DATA)/$(miner_name)/embeddings_train.h5: $(DATASET)/train_caps.txt | $(STAMP)
@@ -303,17 +324,17 @@ endif
 define ROUND_RULES
 $(call round_offcandi,$(1))/t2i.h5: $(call round_miner,$(1))/embeddings_train.h5 \
 	    $(call round_offcandi,$(1))/.settings.offcandi.yaml
-	rm -f $$@
 	$$(AOQ) offcandi --embeddings $$< $$(CONFIGS) $$(OVERRIDES) --out-dir $(call round_offcandi,$(1))
 $(call round_offcandi,$(1))/.settings.offcandi.yaml: FORCE | $$(STAMP)
 	$$(call stamp,offcandi,$(call round_offcandi,$(1))/t2i.h5)
 
-$(call round_run,$(1))/checkpoint.pt: $(call round_offcandi,$(1))/t2i.h5 \
-	    $(SETTINGS)/$(call round_name,$(1)).retrain.yaml
+$(call round_run,$(1))/checkpoint.pt: $(SETTINGS)/$(call round_name,$(1)).retrain.yaml \
+	    $(call round_offcandi,$(1))/t2i.h5
 	$$(AOQ) retrain $$(CONFIGS) $$(OVERRIDES) $$(call retrain_args,$(1)) \
-	    --run-dir $(call round_run,$(1)) --resume
+	    $$(foreach s,$$(RETRAIN_SET),--set $$(s)) --run-dir $(call round_run,$(1)) --resume
 $(SETTINGS)/$(call round_name,$(1)).retrain.yaml: FORCE | $$(STAMP)
-	$$(call stamp,retrain,$(call round_run,$(1))/checkpoint.pt,$$(call retrain_args,$(1)))
+	$$(call stamp,retrain,$(call round_run,$(1))/checkpoint.pt,$$(call retrain_args,$(1)) \
+	    $$(foreach s,$$(RETRAIN_SET),--retrain-set $$(s)))
 endef
 ROUND_NUMBERS := $(shell seq 1 $(ROUNDS))
 $(foreach r,$(ROUND_NUMBERS),$(eval $(call ROUND_RULES,$(r))))
@@ -404,8 +425,12 @@ demo-compare: $(DEMO_CKPTS)
 # offcandi/DATA/table-b<batch>); losses that need offline negatives (aoq, offquin, offtri)
 # only get an "on" cell, and their matched control (vse_max's "off" cell) is always planned
 # (`aoq table --plan` lists the cells). Every cell file is a target, so a killed `make
-# table` continues. A change of CONFIGS/OVERRIDES/TABLE_SET makes every cell stale (training
-# then refuses to resume a run made with other settings). TABLE_SET: overrides for the
+# table` continues. Each cell's training and evaluation, and the mining, have settings
+# stamps as the chain's stages do: other settings (CONFIGS, SET, TABLE_SET, FOLD5) redo
+# what reads them (training then refuses to resume a cell made with other settings, saying
+# how to start the table over), and going back to the settings the table was made with
+# redoes nothing. TABLE_DIR may be given to keep two experiments apart. TABLE_SET:
+# overrides for the
 # table's runs only.
 LOSSES ?= vse_max infonce aoq
 BATCHES ?= 128
@@ -416,10 +441,14 @@ TABLE_SET ?=
 TABLE_INIT ?=
 table_init_run = $(notdir $(patsubst %/,%,$(dir $(TABLE_INIT))))
 TABLE_DIR = runs/$(DATA)/$(model_prefix)table$(if $(TABLE_INIT),-from-$(table_init_run))
-TABLE_OVERRIDES = $(OVERRIDES) $(foreach s,$(TABLE_SET),--set $(s))
+TABLE_SETTINGS = $(SETTINGS)/$(notdir $(TABLE_DIR))
+TABLE_SET_ARGS = $(foreach s,$(TABLE_SET),--set $(s))
+TABLE_OVERRIDES = $(OVERRIDES) $(TABLE_SET_ARGS)
 TABLE_MAKEFILE := $(firstword $(MAKEFILE_LIST))
 TABLE_ARGS = --dir $(TABLE_DIR) --losses '$(LOSSES)' --batches '$(BATCHES)' \
 	--miner $(TABLE_MINER) --seeds $(SEEDS) $(if $(TABLE_INIT),--init $(TABLE_INIT))
+TABLE_REFUSED = a table holds one experiment: delete $(TABLE_DIR) to train it with these \
+	settings, give the settings it was made with, or another TABLE_DIR
 ifneq ($(filter table table-files,$(MAKECMDGOALS)),)
 $(if $(findstring train.seed=,$(SET) $(TABLE_SET)),$(error make table sets train.seed \
 	per cell (SEEDS=n trains seeds 0..n-1): drop train.seed from SET / TABLE_SET))
@@ -432,50 +461,41 @@ table: | $(STAMP)
 	    $(MAKE) -f $(TABLE_MAKEFILE) --no-print-directory table-files TABLE_CELLS="$$cells"
 
 ifneq ($(TABLE_CELLS),)
-# settings.txt (training) and eval-settings.txt are rewritten only when the settings change
-# (not in a dry run, make -n).
-TABLE_TRAIN_SETTINGS := $(strip $(CONFIGS) $(TABLE_OVERRIDES))
-TABLE_EVAL_SETTINGS := $(strip $(CONFIGS) $(TABLE_OVERRIDES) --set eval.fold5=$(FOLD5))
-ifeq ($(findstring n,$(firstword -$(MAKEFLAGS))),)
-ifneq ($(file <$(TABLE_DIR)/settings.txt),$(TABLE_TRAIN_SETTINGS))
-$(shell mkdir -p $(TABLE_DIR))
-$(file >$(TABLE_DIR)/settings.txt,$(TABLE_TRAIN_SETTINGS))
-endif
-ifneq ($(file <$(TABLE_DIR)/eval-settings.txt),$(TABLE_EVAL_SETTINGS))
-$(shell mkdir -p $(TABLE_DIR))
-$(file >$(TABLE_DIR)/eval-settings.txt,$(TABLE_EVAL_SETTINGS))
-endif
-endif
-
-$(TABLE_DIR)/settings.txt $(TABLE_DIR)/eval-settings.txt: ;
-
 table_part = $(word $(2),$(subst -, ,$(1)))
 table_batch = $(patsubst b%,%,$(call table_part,$(1),3))
 table_seed = $(patsubst s%,%,$(or $(call table_part,$(1),4),s0))
 # The candidates and the checkpoint that mined them, for batch size $(1).
 table_offcandi = $(OFFCANDI_DIR)/table-$(if $(TABLE_INIT),$(table_init_run),b$(1))
 table_miner_ckpt = $(or $(TABLE_INIT),$(TABLE_DIR)/$(TABLE_MINER)-off-b$(1)/checkpoint.pt)
+# The training settings of cell $(1) beyond CONFIGS and TABLE_OVERRIDES.
+table_cell_args = --set loss.name=$(call table_part,$(1),1) \
+	--set train.batch_size=$(call table_batch,$(1)) --set train.seed=$(call table_seed,$(1)) \
+	$(if $(TABLE_INIT),--set train.init_from=$(TABLE_INIT)) \
+	$(if $(filter on,$(call table_part,$(1),2)),--set train.offline_negatives=true \
+	--set offcandi.dir=$(call table_offcandi,$(call table_batch,$(1))) \
+	--set offcandi.base_ckpt=$(call table_miner_ckpt,$(call table_batch,$(1))))
 
 define TABLE_CELL_RULES
-$(TABLE_DIR)/$(1)/checkpoint.pt: $(TABLE_DIR)/settings.txt $(TABLE_INIT) \
+$(TABLE_DIR)/$(1)/checkpoint.pt: $(TABLE_SETTINGS)/$(1).train.yaml $(TABLE_INIT) \
 	    $(if $(filter on,$(call table_part,$(1),2)),$(call table_offcandi,$(call table_batch,$(1)))/t2i.h5,$(VOCAB) $(TRAIN_INPUT)) | $(STAMP)
-	$$(AOQ) train $$(CONFIGS) $$(TABLE_OVERRIDES) \
-	    --set loss.name=$(call table_part,$(1),1) --set train.batch_size=$(call table_batch,$(1)) \
-	    --set train.seed=$(call table_seed,$(1)) \
-	    $(if $(TABLE_INIT),--set train.init_from=$(TABLE_INIT)) \
-	    $(if $(filter on,$(call table_part,$(1),2)),--set train.offline_negatives=true \
-	    --set offcandi.dir=$(call table_offcandi,$(call table_batch,$(1))) \
-	    --set offcandi.base_ckpt=$(call table_miner_ckpt,$(call table_batch,$(1)))) \
-	    --run-dir $(TABLE_DIR)/$(1) --resume
+	$$(AOQ) train $$(CONFIGS) $$(TABLE_OVERRIDES) $(call table_cell_args,$(1)) \
+	    --run-dir $(TABLE_DIR)/$(1) --resume --refused-hint '$$(TABLE_REFUSED)'
+$(TABLE_SETTINGS)/$(1).train.yaml: FORCE | $(STAMP)
+	$$(call stamp,train,$(TABLE_DIR)/$(1)/checkpoint.pt,$$(TABLE_SET_ARGS) $(call table_cell_args,$(1)))
 
-$(TABLE_DIR)/$(1)/eval.jsonl: $(TABLE_DIR)/$(1)/checkpoint.pt $(TABLE_DIR)/eval-settings.txt
+$(TABLE_DIR)/$(1)/eval.jsonl: $(TABLE_DIR)/$(1)/checkpoint.pt $(TABLE_SETTINGS)/$(1).eval.yaml
 	$$(AOQ) eval --ckpt $$< $$(CONFIGS) $$(TABLE_OVERRIDES) --set eval.fold5=$$(FOLD5) --ranks \
 	    --out $$@
+$(TABLE_SETTINGS)/$(1).eval.yaml: FORCE | $(STAMP)
+	$$(call stamp,eval,$(TABLE_DIR)/$(1)/eval.jsonl,$$(TABLE_SET_ARGS) --set eval.fold5=$$(FOLD5))
 endef
 
 define TABLE_MINING_RULES
-$(call table_offcandi,$(1))/t2i.h5: $(dir $(call table_miner_ckpt,$(1)))embeddings_train.h5
+$(call table_offcandi,$(1))/t2i.h5: $(dir $(call table_miner_ckpt,$(1)))embeddings_train.h5 \
+	    $(call table_offcandi,$(1))/.settings.offcandi.yaml
 	$$(AOQ) offcandi --embeddings $$< $$(CONFIGS) $$(TABLE_OVERRIDES) --out-dir $$(@D)
+$(call table_offcandi,$(1))/.settings.offcandi.yaml: FORCE | $(STAMP)
+	$$(call stamp,offcandi,$(call table_offcandi,$(1))/t2i.h5,$$(TABLE_SET_ARGS))
 endef
 
 $(foreach c,$(sort $(TABLE_CELLS) $(foreach b,$(BATCHES),$(TABLE_MINER)-off-b$(b))),\

@@ -21,6 +21,7 @@ from .data.features import refuse_object_npy
 from .errors import UserError
 from .io.atomic import atomic_path, plain_attrs
 from .io.lock import folder_lock
+from .stamps import clear_record
 
 log = logging.getLogger(__name__)
 
@@ -155,6 +156,8 @@ def import_published(i2t_file: str | Path, t2i_file: str | Path, config, out_dir
     tag = "imported:" + hashlib.sha256(
         (file_sha256(i2t_file) + file_sha256(t2i_file)).encode()).hexdigest()[:16]
     with folder_lock(out_dir, "aoq offcandi-import"):
+        # Not mined: no mining settings stand for these files (make mines its folder again).
+        clear_record(candidate_path(out_dir, "t2i"))
         return [_import_direction(direction, path, split, config.data.name, tag, out_dir)
                 for direction, path in (("i2t", Path(i2t_file)), ("t2i", Path(t2i_file)))]
 

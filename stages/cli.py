@@ -47,12 +47,18 @@ def cli() -> None:
 def vocab(config_files, overrides, out, threshold) -> None:
     """Build the vocabulary from the training captions only."""
     from .data.vocab import build_vocab_file
+    from .io.lock import folder_lock
+    from .stamps import clear_record, settings_text, write_record
 
     config = load_config(config_files, overrides)
     captions = config.dataset_dir() / f"{config.data.train_split}_caps.txt"
     if not captions.is_file():
         raise UserError(f"training captions {captions} not found; check DATA_PATH and DATA")
-    build_vocab_file(captions, out or config.vocab_path(), threshold)
+    out = out or config.vocab_path()
+    with folder_lock(out.parent, "aoq vocab", name=f".{out.name}.lock"):
+        clear_record(out)
+        build_vocab_file(captions, out, threshold)
+        write_record(out, settings_text(config, "vocab"))
 
 
 @cli.command()
@@ -62,12 +68,16 @@ def vocab(config_files, overrides, out, threshold) -> None:
 @click.option("--resume", is_flag=True,
               help="Continue the run in --run-dir from its last.pt (or start it if it has "
                    "none); without it an existing run folder is refused.")
-def train(config_files, overrides, run_dir, resume) -> None:
+@click.option("--refused-hint", default="",
+              help="What to advise instead when --resume refuses the run (other settings "
+                   "or data); make's table passes how to start its cells over.")
+def train(config_files, overrides, run_dir, resume, refused_hint) -> None:
     """Train a base model with online hard negatives (VSE++)."""
     from .train import train as run_training
 
     config = load_config(config_files, overrides)
-    run_training(config, run_dir or Path("runs") / config.data.name / "base", resume=resume)
+    run_training(config, run_dir or Path("runs") / config.data.name / "base", resume=resume,
+                 refused_hint=refused_hint)
 
 
 @cli.command(name="eval")
@@ -280,22 +290,69 @@ def retrain(config_files, overrides, run_dir, resume) -> None:
 @cli.command()
 @config_options
 @click.option("--stage", required=True,
-              type=click.Choice(STAGES),
+              type=click.Choice([*STAGES, "features"]),
               help="The stage whose settings to write (retrain starts from the retrain "
-                   "defaults, as `aoq retrain` does).")
+                   "defaults, as `aoq retrain` does; features: those of the feature "
+                   "command given after --).")
 @click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path),
-              help="The stamp file; rewritten only when its content changes.")
-@click.option("--target", type=click.Path(dir_okay=False, path_type=Path),
-              help="The stage's output: settings going back to the ones it was made with "
-                   "take back its date, so make does not redo it.")
-def settings(config_files, overrides, stage, out, target) -> None:
-    """Write the resolved settings a stage reads (the Makefile's stamp for that stage)."""
-    from .stamps import stage_settings, stamp_text, write_stamp
+              help="The stamp file: it holds the settings asked for, and is dated after "
+                   "--target when that was made with others.")
+@click.option("--target", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="The stage's output, whose stage recorded the settings it made it with.")
+@click.option("--retrain-set", "retrain_overrides", multiple=True, metavar="KEY=VALUE",
+              help="make's RETRAIN_SET: an override of the retrain stage only, applied "
+                   "after --set; a key the retrain stage does not read is refused.")
+@click.argument("feature_command", nargs=-1, metavar="[-- cnn|tsv OPTIONS]")
+def settings(config_files, overrides, stage, out, target, retrain_overrides,
+             feature_command) -> None:
+    """Write the resolved settings a stage reads (the Makefile's stamp for that stage),
+    dated so that make redoes the stage exactly when its output was made with others."""
+    from .stamps import (
+        check_retrain_set,
+        read_record,
+        run_stage,
+        settings_text,
+        stamp_text,
+        update_stamp,
+    )
 
+    if retrain_overrides and stage != "retrain":
+        raise UserError(f"--retrain-set is for --stage retrain, not {stage}")
+
+    if stage == "features":
+        from .features.identity import recorded_identity
+
+        identity = _feature_identity(feature_command)
+        made_with = recorded_identity(target, identity)
+        update_stamp(out, stamp_text(stage, {"features": identity}), target,
+                     None if made_with is None else stamp_text(stage, {"features": made_with}))
+        return
     retrain = stage == "retrain"
     base = load_config(overrides=RETRAIN_DEFAULTS) if retrain else None
     config = load_config(config_files, overrides, base=base, retrain=retrain)
-    write_stamp(out, stamp_text(stage, stage_settings(config, stage)), target)
+    if retrain_overrides:
+        without = config
+        config = load_config(config_files, [*overrides, *retrain_overrides], base=base,
+                             retrain=True)
+        check_retrain_set(without, config)
+    if stage in ("train", "retrain"):
+        stage = run_stage(config)
+    update_stamp(out, settings_text(config, stage), target, read_record(target))
+
+
+def _feature_identity(command: tuple[str, ...]) -> dict:
+    """What the features command ``aoq features COMMAND`` records in the files it makes."""
+    from .features.identity import cnn_identity, tsv_identity
+
+    name, *args = command or ("",)
+    if name not in ("cnn", "tsv"):
+        raise UserError("aoq settings --stage features: give the feature command after --, "
+                        "e.g. -- cnn --images DIR --dataset-dir DIR --arch resnet152")
+    p = features.commands[name].make_context(f"aoq features {name}", list(args)).params
+    if name == "cnn":
+        return cnn_identity(p["images"], p["arch"], p["weights"], p["grid"], p["seed"],
+                            int(p["crops"]), p["crop_size"], p["dtype"])
+    return tsv_identity(p["tsv_files"], p["max_regions"], p["feature_dim"], p["dtype"])
 
 
 @cli.command()

@@ -20,6 +20,7 @@ from .inputs import open_model_split
 from .io.atomic import atomic_path
 from .io.checkpoint import load_checkpoint, model_from_checkpoint, weights_hash
 from .io.lock import folder_lock
+from .stamps import clear_record, settings_text, write_record
 
 log = logging.getLogger(__name__)
 
@@ -37,10 +38,13 @@ def embed(checkpoint: str | Path, split_name: str = "", config_files=(), overrid
                       checkpoint)
     out = Path(out) if out else checkpoint.parent / f"embeddings_{split_name}.h5"
     with folder_lock(out.parent, "aoq embed"):
-        return _embed(state, checkpoint, config, split, out)
+        clear_record(out)
+        _embed(state, checkpoint, config, split, out)
+        write_record(out, settings_text(config, "embed"))
+    return out
 
 
-def _embed(state: dict, checkpoint: Path, config: Config, split, out: Path) -> Path:
+def _embed(state: dict, checkpoint: Path, config: Config, split, out: Path) -> None:
     """Encode ``split`` with the checkpoint's model and write ``out`` (under its lock)."""
     device = resolve_device(config.train.device)
     model, tokenizer = model_from_checkpoint(state, str(checkpoint))
@@ -60,4 +64,3 @@ def _embed(state: dict, checkpoint: Path, config: Config, split, out: Path) -> P
         })
     log.info("%d images and %d captions (%d-d) -> %s", img.shape[0], cap.shape[0],
              img.shape[1], out)
-    return out

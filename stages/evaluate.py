@@ -19,7 +19,9 @@ from .errors import UserError
 from .inputs import open_model_split
 from .io.atomic import append_jsonl
 from .io.checkpoint import load_checkpoint, model_from_checkpoint, weights_hash
+from .io.lock import folder_lock
 from .metrics.retrieval import RECALL_KS, evaluate_ranks, fold_ranks
+from .stamps import clear_record, settings_text, write_record
 
 log = logging.getLogger(__name__)
 
@@ -52,9 +54,11 @@ def evaluate(checkpoints: list[str | Path], config_files=(), overrides=(),
 
     The data config starts from the first checkpoint's and is changed by ``config_files``
     and ``overrides`` (e.g. ``data.eval_split=testall``, ``eval.fold5=true``). The record
-    is appended to ``out`` (default: ``metrics.jsonl`` beside the first checkpoint) and
-    returned. ``ranks``: the record also holds every query's 0-based rank (``ranks``:
-    ``{"i2t": [N], "t2i": [5N]}``, each within its fold), for paired comparisons.
+    is appended to ``out`` (default: ``metrics.jsonl`` beside the first checkpoint), holding
+    its folder's lock, and returned; the settings of the last record appended are recorded
+    beside ``out`` for make's stamps (make's table evaluates each cell into eval.jsonl).
+    ``ranks``: the record also holds every query's 0-based rank (``ranks``: ``{"i2t": [N],
+    "t2i": [5N]}``, each within its fold), for paired comparisons.
     """
     if not checkpoints:
         raise UserError("no checkpoint given; pass --ckpt PATH (repeat it for an ensemble)")
@@ -109,7 +113,10 @@ def evaluate(checkpoints: list[str | Path], config_files=(), overrides=(),
     if ranks:
         record["ranks"] = {"i2t": i2t_ranks.tolist(), "t2i": t2i_ranks.tolist()}
     out = Path(out) if out else Path(checkpoints[0]).parent / "metrics.jsonl"
-    append_jsonl(out, record)
+    with folder_lock(out.parent, "aoq eval"):
+        clear_record(out)
+        append_jsonl(out, record)
+        write_record(out, settings_text(config, "eval"))  # its last record's settings
     log.info("appended to %s", out)
     if show:
         print_results({run_name(checkpoints): record})

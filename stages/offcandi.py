@@ -11,6 +11,7 @@ are read from the embeddings file block by block, so the peak is about the size 
 embeddings plus one block of results.
 """
 
+import dataclasses
 import logging
 import time
 from pathlib import Path
@@ -32,6 +33,7 @@ from .io.atomic import atomic_path
 from .io.lock import folder_lock
 from .knn import INDEX_KINDS, approximate_recall, build_index, search_blocks, set_threads
 from .progress import Progress
+from .stamps import clear_record, settings_text, write_record
 
 log = logging.getLogger(__name__)
 
@@ -131,7 +133,9 @@ def offcandi(embeddings_path: str | Path, out_dir: str | Path,
         raise UserError(f"unknown index {options.index!r}; known: {', '.join(INDEX_KINDS)}")
     threads = set_threads(options.threads)
     outputs = []
+    done = candidate_path(out_dir, "t2i")  # written last: make's target for both
     with Embeddings(embeddings_path) as embeddings, folder_lock(out_dir, "aoq offcandi"):
+        clear_record(done)
         log.info("mining %s: %d images, %d captions, %d-d, %s index, %d threads",
                  embeddings.path, len(embeddings.images), len(embeddings.captions),
                  embeddings.images.shape[1], options.index, threads)
@@ -141,4 +145,5 @@ def offcandi(embeddings_path: str | Path, out_dir: str | Path,
             log.info("%s: K=%d in %.1f s -> %s", direction, attrs["k"],
                      attrs["search_seconds"], out)
             outputs.append(out)
+        write_record(done, settings_text({"offcandi": dataclasses.asdict(options)}, "offcandi"))
     return outputs

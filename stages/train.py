@@ -36,7 +36,7 @@ from .losses import LOSSES, build_loss
 from .metrics.retrieval import evaluate_embeddings
 from .models import MODELS, build_model
 from .negative_selection import CaptionWords, SelectionRules, select
-from .stamps import stage_settings
+from .stamps import clear_record, run_stage, settings_text, stage_settings, write_record
 from .text_miner import miner_weights
 from .training.distributed import is_main
 from .training.loop import Trainer
@@ -75,8 +75,10 @@ def _absolute_paths(config: Config) -> None:
         config.data.images = str(Path(config.data.images).resolve())
 
 
-def _prepare_run_dir(run_dir: Path, config: Config, resume: bool) -> dict | None:
-    """Create or reopen the run folder; returns the state to resume from, if any."""
+def _prepare_run_dir(run_dir: Path, config: Config, resume: bool,
+                     refused_hint: str = "") -> dict | None:
+    """Create or reopen the run folder; returns the state to resume from, if any.
+    ``refused_hint``: what to advise when the run was made with other settings."""
     last = run_dir / "last.pt"
     if run_dir.exists() and any(p.name != LOCK_NAME for p in run_dir.iterdir()):
         if not resume:
@@ -86,15 +88,17 @@ def _prepare_run_dir(run_dir: Path, config: Config, resume: bool) -> dict | None
             log.info("%s has no last.pt yet: starting the run from scratch", run_dir)
             return None
         state = load_checkpoint(last)
-        stage = "retrain" if config.train.offline_negatives else "train"
+        stage = run_stage(config)
         before = stage_settings(Config.from_dict(state["config"], str(last), stored=True), stage)
         changed = [d for d in config_diff(before, stage_settings(config, stage))
                    if d.split(":")[0] not in RESUMABLE_CHANGES]
         if changed:
             raise UserError(f"cannot resume {run_dir}: it was made with other settings: "
-                            f"{'; '.join(changed)}. For a new experiment choose another run "
-                            "name (make ... RUN=<name> for train, AOQ_RUN=<name> for "
-                            f"retrain; --run-dir for aoq), or delete {run_dir} to redo it")
+                            f"{'; '.join(changed)}. " + (
+                                refused_hint or "For a new experiment choose another run "
+                                "name (make ... RUN=<name> for train, AOQ_RUN=<name> for "
+                                f"retrain; --run-dir for aoq), or delete {run_dir} to redo "
+                                "it"))
         if config.train.epochs < state["epoch"]:
             raise UserError(f"cannot resume {run_dir} with train.epochs={config.train.epochs}: "
                             f"it has already trained {state['epoch']} epochs; give "
@@ -148,16 +152,14 @@ def _offline_task(config: Config, split: Split, tokenizer: CaptionTokenizer,
     return OfflineTask(split, tokenizer, sampler)
 
 
-def _init_weights(model, spec: dict, path: str) -> dict | None:
-    """Start from another checkpoint's weights (``train.init_from``); returns the record of
-    the word vectors that initialised its words (None if none did)."""
+def _init_source(spec: dict, path: str) -> dict:
+    """The checkpoint a run starts from (``train.init_from``), checked to hold this run's
+    model."""
     source = load_checkpoint(path)
     if source["model"] != spec:
         raise UserError(f"train.init_from={path} holds model {source['model']}, which "
                         f"differs from this run's {spec}")
-    model.load_state_dict(source["state_dict"])
-    log.info("initialised from %s (weights %s)", path, weights_hash(source["state_dict"]))
-    return source.get("word_vectors")
+    return source
 
 
 def _load_pretrained(model, tokenizer) -> dict | None:
@@ -206,12 +208,15 @@ def _check_memory_size(config: Config, train_split: Split) -> None:
                         "(0 turns the bank off)")
 
 
-def train(config: Config, run_dir: str | Path, resume: bool = False) -> Path:
+def train(config: Config, run_dir: str | Path, resume: bool = False,
+          refused_hint: str = "") -> Path:
     """Train, validating on the dev split every epoch; returns ``run_dir/checkpoint.pt``.
 
     With ``resume`` an existing run folder is continued from its ``last.pt`` exactly:
     same batches, optimiser, loss parameters, memory bank and RNG, so the result equals an
-    uninterrupted run.
+    uninterrupted run. A resume is refused, leaving the run folder as it was, when the run
+    was made with other settings or data; ``refused_hint`` then replaces the advice on
+    what to do instead (make's table says how to start its cells over).
     """
     run_dir = Path(run_dir)
     config = copy.deepcopy(config)
@@ -259,21 +264,36 @@ def train(config: Config, run_dir: str | Path, resume: bool = False) -> Path:
 
     # The lock comes after the inputs are checked: a failed start leaves no folder.
     with folder_lock(run_dir, "aoq train"):
-        state = _prepare_run_dir(run_dir, config, resume)
+        state = _prepare_run_dir(run_dir, config, resume, refused_hint)
+        if state is not None and state["data_fingerprint"] != fingerprint:
+            changed = sorted(k for k in {*state["data_fingerprint"], *fingerprint}
+                             if state["data_fingerprint"].get(k) != fingerprint.get(k))
+            raise UserError(f"cannot resume {run_dir}: it was trained on other data or "
+                            f"candidates than those now given (changed: {', '.join(changed)}); "
+                            + (refused_hint or f"delete {run_dir} to start it over, or use "
+                               "another run folder"))
         if state is None and not t.init_from and not from_scratch:  # last.pt went meanwhile
             words = _load_pretrained(model, tokenizer)
+        source = _init_source(spec, t.init_from) if t.init_from and state is None else None
+        # The run is accepted: only now is anything in its folder written, so a refused
+        # resume leaves a finished run as it was.
+        final = run_dir / "checkpoint.pt"
         if is_main():
             setup_logging(run_dir / "train.log")
             write_text(run_dir / "config.yaml",
                        yaml.safe_dump(config.to_dict(), sort_keys=False))
+            clear_record(final)  # until this run's checkpoint.pt is written
         if bound:
             log.info("%s", bound)
         if words is not None:
             log.info("word embedding: %d vocabulary words from %s (sha256 %s), %d not in it "
                      "keep their random init", words["found"], words["path"], words["sha256"],
                      words["missing"])
-        if t.init_from and state is None:
-            words = _init_weights(model, spec, t.init_from)
+        if source is not None:
+            model.load_state_dict(source["state_dict"])
+            log.info("initialised from %s (weights %s)", t.init_from,
+                     weights_hash(source["state_dict"]))
+            words = source.get("word_vectors")
         elif state is not None:
             words = state.get("word_vectors")
 
@@ -294,13 +314,6 @@ def train(config: Config, run_dir: str | Path, resume: bool = False) -> Path:
                           workers=config.data.workers,
                           features_hint=str(train_split.features.path))
         if state is not None:
-            if state["data_fingerprint"] != fingerprint:
-                changed = sorted(k for k in {*state["data_fingerprint"], *fingerprint}
-                                 if state["data_fingerprint"].get(k) != fingerprint.get(k))
-                raise UserError(f"cannot resume {run_dir}: it was trained on other data or "
-                                f"candidates than those now given (changed: "
-                                f"{', '.join(changed)}); delete {run_dir} to start it over, "
-                                "or use another run folder")
             trainer.load_state_dict(state)
             log.info("resuming %s at epoch %d step %d (best rsum %.2f)", run_dir,
                      state["epoch"] + 1, state["epoch_step"], state["best_rsum"])
@@ -312,11 +325,11 @@ def train(config: Config, run_dir: str | Path, resume: bool = False) -> Path:
             if trainer.scalars is not None:
                 trainer.scalars.close()
 
-        final = run_dir / "checkpoint.pt"
         if is_main():
             promote_best(run_dir, trainer.checkpoint_info)
+            write_record(final, settings_text(config, run_stage(config)))
             p = trainer.progress
             log.info("done: best dev rsum %.2f at epoch %d -> %s", p.best_rsum, p.best_epoch,
                      final)
-    return run_dir / "checkpoint.pt"
+    return final
 

@@ -29,8 +29,9 @@ from stages.features.cnn import FeatureExtractor, read_image_list
 from stages.features.splits import read_ids_file
 from stages.io.checkpoint import load_checkpoint, model_from_checkpoint
 from stages.offcandi import offcandi
-from stages.stamps import write_stamp
+from stages.stamps import update_stamp
 from stages.train import promote_best
+from tests.features.test_butd_tsv import DIM, make_images, write_tsv
 
 N, D = 2, 4
 CAPS = "".join(f"caption {i}\n" for i in range(5 * N))
@@ -271,6 +272,15 @@ def tsv(content: bytes):
     return run
 
 
+def features_made_otherwise(tmp_path):
+    """train.h5 converted from a TSV with 4 regions, asked again with 6."""
+    ds = folder(tmp_path)
+    path = write_tsv(tmp_path / "f.tsv", make_images([1, 2], [2, 2]))
+    tsv_to_hdf5([path], ds, ["train"], max_regions=4, feature_dim=DIM)
+    return (lambda: tsv_to_hdf5([path], ds, ["train"], max_regions=6, feature_dim=DIM)), \
+        "train.h5"
+
+
 def karpathy(content):
     def run(tmp_path):
         path = tmp_path / "dataset_x.json"
@@ -429,6 +439,9 @@ CASES = {
                       "num_boxes=2"),
     "tsv/id": (tsv(b"x\t10\t10\t1\ta\tb\n"), "not an integer"),
     "tsv/empty": (tsv(b""), "in none of"),
+    "tsv/features-made-otherwise": (features_made_otherwise,
+                                    r"made with other settings \(item_shape: \[4, 8\] -> "
+                                    r"\[6, 8\]\).*DATA=<new name>"),
     # annotation JSON
     "karpathy/empty": (karpathy(b""), "not a Karpathy split file"),
     "karpathy/not-utf8": (karpathy(b"\xff"), "not a Karpathy split file"),
@@ -529,7 +542,8 @@ def stamp_over(content: bytes):
     def run(tmp_path):
         path = tmp_path / "f.txt"
         path.write_bytes(content)
-        return lambda: write_stamp(path, "stage: train\n"), "f.txt", path
+        return (lambda: update_stamp(path, "stage: train\n", tmp_path / "out", None), "f.txt",
+                path)
     return run
 
 

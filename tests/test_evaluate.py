@@ -4,9 +4,12 @@ import re
 
 import pytest
 import torch
+import yaml
 
 from stages.errors import UserError
 from stages.evaluate import evaluate, format_table
+from stages.io.lock import folder_lock
+from stages.stamps import read_record
 from stages.train import train
 
 
@@ -23,6 +26,22 @@ def test_eval_appends_a_record_beside_the_checkpoint(trained):
     assert json.loads(lines[-1]) == record
     assert record["rsum"] == pytest.approx(sum(record[f"r{k}_{d}"] for k in (1, 5, 10)
                                                for d in ("i2t", "t2i")))
+
+
+def test_eval_records_its_settings_only_holding_the_lock(trained, tmp_path):
+    """The settings of the last record appended are recorded beside the output (make's
+    table stamps its cells' evaluations with them), by an eval holding the output folder's
+    lock: an eval refused by another process's lock appends and records nothing."""
+    out = tmp_path / "cell" / "eval.jsonl"
+    evaluate([trained], out=out)
+    assert yaml.safe_load(read_record(out)) == {
+        "stage": "eval", "data": {"name": "tiny", "eval_split": "test"},
+        "eval": {"fold5": False}}
+    written = out.read_bytes(), read_record(out)
+    with folder_lock(out.parent, "another eval"), \
+            pytest.raises(UserError, match="being written by another process"):
+        evaluate([trained], overrides=["eval.fold5=true"], out=out)
+    assert (out.read_bytes(), read_record(out)) == written
 
 
 def test_an_eval_split_the_dataset_lacks_names_its_splits_and_the_setting(trained):

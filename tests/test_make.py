@@ -1,4 +1,5 @@
-"""The Makefile's own checks: its variables' values, and the virtual environment it uses."""
+"""The Makefile's own checks: its variables' values, the files it takes from the user, and
+the virtual environment it uses."""
 
 import os
 import subprocess
@@ -127,3 +128,44 @@ def test_a_new_venv_is_made_and_marked(checkout, tmp_path):
     assert result.returncode == 0, result.stderr
     assert (venv / ".aoq-checkout").read_text().strip() == os.path.realpath(checkout)
     assert (venv / ".installed").exists()
+
+
+# Every make variable that names a file of the user's, with a goal that reads it: the
+# file is an input, never a target make would write. {i}: the inputs' folder.
+USER_INPUTS = [
+    ("VOCAB={i}/my_vocab.json", "train"),
+    ("KARPATHY={i}/dataset_x.json", "features"),
+    ("COCO_JSON={i}/captions_train.json COCO_SPLITS=train={i}/train_ids.txt", "features"),
+    ("TSV={i}/feats.tsv", "features"),
+    ("IMAGES={i}/images WEIGHTS={i}/w.pth", "features"),
+    ("IMAGES={i}/images MODEL=vse_cnn", "train"),
+    ("CKPT={i}/model.pt", "eval"),
+    ("CKPT={i}/model.pt", "export"),
+]
+
+
+@pytest.mark.parametrize("values, goal", USER_INPUTS)
+def test_a_users_input_file_is_never_remade(tmp_path, values, goal):
+    """Whatever its date (older than everything make writes), a file the user names is used
+    as it is: make never plans to remake it (`make -n --debug=b` lists what it would)."""
+    inputs = tmp_path / "inputs"
+    (inputs / "images").mkdir(parents=True)
+    args = [a.format(i=inputs) for a in values.split()]
+    files = [inputs / "images"] + [Path(a.split("=")[-1]) for a in args
+                                   if a.split("=")[-1].startswith(str(inputs))]
+    for path in files:
+        if not path.exists():
+            path.write_text("the user's\n")
+    dataset = tmp_path / "data" / ("d" if goal == "train" else "new")
+    dataset.mkdir(parents=True)
+    for name in ("train_caps.txt", "train_ims.npy", "train_images.txt"):
+        (dataset / name).write_text("x\n")
+    for path in files:
+        os.utime(path, (1577836800, 1577836800))  # 2020-01-01
+    for name in ("setup.cfg", "pyproject.toml", "stamp"):  # a ready environment
+        (tmp_path / name).touch()
+    result = make(tmp_path, "-n", "--debug=b", goal, *args, f"DATA_PATH={tmp_path / 'data'}",
+                  f"DATA={dataset.name}", "STAMP=stamp", "AOQ=true")
+    assert result.returncode == 0, result.stderr
+    for path in files:
+        assert f"Must remake target '{path}'" not in result.stdout, (path, result.stdout)

@@ -11,6 +11,7 @@ from stages.candidates import (
 from stages.config import OffcandiConfig, load_config
 from stages.errors import UserError
 from stages.offcandi import offcandi
+from stages.stamps import read_record, settings_text
 from tests.run_helpers import published_style
 
 
@@ -196,3 +197,20 @@ def test_import_published_npy(tiny_root, tmp_path):
     np.save(tmp_path / "pos.npy", i2t)
     with pytest.raises(UserError, match="own positives"):
         import_published(tmp_path / "pos.npy", tmp_path / "t2i_tiny.npy", config, tmp_path / "x")
+
+
+def test_mining_records_its_settings_and_importing_over_it_forgets_them(tiny_root, tmp_path):
+    """make's offcandi stamp compares the settings asked for with those the candidates were
+    mined with; imported candidates were mined with none (make mines such a folder again)."""
+    img, cap = random_embeddings(40)
+    emb = write_embeddings(tmp_path / "e.h5", img, cap)
+    offcandi(emb, tmp_path / "out", OffcandiConfig(k_i2t=10, k_t2i=4, threads=1))
+    assert read_record(tmp_path / "out" / "t2i.h5") == settings_text(
+        load_config(overrides=["offcandi.k_i2t=10", "offcandi.k_t2i=4"]), "offcandi")
+    i2t, t2i = published_style(40, 30, 8)
+    np.save(tmp_path / "i2t_tiny.npy", i2t)
+    np.save(tmp_path / "t2i_tiny.npy", t2i)
+    config = load_config(overrides=[f"data.path={tiny_root}", "data.name=tiny"])
+    import_published(tmp_path / "i2t_tiny.npy", tmp_path / "t2i_tiny.npy", config,
+                     tmp_path / "out")
+    assert read_record(tmp_path / "out" / "t2i.h5") is None

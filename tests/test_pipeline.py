@@ -1,6 +1,7 @@
 """The Makefile chain (train -> embed -> offcandi -> retrain -> compare) on tiny data."""
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -10,6 +11,9 @@ import h5py
 import pytest
 import yaml
 
+from stages.data.vocab import build_vocab_file, file_sha256
+from stages.io.checkpoint import load_checkpoint
+from stages.io.lock import LOCK_NAME, folder_lock
 from tests.features.test_annotations import karpathy_entry
 from tests.features.test_butd_tsv import make_images, write_tsv
 
@@ -126,6 +130,75 @@ def test_changed_settings_redo_exactly_the_stages_that_read_them(workdir):
     assert ckpt.stat().st_mtime_ns == made  # the base model was never touched
 
 
+def test_only_a_stage_holding_its_lock_records_its_settings(workdir):
+    """For every stage with a settings stamp: a make that asks for other settings while
+    another process holds the stage's lock is refused, and once that process has finished
+    (its output made anew), the refused settings are still to be done, never "nothing to
+    do"; the settings the output was made with are done."""
+    work = workdir
+    make(work, "retrain")
+    features = raw_sources(work)
+    make(work, "features", *features)
+    dataset, base, aoq = work.parent / "tiny", work / "runs/tiny/base", work / "runs/tiny/aoq"
+    old_ckpt = ["-o", "runs/tiny/base/checkpoint.pt"]  # embed alone, not train before it
+    # Later stages first: an output made anew leaves the stages before it up to date.
+    cases = [  # stage, the folder and lock file it holds, its output, a setting it reads
+        ("retrain", aoq, LOCK_NAME, aoq / "checkpoint.pt", "RETRAIN_SET=loss.detach_weights=1"),
+        ("offcandi", work / "offcandi/tiny", LOCK_NAME, work / "offcandi/tiny/t2i.h5",
+         "SET=offcandi.k_i2t=30"),
+        ("embed", base, LOCK_NAME, base / "embeddings_train.h5", "SET=data.train_split=dev",
+         *old_ckpt),
+        ("train", base, LOCK_NAME, base / "checkpoint.pt", "SET=train.lr=1e-3"),
+        ("vocab", dataset, ".vocab.json.lock", dataset / "vocab.json",
+         "SET=data.train_split=dev"),
+        ("features", work.parent / "kp", LOCK_NAME, work.parent / "kp/train.h5",
+         "FEATURE_OPTS=--feature-dim 8 --max-regions 5", *features),
+    ]
+    for stage, folder, lock, output, other, *args in cases:  # other: the last, it wins
+        with folder_lock(folder, "another make", name=lock):
+            result = make(work, stage, *args, other, check=False)
+            os.utime(output)  # the process holding the lock finishes its output
+        assert result.returncode != 0, (stage, result.stdout)
+        assert "being written by another process" in result.stderr, (stage, result.stderr)
+        assert stage in stages_to_run(work, *args, other, goal=stage), stage
+        assert stage not in stages_to_run(work, *args, goal=stage), stage
+
+
+def test_a_vocabulary_given_is_used_as_it_is(workdir):
+    """VOCAB= names the user's file: however old, make trains with it and never rewrites
+    it; one built from other captions is refused in one line, and left as it was."""
+    work, old = workdir, (1577836800, 1577836800)  # 2020-01-01
+    mine, stale = work / "my_vocab.json", work / "stale.json"
+    build_vocab_file(work.parent / "tiny" / "train_caps.txt", mine, threshold=2)
+    (work / "other_caps.txt").write_text("a caption of another dataset\n")
+    build_vocab_file(work / "other_caps.txt", stale, threshold=1)
+    given = {}
+    for path in (mine, stale):
+        os.utime(path, old)
+        given[path] = path.read_bytes()
+    make(work, "train", "RUN=uv", "VOCAB=my_vocab.json")
+    state = load_checkpoint(work / "runs/tiny/uv/checkpoint.pt")
+    assert state["data_fingerprint"]["vocab_sha256"] == file_sha256(mine)
+    result = make(work, "train", "RUN=stale", "VOCAB=stale.json", check=False)
+    assert result.returncode != 0
+    assert "stale.json was built from other captions" in result.stderr
+    assert "`aoq vocab --out FILE` builds one" in result.stderr
+    for path, content in given.items():
+        assert path.read_bytes() == content and path.stat().st_mtime == old[0], path
+    assert stages_to_run(work, "RUN=uv", "VOCAB=my_vocab.json", goal="train") == []
+
+
+def test_a_mining_setting_in_retrain_set_is_an_error_before_any_work(workdir):
+    """RETRAIN_SET reaches retrain only: a mining setting there would be recorded in the
+    run yet not mined with. It is refused by retrain's settings stamp, first thing."""
+    result = make(workdir, "retrain", "AOQ_RUN=aoq_k", "RETRAIN_SET=offcandi.k_i2t=5",
+                  check=False)
+    assert result.returncode != 0
+    assert "RETRAIN_SET sets offcandi.k_i2t, a mining setting" in result.stderr
+    assert "give it in SET=" in result.stderr
+    assert not (workdir / "runs").exists() or not list((workdir / "runs").rglob("*.pt"))
+
+
 def test_rounds_mine_again_with_the_retrained_model(workdir):
     work = workdir
     variant = ["RETRAIN_INIT=miner", "RETRAIN_SET=loss.detach_weights=1"]
@@ -156,9 +229,10 @@ def test_rounds_mine_again_with_the_retrained_model(workdir):
     assert stages_to_run(work, "ROUNDS=2", *variant) == ["eval", "plot"]
 
 
-def test_features_from_karpathy_json_and_butd_tsv_then_train(workdir):
-    """`make features` builds the dataset folder from raw sources; `make train` uses it."""
-    work, sources = workdir, workdir.parent / "sources"
+def raw_sources(work) -> list[str]:
+    """A Karpathy split file and a BUTD TSV of 20 images (4 regions of 8-d) beside ``work``;
+    returns the make arguments that build dataset ``kp`` from them."""
+    sources = work.parent / "sources"
     sources.mkdir()
     splits = ["train"] * 16 + ["val"] * 2 + ["test"] * 2
     entries = [karpathy_entry(i, split, 5, filename=f"{1000 + i}.jpg")
@@ -166,14 +240,20 @@ def test_features_from_karpathy_json_and_butd_tsv_then_train(workdir):
     (sources / "dataset_flickr30k.json").write_text(json.dumps({"images": entries}))
     ids = [1000 + i for i in range(len(splits))]
     write_tsv(sources / "feats.tsv", make_images(ids, [4] * len(ids)), order=ids[::-1])
-    args = ["DATA=kp", f"KARPATHY={sources / 'dataset_flickr30k.json'}",
+    return ["DATA=kp", f"KARPATHY={sources / 'dataset_flickr30k.json'}",
             f"TSV={sources / 'feats.tsv'}", "FEATURE_OPTS=--feature-dim 8 --max-regions 4"]
+
+
+def test_features_from_karpathy_json_and_butd_tsv_then_train(workdir):
+    """`make features` builds the dataset folder from raw sources; `make train` uses it."""
+    work = workdir
+    args = raw_sources(work)
     make(work, "features", *args)
     dataset = work.parent / "kp"
     for name in ("train_caps.txt", "dev_ids.txt", "test_images.txt", "train.h5", "dev.h5",
                  "test.h5"):
         assert (dataset / name).is_file(), name
-    assert "stages.cli" not in make(work, "features", *args, dry_run=True)  # up to date
+    assert stages_to_run(work, *args, goal="features") == []  # up to date
     make(work, "train", *args)
     assert (work / "runs/kp/base/checkpoint.pt").is_file()
 

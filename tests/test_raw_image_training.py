@@ -124,6 +124,30 @@ def test_make_trains_pixel_models_on_the_image_list(pixels, tmp_path):
     assert result.returncode != 0 and "train_images.txt not found" in result.stderr
 
 
+def test_make_features_refuses_another_extractor_for_existing_features(pixels, tmp_path):
+    """Features made with one CNN are not kept silently when another is asked for: make
+    runs the features stage, which refuses to replace them; the settings they were made
+    with are up to date, whatever other options (workers) are given."""
+    images, dataset = pixels
+    work = tmp_path / "work"
+    work.mkdir()
+    for name in ("setup.cfg", "pyproject.toml", "stamp"):
+        (work / name).touch()
+    common = ["DATA=pix", f"DATA_PATH={tmp_path}", "EXP=", f"IMAGES={images}",
+              "WEIGHTS=random", "FEATURE_OPTS=--crop-size 32 --workers 0 --device cpu"]
+    make(work, "features", "CNN=resnet18", *common)
+    made = (dataset / "train.h5").read_bytes()
+    result = make(work, "features", "CNN=resnet50", *common, check=False)
+    assert result.returncode != 0
+    assert "holds features made with other settings (arch: 'resnet18' -> 'resnet50')" in \
+        result.stderr and "DATA=<new name>" in result.stderr
+    assert (dataset / "train.h5").read_bytes() == made
+    with h5py.File(dataset / "train.h5", "r") as f:
+        assert f.attrs["arch"] == "resnet18"
+    faster = [*common[:-1], "FEATURE_OPTS=--crop-size 32 --workers 1 --device cpu"]
+    assert "features cnn" not in make(work, "features", "CNN=resnet18", *faster, dry_run=True)
+
+
 def test_the_makefile_knows_every_pixel_model():
     listed = re.search(r"^PIXEL_MODELS := (.*)$", (REPO / "Makefile").read_text(),
                        re.MULTILINE).group(1).split()

@@ -1,16 +1,28 @@
 """Settings stamps: what each stage's stamp holds, and when the stamp file changes."""
 
+import dataclasses
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 import yaml
 
 from stages.cli import RETRAIN_DEFAULTS
-from stages.config import load_config
+from stages.config import OffcandiConfig, load_config
 from stages.errors import UserError
-from stages.stamps import stage_settings, stamp_text, write_stamp
+from stages.stamps import (
+    NO_EFFECT,
+    SAMPLING_KEYS,
+    check_retrain_set,
+    clear_record,
+    read_record,
+    stage_settings,
+    stamp_text,
+    update_stamp,
+    write_record,
+)
 
 
 def stamp(stage, *overrides, base=None):
@@ -35,52 +47,99 @@ def test_a_stamp_holds_the_resolved_settings_its_stage_reads():
     assert stamp("offcandi", "offcandi.hardest=100", "train.lr=0.01") == stamp("offcandi")
     assert stamp("embed", "train.lr=0.01") == stamp("embed")
     assert stamp("vocab", "data.train_split=restval") != stamp("vocab")
+    assert stamp("eval", "eval.fold5=1") != stamp("eval")
+    assert stamp("eval", "train.lr=0.01", "eval.block_size=7") == stamp("eval")
     content = yaml.safe_load(stamp("retrain", base=load_config(overrides=["loss.name=aoq"])))
     assert content["stage"] == "retrain" and content["loss"]["name"] == "aoq"
     assert "eval" not in content and "k_i2t" not in content["offcandi"]
 
 
-def test_a_stamp_changes_only_with_its_content(tmp_path):
-    path = tmp_path / ".settings" / "base.train.yaml"
-    assert write_stamp(path, stamp("train")) == []  # new
-    os.utime(path, ns=(1, 1))
-    assert write_stamp(path, stamp("train", "lr=0.0002")) is None
-    assert path.stat().st_mtime_ns == 1  # make sees nothing new
-    assert write_stamp(path, stamp("train", "lr=0.01")) == ["train.lr: 0.0002 -> 0.01"]
-    assert path.stat().st_mtime_ns > 1
+def another_value(field: dataclasses.Field):
+    """A valid value of an offcandi field other than its default."""
+    if field.name == "index":
+        return "hnsw"
+    if isinstance(field.default, str):
+        return "x"
+    return field.default + (1 if isinstance(field.default, int) else 0.5)
 
 
-def test_settings_back_to_those_of_the_output_take_back_its_date(tmp_path):
-    """A refused change then a return to the old settings leaves the output up to date."""
-    path, output = tmp_path / "base.train.yaml", tmp_path / "checkpoint.pt"
-    write_stamp(path, stamp("train"), output)
-    output.write_bytes(b"model")  # made with the default settings, after the stamp
-    os.utime(path, ns=(10**18, 10**18))
-    os.utime(output, ns=(10**18 + 5, 10**18 + 5))
-    write_stamp(path, stamp("train", "lr=0.01"), output)
-    assert path.stat().st_mtime_ns > output.stat().st_mtime_ns  # make redoes train
-    write_stamp(path, stamp("train", "lr=0.05"), output)  # still not made
-    write_stamp(path, stamp("train"), output)
-    assert path.stat().st_mtime_ns == output.stat().st_mtime_ns  # up to date again
+@pytest.mark.parametrize("field", dataclasses.fields(OffcandiConfig), ids=lambda f: f.name)
+def test_retrain_set_refuses_every_mining_setting(field):
+    """make's RETRAIN_SET reaches the retrain stage only: a mining setting there (every
+    offcandi key but those retrain reads) would be recorded in the run yet not mined with."""
+    key = f"offcandi.{field.name}"
+    base = load_config(overrides=RETRAIN_DEFAULTS)
+    given = load_config(overrides=[f"{key}={another_value(field)}"], base=base)
+    if key in SAMPLING_KEYS or key in NO_EFFECT:
+        check_retrain_set(base, given)
+    else:
+        with pytest.raises(UserError, match=f"RETRAIN_SET sets {key}, a mining setting: .*"
+                                            "give it in SET="):
+            check_retrain_set(base, given)
+
+
+def test_retrain_set_takes_what_retrain_reads_and_refuses_the_rest():
+    base = load_config(overrides=RETRAIN_DEFAULTS)
+    for text in ("loss.detach_weights=1", "hardest=100", "train.lr=0.01"):
+        check_retrain_set(base, load_config(overrides=[text], base=base))
+    with pytest.raises(UserError, match="RETRAIN_SET sets eval.fold5, which the retrain stage "
+                                        "does not read; give it in SET="):
+        check_retrain_set(base, load_config(overrides=["eval.fold5=1"], base=base))
+
+
+def made(output, text, when):
+    """``output`` written at ``when`` (ns) by its stage, with the settings ``text``."""
+    output.write_bytes(b"output")
+    os.utime(output, ns=(when, when))
+    write_record(output, text)
+
+
+def redo(path, output) -> bool:
+    """Whether make would make ``output`` again because of its stamp ``path``."""
+    return path.stat().st_mtime_ns > output.stat().st_mtime_ns
+
+
+def test_the_stamp_is_dated_by_what_the_output_was_made_with(tmp_path):
+    path, output = tmp_path / ".settings" / "base.train.yaml", tmp_path / "checkpoint.pt"
+    assert update_stamp(path, stamp("train"), output, read_record(output)) == []  # none yet
     assert path.read_text() == stamp("train")
+    made(output, stamp("train"), 10**18)
+    assert update_stamp(path, stamp("train", "lr=0.0002"), output, read_record(output)) is None
+    assert not redo(path, output)  # the same resolved settings: nothing to redo
+    assert update_stamp(path, stamp("train", "lr=0.01"), output, read_record(output)) == [
+        "train.lr: 0.0002 -> 0.01"]
+    assert redo(path, output) and path.read_text() == stamp("train", "lr=0.01")
+    update_stamp(path, stamp("train", "lr=0.05"), output, read_record(output))  # still not made
+    assert redo(path, output)
+    update_stamp(path, stamp("train"), output, read_record(output))  # back: nothing to redo
+    assert not redo(path, output) and path.read_text() == stamp("train")
 
-    output.write_bytes(b"another model")  # remade since (e.g. its input changed)
-    os.utime(output, ns=(10**18 + 9, 10**18 + 9))
-    write_stamp(path, stamp("train", "lr=0.01"), output)
-    write_stamp(path, stamp("train"), output)  # the settings it was remade with
-    assert path.stat().st_mtime_ns == output.stat().st_mtime_ns
 
-
-def test_a_changed_output_is_not_taken_for_the_one_made_with_old_settings(tmp_path):
+def test_settings_asked_by_a_refused_stage_are_not_taken_as_done(tmp_path):
+    """While one stage holds the lock and makes the output with its settings, a second make
+    asks for others and is refused; once the first has finished, the output is still out
+    of date for the second's settings, and up to date for the first's."""
     path, output = tmp_path / "s.yaml", tmp_path / "t2i.h5"
-    write_stamp(path, stamp("offcandi"), output)
-    output.touch()  # mined with the default K
-    os.utime(path, ns=(10**18, 10**18))
-    os.utime(output, ns=(10**18 + 5, 10**18 + 5))
-    write_stamp(path, stamp("offcandi", "k_i2t=30"), output)
-    os.utime(output, ns=(10**18 + 9, 10**18 + 9))  # mined again, with K=30
-    write_stamp(path, stamp("offcandi"), output)
-    assert path.stat().st_mtime_ns > output.stat().st_mtime_ns  # so mine again
+    update_stamp(path, stamp("offcandi"), output, read_record(output))  # the first make
+    update_stamp(path, stamp("offcandi", "k_i2t=30"), output, read_record(output))  # refused
+    made(output, stamp("offcandi"), time.time_ns() + 10**9)  # the first stage finishes
+    update_stamp(path, stamp("offcandi", "k_i2t=30"), output, read_record(output))
+    assert redo(path, output)
+    update_stamp(path, stamp("offcandi"), output, read_record(output))
+    assert not redo(path, output)
+
+
+def test_an_output_without_a_record_is_made_again(tmp_path):
+    """A stage killed after replacing its output (or an output of an older version) has no
+    record: whatever the stamp held, the output is made again."""
+    path, output = tmp_path / "s.yaml", tmp_path / "embeddings_train.h5"
+    made(output, stamp("embed"), 10**18)
+    update_stamp(path, stamp("embed"), output, read_record(output))
+    assert not redo(path, output)
+    clear_record(output)
+    assert read_record(output) is None
+    update_stamp(path, stamp("embed"), output, read_record(output))
+    assert redo(path, output)
 
 
 @pytest.mark.parametrize("content", [b"my notes\n", b"- a list\n", b"stage: nope\n",
@@ -90,7 +149,7 @@ def test_a_file_that_is_not_a_stamp_is_never_overwritten(tmp_path, content):
     path.write_bytes(content)
     with pytest.raises(UserError, match=r"f.txt exists and is not a settings stamp.*move the "
                                         "file away"):
-        write_stamp(path, stamp("train"))
+        update_stamp(path, stamp("train"), tmp_path / "out", None)
     assert path.read_bytes() == content
     assert [p.name for p in tmp_path.iterdir()] == ["f.txt"]
 
@@ -98,8 +157,8 @@ def test_a_file_that_is_not_a_stamp_is_never_overwritten(tmp_path, content):
 def test_the_settings_command_refuses_a_file_that_is_not_a_stamp(tmp_path):
     (tmp_path / "f.txt").write_text("my notes\n")
     result = subprocess.run([sys.executable, "-m", "stages.cli", "settings", "--stage", "train",
-                             "--out", "f.txt"], cwd=tmp_path, capture_output=True, text=True,
-                            timeout=60)
+                             "--out", "f.txt", "--target", "out"], cwd=tmp_path,
+                            capture_output=True, text=True, timeout=60)
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
     assert "f.txt exists and is not a settings stamp" in result.stderr
     assert (tmp_path / "f.txt").read_text() == "my notes\n"
@@ -108,7 +167,8 @@ def test_the_settings_command_refuses_a_file_that_is_not_a_stamp(tmp_path):
 def test_the_settings_command_resolves_the_retrain_defaults(tmp_path):
     code = ("import sys; from stages.cli import cli; "
             "cli(['settings', '--stage', 'retrain', '--set', 'train.lr=0.01', '--out', "
-            f"{str(tmp_path / 's.yaml')!r}], standalone_mode=False)")
+            f"{str(tmp_path / 's.yaml')!r}, '--target', {str(tmp_path / 'ckpt.pt')!r}], "
+            "standalone_mode=False)")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                             timeout=60)
     assert result.returncode == 0, result.stderr
@@ -120,7 +180,8 @@ def test_the_settings_command_resolves_the_retrain_defaults(tmp_path):
 def test_the_settings_command_needs_no_torch_once_the_options_are_cached(tmp_path):
     code = ("import sys; from stages.cli import cli; "
             "cli(['settings', '--stage', 'retrain', '--set', 'loss.name=infonce', '--out', "
-            f"{str(tmp_path / 's.yaml')!r}], standalone_mode=False); "
+            f"{str(tmp_path / 's.yaml')!r}, '--target', {str(tmp_path / 'ckpt.pt')!r}], "
+            "standalone_mode=False); "
             "print('torch' in sys.modules)")
     runs = [subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                            timeout=120) for _ in range(2)]

@@ -143,7 +143,8 @@ def test_table_trains_every_cell_writes_md_csv_png_and_resumes(workdir):  # noqa
                                         "vse_sum-off-b16 needs 'vse_sum'"):
         write_table(table_dir, ["vse_sum"], [16], "vse_max")
 
-    # other settings: the cells are stale, and training refuses to mix them in
+    # other settings: the cells are stale, and training refuses to mix them in, saying how
+    # to start the table over (RUN=/AOQ_RUN= name no table cell)
     result = subprocess.run(
         ["make", "-f", str(REPO / "Makefile"), "--no-print-directory",
          f"AOQ={sys.executable} -m stages.cli", "STAMP=stamp", "DATA=tiny", "EXP=tiny",
@@ -151,6 +152,11 @@ def test_table_trains_every_cell_writes_md_csv_png_and_resumes(workdir):  # noqa
         cwd=work, capture_output=True, text=True, timeout=600)
     assert result.returncode != 0
     assert "made with other settings: train.lr" in result.stderr
+    assert "a table holds one experiment: delete runs/tiny/table to train it with these " \
+        "settings, or give the settings it was made with" in result.stderr
+    assert "RUN=" not in result.stderr
+    # back to the settings the table was made with: nothing is mined or trained again
+    assert commands(work) == ["table"]
 
 
 def test_demo_continues_base_for_equal_epochs(workdir):  # noqa: F811

@@ -5,10 +5,14 @@ import torch
 import stages.losses.base as losses_base
 import stages.training.loop as loop_module
 from stages.config import load_config
+from stages.data.synthetic import write_synthetic_dataset
+from stages.data.vocab import build_vocab_file
 from stages.errors import UserError
 from stages.io.checkpoint import load_checkpoint
+from stages.log import remove_file_handlers
 from stages.train import train
 from stages.training.loop import learning_rate
+from tests.conftest import TINY_SPLITS
 from tests.io.test_scalars import raw_points
 from tests.resume_helpers import (
     assert_resume_equals_uninterrupted,
@@ -107,6 +111,45 @@ def test_resume_refuses_a_changed_experiment(tiny_config, tmp_path):
     longer = load_config(base=tiny_config, overrides=["train.epochs=3"])
     train(longer, tmp_path / "run", resume=True)  # more epochs: allowed
     assert load_checkpoint(tmp_path / "run" / "last.pt")["epoch"] == 3
+
+
+def _files(folder):
+    """Each file of ``folder``: its bytes and modification time."""
+    return {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in folder.iterdir()}
+
+
+@pytest.mark.parametrize("change", ["settings", "data", "vocab", "candidates"])
+def test_a_refused_resume_leaves_the_run_folder_as_it_was(tiny_root, tiny_config, tmp_path,
+                                                          change):
+    """Whatever refuses a resume (other settings, data, vocabulary or candidates), the run
+    folder keeps the files of the run it holds: config.yaml still says what it was made
+    with, train.log has no line of the refused start."""
+    base = tiny_config
+    if change == "candidates":
+        base = load_config(base=tiny_config, overrides=[
+            "train.offline_negatives=true", "offcandi.hardest=20",
+            f"offcandi.dir={imported_candidates(tiny_config, tmp_path / 'a')}"])
+    train(base, tmp_path / "run")
+    remove_file_handlers()  # as when the run's own process ends
+    if change == "settings":
+        again = load_config(base=base, overrides=["train.lr=1e-2"])
+    elif change == "data":
+        other = tmp_path / "other"
+        write_synthetic_dataset(other / "tiny", TINY_SPLITS, seed=4, feature_dim=32)
+        build_vocab_file(other / "tiny" / "train_caps.txt", other / "tiny" / "vocab.json",
+                         threshold=1)
+        again = load_config(base=base, overrides=[f"data.path={other}"])
+    elif change == "vocab":
+        build_vocab_file(tiny_root / "tiny" / "train_caps.txt", tiny_root / "tiny" / "vocab.json",
+                         threshold=2)
+        again = base
+    else:  # mined again into the same folder
+        imported_candidates(tiny_config, tmp_path / "a", k_i2t=31)
+        again = base
+    before = _files(tmp_path / "run")
+    with pytest.raises(UserError, match="cannot resume"):
+        train(again, tmp_path / "run", resume=True)
+    assert _files(tmp_path / "run") == before
 
 
 def test_nan_loss_stops_with_the_step(tiny_config, tmp_path, monkeypatch):

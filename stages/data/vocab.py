@@ -137,8 +137,9 @@ class Vocab:
         if recorded != actual:
             raise UserError(
                 f"{vocab_path} was built from other captions ({self.meta.get('captions_file')}, "
-                f"sha256 {recorded[:12]}) than {captions_file} (sha256 {actual[:12]}); "
-                f"delete it and rebuild with `aoq vocab` for this dataset")
+                f"sha256 {recorded[:12]}) than {captions_file} (sha256 {actual[:12]}); use a "
+                f"vocabulary of these captions: `aoq vocab --out FILE` builds one, and make "
+                "builds the dataset's own when VOCAB is not given")
 
 
 def _checked_words(words: list, source: str) -> list[str]:

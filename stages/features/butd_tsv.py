@@ -26,6 +26,7 @@ import numpy as np
 from ..errors import NoSpaceError, UserError
 from ..io.lock import folder_lock
 from ..progress import Progress
+from .identity import refuse_other_identity, tsv_identity
 from .splits import read_split_ids
 from .writer import SplitWriter
 
@@ -89,12 +90,15 @@ def tsv_to_hdf5(tsv_files: list[str | Path], dataset_dir: str | Path, splits: li
         if not path.is_file():
             raise UserError(f"TSV file {path} not found")
     dataset_dir = Path(dataset_dir)
+    source = tsv_identity(tsv_files, max_regions, feature_dim, dtype)
     with folder_lock(dataset_dir, "aoq features tsv"):
-        return _tsv_to_hdf5(tsv_files, dataset_dir, splits, max_regions, feature_dim, dtype,
-                            checkpoint_seconds)
+        for split in splits:
+            refuse_other_identity(dataset_dir / f"{split}.h5", source)
+        return _tsv_to_hdf5(tsv_files, dataset_dir, splits, source, max_regions, feature_dim,
+                            dtype, checkpoint_seconds)
 
 
-def _tsv_to_hdf5(tsv_files: list[Path], dataset_dir: Path, splits: list[str],
+def _tsv_to_hdf5(tsv_files: list[Path], dataset_dir: Path, splits: list[str], source: dict,
                  max_regions: int, feature_dim: int, dtype: str,
                  checkpoint_seconds: float) -> list[Path]:
     positions: dict[int, list[tuple[int, int]]] = {}  # image id -> [(split index, row)]
@@ -102,8 +106,6 @@ def _tsv_to_hdf5(tsv_files: list[Path], dataset_dir: Path, splits: list[str],
     for s, ids in enumerate(split_ids):
         for row, image_id in enumerate(ids.tolist()):
             positions.setdefault(image_id, []).append((s, row))
-    source = {"source": "butd-tsv", "tsv_files": [str(p.resolve()) for p in tsv_files],
-              "tsv_bytes": [p.stat().st_size for p in tsv_files]}
     writers = [SplitWriter(dataset_dir / f"{split}.h5", ids, (max_regions, feature_dim),
                            dtype, source, padded=True, with_boxes=True)
                for split, ids in zip(splits, split_ids, strict=True)]

@@ -38,6 +38,7 @@ from ..errors import UserError
 from ..io.atomic import JOURNAL_SUFFIX, finish_replacements, replace_together
 from ..io.lock import folder_lock
 from ..progress import Progress
+from .identity import cnn_identity, refuse_other_identity
 from .splits import read_split_ids
 from .writer import SplitWriter, partial_path
 
@@ -289,11 +290,10 @@ def cnn_features(images_root: str | Path, dataset_dir: str | Path, splits: list[
     with torch.no_grad():
         probe = model(torch.zeros(1, 3, crop_size, crop_size, device=torch_device))
     item_shape = tuple(probe.shape[1:])
-    options = {"source": "cnn", "kind": "grid" if grid else "global", "arch": arch,
-               "weights": weights, **({"seed": seed} if weights == "random" else {}),
-               "crops": crops, "crop_size": crop_size,
-               "images_root": str(images_root.resolve())}
+    options = cnn_identity(images_root, arch, weights, grid, seed, crops, crop_size, dtype)
     with folder_lock(dataset_dir, "aoq features cnn"):
+        for split in splits:
+            refuse_other_identity(dataset_dir / f"{split}.h5", options)
         return [_split_features(model, transform, item_shape, images_root, dataset_dir,
                                 split, options, dtype, batch_size, workers, torch_device,
                                 on_bad_image, checkpoint_seconds) for split in splits]

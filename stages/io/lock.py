@@ -23,11 +23,14 @@ LOCK_NAME = ".lock"
 
 
 @contextlib.contextmanager
-def folder_lock(folder: str | os.PathLike, what: str = "") -> Iterator[Path]:
+def folder_lock(folder: str | os.PathLike, what: str = "",
+                name: str = LOCK_NAME) -> Iterator[Path]:
     """Hold the lock of ``folder`` (created if missing) for the block; yields the folder.
 
-    ``what`` names the stage in the error a second process gets. The lock file is removed
-    on release; a process that opened it meanwhile notices (the file it locked is no longer
+    ``what`` names the stage in the error a second process gets. ``name``: the lock file;
+    a stage that writes one file of a folder other stages write too (the vocabulary in the
+    dataset folder) locks that file only, ``.<file>.lock``. The lock file is removed on
+    release; a process that opened it meanwhile notices (the file it locked is no longer
     the one at the path) and takes the lock again on the new file. A disk too full to
     write the lock file is a :class:`NoSpaceError`. When the lock cannot be taken or the
     block fails, the folders this call created are removed again if they are still empty,
@@ -36,13 +39,13 @@ def folder_lock(folder: str | os.PathLike, what: str = "") -> Iterator[Path]:
     folder = Path(folder)
     made = [p for p in (folder, *folder.parents) if not p.exists()]  # deepest first
     try:
-        with no_space_as_user_error(folder, what=f"the lock file {folder / LOCK_NAME}"):
+        with no_space_as_user_error(folder, what=f"the lock file {folder / name}"):
             folder.mkdir(parents=True, exist_ok=True)
-            fd = _lock(folder, what)
+            fd = _lock(folder, what, name)
     except BaseException:
         _remove_if_empty(made)
         raise
-    path = folder / LOCK_NAME
+    path = folder / name
     try:
         yield folder
     except BaseException:
@@ -63,9 +66,9 @@ def _remove_if_empty(folders: list[Path]) -> None:
             return
 
 
-def _lock(folder: Path, what: str) -> int:
-    """Open, lock and fill ``folder/.lock`` with our pid; returns its descriptor."""
-    path = folder / LOCK_NAME
+def _lock(folder: Path, what: str, name: str = LOCK_NAME) -> int:
+    """Open, lock and fill ``folder/<name>`` with our pid; returns its descriptor."""
+    path = folder / name
     while True:
         try:
             fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)

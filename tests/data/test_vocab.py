@@ -37,7 +37,7 @@ def test_vocab_from_other_captions_is_refused(tmp_path):
     (tmp_path / "a.txt").write_text("a red dog .\n")
     (tmp_path / "b.txt").write_text("a blue cat .\n")
     build_vocab_file(tmp_path / "a.txt", tmp_path / "vocab.json", threshold=1)
-    with pytest.raises(UserError, match="built from other captions.*rebuild"):
+    with pytest.raises(UserError, match="built from other captions.*aoq vocab --out FILE"):
         Vocab.load(tmp_path / "vocab.json").check_built_from(tmp_path / "b.txt", "vocab.json")
 
 
