@@ -29,7 +29,6 @@ import re
 from dataclasses import dataclass
 
 import numpy as np
-import torch
 
 from .candidates import CAPTIONS_PER_IMAGE, Candidates
 from .errors import UserError
@@ -71,54 +70,60 @@ class SelectionRules:
 
 class CaptionWords:
     """Each caption's set of distinct words (lower-cased runs of letters and digits), as
-    word ids padded to one length: ``ids`` (C, L) int32, padding −1, and ``sizes`` (C,)."""
+    word ids padded to one length: ``ids`` (C, L) int32, padding −1, ``sizes`` (C,), and
+    ``vocabulary_size`` V (ids are 0..V−1)."""
 
     def __init__(self, captions: list[str]):
         vocabulary: dict[str, int] = {}
         sets = [sorted({vocabulary.setdefault(w, len(vocabulary))
                         for w in re.findall(r"[a-z0-9]+", text.lower())}) for text in captions]
+        self.vocabulary_size = len(vocabulary)
         self.sizes = np.array([len(s) for s in sets], dtype=np.int64)
         self.ids = np.full((len(sets), max(self.sizes.max(initial=0), 1)), -1, np.int32)
         for row, words in enumerate(sets):
             self.ids[row, :len(words)] = words
-
-    def jaccard(self, a: np.ndarray, b: np.ndarray, block: int = 65536) -> np.ndarray:
-        """(P,) float32 Jaccard overlap of the word sets of captions ``a`` (P,) and ``b``
-        (P,), exact (two empty captions overlap 0)."""
-        a, b = np.asarray(a).reshape(-1), np.asarray(b).reshape(-1)
-        out = np.empty(len(a), np.float32)
-        ids = torch.from_numpy(self.ids)
-        for start in range(0, len(a), block):
-            wa = ids[a[start:start + block]]
-            wb = ids[b[start:start + block]]
-            common = ((wa[:, :, None] == wb[:, None, :]) & (wa[:, :, None] >= 0)).sum((1, 2))
-            common = common.numpy()
-            union = self.sizes[a[start:start + block]] + self.sizes[b[start:start + block]] \
-                - common
-            out[start:start + block] = np.where(union > 0, common / np.maximum(union, 1), 0)
-        return out
 
 
 NO_FILTERS = SelectionRules()
 
 
 def duplicate_scores(direction: str, indices: np.ndarray, words: CaptionWords,
-                     rows: np.ndarray | None = None) -> np.ndarray:
-    """(Q, K) float32: the largest word overlap between each candidate and its query's text
-    (i2t: candidate caption vs the anchor image's captions; t2i: the anchor caption vs the
-    candidate image's captions). ``rows``: the query ids of ``indices``' rows (default
-    0..Q−1)."""
+                     rows: np.ndarray | None = None, block: int = 256) -> np.ndarray:
+    """(Q, K) float32: the largest word overlap (Jaccard of word sets, exact; two empty
+    captions overlap 0) between each candidate and its query's text: i2t, the candidate
+    caption against each of the anchor image's captions; t2i, the anchor caption against
+    each caption of the candidate image. ``rows``: the query ids of ``indices``' rows
+    (default 0..Q−1).
+
+    Per block of queries, a (b, V + 1) table holds which of the query's own captions (one
+    bit each) contain each word, so a candidate caption's overlaps are table lookups of its
+    words: b x K x L x 5 operations, not a comparison of every word pair.
+    """
     q, k = indices.shape
     rows = np.arange(q) if rows is None else np.asarray(rows)
+    pad = words.vocabulary_size  # the table's always-empty column: padding looks it up
+    ids = np.where(words.ids < 0, pad, words.ids)
     best = np.zeros((q, k), np.float32)
-    for j in range(CAPTIONS_PER_IMAGE):
-        if direction == "i2t":
-            own = np.repeat(rows * CAPTIONS_PER_IMAGE + j, k)
-            other = indices.reshape(-1)
-        else:
-            own = np.repeat(rows, k)
-            other = indices.reshape(-1).astype(np.int64) * CAPTIONS_PER_IMAGE + j
-        best = np.maximum(best, words.jaccard(own, other).reshape(q, k))
+    for start in range(0, q, block):
+        stop = min(q, start + block)
+        n = stop - start
+        if direction == "i2t":  # own: the anchor's 5 captions; each candidate is one caption
+            own = rows[start:stop, None] * CAPTIONS_PER_IMAGE + np.arange(CAPTIONS_PER_IMAGE)
+            theirs = indices[start:stop, :, None].astype(np.int64)  # (n, K, 1)
+        else:  # own: the anchor caption; each candidate is an image of 5 captions
+            own = rows[start:stop, None]
+            theirs = (indices[start:stop, :, None].astype(np.int64) * CAPTIONS_PER_IMAGE
+                      + np.arange(CAPTIONS_PER_IMAGE))  # (n, K, 5)
+        table = np.zeros((n, pad + 1), np.uint8)
+        for j in range(own.shape[1]):
+            table[np.arange(n)[:, None], ids[own[:, j]]] |= np.uint8(1 << j)
+        table[:, pad] = 0
+        bits = table[np.arange(n)[:, None, None, None], ids[theirs]]  # (n, K, c, L)
+        for j in range(own.shape[1]):
+            common = ((bits >> j) & 1).sum(axis=-1)  # (n, K, c)
+            union = words.sizes[own[:, j]][:, None, None] + words.sizes[theirs] - common
+            jaccard = np.where(union > 0, common / np.maximum(union, 1), 0.0)
+            best[start:stop] = np.maximum(best[start:stop], jaccard.max(axis=-1))
     return best
 
 

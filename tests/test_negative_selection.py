@@ -52,23 +52,22 @@ def set_jaccard(a, b):
     return len(a & b) / len(a | b) if a | b else 0.0
 
 
-def test_word_overlap_is_jaccard_of_word_sets():
-    captions = random_captions(60, seed=1) + ["", "A dog, a DOG!", "dog"]
-    words = CaptionWords(captions)
-    rng = np.random.default_rng(2)
-    a, b = rng.integers(0, len(captions), 500), rng.integers(0, len(captions), 500)
-    a[:3], b[:3] = [60, 61, 61], [60, 62, 61]
-    got = words.jaccard(a, b, block=64)
-    want = [set_jaccard(captions[x], captions[y]) for x, y in zip(a, b, strict=True)]
-    np.testing.assert_allclose(got, want, atol=1e-6)
-    assert got[0] == 0 and got[1] == pytest.approx(0.5) and got[2] == 1
+def test_word_overlap_of_chosen_captions():
+    """Case, punctuation and repeated words do not count; two empty captions overlap 0."""
+    captions = ["A dog, a DOG!", "dog", "", "", "", "a dog runs", "", "", "", ""]
+    got = duplicate_scores("i2t", np.array([[5, 6], [0, 1]]), CaptionWords(captions))
+    # image 0's captions vs caption 5 ("a dog runs": 2 of 3 words with "a dog") and 6 (empty)
+    assert got[0].tolist() == pytest.approx([2 / 3, 0.0])
+    # image 1's captions ("a dog runs", empties) vs caption 0 ("a dog") and 1 ("dog")
+    assert got[1].tolist() == pytest.approx([2 / 3, 1 / 3])
 
 
+@pytest.mark.parametrize("block", [3, 256])
 @pytest.mark.parametrize("direction", ["i2t", "t2i"])
-def test_duplicate_scores_match_a_loop(direction):
+def test_duplicate_scores_match_a_loop(direction, block):
     c = scored(n=10)[direction]
     captions = random_captions(50, seed=3)
-    got = duplicate_scores(direction, c.indices, CaptionWords(captions))
+    got = duplicate_scores(direction, c.indices, CaptionWords(captions), block=block)
     for q in range(len(c.indices)):
         for j, cand in enumerate(c.indices[q]):
             if direction == "i2t":  # candidate caption vs the anchor image's captions

@@ -153,7 +153,7 @@ def test_table_trains_every_cell_writes_md_csv_png_and_resumes(workdir):  # noqa
     assert result.returncode != 0
     assert "made with other settings: train.lr" in result.stderr
     assert "a table holds one experiment: delete runs/tiny/table to train it with these " \
-        "settings, or give the settings it was made with" in result.stderr
+        "settings, give the settings it was made with, or another TABLE_DIR" in result.stderr
     assert "RUN=" not in result.stderr
     # back to the settings the table was made with: nothing is mined or trained again
     assert commands(work) == ["table"]
