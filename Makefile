@@ -422,7 +422,8 @@ demo-compare: $(DEMO_CKPTS)
 # continued from one checkpoint, into runs/DATA/table-from-<its run>/. "on" cells train
 # with candidates mined by TABLE_INIT (into offcandi/DATA/table-<its run>), else by the
 # TABLE_MINER cell without offline negatives of the same batch size (seed 0, into
-# offcandi/DATA/table-b<batch>); losses that need offline negatives (aoq, offquin, offtri)
+# offcandi/DATA/table-b<batch>), or by MINER when given (a run, or text:<model folder>: into
+# offcandi/DATA/table-miner-<name>); losses that need offline negatives (aoq, offquin, offtri)
 # only get an "on" cell, and their matched control (vse_max's "off" cell) is always planned
 # (`aoq table --plan` lists the cells). Every cell file is a target, so a killed `make
 # table` continues. Each cell's training and evaluation, and the mining, have settings
@@ -446,7 +447,8 @@ TABLE_SET_ARGS = $(foreach s,$(TABLE_SET),--set $(s))
 TABLE_OVERRIDES = $(OVERRIDES) $(TABLE_SET_ARGS)
 TABLE_MAKEFILE := $(firstword $(MAKEFILE_LIST))
 TABLE_ARGS = --dir $(TABLE_DIR) --losses '$(LOSSES)' --batches '$(BATCHES)' \
-	--miner $(TABLE_MINER) --seeds $(SEEDS) $(if $(TABLE_INIT),--init $(TABLE_INIT))
+	--miner $(TABLE_MINER) --seeds $(SEEDS) $(if $(TABLE_INIT),--init $(TABLE_INIT)) \
+	$(if $(MINER),--mined-by $(call round_miner_ckpt,1))
 TABLE_REFUSED = a table holds one experiment: delete $(TABLE_DIR) to train it with these \
 	settings, give the settings it was made with, or another TABLE_DIR
 ifneq ($(filter table table-files,$(MAKECMDGOALS)),)
@@ -464,9 +466,13 @@ ifneq ($(TABLE_CELLS),)
 table_part = $(word $(2),$(subst -, ,$(1)))
 table_batch = $(patsubst b%,%,$(call table_part,$(1),3))
 table_seed = $(patsubst s%,%,$(or $(call table_part,$(1),4),s0))
-# The candidates and the checkpoint that mined them, for batch size $(1).
-table_offcandi = $(OFFCANDI_DIR)/table-$(if $(TABLE_INIT),$(table_init_run),b$(1))
-table_miner_ckpt = $(or $(TABLE_INIT),$(TABLE_DIR)/$(TABLE_MINER)-off-b$(1)/checkpoint.pt)
+# The candidates and what mined them (a checkpoint, or text:<folder>), for batch size $(1):
+# MINER when given, else TABLE_INIT, else the TABLE_MINER cell of that batch size.
+table_offcandi = $(OFFCANDI_DIR)/table-$(if $(MINER),miner-$(miner_name),\
+	$(if $(TABLE_INIT),$(table_init_run),b$(1)))
+table_miner_ckpt = $(if $(MINER),$(call round_miner_ckpt,1),\
+	$(or $(TABLE_INIT),$(TABLE_DIR)/$(TABLE_MINER)-off-b$(1)/checkpoint.pt))
+table_miner_dir = $(if $(MINER),$(call round_miner,1),$(patsubst %/,%,$(dir $(call table_miner_ckpt,$(1)))))
 # The training settings of cell $(1) beyond CONFIGS and TABLE_OVERRIDES.
 table_cell_args = --set loss.name=$(call table_part,$(1),1) \
 	--set train.batch_size=$(call table_batch,$(1)) --set train.seed=$(call table_seed,$(1)) \
@@ -491,7 +497,7 @@ $(TABLE_SETTINGS)/$(1).eval.yaml: FORCE | $(STAMP)
 endef
 
 define TABLE_MINING_RULES
-$(call table_offcandi,$(1))/t2i.h5: $(dir $(call table_miner_ckpt,$(1)))embeddings_train.h5 \
+$(call table_offcandi,$(1))/t2i.h5: $(call table_miner_dir,$(1))/embeddings_train.h5 \
 	    $(call table_offcandi,$(1))/.settings.offcandi.yaml
 	$$(AOQ) offcandi --embeddings $$< $$(CONFIGS) $$(TABLE_OVERRIDES) --out-dir $$(@D)
 $(call table_offcandi,$(1))/.settings.offcandi.yaml: FORCE | $(STAMP)
@@ -500,7 +506,7 @@ endef
 
 $(foreach c,$(sort $(TABLE_CELLS) $(foreach b,$(BATCHES),$(TABLE_MINER)-off-b$(b))),\
 	$(eval $(call TABLE_CELL_RULES,$(c))))
-$(foreach b,$(if $(TABLE_INIT),$(firstword $(BATCHES)),$(BATCHES)),\
+$(foreach b,$(if $(or $(MINER),$(TABLE_INIT)),$(firstword $(BATCHES)),$(BATCHES)),\
 	$(eval $(call TABLE_MINING_RULES,$(b))))
 endif
 

@@ -493,9 +493,12 @@ def features_precomp(dataset_dir, splits, dtype) -> None:
 @click.option("--init", default="", help="Every cell continues from this checkpoint, which "
                                          "also mines the offline negatives (default: from "
                                          "scratch, mined by the --miner cell).")
+@click.option("--mined-by", default="",
+              help="What mined the 'on' cells' candidates, a checkpoint or text:<model "
+                   "folder> (default: --init, else the --miner cell).")
 @click.option("--plan", is_flag=True,
               help="Only print the cells' folder names (one line) and exit.")
-def table(table_dir, losses, batches, miner, seeds, init, plan) -> None:
+def table(table_dir, losses, batches, miner, seeds, init, mined_by, plan) -> None:
     """Loss x offline negatives x batch size x seed: table.md, table.csv, pairs.csv and
     table.png from the cells' checkpoints and eval records (`make table` trains and
     evaluates the cells); each offline cell is paired with its matched control."""
@@ -505,7 +508,8 @@ def table(table_dir, losses, batches, miner, seeds, init, plan) -> None:
         cells = plan_cells(split_words(losses), parse_batches(batches), miner, seeds)
         print(" ".join(c.name for c in cells))
         return
-    write_table(table_dir, split_words(losses), parse_batches(batches), miner, seeds, init)
+    write_table(table_dir, split_words(losses), parse_batches(batches), miner, seeds, init,
+                mined_by)
 
 
 @cli.command(name="demo-data")

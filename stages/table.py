@@ -52,7 +52,7 @@ METRIC_KEYS = [f"{key}_{d}" for d in DIRECTIONS
 CSV_COLUMNS = ["loss", "offline_negatives", "finetune", "batch_size", "seed", "epochs",
                "best_epoch",
                *METRIC_KEYS, "meanr_i2t", "meanr_t2i", "weights", "negatives_mined_by",
-               "checkpoint", "init", "dataset", "split", "protocol", "images"]
+               "checkpoint", "init", "mined_by", "dataset", "split", "protocol", "images"]
 PAIR_COLUMNS = ["loss", "control", "batch_size", "seeds", "control_rsum", "control_rsum_std",
                 "offline_rsum", "offline_rsum_std", "delta_rsum", "delta_std",
                 "delta_ci_low", "delta_ci_high", "delta_per_seed"]
@@ -185,10 +185,12 @@ def _check_trained_as(cell: Cell, config: dict, path: Path, init: str) -> None:
                             "`make table` again")
 
 
-def collect_rows(table_dir: str | Path, cells: list[Cell], miner: str, init: str = ""
-                 ) -> list[dict]:
+def collect_rows(table_dir: str | Path, cells: list[Cell], miner: str, init: str = "",
+                 mined_by: str = "") -> list[dict]:
     """One row per cell (keys :data:`CSV_COLUMNS`, plus ``ranks`` when its eval record has
-    them) from its checkpoint and eval record, checked as the module docstring says."""
+    them) from its checkpoint and eval record, checked as the module docstring says.
+    ``mined_by``: what mined the "on" cells' candidates (a checkpoint or ``text:<model
+    folder>``; default: ``init``, else the miner cell)."""
     table_dir = Path(table_dir)
     miner_weights: dict[int, str] = {}
 
@@ -201,12 +203,14 @@ def collect_rows(table_dir: str | Path, cells: list[Cell], miner: str, init: str
         return path, state, weights_hash(state["state_dict"])
 
     def miner_of(batch_size: int) -> tuple[str, str]:
+        source = mined_by or init
         if batch_size not in miner_weights:
-            if init:
-                miner_weights[batch_size] = weights_hash(load_checkpoint(init)["state_dict"])
+            if source:
+                from .text_miner import miner_weights as weights_of
+                miner_weights[batch_size] = weights_of(source)
             else:
                 miner_weights[batch_size] = load(Cell(miner, False, batch_size))[2]
-        return miner_weights[batch_size], init or f"{miner}-off-b{batch_size}"
+        return miner_weights[batch_size], source or f"{miner}-off-b{batch_size}"
 
     rows = []
     for cell in cells:
@@ -230,7 +234,8 @@ def collect_rows(table_dir: str | Path, cells: list[Cell], miner: str, init: str
                      "best_epoch": state["best_epoch"],
                      **{k: record[k] for k in [*METRIC_KEYS, "meanr_i2t", "meanr_t2i"]},
                      "weights": weights, "negatives_mined_by": mined_by,
-                     "checkpoint": str(path), "init": init, "dataset": record["dataset"],
+                     "checkpoint": str(path), "init": init, "mined_by": mined_by or init,
+                     "dataset": record["dataset"],
                      "split": record["split"], "protocol": record["protocol"],
                      "images": record["images"], "ranks": record.get("ranks")})
     _check_comparable(rows)
@@ -347,7 +352,8 @@ def _number(value: float) -> str:
     return f"{value:.1f}"
 
 
-def format_markdown(rows: list[dict], pairs: list[dict], miner: str, init: str = "") -> str:
+def format_markdown(rows: list[dict], pairs: list[dict], miner: str, init: str = "",
+                    mined_by: str = "") -> str:
     """The table as Markdown: the cells (mean over seeds), then each offline cell beside
     its matched control, with a line that says what was compared on what."""
     first = rows[0]
@@ -356,7 +362,7 @@ def format_markdown(rows: list[dict], pairs: list[dict], miner: str, init: str =
     groups = group_rows(rows)
     seeds = max(g["seeds"] for g in groups)
     start = (f"continued from {init}" if init else "trained from scratch")
-    mined = (f"mined by {init}" if init
+    mined = (f"mined by {mined_by or init}" if mined_by or init
              else f"mined by the {miner} model without them of the same batch size")
     header = ["loss", "offline negatives", "finetune", "batch", "epochs (best)", "seeds",
               *(f"{d} {m}" for d in DIRECTIONS for m in (*(f"R@{k}" for k in RECALL_KS),
@@ -435,14 +441,15 @@ def plot_pairs(pairs: list[dict], rows: list[dict], path: Path) -> None:
 
 
 def write_table(table_dir: str | Path, losses: list[str], batches: list[int],
-                miner: str, seeds: int = 1, init: str = "") -> list[dict]:
+                miner: str, seeds: int = 1, init: str = "", mined_by: str = "") -> list[dict]:
     """Collect the cells' rows and write ``table.md``, ``table.csv``, ``pairs.csv`` and
     ``table.png`` into ``table_dir``; returns the rows. Nothing is written unless every row
     checks out."""
     table_dir = Path(table_dir)
-    rows = collect_rows(table_dir, plan_cells(losses, batches, miner, seeds), miner, init)
+    rows = collect_rows(table_dir, plan_cells(losses, batches, miner, seeds), miner, init,
+                        mined_by)
     pairs = pair_rows(rows)
-    markdown = format_markdown(rows, pairs, miner, init)
+    markdown = format_markdown(rows, pairs, miner, init, mined_by)
     write_text(table_dir / "table.md", markdown)
     write_text(table_dir / "table.csv", format_csv(rows))
     write_text(table_dir / "pairs.csv", format_csv(pairs, PAIR_COLUMNS))

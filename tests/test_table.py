@@ -255,3 +255,16 @@ def test_table_with_seeds_continued_from_one_checkpoint(workdir):  # noqa: F811
     assert (work / "offcandi/tiny/table-base/t2i.h5").is_file()
     refused = make(work, "table", *args, "SET=train.seed=3", dry_run=True, check=False)
     assert refused.returncode != 0 and "drop train.seed from SET" in refused.stderr
+
+
+def test_table_candidates_from_a_text_miner(workdir):  # noqa: F811
+    """MINER=text:<folder>: the "on" cells train on candidates mined by the text model, and
+    the table checks them against it."""
+    out = make(workdir, "table-files", "LOSSES=aoq", "BATCHES=16", "MINER=text:/models/lm",
+               "TABLE_INIT=runs/tiny/base/checkpoint.pt",
+               "TABLE_CELLS=aoq-on-b16 vse_max-off-b16", dry_run=True)
+    assert "embed-text --text-model /models/lm" in out
+    assert "--out-dir offcandi/tiny/table-miner-text-lm" in out
+    assert "--set offcandi.base_ckpt=text:/models/lm" in out
+    assert "--set train.init_from=runs/tiny/base/checkpoint.pt" in out
+    assert "--mined-by text:/models/lm" in out
