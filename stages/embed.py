@@ -61,6 +61,7 @@ def _embed(state: dict, checkpoint: Path, config: Config, split, out: Path) -> N
             "weights": weights_hash(state["state_dict"]), "dataset": config.data.name,
             "split": split.name, "num_images": split.num_images,
             "train_captions_sha256": state["data_fingerprint"].get("train_captions_sha256", ""),
+            "dataset_dir": str(config.dataset_dir().resolve()),
         })
     log.info("%d images and %d captions (%d-d) -> %s", img.shape[0], cap.shape[0],
              img.shape[1], out)

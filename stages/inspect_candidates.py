@@ -109,8 +109,13 @@ def caption_positive_scores(folder: str | Path, attrs: dict, image: int) -> np.n
 
 def dataset_captions(attrs: dict, data_path: str | Path, path: Path) -> tuple[list[str], Path]:
     """The captions of the split the candidate file at ``path`` indexes, checked against
-    its image count."""
-    caps_file = Path(data_path) / attrs["dataset"] / f"{attrs['split']}_caps.txt"
+    its image count: under ``data_path``, else in the dataset folder the file records it
+    was mined from (``dataset_dir``, absolute)."""
+    name = f"{attrs['split']}_caps.txt"
+    caps_file = Path(data_path) / attrs["dataset"] / name
+    if not caps_file.is_file() and attrs.get("dataset_dir"):
+        recorded = Path(str(attrs["dataset_dir"])) / name
+        caps_file = recorded if recorded.is_file() else caps_file
     if not caps_file.is_file():
         raise UserError(f"{caps_file} not found: {path} indexes {attrs['dataset']} "
                         f"{attrs['split']}; point data.path at the datasets root that holds "

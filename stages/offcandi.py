@@ -122,7 +122,8 @@ def _provenance(embeddings: Embeddings) -> dict:
     a = embeddings.attrs
     return {"format": CANDIDATES_FORMAT, "version": CANDIDATES_VERSION, "dataset": a["dataset"],
             "split": a["split"], "num_images": int(a["num_images"]), "weights": a["weights"],
-            "checkpoint": a["checkpoint"], "embeddings": str(embeddings.path)}
+            "checkpoint": a["checkpoint"], "embeddings": str(embeddings.path),
+            **({"dataset_dir": a["dataset_dir"]} if "dataset_dir" in a else {})}
 
 
 def offcandi(embeddings_path: str | Path, out_dir: str | Path,

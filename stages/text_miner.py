@@ -100,6 +100,7 @@ def embed_text(text_model: str, dataset_dir: str | Path, dataset: str, split_nam
                 "format": EMBEDDINGS_FORMAT, "checkpoint": TEXT_PREFIX + where,
                 "weights": weights_hash(model.state_dict()), "dataset": dataset,
                 "split": split_name, "num_images": split.num_images, "miner": "text",
+                "dataset_dir": str(dataset_dir.resolve()),
                 "train_captions_sha256": file_sha256(dataset_dir / f"{split_name}_caps.txt"),
             })
     log.info("wrote %s", out)

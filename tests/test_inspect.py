@@ -170,3 +170,14 @@ def test_cli_checks_the_ratio_as_the_config_does(mined, tiny_root, tmp_path, val
                  value, "--set", f"data.path={tiny_root}", cwd=tmp_path)
     assert result.returncode == 2 and message in result.stderr, result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_captions_are_found_where_the_candidates_record_their_dataset(tiny_root, tmp_path):
+    """Mined from a dataset outside data.path: inspect reads the recorded dataset folder."""
+    img, cap = random_embeddings(40, dim=8, seed=2)
+    emb = write_embeddings(tmp_path / "e.h5", img, cap)
+    with h5py.File(emb, "r+") as f:
+        f.attrs["dataset_dir"] = str(tiny_root / "tiny")
+    offcandi(emb, tmp_path / "cand", OffcandiConfig(k_i2t=12, k_t2i=6))
+    text = inspect_image(tmp_path / "cand", 7, tmp_path / "elsewhere", top=2)
+    assert f"({tiny_root / 'tiny' / 'train_caps.txt'}" in text
