@@ -306,11 +306,11 @@ endif
 round_name = $(AOQ_RUN)$(if $(filter-out 1,$(1)),_round$(1))
 round_run = runs/$(DATA)/$(call round_name,$(1))
 round_offcandi = $(OFFCANDI_DIR)$(if $(filter-out 1,$(1)),/round$(1),$(if $(MINER),/miner-$(miner_name)))
-round_miner = $(if $(filter-out 1,$(1)),$(call round_run,$(shell expr $(1) - 1)),\
-	$(if $(MINER),runs/$(DATA)/$(miner_name),$(RUN_DIR)))
+round_miner = $(strip $(if $(filter-out 1,$(1)),$(call round_run,$(shell expr $(1) - 1)),\
+	$(if $(MINER),runs/$(DATA)/$(miner_name),$(RUN_DIR))))
 # What retraining checks its candidates were mined by: a checkpoint, or text:<folder>.
-round_miner_ckpt = $(if $(and $(text_miner),$(filter 1,$(1))),text:$(text_miner),\
-	$(call round_miner,$(1))/checkpoint.pt)
+round_miner_ckpt = $(strip $(if $(and $(text_miner),$(filter 1,$(1))),text:$(text_miner),\
+	$(call round_miner,$(1))/checkpoint.pt))
 # The retrain stage's settings beyond CONFIGS, OVERRIDES and RETRAIN_SET, for round $(1).
 retrain_args = --set offcandi.dir=$(call round_offcandi,$(1)) \
 	--set offcandi.base_ckpt=$(call round_miner_ckpt,$(1)) \
@@ -468,10 +468,11 @@ table_batch = $(patsubst b%,%,$(call table_part,$(1),3))
 table_seed = $(patsubst s%,%,$(or $(call table_part,$(1),4),s0))
 # The candidates and what mined them (a checkpoint, or text:<folder>), for batch size $(1):
 # MINER when given, else TABLE_INIT, else the TABLE_MINER cell of that batch size.
-table_offcandi = $(OFFCANDI_DIR)/table-$(if $(MINER),miner-$(miner_name),\
-	$(if $(TABLE_INIT),$(table_init_run),b$(1)))
-table_miner_ckpt = $(if $(MINER),$(call round_miner_ckpt,1),\
-	$(or $(TABLE_INIT),$(TABLE_DIR)/$(TABLE_MINER)-off-b$(1)/checkpoint.pt))
+table_source = $(strip $(if $(MINER),miner-$(miner_name),\
+	$(if $(TABLE_INIT),$(table_init_run),b$(1))))
+table_offcandi = $(OFFCANDI_DIR)/table-$(call table_source,$(1))
+table_miner_ckpt = $(strip $(if $(MINER),$(call round_miner_ckpt,1),\
+	$(or $(TABLE_INIT),$(TABLE_DIR)/$(TABLE_MINER)-off-b$(1)/checkpoint.pt)))
 table_miner_dir = $(if $(MINER),$(call round_miner,1),$(patsubst %/,%,$(dir $(call table_miner_ckpt,$(1)))))
 # The training settings of cell $(1) beyond CONFIGS and TABLE_OVERRIDES.
 table_cell_args = --set loss.name=$(call table_part,$(1),1) \

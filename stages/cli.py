@@ -9,7 +9,7 @@ import click
 from .config import load_config, set_value
 from .errors import UserError
 from .log import setup_logging
-from .stamps import STAGES
+from .stamps import STAMPED_STAGES
 
 log = logging.getLogger("aoq")
 
@@ -290,7 +290,7 @@ def retrain(config_files, overrides, run_dir, resume) -> None:
 @cli.command()
 @config_options
 @click.option("--stage", required=True,
-              type=click.Choice([*STAGES, "features"]),
+              type=click.Choice(STAMPED_STAGES),
               help="The stage whose settings to write (retrain starts from the retrain "
                    "defaults, as `aoq retrain` does; features: those of the feature "
                    "command given after --).")

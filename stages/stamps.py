@@ -56,6 +56,9 @@ STAGE_KEYS = {
     "eval": lambda key: key.startswith("eval.") or key in ("data.name", "data.eval_split"),
 }
 STAGES = tuple(STAGE_KEYS)
+# What a stamp file may be of: the stages above and the features stage, whose stamp holds
+# the options a features file records (stages/features/identity.py), not config settings.
+STAMPED_STAGES = (*STAGES, "features")
 
 log = logging.getLogger(__name__)
 
@@ -146,16 +149,17 @@ def _read(path: Path) -> str | None:
 
 def _read_stamp(path: Path) -> str | None:
     """The content of the stamp ``path`` (None when there is none); a file there that is
-    not a stamp (a mapping whose ``stage`` is one of :data:`STAGES`, as :func:`stamp_text`
+    not a stamp (a mapping whose ``stage`` is one of :data:`STAMPED_STAGES`, as :func:`stamp_text`
     writes) is a :class:`UserError`: it is someone else's file, never overwritten."""
     try:
         text = _read(path)
         values = yaml.safe_load(text) if text is not None else None
     except (UnicodeDecodeError, yaml.YAMLError):
         values = text = ""
-    if text is not None and not (isinstance(values, dict) and values.get("stage") in STAGES):
+    if text is not None and not (isinstance(values, dict)
+                                 and values.get("stage") in STAMPED_STAGES):
         raise UserError(f"{path} exists and is not a settings stamp (no 'stage: <one of "
-                        f"{', '.join(STAGES)}>'); refusing to overwrite it: give --out a "
+                        f"{', '.join(STAMPED_STAGES)}>'); refusing to overwrite it: give --out a "
                         "stamp's path, or move the file away")
     return text
 

@@ -4,9 +4,10 @@ all from one ``init`` checkpoint.
 
 A cell's run folder is ``<table dir>/<loss>-<off|on>-b<batch>[-s<seed>]/`` (seed 0 has no
 suffix) holding the run's ``checkpoint.pt`` and ``eval.jsonl`` (the records ``aoq eval
---out --ranks`` appends). "on" cells are trained with offline negatives mined by the
-*miner*: the ``init`` checkpoint when there is one, else the cell ``<miner>-off-b<batch>``
-(the VSE++ base of the same batch size, seed 0). Losses that only exist with offline
+--out --ranks`` appends). "on" cells are trained with offline negatives mined by
+``mined_by`` when given (a checkpoint, or ``text:<model folder>``), else by the ``init``
+checkpoint when there is one, else by the cell ``<miner>-off-b<batch>`` (the VSE++ base of
+the same batch size, seed 0). Losses that only exist with offline
 negatives (AOQ's ``aoq``/``offquin``/``offtri``) have only an "on" cell; their matched
 control is the "off" cell of the loss they add offline terms to (the loss class's
 ``online_counterpart``, ``vse_max``), planned even when not listed.
@@ -216,25 +217,24 @@ def collect_rows(table_dir: str | Path, cells: list[Cell], miner: str, init: str
     for cell in cells:
         path, state, weights = load(cell)
         _check_trained_as(cell, state["config"], path, init)
-        mined_by = ""
+        miner_hash = miner_name = ""
         if cell.offline:
-            want, name = miner_of(cell.batch_size)
+            miner_hash, miner_name = miner_of(cell.batch_size)
             used = state["data_fingerprint"].get("candidates", {})
-            mined_by = {d.get("weights") for d in used.values()}
-            if mined_by != {want}:
+            used_weights = {d.get("weights") for d in used.values()}
+            if used_weights != {miner_hash}:
                 raise UserError(f"{path} was trained with candidates mined by weights "
-                                f"{', '.join(sorted(map(str, mined_by))) or 'unknown'}, not by "
-                                f"its miner {name} (weights {want}); "
+                                f"{', '.join(sorted(map(str, used_weights))) or 'unknown'}, "
+                                f"not by its miner {miner_name} (weights {miner_hash}); "
                                 f"delete {path.parent} and run `make table` again")
-            mined_by = want
         record = _eval_record(table_dir / cell.name / "eval.jsonl", weights)
         rows.append({"loss": cell.loss, "offline_negatives": "yes" if cell.offline else "no",
                      "finetune": finetune(state["model"]), "batch_size": cell.batch_size,
                      "seed": cell.seed, "epochs": state["config"]["train"]["epochs"],
                      "best_epoch": state["best_epoch"],
                      **{k: record[k] for k in [*METRIC_KEYS, "meanr_i2t", "meanr_t2i"]},
-                     "weights": weights, "negatives_mined_by": mined_by,
-                     "checkpoint": str(path), "init": init, "mined_by": mined_by or init,
+                     "weights": weights, "negatives_mined_by": miner_hash,
+                     "checkpoint": str(path), "init": init, "mined_by": miner_name,
                      "dataset": record["dataset"],
                      "split": record["split"], "protocol": record["protocol"],
                      "images": record["images"], "ranks": record.get("ranks")})

@@ -4,6 +4,7 @@ import csv
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -255,6 +256,20 @@ def test_table_with_seeds_continued_from_one_checkpoint(workdir):  # noqa: F811
     assert (work / "offcandi/tiny/table-base/t2i.h5").is_file()
     refused = make(work, "table", *args, "SET=train.seed=3", dry_run=True, check=False)
     assert refused.returncode != 0 and "drop train.seed from SET" in refused.stderr
+
+
+def test_the_table_checks_the_miner_it_is_told_about(workdir, monkeypatch):  # noqa: F811
+    """`aoq table --mined-by`: the "on" cells must have used candidates of that miner."""
+    work = workdir
+    make(work, "table", "LOSSES=aoq", "BATCHES=16", "TABLE_INIT=runs/tiny/base/checkpoint.pt")
+    monkeypatch.chdir(work)
+    table_dir, init = Path("runs/tiny/table-from-base"), "runs/tiny/base/checkpoint.pt"
+    rows = write_table(table_dir, ["aoq"], [16], "vse_max", 1, init, mined_by=init)
+    assert rows[0]["mined_by"] == init and rows[0]["negatives_mined_by"] == weights_hash(
+        load_checkpoint(init)["state_dict"])
+    other = str(table_dir / "vse_max-off-b16" / "checkpoint.pt")
+    with pytest.raises(UserError, match=f"not by its miner {other}"):
+        write_table(table_dir, ["aoq"], [16], "vse_max", 1, init, mined_by=other)
 
 
 def test_table_candidates_from_a_text_miner(workdir):  # noqa: F811
