@@ -316,8 +316,10 @@ retrain_args = --set offcandi.dir=$(call round_offcandi,$(1)) \
 	--set offcandi.base_ckpt=$(call round_miner_ckpt,$(1)) \
 	$(if $(filter miner,$(RETRAIN_INIT)),--set train.init_from=$(call round_miner,$(1))/checkpoint.pt)
 
+# The text miner's embeddings: embed-text runs on every make and rewrites them only when
+# the model's weights or the captions changed (so a changed model folder mines again).
 ifneq ($(text_miner),)
-runs/$(DATA)/$(miner_name)/embeddings_train.h5: $(DATASET)/train_caps.txt | $(STAMP)
+runs/$(DATA)/$(miner_name)/embeddings_train.h5: $(DATASET)/train_caps.txt FORCE | $(STAMP)
 	$(AOQ) embed-text --text-model $(text_miner) $(CONFIGS) $(OVERRIDES) --out $@
 endif
 
@@ -383,8 +385,12 @@ clean-demo:
 # negatives (base_plus<n>, the loss AOQ adds its terms to), DEMO_OTHER_LOSS with offline
 # negatives beside the same loss without them.
 DEMO_EPOCHS ?= 3
-# The loss trained with offline negatives beside AOQ in the demo.
+# The loss trained with offline negatives beside AOQ in the demo (and without them: its
+# control), so a loss that also trains without them.
 DEMO_OTHER_LOSS ?= infonce
+$(if $(filter aoq offquin offtri,$(DEMO_OTHER_LOSS)),$(error DEMO_OTHER_LOSS=$(DEMO_OTHER_LOSS) \
+	needs offline negatives, so it has no control of its own; the demo already shows AOQ \
+	beside VSE++: give a loss that also trains without them, e.g. infonce))
 demo_run = runs/$(DATA)/$(model_prefix)$(1)_plus$(DEMO_EPOCHS)
 DEMO_CKPTS = $(BASE_CKPT) $(foreach r,base aoq $(DEMO_OTHER_LOSS) $(DEMO_OTHER_LOSS)_offline,\
 	$(call demo_run,$(r))/checkpoint.pt)
@@ -442,7 +448,7 @@ TABLE_SET ?=
 TABLE_INIT ?=
 table_init_run = $(notdir $(patsubst %/,%,$(dir $(TABLE_INIT))))
 TABLE_DIR = runs/$(DATA)/$(model_prefix)table$(if $(TABLE_INIT),-from-$(table_init_run))
-TABLE_SETTINGS = $(SETTINGS)/$(notdir $(TABLE_DIR))
+TABLE_SETTINGS = $(SETTINGS)/$(subst /,-,$(patsubst runs/$(DATA)/%,%,$(TABLE_DIR)))
 TABLE_SET_ARGS = $(foreach s,$(TABLE_SET),--set $(s))
 TABLE_OVERRIDES = $(OVERRIDES) $(TABLE_SET_ARGS)
 TABLE_MAKEFILE := $(firstword $(MAKEFILE_LIST))
@@ -454,8 +460,12 @@ TABLE_REFUSED = a table holds one experiment: delete $(TABLE_DIR) to train it wi
 ifneq ($(filter table table-files,$(MAKECMDGOALS)),)
 $(if $(findstring train.seed=,$(SET) $(TABLE_SET)),$(error make table sets train.seed \
 	per cell (SEEDS=n trains seeds 0..n-1): drop train.seed from SET / TABLE_SET))
-$(if $(filter-out 0 1,$(words $(TABLE_INIT))),$(error TABLE_INIT='$(TABLE_INIT)': give one \
-	checkpoint))
+$(if $(TABLE_INIT),$(if $(filter runs/$(DATA)/%/checkpoint.pt,$(TABLE_INIT)),,$(error \
+	TABLE_INIT='$(TABLE_INIT)': give one run's runs/$(DATA)/<run>/checkpoint.pt (its \
+	embeddings are made beside it)))$(if $(filter-out 1,$(words $(TABLE_INIT))),$(error \
+	TABLE_INIT='$(TABLE_INIT)': give one checkpoint)))
+$(if $(filter runs/$(DATA)/%,$(TABLE_DIR)),,$(error TABLE_DIR='$(TABLE_DIR)': give a \
+	folder under runs/$(DATA)/ (its cells' embeddings are made there)))
 endif
 
 table: | $(STAMP)

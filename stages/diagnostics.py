@@ -10,6 +10,7 @@ positive among all items for a sample of queries. Embeddings are read with
 block, so memory stays at the images, one block and the outputs.
 """
 
+import dataclasses
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -171,8 +172,8 @@ def offline_scores(folder: str | Path, direction: str, embeddings: Embeddings,
     applies (``words``: the split's captions, for the duplicate filter), so the sampled
     range is each row's first eligible candidates. The file must index the embeddings'
     dataset, split and image count; its stored scores are used when it was mined from the
-    same weights, otherwise candidates are rescored (and the score filters, which need the
-    miner's own scores, are not applied).
+    same weights, otherwise candidates are rescored (and the ratio and margin filters, which
+    need the miner's own scores, are left out, with a warning; the others still apply).
     """
     a = embeddings.attrs
     n = int(a["num_images"])
@@ -195,7 +196,12 @@ def offline_scores(folder: str | Path, direction: str, embeddings: Embeddings,
         scores = pair_scores(embeddings.images, embeddings.captions, image_ids,
                              caption_ids).reshape(cand.indices.shape)
     dropped = None
-    if rules.active and (stored or not rules.needs_scores):
+    if not stored and rules.needs_scores:  # rescored: not the scores retraining filters by
+        log.warning("%s: the ratio/margin filters need the miner's own scores, which this "
+                    "file lacks for these embeddings; the sampled range shows the other "
+                    "filters only", cand.path)
+        rules = dataclasses.replace(rules, ratio=0.0, margin=0.0)
+    if rules.active:
         reasons = drop_reasons(direction, Candidates(cand.path, cand.indices, cand.attrs,
                                                      scores, positive), rules, words)
         dropped = (reasons > 0).sum(axis=1)

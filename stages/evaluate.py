@@ -6,6 +6,7 @@ recomputed from the averaged recalls). Several checkpoints are evaluated as an e
 the average of their similarity matrices.
 """
 
+import contextlib
 import logging
 import time
 from pathlib import Path
@@ -84,6 +85,34 @@ def evaluate(checkpoints: list[str | Path], config_files=(), overrides=(),
                     "are not comparable with published 1K ones; FOLD5=0 (eval.fold5=false) "
                     "evaluates the whole split", config.data.eval_split, config.dataset_dir(),
                     split.num_images, folds, split.num_images // folds, COCO_FOLD_IMAGES)
+    out = Path(out) if out else Path(checkpoints[0]).parent / "metrics.jsonl"
+    # The output's folder is locked before the work, so a refusal (a run training there)
+    # comes at once, not after the encoding.
+    with _output_lock(out):
+        record = _evaluate(checkpoints, states, config, folds, out, ranks)
+    log.info("appended to %s", out)
+    if show:
+        print_results({run_name(checkpoints): record})
+    return record
+
+
+@contextlib.contextmanager
+def _output_lock(out: Path):
+    """The lock of ``out``'s folder; a refusal says how to evaluate anyway."""
+    held = False
+    try:
+        with folder_lock(out.parent, "aoq eval"):
+            held = True
+            yield
+    except UserError as exc:
+        if held:
+            raise
+        raise UserError(f"{exc}; or evaluate into another file: --out PATH") from None
+
+
+def _evaluate(checkpoints, states, config: Config, folds: int, out: Path, ranks: bool) -> dict:
+    """Encode the eval split with each checkpoint, rank, and append the record to ``out``
+    (its folder's lock held)."""
     device = resolve_device(config.train.device)
     imgs, caps, hashes = [], [], []
     for path, state in zip(checkpoints, states, strict=True):
@@ -112,14 +141,9 @@ def evaluate(checkpoints: list[str | Path], config_files=(), overrides=(),
               "images": split.num_images // folds, **metrics}
     if ranks:
         record["ranks"] = {"i2t": i2t_ranks.tolist(), "t2i": t2i_ranks.tolist()}
-    out = Path(out) if out else Path(checkpoints[0]).parent / "metrics.jsonl"
-    with folder_lock(out.parent, "aoq eval"):
-        clear_record(out)
-        append_jsonl(out, record)
-        write_record(out, settings_text(config, "eval"))  # its last record's settings
-    log.info("appended to %s", out)
-    if show:
-        print_results({run_name(checkpoints): record})
+    clear_record(out)
+    append_jsonl(out, record)
+    write_record(out, settings_text(config, "eval"))  # its last record's settings
     return record
 
 

@@ -9,6 +9,7 @@ captions come from the dataset the candidate file records (``<data.path>/<datase
 <split>_caps.txt``); only the query's row of the file is read.
 """
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -130,11 +131,11 @@ def dataset_captions(attrs: dict, data_path: str | Path, path: Path) -> tuple[li
 
 
 def _row_reasons(row: QueryRow, rules: SelectionRules, captions: list[str] | None
-                 ) -> np.ndarray | None:
-    """(K,) uint8 drop flags of the row's candidates (:func:`drop_reasons`), or None when
-    the file lacks the scores the score filters need."""
+                 ) -> np.ndarray:
+    """(K,) uint8 drop flags of the row's candidates (:func:`drop_reasons`); the ratio and
+    margin filters are left out when the file lacks the scores they need."""
     if rules.needs_scores and (row.scores is None or row.positive_score is None):
-        return None
+        rules = dataclasses.replace(rules, ratio=0.0, margin=0.0)
     one = Candidates(row.path, row.indices[None], row.attrs,
                      None if row.scores is None else row.scores[None],
                      None if row.positive_score is None
@@ -144,7 +145,7 @@ def _row_reasons(row: QueryRow, rules: SelectionRules, captions: list[str] | Non
                         rows=np.array([row.query]))[0]
 
 
-def _filter_lines(row: QueryRow, rules: SelectionRules, reasons: np.ndarray | None,
+def _filter_lines(row: QueryRow, rules: SelectionRules, reasons: np.ndarray,
                   window: int, positive_what: str) -> list[str]:
     """What the false-negative filters do for this query, as text lines."""
     lines = []
@@ -163,9 +164,8 @@ def _filter_lines(row: QueryRow, rules: SelectionRules, reasons: np.ndarray | No
                      "--set offcandi.false_negative_ratio=0.95 marks candidates scoring "
                      "above 0.95 x the positive")
         return lines
-    if reasons is None:
-        lines.append("the ratio/margin filters need the file's scores: not shown")
-        return lines
+    if rules.needs_scores and (row.scores is None or row.positive_score is None):
+        lines.append("the ratio/margin filters need the file's scores: left out below")
     settings = [f"{REASON_NAMES[bit]}={value:g}" for bit, value in (
         (TOP, rules.skip_top), (RATIO, rules.ratio), (MARGIN, rules.margin),
         (DUPLICATE, rules.duplicate_overlap)) if value]
@@ -180,23 +180,23 @@ def _filter_lines(row: QueryRow, rules: SelectionRules, reasons: np.ndarray | No
     return lines
 
 
-def _table(row: QueryRow, top: int, reasons: np.ndarray | None, window: int,
+def _table(row: QueryRow, top: int, reasons: np.ndarray, window: int,
            describe) -> list[str]:
     """The top candidates, hardest first: rank, score, mark, id, text. Marks: ``+`` a
     positive (a broken file), the letters of the filters that drop it, ``*`` in the
-    window retraining samples from."""
+    window retraining samples from (under ``offcandi.curriculum_epochs``, its window from
+    epoch E + 1 on: earlier epochs sample easier kept candidates)."""
     direction = row.attrs["direction"]
     shown = min(top, len(row.indices))
     positive = is_positive(direction, np.array([row.query]), row.indices[None, :shown])[0]
     sampled = np.zeros(len(row.indices), bool)
-    if reasons is not None:
-        sampled[np.flatnonzero(reasons == 0)[:window]] = True
+    sampled[np.flatnonzero(reasons == 0)[:window]] = True
     lines = []
     for rank in range(shown):
         score = "     -" if row.scores is None else f"{row.scores[rank]:.4f}"
         if positive[rank]:
             mark = "+"
-        elif reasons is not None and reasons[rank]:
+        elif reasons[rank]:
             mark = "".join(letter for bit, letter in REASONS.items() if reasons[rank] & bit)
         else:
             mark = "*" if sampled[rank] else " "

@@ -191,8 +191,22 @@ def select(direction: str, candidates: Candidates, rules: SelectionRules, window
     t2i)."""
     if not rules.active:
         return Selection.unfiltered(candidates.indices)
+    if rules.skip_top >= candidates.k:
+        raise UserError(f"offcandi.skip_top={rules.skip_top} skips every one of the "
+                        f"K={candidates.k} candidates per query of {candidates.path}; give "
+                        f"skip_top < {candidates.k}, or mine a larger K")
     reasons = drop_reasons(direction, candidates, rules, words)
     selection = Selection.from_reasons(candidates.indices, reasons)
+    empty = float((selection.counts == 0).mean())
+    if empty == 1.0:
+        raise UserError(f"the false-negative filters leave no candidate for any query of "
+                        f"{candidates.path}, which would all train on their last, filtered "
+                        "candidate; loosen the filters (aoq inspect shows what each one "
+                        "drops) or mine a larger K")
+    if empty:
+        log.warning("%s: %.2f%% of the queries keep no candidate after the filters; they "
+                    "train on their last (least similar) candidate (aoq inspect shows what "
+                    "each filter drops)", candidates.path, 100 * empty)
     by_rule = ", ".join(f"{name} {(reasons & bit).astype(bool).sum(1).mean():.1f}"
                         for bit, name in REASON_NAMES.items() if (reasons & bit).any())
     short = selection.counts < window

@@ -24,7 +24,7 @@ from .data.captions import CAPTIONS_PER_IMAGE
 from .data.dataset import open_split
 from .data.tokenizers import from_folder_or_hub, resolve_text_model
 from .data.vocab import file_sha256
-from .embeddings import EMBEDDINGS_FORMAT
+from .embeddings import EMBEDDINGS_FORMAT, Embeddings
 from .errors import UserError
 from .io.atomic import atomic_path
 from .io.checkpoint import load_checkpoint, weights_hash
@@ -77,16 +77,33 @@ def image_rows(captions: np.ndarray) -> np.ndarray:
     return mean / np.maximum(np.linalg.norm(mean, axis=1, keepdims=True), 1e-12)
 
 
+def _made_by(out: Path, identity: dict) -> bool:
+    """Whether ``out`` is an embeddings file with these attributes (model, captions)."""
+    try:
+        with Embeddings(out) as existing:
+            return all(existing.attrs.get(k) == v for k, v in identity.items())
+    except UserError:  # missing or unreadable: made again
+        return False
+
+
 def embed_text(text_model: str, dataset_dir: str | Path, dataset: str, split_name: str,
                out: str | Path, batch_size: int = 256) -> Path:
     """Encode ``split_name``'s captions of ``dataset_dir`` with ``text_model`` into the
-    embeddings file ``out`` (see the module docstring)."""
+    embeddings file ``out`` (see the module docstring); an ``out`` made by the same model
+    weights from the same captions is left as it is (so make, which runs this every time,
+    mines again only when the model or the captions changed)."""
     dataset_dir, out = Path(dataset_dir), Path(out)
     if not dataset_dir.is_dir():
         raise UserError(f"dataset folder {dataset_dir} not found; set data.path / data.name")
     split = open_split(dataset_dir, split_name)
     tokenizer, model, where = load_text_model(text_model)
+    identity = {"checkpoint": TEXT_PREFIX + where, "weights": weights_hash(model.state_dict()),
+                "dataset": dataset, "split": split_name,
+                "train_captions_sha256": file_sha256(dataset_dir / f"{split_name}_caps.txt")}
     with folder_lock(out.parent, "aoq embed-text"):
+        if _made_by(out, identity):
+            log.info("%s is up to date (the same model and captions): nothing to do", out)
+            return out
         log.info("text miner %s over %d captions of %s %s", where, len(split.captions),
                  dataset, split_name)
         captions = sentence_embeddings(split.captions, tokenizer, model, batch_size)
@@ -96,12 +113,8 @@ def embed_text(text_model: str, dataset_dir: str | Path, dataset: str, split_nam
               h5py.File(tmp, "w") as f):
             f.create_dataset("images", data=images)
             f.create_dataset("captions", data=captions)
-            f.attrs.update({
-                "format": EMBEDDINGS_FORMAT, "checkpoint": TEXT_PREFIX + where,
-                "weights": weights_hash(model.state_dict()), "dataset": dataset,
-                "split": split_name, "num_images": split.num_images, "miner": "text",
-                "dataset_dir": str(dataset_dir.resolve()),
-                "train_captions_sha256": file_sha256(dataset_dir / f"{split_name}_caps.txt"),
-            })
+            f.attrs.update({"format": EMBEDDINGS_FORMAT, **identity,
+                            "num_images": split.num_images, "miner": "text",
+                            "dataset_dir": str(dataset_dir.resolve())})
     log.info("wrote %s", out)
     return out

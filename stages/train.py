@@ -245,6 +245,8 @@ def train(config: Config, run_dir: str | Path, resume: bool = False,
              config.data.val_split)
 
     fingerprint = data_fingerprint(config, tokenizer_sha256, train_split)
+    if t.init_from:  # a resume continues only from the weights it started from
+        fingerprint["init_weights"] = weights_hash(load_checkpoint(t.init_from)["state_dict"])
     task = (_offline_task(config, train_split, tokenizer, fingerprint) if t.offline_negatives
             else PairTask(train_split, tokenizer))
     device = resolve_device(t.device)
@@ -268,8 +270,9 @@ def train(config: Config, run_dir: str | Path, resume: bool = False,
         if state is not None and state["data_fingerprint"] != fingerprint:
             changed = sorted(k for k in {*state["data_fingerprint"], *fingerprint}
                              if state["data_fingerprint"].get(k) != fingerprint.get(k))
-            raise UserError(f"cannot resume {run_dir}: it was trained on other data or "
-                            f"candidates than those now given (changed: {', '.join(changed)}); "
+            raise UserError(f"cannot resume {run_dir}: it was trained on other data, "
+                            "candidates or initial weights (train.init_from) than those now "
+                            f"given (changed: {', '.join(changed)}); "
                             + (refused_hint or f"delete {run_dir} to start it over, or use "
                                "another run folder"))
         if state is None and not t.init_from and not from_scratch:  # last.pt went meanwhile

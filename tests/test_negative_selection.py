@@ -175,3 +175,12 @@ def test_curriculum_slides_from_the_easiest_to_the_hardest_kept():
                 ranks.add(list(i2t[cap // 5]).index(d["captions"][cap]))
         assert ranks <= set(range(start, start + h)), (epoch, ranks)
     assert sampler._offset(np.array([16]), np.array([h]))[0] == 0  # past E: the hardest
+
+
+def test_filters_that_leave_most_rows_empty_are_refused():
+    c = scored(n=10)["i2t"]
+    with pytest.raises(UserError, match="skip_top=20 skips every one of the K=20"):
+        select("i2t", c, SelectionRules(skip_top=20), 6)
+    with pytest.raises(UserError, match="leave no candidate for any query"):
+        select("i2t", c, SelectionRules(margin=5.0), 6)  # every score > positive - 5
+    assert select("i2t", c, SelectionRules(skip_top=19), 6).counts.tolist() == [1] * 10

@@ -58,3 +58,14 @@ def test_retraining_checks_the_text_miner(tiny_root, tmp_path, text_mined):
     config = load_config(overrides=[*settings, f"offcandi.base_ckpt=text:{other}"])
     with pytest.raises(UserError, match="mined with model weights"):
         train(config, tmp_path / "run2")
+
+
+def test_embeddings_are_made_again_only_for_another_model(tiny_root, text_mined):
+    bert, path = text_mined
+    before = path.stat().st_mtime_ns
+    embed_text(str(bert), tiny_root / "tiny", "tiny", "train", path)
+    assert path.stat().st_mtime_ns == before  # same weights and captions: left as it was
+    other = tiny_bert_for(tiny_root, name="other", seed=1)
+    embed_text(str(other), tiny_root / "tiny", "tiny", "train", path)
+    with Embeddings(path) as emb:
+        assert emb.attrs["weights"] == miner_weights(f"text:{other}")

@@ -310,3 +310,20 @@ def test_the_optimizer_settings_reach_the_trainer(tiny_config, tmp_path):
     tiny_config.train.weight_decay = 0.05
     group = load_checkpoint(train(tiny_config, tmp_path / "run"))["optimizer"]["param_groups"][0]
     assert (group["weight_decay"], group["decoupled_weight_decay"]) == (0.05, True)
+
+
+def test_a_resume_from_other_initial_weights_is_refused(tiny_config, tmp_path):
+    """train.init_from names a file: when it holds other weights than the run started from
+    (the base model retrained), the finished continuation is not taken as done."""
+    import shutil
+
+    base = train(tiny_config, tmp_path / "base")
+    remove_file_handlers()
+    more = load_config(base=tiny_config, overrides=[f"train.init_from={base}"])
+    train(more, tmp_path / "more")
+    remove_file_handlers()
+    other = train(load_config(base=tiny_config, overrides=["train.seed=5"]), tmp_path / "b2")
+    remove_file_handlers()
+    shutil.copyfile(other, base)
+    with pytest.raises(UserError, match=r"initial weights .*changed: init_weights"):
+        train(more, tmp_path / "more", resume=True)
