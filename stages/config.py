@@ -158,6 +158,12 @@ class OffcandiConfig:
     duplicate_overlap: Annotated[float, Range(min=0, max=1)] = 0.0
     # ... and each row's skip_top hardest (sample from ranks skip_top.. of what remains).
     skip_top: Annotated[int, NonNegative] = 0
+    # A second candidate folder (another miner's), mixed in: each caption takes its offline
+    # negatives from it with probability mix_share; mix_base_ckpt checks its miner as
+    # base_ckpt does. Empty: off.
+    mix_dir: str = ""
+    mix_base_ckpt: str = ""
+    mix_share: Annotated[float, Range(min=0, max=1)] = 0.5
     # Hardness curriculum: the sampled window slides from each row's easiest eligible
     # candidates (epoch 1) to its hardest (epoch curriculum_epochs + 1 on); 0: off.
     curriculum_epochs: Annotated[int, NonNegative] = 0

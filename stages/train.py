@@ -121,13 +121,12 @@ def _caption_tokenizer(config: Config) -> tuple[CaptionTokenizer, str]:
     return vocab, file_sha256(vocab_path)
 
 
-def _offline_task(config: Config, split: Split, tokenizer: CaptionTokenizer,
-                  fingerprint: dict) -> OfflineTask:
-    """Pairs plus negatives from checked candidate files; records them in the fingerprint."""
+def _selections(config: Config, split: Split, folder, base_ckpt: str, rules: SelectionRules,
+                words: CaptionWords | None) -> tuple[dict, dict]:
+    """One candidate folder's i2t and t2i :class:`Selection` (checked against ``split`` and
+    its miner ``base_ckpt``, when given, then filtered) and their fingerprint entry."""
     h = config.offcandi.hardest
-    expected = miner_weights(config.offcandi.base_ckpt) if config.offcandi.base_ckpt else ""
-    folder = config.candidates_dir()
-    rules = SelectionRules.from_config(config.offcandi)
+    expected = miner_weights(base_ckpt) if base_ckpt else ""
     windows = {"i2t": h, "t2i": -(-h // 5)}
     i2t, t2i = (load_candidates(folder, direction, config.data.name, split.name,
                                 split.num_images, windows[direction], expected,
@@ -137,18 +136,35 @@ def _offline_task(config: Config, split: Split, tokenizer: CaptionTokenizer,
         raise UserError(f"{i2t.path} and {t2i.path} were mined with different models "
                         f"({i2t.attrs['weights']} vs {t2i.attrs['weights']}); mine both "
                         "again with `make offcandi`")
-    fingerprint["candidates"] = {
-        d.attrs["direction"]: {"weights": d.attrs["weights"], "k": d.k,
-                               "index": d.attrs.get("index", ""),
-                               "sha256": file_sha256(d.path)} for d in (i2t, t2i)}
     log.info("offline negatives from %s (mined with %s), sampled from the top %d",
              folder, i2t.attrs.get("checkpoint"), h)
-    words = CaptionWords(split.captions) if rules.duplicate_overlap else None
     selections = {c.attrs["direction"]: select(c.attrs["direction"], c, rules,
                                                windows[c.attrs["direction"]], words)
                   for c in (i2t, t2i)}
-    sampler = OfflineNegativeSampler(selections["i2t"], selections["t2i"], h,
-                                     config.train.seed, config.offcandi.curriculum_epochs)
+    record = {d.attrs["direction"]: {"weights": d.attrs["weights"], "k": d.k,
+                                     "index": d.attrs.get("index", ""),
+                                     "sha256": file_sha256(d.path)} for d in (i2t, t2i)}
+    return selections, record
+
+
+def _offline_task(config: Config, split: Split, tokenizer: CaptionTokenizer,
+                  fingerprint: dict) -> OfflineTask:
+    """Pairs plus negatives from checked candidate files (and a second source mixed in,
+    ``offcandi.mix_dir``); records them in the fingerprint."""
+    o = config.offcandi
+    rules = SelectionRules.from_config(o)
+    words = CaptionWords(split.captions) if rules.duplicate_overlap else None
+    selections, fingerprint["candidates"] = _selections(
+        config, split, config.candidates_dir(), o.base_ckpt, rules, words)
+    mix = None
+    if o.mix_dir:
+        mixed, fingerprint["candidates_mix"] = _selections(config, split, o.mix_dir,
+                                                           o.mix_base_ckpt, rules, words)
+        mix = (mixed["i2t"], mixed["t2i"])
+        log.info("%.0f%% of the captions draw their offline negatives from %s",
+                 100 * o.mix_share, o.mix_dir)
+    sampler = OfflineNegativeSampler(selections["i2t"], selections["t2i"], o.hardest,
+                                     config.train.seed, o.curriculum_epochs, mix, o.mix_share)
     return OfflineTask(split, tokenizer, sampler)
 
 

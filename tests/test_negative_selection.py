@@ -184,3 +184,28 @@ def test_filters_that_leave_most_rows_empty_are_refused():
     with pytest.raises(UserError, match="leave no candidate for any query"):
         select("i2t", c, SelectionRules(margin=5.0), 6)  # every score > positive - 5
     assert select("i2t", c, SelectionRules(skip_top=19), 6).counts.tolist() == [1] * 10
+
+
+def test_a_second_source_is_mixed_in_by_share():
+    n, h = 40, 10
+    a_i2t, a_t2i = mined_candidates(n, 20, 4, seed=0)
+    b_i2t, b_t2i = mined_candidates(n, 20, 4, seed=1)
+    first = [Selection.unfiltered(a_i2t), Selection.unfiltered(a_t2i)]
+    second = (Selection.unfiltered(b_i2t), Selection.unfiltered(b_t2i))
+    captions = np.arange(5 * n)
+    alone = OfflineNegativeSampler(*first, h, seed=3).draw(captions.tolist())
+    for share in (0.0, 0.3, 1.0):
+        d = OfflineNegativeSampler(*first, h, seed=3, mix=second, mix_share=share).draw(
+            captions.tolist())
+        rank = (counter_hash(3, 0, captions) % np.uint64(h)).astype(np.int64)
+        from_b = d["captions"] == b_i2t[captions // 5, rank]
+        from_a = d["captions"] == a_i2t[captions // 5, rank]
+        assert (from_a | from_b).all()
+        # a caption's two negatives come from the same source
+        assert (d["images"][from_b & ~from_a] == b_t2i[captions, rank // 5][from_b & ~from_a]).all()
+        if share == 0.0:
+            assert all((d[k] == alone[k]).all() for k in d)  # the first source's draw, exactly
+        if share == 1.0:
+            assert from_b.all()
+        if share == 0.3:
+            assert 0.15 < (from_b & ~from_a).mean() < 0.45

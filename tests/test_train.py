@@ -327,3 +327,18 @@ def test_a_resume_from_other_initial_weights_is_refused(tiny_config, tmp_path):
     shutil.copyfile(other, base)
     with pytest.raises(UserError, match=r"initial weights .*changed: init_weights"):
         train(more, tmp_path / "more", resume=True)
+
+
+def test_retraining_mixes_a_second_candidate_source(tiny_config, tmp_path):
+    first = imported_candidates(tiny_config, tmp_path / "a")
+    second = imported_candidates(tiny_config, tmp_path / "b", k_i2t=31)
+    settings = ["train.offline_negatives=true", "loss.name=aoq", "offcandi.hardest=20",
+                f"offcandi.dir={first}", f"offcandi.mix_dir={second}", "offcandi.mix_share=0.5"]
+    path = train(load_config(base=tiny_config, overrides=settings), tmp_path / "run")
+    fingerprint = load_checkpoint(path)["data_fingerprint"]
+    assert fingerprint["candidates_mix"]["i2t"]["k"] == 31
+    assert fingerprint["candidates"]["i2t"]["k"] == 30
+    remove_file_handlers()
+    wrong = load_config(base=tiny_config, overrides=[*settings, f"offcandi.mix_base_ckpt={path}"])
+    with pytest.raises(UserError, match="mined with model weights"):
+        train(wrong, tmp_path / "run2")

@@ -50,15 +50,22 @@ class OfflineNegativeSampler:
     with fewer eligible candidates than the window samples from those it has; a row with
     none takes its last (least similar) candidate. With no filter and no curriculum this is
     the reference's draw: one n for both directions, T' = i2t[i][n], I' = t2i[c][n // 5].
+
+    ``mix``: a second source's (i2t, t2i) selections (another miner's candidates); a caption
+    takes both its negatives from it with probability ``mix_share``, drawn as from the first
+    (the same rank n, its own rows).
     """
 
     def __init__(self, i2t: Selection, t2i: Selection, hardest: int, seed: int,
-                 curriculum_epochs: int = 0):
+                 curriculum_epochs: int = 0,
+                 mix: tuple[Selection, Selection] | None = None, mix_share: float = 0.0):
         need_t2i = -(-hardest // CAPTIONS_PER_IMAGE)
-        if i2t.k < hardest or t2i.k < need_t2i:
-            raise ValueError(f"need K >= {hardest} (i2t) and >= {need_t2i} (t2i), got "
-                             f"{i2t.k} and {t2i.k}")
+        for a, b in ((i2t, t2i), *((mix,) if mix else ())):
+            if a.k < hardest or b.k < need_t2i:
+                raise ValueError(f"need K >= {hardest} (i2t) and >= {need_t2i} (t2i), got "
+                                 f"{a.k} and {b.k}")
         self.i2t, self.t2i = i2t, t2i
+        self.mix, self.mix_share = mix, mix_share if mix else 0.0
         self.hardest = hardest
         self.seed = seed
         self.curriculum_epochs = curriculum_epochs
@@ -94,9 +101,15 @@ class OfflineNegativeSampler:
         which = (second % np.uint64(CAPTIONS_PER_IMAGE)).astype(np.int64)
         image = c // CAPTIONS_PER_IMAGE
         need_t2i = -(-self.hardest // CAPTIONS_PER_IMAGE)
+        third = _splitmix64(second)
         t1 = self._pick(self.i2t, image, rank, self.hardest, words)
-        i1 = self._pick(self.t2i, c, rank // CAPTIONS_PER_IMAGE, need_t2i,
-                        _splitmix64(second))
+        i1 = self._pick(self.t2i, c, rank // CAPTIONS_PER_IMAGE, need_t2i, third)
+        if self.mix_share:  # a caption's negatives both come from the second source
+            coin = (_splitmix64(third) >> np.uint64(11)).astype(np.float64) / 2.0 ** 53
+            other = coin < self.mix_share
+            t1 = np.where(other, self._pick(self.mix[0], image, rank, self.hardest, words), t1)
+            i1 = np.where(other, self._pick(self.mix[1], c, rank // CAPTIONS_PER_IMAGE,
+                                            need_t2i, third), i1)
         return {"captions": t1, "images": i1, "captions2": i1 * CAPTIONS_PER_IMAGE + which,
                 "images2": t1 // CAPTIONS_PER_IMAGE}
 
