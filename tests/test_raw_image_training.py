@@ -51,7 +51,7 @@ def test_resume_refuses_other_images(pixels, tmp_path):
     train(config, tmp_path / "run")
     (images / "train" / "0000.jpg").write_bytes((images / "train" / "0001.jpg").read_bytes())
     config.train.epochs = 2
-    with pytest.raises(UserError, match="other data .*train_features"):
+    with pytest.raises(UserError, match="other data.*train_features"):
         train(config, tmp_path / "run", resume=True)
 
 
