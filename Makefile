@@ -193,7 +193,7 @@ else ifneq ($(COCO_JSON),)
 	    $(foreach s,$(COCO_SPLITS),--split $(s)) --out $(DATASET)
 else
 	@echo "error: $@ not found. Put the $(DATA) precomp folder under DATA_PATH=$(DATA_PATH)" \
-	      "(see README.md, 'Datasets'), point DATA_PATH at the folder that holds it, or" \
+	      "(see docs/data.md), point DATA_PATH at the folder that holds it, or" \
 	      "make it with KARPATHY=dataset_<data>.json or COCO_JSON=captions_*.json." >&2
 	@exit 1
 endif
@@ -212,7 +212,7 @@ ifneq ($(FEATURES_COMMAND),)
 	$(AOQ) features $(FEATURES_COMMAND)
 else
 	@echo "error: no features in $(DATASET): put the precomp {split}_ims.npy there, or" \
-	      "make them with TSV=<BUTD .tsv files> or IMAGES=<image folder> (see README.md)." >&2
+	      "make them with TSV=<BUTD .tsv files> or IMAGES=<image folder> (see docs/data.md)." >&2
 	@exit 1
 endif
 
@@ -228,7 +228,7 @@ OVERRIDES += $(if $(IMAGES),--set data.images=$(IMAGES))
 # `aoq captions` writes the image lists with the captions.
 $(DATASET)/%_images.txt: | $(DATASET)/%_caps.txt
 	@test -f $@ || { echo "error: $@ not found: models that read raw images need the image" \
-	    "list \`aoq captions\` writes (KARPATHY= or COCO_JSON=, see README.md)" >&2; exit 1; }
+	    "list \`aoq captions\` writes (KARPATHY= or COCO_JSON=, see docs/data.md)" >&2; exit 1; }
 
 # --- settings stamps ---------------------------------------------------------------------
 # Each stage's output depends on a stamp holding the resolved settings that stage reads

@@ -37,12 +37,12 @@ from pathlib import Path
 
 import numpy as np
 
+from .data.captions import CAPTIONS_PER_IMAGE
 from .errors import UserError
 from .io.atomic import atomic_path, write_text
 from .io.checkpoint import load_checkpoint, weights_hash
 from .metrics.retrieval import RECALL_KS
 
-CAPTIONS_PER_IMAGE = 5
 BOOTSTRAP_RESAMPLES = 2000
 
 log = logging.getLogger(__name__)

@@ -1,4 +1,4 @@
-"""Speed figures for README: every figure is compared with a baseline timed in the same run.
+"""Speed figures for docs/speed.md: every figure is compared with a baseline timed in the same run.
 
 * vse_inf step: a VSE-infinity step at batch 128 on 36 x 2048 regions against the same
   model's bare forward + backward, and its AOQ step (3 x the rows) against 3 x that step;

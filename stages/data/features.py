@@ -214,11 +214,11 @@ def _open_hdf5(h5_path: Path) -> tuple[int, ...]:
             data = f.get("features")
             if data is None:
                 raise UserError(f"{h5_path}: no 'features' dataset; expected the project's "
-                                "HDF5 layout (see README 'File formats')")
+                                "HDF5 layout (see docs/file-formats.md)")
             if not isinstance(data, h5py.Dataset):
                 raise UserError(f"{h5_path}: 'features' is an HDF5 group, not an array; "
-                                "expected the project's HDF5 layout (see README 'File "
-                                "formats')")
+                                "expected the project's HDF5 layout (see "
+                                "docs/file-formats.md)")
             shape = tuple(data.shape)
             _check_array(h5_path, shape, data.dtype)
             counts = f.get("num_regions")
