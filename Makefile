@@ -437,8 +437,9 @@ demo-compare: $(DEMO_CKPTS)
 # what reads them (training then refuses to resume a cell made with other settings, saying
 # how to start the table over), and going back to the settings the table was made with
 # redoes nothing. TABLE_DIR may be given to keep two experiments apart. TABLE_SET:
-# overrides for the
-# table's runs only.
+# overrides for the table's runs only; TABLE_SET_<loss> (say TABLE_SET_aoq=
+# 'loss.offline_weight=0.5'): overrides for that loss's cells only (its control is another
+# loss's cell: give that loss's own TABLE_SET_<loss> to keep the pair matched).
 LOSSES ?= vse_max infonce aoq
 BATCHES ?= 128
 SEEDS ?= 1
@@ -449,8 +450,8 @@ TABLE_INIT ?=
 table_init_run = $(notdir $(patsubst %/,%,$(dir $(TABLE_INIT))))
 TABLE_DIR = runs/$(DATA)/$(model_prefix)table$(if $(TABLE_INIT),-from-$(table_init_run))
 TABLE_SETTINGS = $(SETTINGS)/$(subst /,-,$(patsubst runs/$(DATA)/%,%,$(TABLE_DIR)))
-TABLE_SET_ARGS = $(foreach s,$(TABLE_SET),--set $(s))
-TABLE_OVERRIDES = $(OVERRIDES) $(TABLE_SET_ARGS)
+TABLE_OVERRIDE_ARGS = $(foreach s,$(TABLE_SET),--set $(s))
+TABLE_OVERRIDES = $(OVERRIDES) $(TABLE_OVERRIDE_ARGS)
 TABLE_MAKEFILE := $(firstword $(MAKEFILE_LIST))
 TABLE_ARGS = --dir $(TABLE_DIR) --losses '$(LOSSES)' --batches '$(BATCHES)' \
 	--miner $(TABLE_MINER) --seeds $(SEEDS) $(if $(TABLE_INIT),--init $(TABLE_INIT)) \
@@ -466,6 +467,11 @@ $(if $(TABLE_INIT),$(if $(filter runs/$(DATA)/%/checkpoint.pt,$(TABLE_INIT)),,$(
 	TABLE_INIT='$(TABLE_INIT)': give one checkpoint)))
 $(if $(filter runs/$(DATA)/%,$(TABLE_DIR)),,$(error TABLE_DIR='$(TABLE_DIR)': give a \
 	folder under runs/$(DATA)/ (its cells' embeddings are made there)))
+$(foreach v,$(filter TABLE_SET_%,$(.VARIABLES)),$(if $(filter $(patsubst TABLE_SET_%,%,$(v)),\
+	$(LOSSES) vse_max),,$(error $(v) is given, but LOSSES='$(LOSSES)' has no loss \
+	$(patsubst TABLE_SET_%,%,$(v)) (nor is it a control): name a loss of LOSSES))$(if \
+	$(filter-out loss.%,$($(v))),$(error $(v)='$($(v))': only loss.* settings go there; \
+	the others go in TABLE_SET, for every cell)))
 endif
 
 table: | $(STAMP)
@@ -486,6 +492,7 @@ table_miner_ckpt = $(strip $(if $(MINER),$(call round_miner_ckpt,1),\
 table_miner_dir = $(if $(MINER),$(call round_miner,1),$(patsubst %/,%,$(dir $(call table_miner_ckpt,$(1)))))
 # The training settings of cell $(1) beyond CONFIGS and TABLE_OVERRIDES.
 table_cell_args = --set loss.name=$(call table_part,$(1),1) \
+	$(foreach s,$(TABLE_SET_$(call table_part,$(1),1)),--set $(s)) \
 	--set train.batch_size=$(call table_batch,$(1)) --set train.seed=$(call table_seed,$(1)) \
 	$(if $(TABLE_INIT),--set train.init_from=$(TABLE_INIT)) \
 	$(if $(filter on,$(call table_part,$(1),2)),--set train.offline_negatives=true \
@@ -498,13 +505,13 @@ $(TABLE_DIR)/$(1)/checkpoint.pt: $(TABLE_SETTINGS)/$(1).train.yaml $(TABLE_INIT)
 	$$(AOQ) train $$(CONFIGS) $$(TABLE_OVERRIDES) $(call table_cell_args,$(1)) \
 	    --run-dir $(TABLE_DIR)/$(1) --resume --refused-hint '$$(TABLE_REFUSED)'
 $(TABLE_SETTINGS)/$(1).train.yaml: FORCE | $(STAMP)
-	$$(call stamp,train,$(TABLE_DIR)/$(1)/checkpoint.pt,$$(TABLE_SET_ARGS) $(call table_cell_args,$(1)))
+	$$(call stamp,train,$(TABLE_DIR)/$(1)/checkpoint.pt,$$(TABLE_OVERRIDE_ARGS) $(call table_cell_args,$(1)))
 
 $(TABLE_DIR)/$(1)/eval.jsonl: $(TABLE_DIR)/$(1)/checkpoint.pt $(TABLE_SETTINGS)/$(1).eval.yaml
 	$$(AOQ) eval --ckpt $$< $$(CONFIGS) $$(TABLE_OVERRIDES) --set eval.fold5=$$(FOLD5) --ranks \
 	    --out $$@
 $(TABLE_SETTINGS)/$(1).eval.yaml: FORCE | $(STAMP)
-	$$(call stamp,eval,$(TABLE_DIR)/$(1)/eval.jsonl,$$(TABLE_SET_ARGS) --set eval.fold5=$$(FOLD5))
+	$$(call stamp,eval,$(TABLE_DIR)/$(1)/eval.jsonl,$$(TABLE_OVERRIDE_ARGS) --set eval.fold5=$$(FOLD5))
 endef
 
 define TABLE_MINING_RULES
@@ -512,7 +519,7 @@ $(call table_offcandi,$(1))/t2i.h5: $(call table_miner_dir,$(1))/embeddings_trai
 	    $(call table_offcandi,$(1))/.settings.offcandi.yaml
 	$$(AOQ) offcandi --embeddings $$< $$(CONFIGS) $$(TABLE_OVERRIDES) --out-dir $$(@D)
 $(call table_offcandi,$(1))/.settings.offcandi.yaml: FORCE | $(STAMP)
-	$$(call stamp,offcandi,$(call table_offcandi,$(1))/t2i.h5,$$(TABLE_SET_ARGS))
+	$$(call stamp,offcandi,$(call table_offcandi,$(1))/t2i.h5,$$(TABLE_OVERRIDE_ARGS))
 endef
 
 $(foreach c,$(sort $(TABLE_CELLS) $(foreach b,$(BATCHES),$(TABLE_MINER)-off-b$(b))),\

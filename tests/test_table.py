@@ -2,6 +2,7 @@
 
 import csv
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -283,3 +284,23 @@ def test_table_candidates_from_a_text_miner(workdir):  # noqa: F811
     assert "--set offcandi.base_ckpt=text:/models/lm" in out
     assert "--set train.init_from=runs/tiny/base/checkpoint.pt" in out
     assert "--mined-by text:/models/lm" in out
+
+
+def test_per_loss_settings_reach_that_loss_s_cells_only(workdir):  # noqa: F811
+    """TABLE_SET_<loss>: loss.* settings for one loss's cells, stamped with them; a loss the
+    table does not train, or a setting that is not the loss's, is refused."""
+    cells = ["TABLE_CELLS=aoq-on-b16 vse_max-off-b16", "LOSSES=aoq", "BATCHES=16"]
+    out = make(workdir, "table-files", *cells, "TABLE_SET_aoq=loss.offline_weight=0.5",
+               dry_run=True)
+    trains = [line for line in out.splitlines() if "stages.cli train" in line]
+    by_run = {line.split("--run-dir ")[1].split()[0].split("/")[-1]: line for line in trains}
+    assert "--set loss.offline_weight=0.5" in by_run["aoq-on-b16"]
+    assert "offline_weight" not in by_run["vse_max-off-b16"]
+    stamps = [line for line in out.splitlines() if "stages.cli settings" in line]
+    assert any("aoq-on-b16" in s and "loss.offline_weight=0.5" in s for s in stamps)
+    for setting, message in (("TABLE_SET_infonce=loss.temperature=0.05",
+                              "TABLE_SET_infonce is given, but LOSSES='aoq' has no loss"),
+                             ("TABLE_SET_aoq=train.lr=1e-4", "only loss.\\* settings go")):
+        refused = make(workdir, "table", *cells[1:], setting, dry_run=True, check=False)
+        assert refused.returncode != 0
+        assert re.search(message, refused.stderr), refused.stderr
