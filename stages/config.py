@@ -167,6 +167,10 @@ class OffcandiConfig:
     # Hardness curriculum: the sampled window slides from each row's easiest eligible
     # candidates (epoch 1) to its hardest (epoch curriculum_epochs + 1 on); 0: off.
     curriculum_epochs: Annotated[int, NonNegative] = 0
+    # Batches of groups of group_size captions whose images are each other's offline
+    # candidates (a caption, then captions of its image's eligible candidates in the top
+    # hardest), so the in-batch negatives are hard too; 0: random batches.
+    group_size: Annotated[int, NonNegative] = 0
 
 
 @dataclass

@@ -165,7 +165,7 @@ def _offline_task(config: Config, split: Split, tokenizer: CaptionTokenizer,
                  100 * o.mix_share, o.mix_dir)
     sampler = OfflineNegativeSampler(selections["i2t"], selections["t2i"], o.hardest,
                                      config.train.seed, o.curriculum_epochs, mix, o.mix_share)
-    return OfflineTask(split, tokenizer, sampler)
+    return OfflineTask(split, tokenizer, sampler, o.group_size)
 
 
 def _init_source(spec: dict, path: str) -> dict:
@@ -241,6 +241,10 @@ def train(config: Config, run_dir: str | Path, resume: bool = False,
     if LOSSES.class_of(config.loss.name).requires_offline and not t.offline_negatives:
         raise UserError(f"loss {config.loss.name!r} needs offline negatives: train it with "
                         "`aoq retrain` / `make retrain` (train.offline_negatives=true)")
+    group = config.offcandi.group_size
+    if t.offline_negatives and (group == 1 or group > t.batch_size):
+        raise UserError(f"offcandi.group_size={group}: give 0 (random batches) or a group "
+                        f"of 2 to train.batch_size={t.batch_size} captions")
     # Every input is checked before the run folder is made, so a failed start leaves
     # nothing behind.
     _absolute_paths(config)

@@ -19,3 +19,52 @@ def epoch_batches(num_items: int, batch_size: int, seed: int, epoch: int, rank: 
     step = batch_size * world_size
     batches = [order[i:i + step][rank::world_size] for i in range(0, len(order), step)]
     return [b for b in batches if b]
+
+
+def grouped_epoch_batches(neighbours: np.ndarray, counts: np.ndarray, group_size: int,
+                          batch_size: int, seed: int, epoch: int, rank: int = 0,
+                          world_size: int = 1, captions_per_image: int = 5) -> list[list[int]]:
+    """This rank's batches of an epoch made of groups of mutually hard captions.
+
+    ``neighbours`` (N, W) int: for each image, caption ids it may be grouped with, hardest
+    first (its offline i2t candidates that the filters keep, padded past ``counts`` (N,)).
+    Captions are visited in the epoch's order (:func:`epoch_permutation`); the first one
+    not yet placed starts a group, which takes up to ``group_size`` − 1 more captions among
+    its image's first W neighbours, in an order drawn afresh each epoch, each neither placed
+    already nor of an image the group holds. The groups, in order, are cut into global
+    batches as :func:`epoch_batches` cuts items, so every caption is placed once per epoch,
+    the number of steps is that of random batches, and the order is a pure function of
+    (seed, epoch, neighbours): a resumed run sees the same batches.
+
+    Topic-aware batches (Hofstätter et al., "Efficiently Teaching an Effective Dense
+    Retriever with Balanced Topic Aware Sampling", SIGIR 2021), with the mined neighbours
+    in place of query clusters: the in-batch negatives of every caption include captions
+    its image's miner found hard.
+    """
+    num_items = neighbours.shape[0] * captions_per_image
+    rng = np.random.default_rng([seed, epoch, 1])
+    # Each image's neighbours in a random order of the epoch (its padding last).
+    width = neighbours.shape[1]
+    keys = rng.random(neighbours.shape)
+    keys[np.arange(width)[None, :] >= counts[:, None]] = np.inf
+    shuffled = np.take_along_axis(neighbours, np.argsort(keys, axis=1), axis=1)
+    placed = np.zeros(num_items, dtype=bool)
+    order: list[int] = []
+    for anchor in epoch_permutation(num_items, seed, epoch).tolist():
+        if placed[anchor]:
+            continue
+        placed[anchor] = True
+        order.append(anchor)
+        image = anchor // captions_per_image
+        images = {image}
+        for caption in shuffled[image, :min(int(counts[image]), width)].tolist():
+            if len(images) == group_size:
+                break
+            if placed[caption] or caption // captions_per_image in images:
+                continue
+            placed[caption] = True
+            images.add(caption // captions_per_image)
+            order.append(caption)
+    step = batch_size * world_size
+    batches = [order[i:i + step][rank::world_size] for i in range(0, len(order), step)]
+    return [b for b in batches if b]

@@ -27,7 +27,6 @@ from ..io.checkpoint import save_checkpoint
 from ..losses.base import RetrievalLoss
 from ..models.base import EmbeddingModel
 from ..progress import Progress
-from .batches import epoch_batches
 from .distributed import is_main, rank, world_size
 from .memory import MemoryBank
 
@@ -205,8 +204,8 @@ class Trainer:
                 group["lr"] = lr * group["lr_scale"]
             self.loss_fn.set_epoch(p.epoch)
             self.task.set_epoch(p.epoch)
-            batches = epoch_batches(len(self.task.dataset), t.batch_size, t.seed, p.epoch,
-                                    rank(), world_size())
+            batches = self.task.epoch_batches(t.batch_size, t.seed, p.epoch, rank(),
+                                              world_size())
             loader = DataLoader(self.task.dataset, batch_sampler=batches[p.epoch_step:],
                                 collate_fn=self.task.collate, num_workers=self.workers,
                                 pin_memory=self.device.type == "cuda",
