@@ -117,7 +117,8 @@ help:
 	@echo "make train         base VSE++ model                         -> runs/DATA/RUN/checkpoint.pt"
 	@echo "make embed         embed the training split with the base model -> runs/DATA/RUN/embeddings_train.h5"
 	@echo "make offcandi      FAISS offline candidates                 -> offcandi/DATA/{i2t,t2i}.h5"
-	@echo "                   MINER=<run> or text:<model folder>: mine with another model"
+	@echo "                   MINER=<run>, text:<model folder> or clip:<arch>:<weights file>"
+	@echo "                   (IMAGES=<image root>): mine with another model"
 	@echo "make retrain       AOQ quintuplet-loss model                -> runs/DATA/AOQ_RUN/checkpoint.pt"
 	@echo "                   ROUNDS=n: mine again with round r-1's model and retrain, n times"
 	@echo "                   (round r > 1: offcandi/DATA/round<r>, runs/DATA/AOQ_RUN_round<r>)"
@@ -289,27 +290,40 @@ embed: $(EMBEDDINGS)
 # are written, so a mining stopped between the two is redone).
 #
 # MINER: what mines round 1: the base model (default), another run of DATA (MINER=<run
-# name>: runs/DATA/<name>/checkpoint.pt), or a pretrained sentence encoder over the
-# captions (MINER=text:<model folder>, embedded by `aoq embed-text` into
-# runs/DATA/text-<folder name>/); its candidates go to OFFCANDI_DIR/miner-<name>.
+# name>: runs/DATA/<name>/checkpoint.pt), a pretrained sentence encoder over the captions
+# (MINER=text:<model folder>, embedded by `aoq embed-text` into runs/DATA/text-<folder
+# name>/), or a pretrained open_clip model over the images (IMAGES, the raw images) and
+# captions (MINER=clip:<arch>:<weights file>, embedded by `aoq embed-clip` into
+# runs/DATA/clip-<arch>-<weights file name>/); its candidates go to OFFCANDI_DIR/miner-<name>.
 MINER ?=
 text_miner = $(patsubst text:%,%,$(filter text:%,$(MINER)))
-miner_name = $(if $(text_miner),text-$(notdir $(patsubst %/,%,$(text_miner))),$(MINER))
+clip_miner = $(patsubst clip:%,%,$(filter clip:%,$(MINER)))
+clip_arch = $(firstword $(subst :, ,$(clip_miner)))
+clip_weights = $(patsubst $(clip_arch):%,%,$(clip_miner))
+# Trained by none of this project's runs: no checkpoint to check or to start from.
+pretrained_miner = $(text_miner)$(clip_miner)
+miner_name = $(strip $(if $(text_miner),text-$(notdir $(patsubst %/,%,$(text_miner))),\
+	$(if $(clip_miner),clip-$(patsubst %.json,%,$(notdir $(clip_arch)))-$(basename \
+	$(notdir $(clip_weights))),$(MINER))))
 ifneq ($(MINER),)
-ifeq ($(text_miner),)
+ifeq ($(pretrained_miner),)
 $(call a_name,MINER)
 endif
-$(if $(filter 1,$(words $(MINER))),,$(error MINER='$(MINER)': give one run name or text:<folder>))
-$(if $(and $(text_miner),$(filter miner,$(RETRAIN_INIT))),$(error RETRAIN_INIT=miner needs \
-	a trained miner, and MINER=$(MINER) is a text model: use RETRAIN_INIT=scratch))
+$(if $(filter 1,$(words $(MINER))),,$(error MINER='$(MINER)': give one run name, \
+	text:<folder> or clip:<arch>:<weights file>))
+$(if $(and $(clip_miner),$(if $(and $(filter $(clip_arch):%,$(clip_miner)),$(clip_weights)),,no)),\
+	$(error MINER='$(MINER)': give the open_clip miner as clip:<arch>:<weights file>))
+$(if $(and $(pretrained_miner),$(filter miner,$(RETRAIN_INIT))),$(error RETRAIN_INIT=miner \
+	needs a trained miner, and MINER=$(MINER) is a pretrained model: use RETRAIN_INIT=scratch))
 endif
 round_name = $(AOQ_RUN)$(if $(filter-out 1,$(1)),_round$(1))
 round_run = runs/$(DATA)/$(call round_name,$(1))
 round_offcandi = $(OFFCANDI_DIR)$(if $(filter-out 1,$(1)),/round$(1),$(if $(MINER),/miner-$(miner_name)))
 round_miner = $(strip $(if $(filter-out 1,$(1)),$(call round_run,$(shell expr $(1) - 1)),\
 	$(if $(MINER),runs/$(DATA)/$(miner_name),$(RUN_DIR))))
-# What retraining checks its candidates were mined by: a checkpoint, or text:<folder>.
-round_miner_ckpt = $(strip $(if $(and $(text_miner),$(filter 1,$(1))),text:$(text_miner),\
+# What retraining checks its candidates were mined by: a checkpoint, text:<folder> or
+# clip:<arch>:<weights file>.
+round_miner_ckpt = $(strip $(if $(and $(pretrained_miner),$(filter 1,$(1))),$(MINER),\
 	$(call round_miner,$(1))/checkpoint.pt))
 # The retrain stage's settings beyond CONFIGS, OVERRIDES and RETRAIN_SET, for round $(1).
 retrain_args = --set offcandi.dir=$(call round_offcandi,$(1)) \
@@ -321,6 +335,13 @@ retrain_args = --set offcandi.dir=$(call round_offcandi,$(1)) \
 ifneq ($(text_miner),)
 runs/$(DATA)/$(miner_name)/embeddings_train.h5: $(DATASET)/train_caps.txt FORCE | $(STAMP)
 	$(AOQ) embed-text --text-model $(text_miner) $(CONFIGS) $(OVERRIDES) --out $@
+endif
+# The open_clip miner's likewise, rewritten only when the architecture, the weights file,
+# the captions or the images changed.
+ifneq ($(clip_miner),)
+runs/$(DATA)/$(miner_name)/embeddings_train.h5: $(DATASET)/train_images.txt FORCE | $(STAMP)
+	$(AOQ) embed-clip --arch $(clip_arch) --weights $(clip_weights) $(CONFIGS) $(OVERRIDES) \
+	    --out $@
 endif
 
 define ROUND_RULES

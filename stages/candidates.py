@@ -122,7 +122,7 @@ def load_candidates(folder: str | Path, direction: str, dataset: str, split: str
                             f"uses {key}={want!r}; {remake}")
     if weights and attrs.get("weights") != weights:
         raise UserError(f"{path} was mined with model weights {attrs.get('weights')} "
-                        f"({attrs.get('checkpoint')}), not with the expected checkpoint "
+                        f"({attrs.get('checkpoint')}), not with the expected miner "
                         f"(weights {weights}); {remake}")
     queries = num_images * (CAPTIONS_PER_IMAGE if direction == "t2i" else 1)
     if indices.ndim != 2 or indices.shape[0] != queries:

@@ -139,6 +139,26 @@ def embed_text_command(config_files, overrides, text_model, split, out) -> None:
                split or config.data.train_split, out)
 
 
+@cli.command(name="embed-clip")
+@config_options
+@click.option("--arch", required=True,
+              help="An open_clip architecture (e.g. ViT-B-32), a TinyCLIP name this package "
+                   "ships or a model-config JSON file: as model.arch of the clip model.")
+@click.option("--weights", required=True,
+              help="The open_clip checkpoint file of that architecture "
+                   "(.bin/.pt/.safetensors).")
+@click.option("--split", default="", help="Split to embed (default: data.train_split).")
+@click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="The embeddings file to write (then `aoq offcandi --embeddings` it).")
+def embed_clip_command(config_files, overrides, arch, weights, split, out) -> None:
+    """Embed a split's images (data.images) and captions with a pretrained open_clip
+    model, to mine offline negatives without a trained model."""
+    from .clip_miner import embed_clip
+
+    config = load_config(config_files, overrides)
+    embed_clip(arch, weights, config, split or config.data.train_split, out)
+
+
 @cli.command(name="export")
 @config_options
 @click.option("--ckpt", "checkpoint", required=True,
@@ -494,8 +514,9 @@ def features_precomp(dataset_dir, splits, dtype) -> None:
                                          "also mines the offline negatives (default: from "
                                          "scratch, mined by the --miner cell).")
 @click.option("--mined-by", default="",
-              help="What mined the 'on' cells' candidates, a checkpoint or text:<model "
-                   "folder> (default: --init, else the --miner cell).")
+              help="What mined the 'on' cells' candidates, a checkpoint, text:<model "
+                   "folder> or clip:<arch>:<weights file> (default: --init, else the "
+                   "--miner cell).")
 @click.option("--plan", is_flag=True,
               help="Only print the cells' folder names (one line) and exit.")
 def table(table_dir, losses, batches, miner, seeds, init, mined_by, plan) -> None:

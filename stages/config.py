@@ -146,7 +146,8 @@ class OffcandiConfig:
     # h: a negative is drawn uniformly from the top h (t2i: top h / 5)
     hardest: Annotated[int, AtLeastOne] = 300
     # retrain refuses candidates not mined with this checkpoint (or text:<model folder>,
-    # the pretrained text miner of `aoq embed-text`)
+    # the pretrained text miner of `aoq embed-text`; clip:<arch>:<weights file>, the
+    # pretrained open_clip miner of `aoq embed-clip`)
     base_ckpt: str = ""
     # False-negative-aware selection (stages/negative_selection.py), applied when retraining
     # draws, so changing it needs no mining; each is off at 0. Skip candidates scoring above

@@ -4,7 +4,7 @@ loads them in a process that needs only numpy, h5py and FAISS.
 Datasets ``images`` float32 (N, E) and ``captions`` float32 (5N, E), caption c belonging
 to image c // 5; attributes ``format="aoq-embeddings"``, ``checkpoint`` (path), ``weights``
 (hash of the model weights), ``dataset``, ``split``, ``num_images``,
-``train_captions_sha256``.
+``train_captions_sha256``, ``dataset_dir``; the miners add theirs (``miner``, ...).
 """
 
 from pathlib import Path
@@ -13,7 +13,7 @@ import h5py
 import numpy as np
 
 from .errors import UserError
-from .io.atomic import plain_attrs
+from .io.atomic import atomic_path, plain_attrs
 
 EMBEDDINGS_FORMAT = "aoq-embeddings"
 REQUIRED_ATTRS = ("checkpoint", "weights", "dataset", "split", "num_images")
@@ -78,3 +78,25 @@ class Embeddings:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def write_embeddings(out: str | Path, images: np.ndarray, captions: np.ndarray,
+                     attrs: dict) -> None:
+    """Write an embeddings file atomically: ``images`` (N, E) and ``captions`` (5N, E)
+    float32, ``attrs`` beside ``format``."""
+    need = images.nbytes + captions.nbytes + (1 << 20)
+    with (atomic_path(out, need_bytes=need, what="the embeddings") as tmp,
+          h5py.File(tmp, "w") as f):
+        f.create_dataset("images", data=images)
+        f.create_dataset("captions", data=captions)
+        f.attrs.update({"format": EMBEDDINGS_FORMAT, **attrs})
+
+
+def made_with(path: str | Path, identity: dict) -> bool:
+    """Whether ``path`` is an embeddings file whose attributes hold ``identity`` (what made
+    it: the model, the captions, ...); a missing or unreadable file is not."""
+    try:
+        with Embeddings(path) as existing:
+            return all(existing.attrs.get(k) == v for k, v in identity.items())
+    except UserError:
+        return False

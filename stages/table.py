@@ -5,12 +5,12 @@ all from one ``init`` checkpoint.
 A cell's run folder is ``<table dir>/<loss>-<off|on>-b<batch>[-s<seed>]/`` (seed 0 has no
 suffix) holding the run's ``checkpoint.pt`` and ``eval.jsonl`` (the records ``aoq eval
 --out --ranks`` appends). "on" cells are trained with offline negatives mined by
-``mined_by`` when given (a checkpoint, or ``text:<model folder>``), else by the ``init``
-checkpoint when there is one, else by the cell ``<miner>-off-b<batch>`` (the VSE++ base of
-the same batch size, seed 0). Losses that only exist with offline
-negatives (AOQ's ``aoq``/``offquin``/``offtri``) have only an "on" cell; their matched
-control is the "off" cell of the loss they add offline terms to (the loss class's
-``online_counterpart``, ``vse_max``), planned even when not listed.
+``mined_by`` when given (a checkpoint, ``text:<model folder>`` or ``clip:<arch>:<weights
+file>``: :mod:`stages.miners`), else by the ``init`` checkpoint when there is one, else by
+the cell ``<miner>-off-b<batch>`` (the VSE++ base of the same batch size, seed 0). Losses
+that only exist with offline negatives (AOQ's ``aoq``/``offquin``/``offtri``) have only an
+"on" cell; their matched control is the "off" cell of the loss they add offline terms to
+(the loss class's ``online_counterpart``, ``vse_max``), planned even when not listed.
 
 Every "on" cell is paired with its control of the same batch size and seed (same loss, or
 its counterpart; same init and epochs; no offline negatives). :func:`pair_rows` reports per
@@ -190,8 +190,8 @@ def collect_rows(table_dir: str | Path, cells: list[Cell], miner: str, init: str
                  mined_by: str = "") -> list[dict]:
     """One row per cell (keys :data:`CSV_COLUMNS`, plus ``ranks`` when its eval record has
     them) from its checkpoint and eval record, checked as the module docstring says.
-    ``mined_by``: what mined the "on" cells' candidates (a checkpoint or ``text:<model
-    folder>``; default: ``init``, else the miner cell)."""
+    ``mined_by``: what mined the "on" cells' candidates (as :mod:`stages.miners` names
+    it; default: ``init``, else the miner cell)."""
     table_dir = Path(table_dir)
     miner_weights: dict[int, str] = {}
 
@@ -207,7 +207,7 @@ def collect_rows(table_dir: str | Path, cells: list[Cell], miner: str, init: str
         source = mined_by or init
         if batch_size not in miner_weights:
             if source:
-                from .text_miner import miner_weights as weights_of
+                from .miners import miner_weights as weights_of
                 miner_weights[batch_size] = weights_of(source)
             else:
                 miner_weights[batch_size] = load(Cell(miner, False, batch_size))[2]

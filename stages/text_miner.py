@@ -10,13 +10,12 @@ images whose captions are closest to it.
 
 The file's ``checkpoint`` attribute is ``text:<model folder>`` and its ``weights`` the hash
 of the encoder's weights; retraining with ``offcandi.base_ckpt=text:<model folder>`` checks
-that its candidates were mined by that model (:func:`miner_weights`).
+that its candidates were mined by that model (:func:`stages.miners.miner_weights`).
 """
 
 import logging
 from pathlib import Path
 
-import h5py
 import numpy as np
 import torch
 
@@ -24,10 +23,9 @@ from .data.captions import CAPTIONS_PER_IMAGE
 from .data.dataset import open_split
 from .data.tokenizers import from_folder_or_hub, resolve_text_model
 from .data.vocab import file_sha256
-from .embeddings import EMBEDDINGS_FORMAT, Embeddings
+from .embeddings import made_with, write_embeddings
 from .errors import UserError
-from .io.atomic import atomic_path
-from .io.checkpoint import load_checkpoint, weights_hash
+from .io.checkpoint import weights_hash
 from .io.lock import folder_lock
 from .progress import Progress
 
@@ -44,14 +42,6 @@ def load_text_model(name: str):
     tokenizer = from_folder_or_hub(AutoTokenizer, where)
     model = from_folder_or_hub(AutoModel, where).float().eval()
     return tokenizer, model, where
-
-
-def miner_weights(base_ckpt: str) -> str:
-    """The weights hash candidate files must record for ``offcandi.base_ckpt``: a
-    checkpoint's, or for ``text:<model>`` the text model's."""
-    if base_ckpt.startswith(TEXT_PREFIX):
-        return weights_hash(load_text_model(base_ckpt[len(TEXT_PREFIX):])[1].state_dict())
-    return weights_hash(load_checkpoint(base_ckpt)["state_dict"])
 
 
 @torch.no_grad()
@@ -77,15 +67,6 @@ def image_rows(captions: np.ndarray) -> np.ndarray:
     return mean / np.maximum(np.linalg.norm(mean, axis=1, keepdims=True), 1e-12)
 
 
-def _made_by(out: Path, identity: dict) -> bool:
-    """Whether ``out`` is an embeddings file with these attributes (model, captions)."""
-    try:
-        with Embeddings(out) as existing:
-            return all(existing.attrs.get(k) == v for k, v in identity.items())
-    except UserError:  # missing or unreadable: made again
-        return False
-
-
 def embed_text(text_model: str, dataset_dir: str | Path, dataset: str, split_name: str,
                out: str | Path, batch_size: int = 256) -> Path:
     """Encode ``split_name``'s captions of ``dataset_dir`` with ``text_model`` into the
@@ -101,20 +82,15 @@ def embed_text(text_model: str, dataset_dir: str | Path, dataset: str, split_nam
                 "dataset": dataset, "split": split_name,
                 "train_captions_sha256": file_sha256(dataset_dir / f"{split_name}_caps.txt")}
     with folder_lock(out.parent, "aoq embed-text"):
-        if _made_by(out, identity):
+        if made_with(out, identity):
             log.info("%s is up to date (the same model and captions): nothing to do", out)
             return out
         log.info("text miner %s over %d captions of %s %s", where, len(split.captions),
                  dataset, split_name)
         captions = sentence_embeddings(split.captions, tokenizer, model, batch_size)
         images = image_rows(captions)
-        need = images.nbytes + captions.nbytes + (1 << 20)
-        with (atomic_path(out, need_bytes=need, what="the embeddings") as tmp,
-              h5py.File(tmp, "w") as f):
-            f.create_dataset("images", data=images)
-            f.create_dataset("captions", data=captions)
-            f.attrs.update({"format": EMBEDDINGS_FORMAT, **identity,
-                            "num_images": split.num_images, "miner": "text",
-                            "dataset_dir": str(dataset_dir.resolve())})
+        write_embeddings(out, images, captions,
+                         {**identity, "num_images": split.num_images, "miner": "text",
+                          "dataset_dir": str(dataset_dir.resolve())})
     log.info("wrote %s", out)
     return out

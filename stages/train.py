@@ -34,10 +34,10 @@ from .io.scalars import ScalarWriter
 from .log import setup_logging
 from .losses import LOSSES, build_loss
 from .metrics.retrieval import evaluate_embeddings
+from .miners import miner_weights
 from .models import MODELS, build_model
 from .negative_selection import CaptionWords, SelectionRules, select
 from .stamps import clear_record, run_stage, settings_text, stage_settings, write_record
-from .text_miner import miner_weights
 from .training.distributed import is_main
 from .training.loop import Trainer
 from .training.tasks import OfflineTask, PairTask

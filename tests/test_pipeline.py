@@ -273,3 +273,23 @@ def test_miner_picks_what_mines_round_one(workdir):
     refused = make(work, "retrain", "MINER=text:/m", "RETRAIN_INIT=miner", dry_run=True,
                    check=False)
     assert refused.returncode != 0 and "needs a trained miner" in refused.stderr
+
+
+def test_clip_miner_embeds_the_images_with_its_arch_and_weights(workdir):
+    """MINER=clip:<arch>:<weights>: `aoq embed-clip` over IMAGES, its own candidate folder,
+    retraining checks it; a miner without weights, or RETRAIN_INIT=miner, is refused."""
+    clip = "clip:ViT-B-32:/models/laion/open_clip_model.safetensors"
+    out = make(workdir, "retrain", f"MINER={clip}", "IMAGES=/dl/images", dry_run=True)
+    assert ("embed-clip --arch ViT-B-32 --weights /models/laion/open_clip_model.safetensors"
+            in out)
+    assert "--set data.images=/dl/images" in out
+    assert "--out runs/tiny/clip-ViT-B-32-open_clip_model/embeddings_train.h5" in out
+    assert "--embeddings runs/tiny/clip-ViT-B-32-open_clip_model/embeddings_train.h5" in out
+    assert "--out-dir offcandi/tiny/miner-clip-ViT-B-32-open_clip_model" in out
+    assert f"--set offcandi.base_ckpt={clip}" in out
+    for bad in ("MINER=clip:ViT-B-32", "MINER=clip:ViT-B-32:", "MINER=clip::w.pt"):
+        refused = make(workdir, "retrain", bad, dry_run=True, check=False)
+        assert refused.returncode != 0 and "clip:<arch>:<weights file>" in refused.stderr
+    refused = make(workdir, "retrain", f"MINER={clip}", "RETRAIN_INIT=miner", dry_run=True,
+                   check=False)
+    assert refused.returncode != 0 and "needs a trained miner" in refused.stderr

@@ -10,8 +10,9 @@ from stages.config import OffcandiConfig, load_config
 from stages.data.captions import read_captions
 from stages.embeddings import Embeddings
 from stages.errors import UserError
+from stages.miners import miner_weights
 from stages.offcandi import offcandi
-from stages.text_miner import embed_text, load_text_model, miner_weights
+from stages.text_miner import embed_text, load_text_model
 from stages.train import train
 from tests.conftest import TINY_OVERRIDES
 from tests.models.text_tower import tiny_bert_for
