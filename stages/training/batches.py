@@ -10,12 +10,14 @@ def epoch_permutation(num_items: int, seed: int, epoch: int) -> np.ndarray:
 
 
 def epoch_batches(num_items: int, batch_size: int, seed: int, epoch: int, rank: int = 0,
-                  world_size: int = 1) -> list[list[int]]:
+                  world_size: int = 1, drop_last: bool = False) -> list[list[int]]:
     """This rank's batches of an epoch: the epoch's order cut into global batches of
-    ``batch_size * world_size`` items (the last may be smaller), rank r taking items
-    ``r, r + world_size, ...`` of each. With one process: consecutive ``batch_size`` slices.
+    ``batch_size * world_size`` items (the last may be smaller; with ``drop_last`` it is left
+    out, as VSE-infinity's training loader does), rank r taking items ``r, r + world_size,
+    ...`` of each. With one process: consecutive ``batch_size`` slices.
     """
     order = epoch_permutation(num_items, seed, epoch).tolist()
     step = batch_size * world_size
-    batches = [order[i:i + step][rank::world_size] for i in range(0, len(order), step)]
+    end = len(order) - len(order) % step if drop_last else len(order)
+    batches = [order[i:i + step][rank::world_size] for i in range(0, end, step)]
     return [b for b in batches if b]
