@@ -105,6 +105,11 @@ class TrainConfig:
     lr_update: Annotated[int, NonNegative] = 15  # decay every N epochs (0: never)
     lr_decay: Annotated[float, Range(min=0, max=1, min_open=True)] = 0.1
     grad_clip: Annotated[float, NonNegative] = 2.0  # max gradient norm (0: no clipping)
+    # drop each epoch's last batch when it is smaller than batch_size (VSE-infinity)
+    drop_last: bool = False
+    # the validation score best.pt (and so checkpoint.pt) is kept by: rsum (R@1+5+10 both
+    # ways: VSE++, VSE-infinity) | r1r5 (R@1+5 both ways: VSRN)
+    select: Annotated[str, OneOf("rsum", "r1r5")] = "rsum"
     # adam (VSE++, VSRN, AOQ) | adamw (VSE-infinity); weight_decay: Adam's L2 term, AdamW's
     # decoupled decay
     optimizer: Annotated[str, OneOf("adam", "adamw")] = "adam"

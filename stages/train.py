@@ -3,10 +3,10 @@ offline hard negatives from candidate files as well (``train.offline_negatives``
 
 Run folder ``runs/<DATA>/<run>/``: ``config.yaml`` (resolved), ``train.log``,
 ``metrics.jsonl`` (one line per validation), ``last.pt`` (to resume), ``best.pt`` (best dev
-rsum) and, once training has finished, ``checkpoint.pt`` (the best model): the file that
-``make`` and the later stages take as the stage's output. The loop itself is
-:mod:`stages.training.loop`; this module checks the inputs, builds the parts and owns the
-run folder.
+score: rsum, or R@1 + R@5 with ``train.select=r1r5``) and, once training has finished,
+``checkpoint.pt`` (the best model): the file that ``make`` and the later stages take as the
+stage's output. The loop itself is :mod:`stages.training.loop`; this module checks the
+inputs, builds the parts and owns the run folder.
 """
 
 import copy
@@ -28,7 +28,7 @@ from .encode import encode_split
 from .errors import UserError
 from .inputs import open_model_split
 from .io.atomic import atomic_path, write_text
-from .io.checkpoint import load_checkpoint, weights_hash
+from .io.checkpoint import load_checkpoint, weights_hash, with_legacy_options
 from .io.lock import LOCK_NAME, folder_lock
 from .io.scalars import ScalarWriter
 from .log import setup_logging
@@ -38,7 +38,7 @@ from .miners import miner_weights
 from .models import MODELS, build_model
 from .negative_selection import CaptionWords, SelectionRules, select
 from .stamps import clear_record, run_stage, settings_text, stage_settings, write_record
-from .training.distributed import is_main
+from .training.distributed import is_main, world_size
 from .training.loop import Trainer
 from .training.tasks import OfflineTask, PairTask
 
@@ -89,7 +89,9 @@ def _prepare_run_dir(run_dir: Path, config: Config, resume: bool,
             return None
         state = load_checkpoint(last)
         stage = run_stage(config)
-        before = stage_settings(Config.from_dict(state["config"], str(last), stored=True), stage)
+        stored = dict(state["config"])  # with the options its model has gained since
+        stored["model"] = with_legacy_options(stored["model"]["name"], stored["model"])
+        before = stage_settings(Config.from_dict(stored, str(last), stored=True), stage)
         changed = [d for d in config_diff(before, stage_settings(config, stage))
                    if d.split(":")[0] not in RESUMABLE_CHANGES]
         if changed:
@@ -212,6 +214,16 @@ def promote_best(run_dir: Path, info: dict) -> None:
         shutil.copyfile(best, tmp)
 
 
+def _check_drop_last(config: Config, train_split: Split) -> None:
+    """``train.drop_last`` with fewer pairs than a batch would train on nothing."""
+    t, pairs = config.train, len(train_split.captions)
+    if t.drop_last and pairs < t.batch_size * world_size():
+        raise UserError(f"train.drop_last=true drops every batch smaller than "
+                        f"train.batch_size={t.batch_size} (x {world_size()} processes), but "
+                        f"{train_split.name} has {pairs} pairs: every epoch would train on "
+                        "nothing; lower train.batch_size or set train.drop_last=false")
+
+
 def _check_memory_size(config: Config, train_split: Split) -> None:
     """A memory bank holds at most one epoch of pairs: more would keep each pair several
     times (and a typo like memory.size=100000000000 would allocate 800 GB)."""
@@ -260,6 +272,7 @@ def train(config: Config, run_dir: str | Path, resume: bool = False,
                         "region features (aoq features tsv, or aoq features cnn --grid) or a "
                         "model for global features (model.name=vsepp)")
     _check_memory_size(config, train_split)
+    _check_drop_last(config, train_split)
     log.info("train: %d images / %d captions; validation: %d images of %s",
              train_split.num_images, len(train_split.captions), val_split.num_images,
              config.data.val_split)
@@ -352,7 +365,7 @@ def train(config: Config, run_dir: str | Path, resume: bool = False,
             promote_best(run_dir, trainer.checkpoint_info)
             write_record(final, settings_text(config, run_stage(config)))
             p = trainer.progress
-            log.info("done: best dev rsum %.2f at epoch %d -> %s", p.best_rsum, p.best_epoch,
-                     final)
+            log.info("done: best dev %s %.2f (rsum %.2f) at epoch %d -> %s", t.select,
+                     p.best_score, p.best_rsum, p.best_epoch, final)
     return final
 

@@ -49,6 +49,16 @@ def test_a_stamp_holds_the_resolved_settings_its_stage_reads():
     assert stamp("vocab", "data.train_split=restval") != stamp("vocab")
     assert stamp("eval", "eval.fold5=1") != stamp("eval")
     assert stamp("eval", "train.lr=0.01", "eval.block_size=7") == stamp("eval")
+    # The reference-fidelity settings (issue 19) are read by train and retrain alike.
+    for key in ("train.select=r1r5", "train.drop_last=true", "model.name=vsrn",
+                "model.caption_aug=0.1 model.name=vse_inf",
+                "model.bn_padding=true model.name=vse_inf"):
+        for stage in ("train", "retrain"):
+            assert stamp(stage, *key.split()) != stamp(stage), (stage, key)
+        assert stamp("offcandi", *key.split()) == stamp("offcandi"), key
+    vsrn = ("model.name=vsrn",)
+    for key in ("model.norm_axis=features", "model.caption_double_step=false"):
+        assert stamp("train", *vsrn, key) != stamp("train", *vsrn), key
     content = yaml.safe_load(stamp("retrain", base=load_config(overrides=["loss.name=aoq"])))
     assert content["stage"] == "retrain" and content["loss"]["name"] == "aoq"
     assert "eval" not in content and "k_i2t" not in content["offcandi"]

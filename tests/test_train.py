@@ -342,3 +342,64 @@ def test_retraining_mixes_a_second_candidate_source(tiny_config, tmp_path):
     wrong = load_config(base=tiny_config, overrides=[*settings, f"offcandi.mix_base_ckpt={path}"])
     with pytest.raises(UserError, match="mined with model weights"):
         train(wrong, tmp_path / "run2")
+
+
+def _scripted_metrics(script):
+    """evaluate_embeddings' stand-in: epoch k's validation gives script[k]'s recalls
+    (R@1, R@5, R@10 each direction)."""
+    calls = iter(script)
+
+    def evaluate(img, cap, folds, block_size):
+        r1, r5, r10, r1i, r5i, r10i = next(calls)
+        return {"r1_i2t": r1, "r5_i2t": r5, "r10_i2t": r10, "r1_t2i": r1i, "r5_t2i": r5i,
+                "r10_t2i": r10i, "rsum": r1 + r5 + r10 + r1i + r5i + r10i}
+    return evaluate
+
+
+@pytest.mark.parametrize("select, best", [("rsum", 2), ("r1r5", 1)])
+def test_the_best_model_is_kept_by_train_select(tiny_config, tmp_path, monkeypatch, select,
+                                                best):
+    """Epoch 1 has the best R@1 + R@5 both ways, epoch 2 the best rsum (its R@10 makes
+    up): VSRN's rule keeps epoch 1, VSE++'s epoch 2; a resume goes on with the rule."""
+    import stages.train as train_module
+
+    script = [(30, 60, 70, 20, 50, 60), (20, 50, 95, 15, 45, 95), (10, 20, 30, 5, 10, 20)]
+    monkeypatch.setattr(train_module, "evaluate_embeddings", _scripted_metrics(script))
+    config = load_config(base=tiny_config, overrides=["train.epochs=3", f"train.select={select}"])
+    state = load_checkpoint(train(config, tmp_path / "run"))
+    assert state["epoch"] == best and state["best_epoch"] == best
+    scores = {"rsum": [sum(r) for r in script], "r1r5": [r[0] + r[1] + r[3] + r[4]
+                                                         for r in script]}[select]
+    assert state["best_score"] == max(scores) and state["best_rsum"] == sum(script[best - 1])
+    with pytest.raises(UserError, match="train.select"):
+        load_config(overrides=["train.select=r10"])
+
+
+def test_drop_last_leaves_out_each_epochs_last_batch(tiny_config, tmp_path):
+    """200 pairs in batches of 16: 12 full batches and one of 8, which drop_last leaves
+    out; fewer pairs than a batch would train on nothing, and are refused."""
+    config = load_config(base=tiny_config, overrides=["train.epochs=2", "train.drop_last=true"])
+    train(config, tmp_path / "run")
+    assert [r["step"] for r in run_records(tmp_path / "run")] == [12, 24]
+    remove_file_handlers()
+    big = load_config(base=config, overrides=["train.batch_size=256"])
+    with pytest.raises(UserError, match="drop_last=true drops every batch.*256.*200 pairs"):
+        train(big, tmp_path / "big")
+    assert not (tmp_path / "big").exists()
+
+
+def test_a_last_pt_from_before_train_select_resumes_with_its_best_rsum(tiny_config, tmp_path):
+    """Its best model was kept by rsum and it records no best_score: the resumed run
+    compares later epochs with that best rsum, not with -inf (which would replace best.pt
+    by the next epoch whatever its score)."""
+    from stages.io.checkpoint import save_checkpoint
+
+    config = load_config(base=tiny_config, overrides=["train.epochs=2"])
+    train_killed_at_save(config, tmp_path / "run", 2)  # epoch 1's best.pt and last.pt
+    last = load_checkpoint(tmp_path / "run" / "last.pt")
+    del last["best_score"]
+    last["best_rsum"] = 1e9  # no later epoch beats it
+    save_checkpoint(tmp_path / "run" / "last.pt", last)
+    final = load_checkpoint(train(config, tmp_path / "run", resume=True))
+    assert final["epoch"] == 1
+    assert load_checkpoint(tmp_path / "run" / "last.pt")["best_score"] == 1e9

@@ -99,9 +99,11 @@ def test_rs_gcn_starts_as_the_identity():
 
 
 # --- padding, shapes ---------------------------------------------------------------------
-def test_padded_regions_change_no_embedding_and_no_loss():
+@pytest.mark.parametrize("norm_axis", ["regions", "features"])
+def test_padded_regions_change_no_embedding_and_no_loss(norm_axis):
     torch.manual_seed(0)
-    model = build_model("vsrn", {**TINY_VSRN, "img_bn": True}, img_dim=10, vocab_size=25)
+    model = build_model("vsrn", {**TINY_VSRN, "img_bn": True, "norm_axis": norm_axis},
+                        img_dim=10, vocab_size=25)
     _randomise_norms(model)
     batch = _batch([6, 2, 4, 1], [5, 3, 7, 4])
     garbage = dict(batch, images=batch["images"].clone())
@@ -326,3 +328,59 @@ def test_train_embed_eval_through_the_cli(tmp_path):
     np.testing.assert_allclose(np.linalg.norm(images, axis=1), 1, rtol=1e-5)
     record = run_records(tmp_path / "run")[-1]
     assert record["stage"] == "eval" and len(record["checkpoints"]) == 2
+
+
+# --- checkpoints from before the reference's normalisation and double step -------------------
+def _old_spec(model) -> dict:
+    """A checkpoint's model entry as the code before norm_axis and caption_double_step
+    wrote it (those arguments absent)."""
+    from stages.models import MODELS
+
+    args = {name: option.default for name, option in MODELS.options("vsrn").items()}
+    args.update(TINY_VSRN, img_dim=10, vocab_size=25)
+    for new in ("norm_axis", "caption_double_step"):
+        del args[new]
+    return {"name": "vsrn", "args": args}
+
+
+def test_a_checkpoint_from_before_norm_axis_is_read_as_it_was_trained():
+    """Its model normalised each region over its features and updated the caption branch
+    once a step: rebuilt so, not with today's defaults."""
+    from stages.data.vocab import SPECIALS, Vocab
+    from stages.io.checkpoint import model_from_checkpoint
+
+    torch.manual_seed(0)
+    trained = build_model("vsrn", {**TINY_VSRN, "norm_axis": "features",
+                                   "caption_double_step": False}, img_dim=10,
+                          vocab_size=25).eval()
+    vocab = Vocab([*SPECIALS, *(f"w{i}" for i in range(21))])
+    state = {"model": _old_spec(trained), "state_dict": trained.state_dict(),
+             "vocab": vocab.to_json()}
+    model, _ = model_from_checkpoint(state)
+    assert model.image_encoder.norm_axis == "features" and not model.caption_double_step
+    batch = _batch([6, 3], [4, 5])
+    torch.testing.assert_close(model.encode_images(batch["images"], batch["regions"]),
+                               trained.encode_images(batch["images"], batch["regions"]))
+
+
+def test_a_run_from_before_norm_axis_does_not_resume_with_the_new_defaults(vsrn_config,
+                                                                             tmp_path):
+    """Its stored config lacks the options: compared as what they meant then, the run
+    differs from one asking for the reference's behaviour, and is refused."""
+    from stages.io.checkpoint import save_checkpoint
+    from stages.train import _prepare_run_dir
+
+    config = vsrn_config.to_dict()
+    for new in ("norm_axis", "caption_double_step"):
+        del config["model"][new]
+    run = tmp_path / "run"
+    run.mkdir()
+    save_checkpoint(run / "last.pt", {"model": {"name": "vsrn", "args": {}}, "state_dict": {},
+                                      "epoch": 1, "config": config, "vocab": {},
+                                      "data_fingerprint": {}})
+    with pytest.raises(UserError, match=r"model.caption_double_step: False -> True; "
+                                        r"model.norm_axis: 'features' -> 'regions'"):
+        _prepare_run_dir(run, vsrn_config, resume=True)
+    old = load_config(base=vsrn_config, overrides=["model.norm_axis=features",
+                                                   "model.caption_double_step=false"])
+    assert _prepare_run_dir(run, old, resume=True)["epoch"] == 1  # the same settings resume

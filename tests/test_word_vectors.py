@@ -55,6 +55,8 @@ def test_found_rows_are_the_files_vectors_and_the_rest_keep_their_init(tmp_path,
     for word in (*SPECIALS, "runs"):  # specials are never looked up; runs is not in the file
         row = VOCAB.word2idx[word]
         assert torch.equal(weight[row], init[row]), word
+    if name == "vse_inf":  # VSE-infinity's <mask>, after the vocabulary, keeps its init
+        assert weight.shape[0] == len(VOCAB) + 1 and torch.equal(weight[-1], init[-1])
     assert record == {"path": str(path.resolve()),
                       "sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
                       "dim": 4, "found": 4, "missing": 1}

@@ -2,7 +2,8 @@
 
 Keys: ``format``, ``version``, ``model`` ({name, args}), ``state_dict``, ``optimizer``,
 ``epoch`` (epochs completed), ``epoch_step`` (batches done in the current epoch), ``step``,
-``best_rsum``, ``best_epoch``, ``config`` (resolved), ``vocab`` (the caption tokenizer's
+``best_score`` (the best validation by ``train.select``), ``best_rsum`` (that validation's
+rsum), ``best_epoch``, ``config`` (resolved), ``vocab`` (the caption tokenizer's
 description: the vocabulary itself, or a pretrained tokenizer's files, see
 :mod:`stages.data.tokenizers`), ``data_fingerprint``, ``rng``, ``metrics`` (last
 validation). A later stage rebuilds the model from the checkpoint alone.
@@ -102,15 +103,23 @@ def _remake_hint(path: Path) -> str:
             f"AOQ_RUN={run}` for an AOQ run){again}")
 
 
+def with_legacy_options(name: str, values: dict) -> dict:
+    """``values`` (a checkpoint's model arguments, or its stored config's model block) of
+    model ``name``, with each option the model gained since they were written set to the
+    value that gives the behaviour they were trained with
+    (:attr:`~stages.models.base.EmbeddingModel.legacy_options`)."""
+    return {**MODELS.class_of(name).legacy_options, **values}
+
+
 def model_from_checkpoint(state: dict, source: str = "checkpoint"):
     """Rebuild (model, caption tokenizer) from a loaded checkpoint; the model is on the CPU,
     eval mode."""
     spec = state["model"]
     try:
         options = MODELS.options(spec["name"])
-        model = build_model(spec["name"],
-                            {k: v for k, v in spec["args"].items() if k in options},
-                            **{k: v for k, v in spec["args"].items() if k not in options})
+        args = with_legacy_options(spec["name"], spec["args"])
+        model = build_model(spec["name"], {k: v for k, v in args.items() if k in options},
+                            **{k: v for k, v in args.items() if k not in options})
     except UserError as exc:  # an unknown model name, an option out of range
         raise UserError(f"{source}: {exc}") from exc
     except (TypeError, ValueError) as exc:  # arguments the model does not take

@@ -48,6 +48,12 @@ class EmbeddingModel(nn.Module):
     # global features before it starts.
     needs_regions: bool = False
 
+    # Options added after checkpoints of the model were first written, each with the value
+    # that gives the behaviour those checkpoints were trained with: a checkpoint whose model
+    # arguments (or stored config) lack one is rebuilt (or compared on resume) with that
+    # value, never with a newer default (see stages.io.checkpoint.with_legacy_options).
+    legacy_options: dict = {}
+
     @classmethod
     def caption_tokenizer(cls, options: dict):
         """The :class:`~stages.data.tokenizers.CaptionTokenizer` this model reads, given its

@@ -1,6 +1,10 @@
 """A pretrained transformer text tower: a Hugging Face encoder (BERT, MiniLM, RoBERTa, ...)
 over a caption's token ids, pooled to one vector (the first token's output, [CLS], or the
-mean over the caption's tokens), projected to the joint space and L2-normalised.
+mean over the caption's tokens), projected to the joint space and L2-normalised; or, with
+``pooling="gpo"`` (VSE-infinity's BERT text encoder, woodfrog/vse_infty ``lib/encoders.py``
+``EncoderText``), every token's output projected to the joint space, then pooled by GPO
+(:mod:`stages.models.gpo`, over the caption's tokens, [CLS] and [SEP] included) and
+L2-normalised.
 
 The encoder is built from its configuration (``config.json`` as a dict, stored in the
 checkpoint), so a model rebuilt from a checkpoint needs no folder; a fresh model loads the
@@ -10,7 +14,9 @@ Freezing (``freeze_layers``): N > 0 fixes the embeddings and the first N layers,
 whole encoder. Frozen parts are fixed functions: their weights get no gradient and they
 run in eval mode (no dropout) whatever the model's mode. With the whole encoder frozen,
 each distinct caption's pooled output is computed once and kept (:class:`EncoderCache`),
-so after the first pass over a split a step costs what the projection costs.
+so after the first pass over a split a step costs what the projection costs; not with GPO
+pooling, which reads every token's output (a row per token, not per caption), so the frozen
+encoder runs at every step.
 """
 
 import logging
@@ -22,11 +28,12 @@ from torch import nn
 from ..data.tokenizers import from_folder_or_hub, resolve_text_model
 from ..errors import UserError
 from .encoder_cache import EncoderCache
+from .gpo import GPO
 from .tracing import is_exporting
 
 log = logging.getLogger(__name__)
 
-POOLINGS = ("cls", "mean")
+POOLINGS = ("cls", "mean", "gpo")
 
 
 def _layer_list(encoder: nn.Module, num_layers: int) -> nn.ModuleList:
@@ -58,11 +65,12 @@ class TransformerTextEncoder(nn.Module):
             self.encoder.pooler = None  # BERT's [CLS] dense + tanh head: pooling is ours
         self.proj = nn.Linear(config.hidden_size, embed_size)
         self.pooling = pooling
+        self.gpo = GPO() if pooling == "gpo" else None
         self.source = source
         self.frozen = self._freeze(freeze_layers, config.num_hidden_layers)
         self.train()  # frozen parts to eval mode
         whole = not any(p.requires_grad for p in self.encoder.parameters())
-        self.cache = EncoderCache() if whole else None
+        self.cache = EncoderCache() if whole and pooling != "gpo" else None
         self.encoder.register_load_state_dict_post_hook(self._weights_loaded)
 
     def _freeze(self, layers: int, num_layers: int) -> list[nn.Module]:
@@ -120,13 +128,20 @@ class TransformerTextEncoder(nn.Module):
                             f"its config.json ({str(exc).splitlines()[0]})") from exc
         log.info("text encoder: %s weights from %s", type(source).__name__, where)
 
-    def pooled(self, tokens: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-        """The encoder's pooled output (B, H) of (B, L) token ids with (B,) lengths, before
-        the projection; tokens past a caption's length are padding."""
+    def token_states(self, tokens: torch.Tensor,
+                     lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The encoder's outputs (B, L, H) of (B, L) token ids with (B,) lengths, and the
+        (B, L) bool mask of the caption's tokens (the rest is padding)."""
         mask = (torch.arange(tokens.shape[1], device=tokens.device)[None, :]
                 < lengths.to(tokens.device)[:, None])
         attention = self._traced_mask(mask) if is_exporting() else mask.long()
-        hidden = self.encoder(input_ids=tokens, attention_mask=attention).last_hidden_state
+        return self.encoder(input_ids=tokens, attention_mask=attention).last_hidden_state, mask
+
+    def pooled(self, tokens: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """The encoder's pooled output (B, H) of (B, L) token ids with (B,) lengths, before
+        the projection (``cls`` or ``mean`` pooling); tokens past a caption's length are
+        padding."""
+        hidden, mask = self.token_states(tokens, lengths)
         if self.pooling == "cls":
             return hidden[:, 0]
         weights = mask.to(hidden.dtype)[..., None]
@@ -143,6 +158,9 @@ class TransformerTextEncoder(nn.Module):
             ~full, torch.finfo(dtype).min)
 
     def forward(self, tokens: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        if self.gpo is not None:
+            hidden, mask = self.token_states(tokens, lengths)
+            return F.normalize(self.gpo(self.proj(hidden), mask), dim=-1)
         pooled = (self.pooled(tokens, lengths) if self.cache is None or is_exporting()
                   else self.cache(tokens, lengths, self.pooled))
         return F.normalize(self.proj(pooled), dim=-1)

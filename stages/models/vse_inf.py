@@ -6,14 +6,22 @@ Image side: every region is projected by a linear layer plus a residual 2-layer 
 (Linear, BatchNorm, ReLU, Linear; hidden size embed/2), the projected regions are pooled by
 GPO (:mod:`stages.models.gpo`) and L2-normalised. Text side: word embedding and a
 bidirectional GRU whose outputs are averaged over the two directions, pooled by their own
-GPO, L2-normalised.
+GPO, L2-normalised. In training, 20% of the regions are dropped (``region_drop``) and 20% of
+the caption tokens masked, replaced or deleted (``caption_aug``,
+:mod:`stages.models.caption_augment`), as the reference's training loader does.
 
-Differences from the reference, each deliberate: batch normalisation sees only the valid
-regions of padded sets (the reference's statistics include padding zeros); region dropping
-(``region_drop``) draws from torch's RNG instead of NumPy's, so a resumed run draws the
-same regions; an item that would lose every region keeps them all. Global (B, D) features
-are sets of one region: GPO of one element is that element, so the model becomes
-fc + MLP per image.
+Batch normalisation of padded sets (``bn_padding``): the reference's loader moves each
+image's kept regions to the front and pads the batch with zero rows up to its largest kept
+count, and its batch norm takes its statistics over every row, padding included
+(``bn_padding=True``, configs/model/vse_inf.yaml). By default the statistics are over the
+valid regions only, so an embedding does not depend on how much padding its batch holds
+(with features of variable region counts, one image of many regions would pad every other
+image of its batch); evaluation uses the running statistics either way.
+
+Other differences, each deliberate: region dropping draws from torch's RNG instead of
+NumPy's, so a resumed run draws the same regions; an item that would lose every region
+keeps them all. Global (B, D) features are sets of one region: GPO of one element is that
+element, so the model becomes fc + MLP per image.
 """
 
 import math
@@ -26,6 +34,7 @@ from torch import nn
 from ..settings import Range
 from . import MODELS
 from .base import EmbeddingModel
+from .caption_augment import augment_captions
 from .gpo import GPO
 from .rnn import run_gru
 from .word_vectors import init_embedding
@@ -47,11 +56,28 @@ def drop_regions(mask: torch.Tensor, rate: float) -> torch.Tensor:
     return torch.where(empty[:, None], mask, dropped)
 
 
-class RegionEncoder(nn.Module):
-    """Region sets -> embedding: (B, R, D) features, (B, R) bool mask -> (B, E)."""
+def front_pack(images: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each set's members moved to the front in their order, then zero rows up to the
+    largest set: (B, R, D), (B, R) bool mask -> (B, K, D), (B, K) prefix mask (K: the largest
+    count), the batch VSE-infinity's ``collate_fn`` builds from the kept regions."""
+    counts = mask.sum(dim=1)
+    width = int(counts.max())
+    order = torch.sort((~mask).to(torch.uint8), dim=1, stable=True).indices[:, :width]
+    packed = images.gather(1, order[..., None].expand(-1, -1, images.shape[2]))
+    prefix = prefix_mask(counts, width)
+    return packed.masked_fill(~prefix[..., None], 0.0), prefix
 
-    def __init__(self, img_dim: int, embed_size: int):
+
+class RegionEncoder(nn.Module):
+    """Region sets -> embedding: (B, R, D) features, (B, R) bool mask -> (B, E).
+
+    ``bn_padding``: in training, the MLP's batch norm takes its statistics over the zero
+    rows that pad the front-packed batch too (the reference), not over the valid regions
+    only."""
+
+    def __init__(self, img_dim: int, embed_size: int, bn_padding: bool = False):
         super().__init__()
+        self.bn_padding = bn_padding
         self.fc = nn.Linear(img_dim, embed_size)
         self.mlp = nn.Sequential(nn.Linear(img_dim, embed_size // 2),
                                  nn.BatchNorm1d(embed_size // 2), nn.ReLU(),
@@ -62,6 +88,13 @@ class RegionEncoder(nn.Module):
         nn.init.zeros_(self.fc.bias)
 
     def forward(self, images: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        # In eval mode batch norm is per row (running statistics): padding changes nothing,
+        # and the exported graph holds no batch-dependent width.
+        if self.bn_padding and self.training:
+            images, mask = front_pack(images, mask)
+            flat = images.reshape(-1, images.shape[2])  # padding rows included
+            projected = (self.fc(flat) + self.mlp(flat)).reshape(*images.shape[:2], -1)
+            return F.normalize(self.gpo(projected, mask), dim=-1)
         batch, num, _ = images.shape
         valid = images[mask]  # (valid regions, D): batch norm sees no padding
         projected = self.fc(valid) + self.mlp(valid)
@@ -71,11 +104,12 @@ class RegionEncoder(nn.Module):
 
 
 class TextEncoder(nn.Module):
-    """Token ids -> embedding: (B, L) long, lengths (B,) -> (B, E)."""
+    """Token ids -> embedding: (B, L) long, lengths (B,) -> (B, E). ``num_ids``: rows of the
+    word embedding (the vocabulary, and ``<mask>`` when captions are augmented)."""
 
-    def __init__(self, vocab_size: int, word_dim: int, embed_size: int, num_layers: int):
+    def __init__(self, num_ids: int, word_dim: int, embed_size: int, num_layers: int):
         super().__init__()
-        self.embed = nn.Embedding(vocab_size, word_dim)
+        self.embed = nn.Embedding(num_ids, word_dim)
         self.rnn = nn.GRU(word_dim, embed_size, num_layers, batch_first=True,
                           bidirectional=True)
         self.gpo = GPO()
@@ -92,19 +126,31 @@ class TextEncoder(nn.Module):
 @MODELS.register("vse_inf")
 class VSEInfinity(EmbeddingModel):
     """VSE-infinity with a BiGRU text encoder (defaults: the reference's 1024-d, 300-d
-    words, 1 GRU layer, 20% of the regions dropped in training)."""
+    words, 1 GRU layer, 20% of the regions dropped and 20% of the caption tokens altered in
+    training; batch-norm statistics over valid regions only, see the module docstring).
+
+    With ``caption_aug`` > 0 the word embedding has a row for ``<mask>``, id ``vocab_size``.
+    """
+
+    # Checkpoints written before caption_aug existed were trained without it.
+    legacy_options = {"caption_aug": 0.0}
 
     def __init__(self, img_dim: int, vocab_size: int,
                  embed_size: Annotated[int, Range(min=2)] = 1024,
                  word_dim: Annotated[int, Range(min=1)] = 300,
                  num_layers: Annotated[int, Range(min=1)] = 1,
                  region_drop: Annotated[float, Range(min=0, max=0.9)] = 0.2,
+                 caption_aug: Annotated[float, Range(min=0, max=0.9)] = 0.2,
+                 bn_padding: bool = False,
                  word_vectors: str = ""):
         super().__init__()
         self.region_drop = region_drop
+        self.caption_aug = caption_aug
+        self.mask_id = vocab_size
         self.word_vectors = word_vectors
-        self.image_encoder = RegionEncoder(img_dim, embed_size)
-        self.text_encoder = TextEncoder(vocab_size, word_dim, embed_size, num_layers)
+        self.image_encoder = RegionEncoder(img_dim, embed_size, bn_padding)
+        self.text_encoder = TextEncoder(vocab_size + (caption_aug > 0), word_dim, embed_size,
+                                        num_layers)
 
     def encode_images(self, images: torch.Tensor, regions: torch.Tensor) -> torch.Tensor:
         """(B, R, D) | (B, D) features, (B,) valid regions -> (B, E) embeddings; (B, D)
@@ -118,11 +164,16 @@ class VSEInfinity(EmbeddingModel):
         return self.image_encoder(images, mask)
 
     def encode_captions(self, tokens: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-        """(B, L) token ids, (B,) lengths -> (B, E) embeddings."""
+        """(B, L) token ids, (B,) lengths -> (B, E) embeddings. In training mode the tokens
+        are augmented with rate ``caption_aug``."""
+        if self.training and self.caption_aug > 0:
+            tokens, lengths = augment_captions(tokens, lengths, self.caption_aug, self.mask_id,
+                                               self.mask_id + 1)
         return self.text_encoder(tokens, lengths)
 
     def init_word_vectors(self, vocab) -> dict | None:
         """Word embedding rows from ``word_vectors`` (when set); see the base class."""
         if not self.word_vectors:
             return None
-        return init_embedding(self.text_encoder.embed, self.word_vectors, vocab)
+        return init_embedding(self.text_encoder.embed, self.word_vectors, vocab,
+                              extra_rows=int(self.caption_aug > 0))

@@ -1,9 +1,9 @@
-"""VSE with a pretrained transformer text tower (as VSE-infinity's BERT variant, without its
-GPO pooling): image side as VSE++ (precomputed features -> linear, L2-normalised), text
-side a Hugging Face encoder (``text_model``: a folder saved with ``save_pretrained``, or a
-hub name, read from the Hugging Face cache and downloaded only where the user allows it:
-:func:`stages.data.tokenizers.downloads_allowed`) pooled and projected to the joint space
-(:mod:`.transformer_text`).
+"""VSE with a pretrained transformer text tower (as VSE-infinity's BERT variant, whose GPO
+pooling is ``text_pooling="gpo"``): image side as VSE++ (precomputed features -> linear,
+L2-normalised), text side a Hugging Face encoder (``text_model``: a folder saved with
+``save_pretrained``, or a hub name, read from the Hugging Face cache and downloaded only
+where the user allows it: :func:`stages.data.tokenizers.downloads_allowed`) pooled and
+projected to the joint space (:mod:`.transformer_text`).
 
 Captions are tokenized with the text model's own tokenizer (not our vocabulary), truncated
 to ``max_length`` tokens; the checkpoint stores that tokenizer and the model's
@@ -44,7 +44,8 @@ class VSETransformer(EmbeddingModel):
     """Image features -> linear; captions -> pretrained transformer, pooled, projected.
 
     Options: ``embed_size``; ``text_model`` (folder or hub name); ``text_pooling`` (cls |
-    mean: the first token's output or the mean over the caption's tokens);
+    mean | gpo: the first token's output or the mean over the caption's tokens, projected;
+    or every token's output projected, then pooled by GPO, as VSE-infinity's BERT encoder);
     ``text_freeze_layers`` (0: train every layer; N: fix the embeddings and the first N
     layers; -1: fix the whole encoder, whose outputs are then cached); ``text_lr_scale``
     (the encoder's learning rate = ``train.lr`` x this; the projections get ``train.lr``);

@@ -107,12 +107,14 @@ def load_word_vectors(path: str | Path, vocab: Vocab, dim: int) -> WordVectors:
     return WordVectors(torch.from_numpy(vectors), torch.from_numpy(found), record)
 
 
-def init_embedding(embedding: nn.Embedding, path: str | Path, vocab: Vocab) -> dict:
-    """Overwrite the rows of ``embedding`` (V, D) whose words ``path`` holds; the other rows
-    keep their initialisation. Returns the record of :class:`WordVectors`."""
-    if embedding.num_embeddings != len(vocab):
+def init_embedding(embedding: nn.Embedding, path: str | Path, vocab: Vocab,
+                   extra_rows: int = 0) -> dict:
+    """Overwrite the rows of ``embedding`` (V + extra_rows, D) whose words ``path`` holds;
+    the other rows, and the ``extra_rows`` after the vocabulary's (VSE-infinity's
+    ``<mask>``), keep their initialisation. Returns the record of :class:`WordVectors`."""
+    if embedding.num_embeddings != len(vocab) + extra_rows:
         raise ValueError(f"embedding has {embedding.num_embeddings} rows for a vocabulary "
-                         f"of {len(vocab)} words")
+                         f"of {len(vocab)} words and {extra_rows} more")
     loaded = load_word_vectors(path, vocab, embedding.embedding_dim)
     with torch.no_grad():
         rows = loaded.found.nonzero().squeeze(1).to(embedding.weight.device)

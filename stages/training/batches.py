@@ -10,20 +10,30 @@ def epoch_permutation(num_items: int, seed: int, epoch: int) -> np.ndarray:
 
 
 def epoch_batches(num_items: int, batch_size: int, seed: int, epoch: int, rank: int = 0,
-                  world_size: int = 1) -> list[list[int]]:
+                  world_size: int = 1, drop_last: bool = False) -> list[list[int]]:
     """This rank's batches of an epoch: the epoch's order cut into global batches of
-    ``batch_size * world_size`` items (the last may be smaller), rank r taking items
-    ``r, r + world_size, ...`` of each. With one process: consecutive ``batch_size`` slices.
+    ``batch_size * world_size`` items (the last may be smaller; with ``drop_last`` it is left
+    out, as VSE-infinity's training loader does), rank r taking items ``r, r + world_size,
+    ...`` of each. With one process: consecutive ``batch_size`` slices.
     """
-    order = epoch_permutation(num_items, seed, epoch).tolist()
+    return _cut(epoch_permutation(num_items, seed, epoch).tolist(), batch_size, rank,
+                world_size, drop_last)
+
+
+def _cut(order: list[int], batch_size: int, rank: int, world_size: int,
+         drop_last: bool) -> list[list[int]]:
+    """Rank ``rank``'s share of ``order`` cut into global batches (see
+    :func:`epoch_batches`)."""
     step = batch_size * world_size
-    batches = [order[i:i + step][rank::world_size] for i in range(0, len(order), step)]
+    end = len(order) - len(order) % step if drop_last else len(order)
+    batches = [order[i:i + step][rank::world_size] for i in range(0, end, step)]
     return [b for b in batches if b]
 
 
 def grouped_epoch_batches(neighbours: np.ndarray, counts: np.ndarray, group_size: int,
                           batch_size: int, seed: int, epoch: int, rank: int = 0,
-                          world_size: int = 1, captions_per_image: int = 5) -> list[list[int]]:
+                          world_size: int = 1, drop_last: bool = False,
+                          captions_per_image: int = 5) -> list[list[int]]:
     """This rank's batches of an epoch made of groups of mutually hard captions.
 
     ``neighbours`` (N, W) int: for each image, caption ids it may be grouped with, hardest
@@ -32,9 +42,9 @@ def grouped_epoch_batches(neighbours: np.ndarray, counts: np.ndarray, group_size
     not yet placed starts a group, which takes up to ``group_size`` − 1 more captions among
     its image's first W neighbours, in an order drawn afresh each epoch, each neither placed
     already nor of an image the group holds. The groups, in order, are cut into global
-    batches as :func:`epoch_batches` cuts items, so every caption is placed once per epoch,
-    the number of steps is that of random batches, and the order is a pure function of
-    (seed, epoch, neighbours): a resumed run sees the same batches.
+    batches as :func:`epoch_batches` cuts items (``drop_last`` too), so every caption is
+    placed once per epoch, the number of steps is that of random batches, and the order is
+    a pure function of (seed, epoch, neighbours): a resumed run sees the same batches.
 
     Topic-aware batches (Hofstätter et al., "Efficiently Teaching an Effective Dense
     Retriever with Balanced Topic Aware Sampling", SIGIR 2021), with the mined neighbours
@@ -65,6 +75,4 @@ def grouped_epoch_batches(neighbours: np.ndarray, counts: np.ndarray, group_size
             placed[caption] = True
             images.add(caption // captions_per_image)
             order.append(caption)
-    step = batch_size * world_size
-    batches = [order[i:i + step][rank::world_size] for i in range(0, len(order), step)]
-    return [b for b in batches if b]
+    return _cut(order, batch_size, rank, world_size, drop_last)

@@ -4,8 +4,9 @@ uninterrupted one (model, optimiser, loss parameters, memory bank, RNG, position
 epoch, the epoch's running loss sums).
 
 Files a run folder gets from the loop (rank 0 only): ``last.pt`` (every epoch and every
-``ckpt_every`` steps), ``best.pt`` (best validation rsum), ``metrics.jsonl`` (one line per
-epoch: validation metrics, the epoch's mean of each loss term, lr, time).
+``ckpt_every`` steps), ``best.pt`` (best validation score: ``train.select``, see
+:func:`selection_score`), ``metrics.jsonl`` (one line per epoch: validation metrics, the
+epoch's mean of each loss term, lr, time).
 """
 
 import json
@@ -29,6 +30,7 @@ from ..models.base import EmbeddingModel
 from ..progress import Progress
 from .distributed import is_main, rank, world_size
 from .memory import MemoryBank
+from .repeated_updates import clip_gradients, optimizer_step
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +38,17 @@ log = logging.getLogger(__name__)
 def learning_rate(train: TrainConfig, epoch: int) -> float:
     """VSE++'s step schedule: ``lr * lr_decay ** (epoch // lr_update)``."""
     return train.lr * train.lr_decay ** (epoch // train.lr_update) if train.lr_update else train.lr
+
+
+def selection_score(metrics: dict, select: str) -> float:
+    """The validation score the best model is kept by: ``rsum`` (R@1 + R@5 + R@10 both
+    ways: VSE++, VSE-infinity) or ``r1r5`` (R@1 + R@5 both ways, no R@10: VSRN's
+    ``train.py``); -inf without metrics."""
+    if "rsum" not in metrics:
+        return -math.inf
+    if select == "rsum":
+        return metrics["rsum"]
+    return sum(metrics[f"r{k}_{d}"] for k in (1, 5) for d in ("i2t", "t2i"))
 
 
 def build_optimizer(model: EmbeddingModel, loss_fn: RetrievalLoss, lr: float,
@@ -55,12 +68,14 @@ def build_optimizer(model: EmbeddingModel, loss_fn: RetrievalLoss, lr: float,
 @dataclass
 class Progression:
     """Where a run is: ``epoch`` (epochs completed), ``epoch_step`` (batches done in the
-    current epoch), ``step`` (batches in all), the best validation so far, the last
-    validation's metrics, and the current epoch's sums of each loss term."""
+    current epoch), ``step`` (batches in all), the best validation so far (its
+    :func:`selection_score` and its rsum), the last validation's metrics, and the current
+    epoch's sums of each loss term."""
 
     epoch: int = 0
     epoch_step: int = 0
     step: int = 0
+    best_score: float = -math.inf
     best_rsum: float = -math.inf
     best_epoch: int = -1
     metrics: dict = field(default_factory=dict)
@@ -123,6 +138,8 @@ class Trainer:
             self.memory.load_state_dict(state["memory"], self.device)
         self.progress = Progression(**{k: state[k] for k in Progression.__dataclass_fields__
                                        if k in state})
+        if "best_score" not in state:  # a last.pt from before train.select: kept by rsum
+            self.progress.best_score = self.progress.best_rsum
         torch.set_rng_state(state["rng"]["torch"])
         if self.device.type == "cuda" and state["rng"].get("cuda") is not None:
             torch.cuda.set_rng_state_all(state["rng"]["cuda"])
@@ -188,9 +205,8 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if self.train.grad_clip > 0:
-            params = [p for g in self.optimizer.param_groups for p in g["params"]]
-            torch.nn.utils.clip_grad_norm_(params, self.train.grad_clip)
-        self.optimizer.step()
+            clip_gradients(self.optimizer.param_groups, self.train.grad_clip)
+        optimizer_step(self.optimizer)
         self.memory.push(inputs.img_emb, inputs.cap_emb, inputs.image_ids)
         return values
 
@@ -205,7 +221,7 @@ class Trainer:
             self.loss_fn.set_epoch(p.epoch)
             self.task.set_epoch(p.epoch)
             batches = self.task.epoch_batches(t.batch_size, t.seed, p.epoch, rank(),
-                                              world_size())
+                                              world_size(), t.drop_last)
             loader = DataLoader(self.task.dataset, batch_sampler=batches[p.epoch_step:],
                                 collate_fn=self.task.collate, num_workers=self.workers,
                                 pin_memory=self.device.type == "cuda",
@@ -248,9 +264,10 @@ class Trainer:
         p.epoch_step = 0
         p.loss_sums = {}
         p.metrics = metrics
-        is_best = metrics.get("rsum", -math.inf) > p.best_rsum
+        score = selection_score(metrics, self.train.select)
+        is_best = score > p.best_score
         if is_best:
-            p.best_rsum, p.best_epoch = metrics["rsum"], p.epoch
+            p.best_score, p.best_rsum, p.best_epoch = score, metrics["rsum"], p.epoch
         state = self.state_dict()
         if is_best:
             self._save("best.pt", state)

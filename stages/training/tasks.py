@@ -2,10 +2,10 @@
 
 One object per kind, so the loop has no ``if offline:`` branches:
 
-Each task gives ``epoch_batches(batch_size, seed, epoch, rank, world_size)`` (the items of
-each of this rank's batches of an epoch), ``forward(model, batch) -> ModelOutput`` (how the
-batch goes through the model) and ``loss_inputs(output, batch) -> LossInputs`` (how its
-rows feed the loss).
+Each task gives ``epoch_batches(batch_size, seed, epoch, rank, world_size, drop_last)`` (the
+items of each of this rank's batches of an epoch), ``forward(model, batch) -> ModelOutput``
+(how the batch goes through the model) and ``loss_inputs(output, batch) -> LossInputs`` (how
+its rows feed the loss).
 
 * :class:`PairTask`: batches of (image, caption) pairs; the loss sees in-batch negatives.
 * :class:`OfflineTask`: pairs plus each pair's offline hard negatives drawn from the
@@ -55,9 +55,10 @@ class PairTask:
         self.dataset.split.set_epoch(epoch)
 
     def epoch_batches(self, batch_size: int, seed: int, epoch: int, rank: int = 0,
-                      world_size: int = 1) -> list[list[int]]:
+                      world_size: int = 1, drop_last: bool = False) -> list[list[int]]:
         """Random batches (:func:`~stages.training.batches.epoch_batches`)."""
-        return epoch_batches(len(self.dataset), batch_size, seed, epoch, rank, world_size)
+        return epoch_batches(len(self.dataset), batch_size, seed, epoch, rank, world_size,
+                             drop_last)
 
     def forward(self, model: EmbeddingModel, batch: dict) -> ModelOutput:
         """The model's output on the whole batch, in one forward pass."""
@@ -80,20 +81,21 @@ class OfflineTask:
         self.group_size = group_size
 
     def epoch_batches(self, batch_size: int, seed: int, epoch: int, rank: int = 0,
-                      world_size: int = 1) -> list[list[int]]:
+                      world_size: int = 1, drop_last: bool = False) -> list[list[int]]:
         """Random batches, or with ``group_size`` g > 0 batches of groups of g captions
         whose images are each other's offline candidates
         (:func:`~stages.training.batches.grouped_epoch_batches`): a caption's group is drawn
         from its image's eligible i2t candidates in the sampler's window (the top h)."""
         if not self.group_size:
-            return epoch_batches(len(self.dataset), batch_size, seed, epoch, rank, world_size)
+            return epoch_batches(len(self.dataset), batch_size, seed, epoch, rank, world_size,
+                             drop_last)
         sampler = self.dataset.sampler
         i2t = sampler.i2t
         window = min(sampler.hardest, i2t.k)
         neighbours = np.take_along_axis(i2t.indices, i2t.eligible[:, :window], axis=1)
         return grouped_epoch_batches(neighbours, np.minimum(i2t.counts, window),
                                      self.group_size, batch_size, seed, epoch, rank,
-                                     world_size, CAPTIONS_PER_IMAGE)
+                                     world_size, drop_last, CAPTIONS_PER_IMAGE)
 
     def set_epoch(self, epoch: int) -> None:
         """Offline negatives (and raw images' crops) are drawn afresh every epoch."""

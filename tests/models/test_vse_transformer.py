@@ -188,3 +188,74 @@ def test_new_weights_clear_the_cache(tiny_root):
         model.encode_captions(tokens, lengths)
         model.to(torch.float64)
         assert len(model.text_encoder.cache) == 0
+
+
+class RefBertEncoderText(torch.nn.Module):
+    """VSE-infinity's BERT text encoder (woodfrog/vse_infty, master at commit
+    29df9d65f0e0b5bac3b6f6e6697a285ff89f52dc, lib/encoders.py, EncoderText), its
+    BertModel.from_pretrained given as ``bert`` and its hidden size 768 as ``hidden``; GPO
+    and l2norm the ports of tests/models/test_vse_inf_reference.py."""
+
+    def __init__(self, bert, hidden, embed_size):
+        super().__init__()
+        from tests.models.test_vse_inf_reference import RefGPO
+
+        self.bert = bert
+        self.linear = torch.nn.Linear(hidden, embed_size)
+        self.gpool = RefGPO(32, 32)
+
+    def forward(self, x, lengths):
+        from tests.models.test_vse_inf_reference import ref_l2norm
+
+        bert_attention_mask = (x != 0).float()
+        bert_emb = self.bert(x, bert_attention_mask)[0]  # B x N x D
+        cap_len = lengths
+        cap_emb = self.linear(bert_emb)
+        pooled_features, pool_weights = self.gpool(cap_emb, cap_len.to(cap_emb.device))
+        pooled_features = ref_l2norm(pooled_features, dim=-1)
+        return pooled_features
+
+
+def test_gpo_pooling_equals_the_reference_bert_encoder(tiny_root):
+    """text_pooling=gpo: every token's output projected, pooled by GPO ([CLS] and [SEP]
+    included), L2-normalised, as VSE-infinity's BERT encoder; values and gradients in eval
+    mode (no dropout), float32, tests/models/closeness.py's tolerance."""
+    from transformers import BertModel
+
+    from tests.models.closeness import assert_near, assert_same_grads
+
+    bert = tiny_bert_for(tiny_root)
+    model, tokenizer = build(bert, text_pooling="gpo")
+    model.eval()
+    ours = model.text_encoder
+    assert ours.cache is None
+    ref = RefBertEncoderText(BertModel.from_pretrained(bert, add_pooling_layer=False), 32, 16)
+    ref.linear.load_state_dict(ours.proj.state_dict())
+    ref.gpool.load_state_dict(ours.gpo.state_dict())
+    ref.bert.load_state_dict(ours.encoder.state_dict())
+    ref.eval()
+    tokens, lengths = batch_of(tokenizer, CAPTIONS)
+    emb = model.encode_captions(tokens, lengths)
+    ref_emb = ref(tokens, lengths)
+    assert_near(emb, ref_emb, "embedding")
+    w = torch.randn(emb.shape)
+    (emb * w).sum().backward()
+    (ref_emb * w).sum().backward()
+    names = {"proj.": "linear.", "gpo.": "gpool.", "encoder.": "bert."}
+    assert_same_grads(ours, lambda n: next(names[p] + n[len(p):] for p in names
+                                           if n.startswith(p)), ref)
+    mean, _ = build(bert, tokenizer, text_pooling="mean")
+    mean.load_state_dict(model.state_dict(), strict=False)
+    assert not torch.allclose(mean.eval().encode_captions(tokens, lengths), emb, atol=1e-3)
+
+
+def test_gpo_pooling_with_a_frozen_encoder_trains_without_the_cache(tiny_root, tmp_path):
+    bert = tiny_bert_for(tiny_root)
+    model, tokenizer = build(bert, text_pooling="gpo", text_freeze_layers=-1)
+    assert model.text_encoder.cache is None
+    before, _ = trainer_step(tiny_root, model, tokenizer, tmp_path)
+    for name in ("text_encoder.proj.weight", "text_encoder.gpo.linear.weight"):
+        assert not torch.equal(model.state_dict()[name], before[name]), name
+    encoder = model.text_encoder.encoder
+    for name, param in encoder.named_parameters():
+        assert param.grad is None and torch.equal(param, before[f"text_encoder.encoder.{name}"])
