@@ -365,7 +365,8 @@ def train(config: Config, run_dir: str | Path, resume: bool = False,
             promote_best(run_dir, trainer.checkpoint_info)
             write_record(final, settings_text(config, run_stage(config)))
             p = trainer.progress
-            log.info("done: best dev %s %.2f (rsum %.2f) at epoch %d -> %s", t.select,
-                     p.best_score, p.best_rsum, p.best_epoch, final)
+            rsum = f" (rsum {p.best_rsum:.2f})" if t.select != "rsum" else ""
+            log.info("done: best dev %s %.2f%s at epoch %d -> %s", t.select, p.best_score,
+                     rsum, p.best_epoch, final)
     return final
 
