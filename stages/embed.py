@@ -49,8 +49,12 @@ def _embed(state: dict, checkpoint: Path, config: Config, split, out: Path) -> N
     device = resolve_device(config.train.device)
     model, tokenizer = model_from_checkpoint(state, str(checkpoint))
     model.to(device)
-    img, cap = encode_split(model, split, tokenizer, device, workers=config.data.workers,
-                            desc=f"embed {split.name}")
+    model.use_cache_folder(config.text_cache_folder())
+    try:
+        img, cap = encode_split(model, split, tokenizer, device, workers=config.data.workers,
+                                desc=f"embed {split.name}")
+    finally:
+        model.save_cache()
     need = (img.nbytes + cap.nbytes) + (1 << 20)
     with (atomic_path(out, need_bytes=need, what="the embeddings") as tmp,
           h5py.File(tmp, "w") as f):
