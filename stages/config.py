@@ -32,6 +32,7 @@ log = logging.getLogger(__name__)
 NonNegative = Range(min=0)
 Positive = Range(min=0, min_open=True)
 AtLeastOne = Range(min=1)
+TEXT_CACHE_FOLDER = "cache"  # data.text_cache_dir's default: this folder of the dataset's
 
 
 @dataclass
@@ -49,6 +50,10 @@ class DataConfig:
     # image root of {split}_images.txt, for models that read raw images (model vse_cnn)
     images: str = ""
     workers: Annotated[int, NonNegative] = 2  # DataLoader worker processes
+    # keep a whole frozen text tower's outputs on disk for later processes, in files under
+    # text_cache_dir (empty: <path>/<name>/cache)
+    text_cache: bool = True
+    text_cache_dir: str = ""
 
 
 @dataclass
@@ -241,6 +246,14 @@ class Config:
 
     def candidates_dir(self) -> Path:
         return Path(self.offcandi.dir) if self.offcandi.dir else Path("offcandi") / self.data.name
+
+    def text_cache_folder(self) -> Path | None:
+        """The folder of the frozen text towers' output files (``data.text_cache_dir``), or
+        None with ``data.text_cache`` false."""
+        if not self.data.text_cache:
+            return None
+        return (Path(self.data.text_cache_dir) if self.data.text_cache_dir
+                else self.dataset_dir() / TEXT_CACHE_FOLDER)
 
     def vocab_path(self) -> Path:
         return Path(self.data.vocab) if self.data.vocab else self.dataset_dir() / "vocab.json"

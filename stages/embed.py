@@ -46,8 +46,12 @@ def _embed(state: dict, checkpoint: Path, config: Config, split, out: Path) -> N
     device = resolve_device(config.train.device)
     model, tokenizer = model_from_checkpoint(state, str(checkpoint))
     model.to(device)
-    img, cap = encode_split(model, split, tokenizer, device, workers=config.data.workers,
-                            desc=f"embed {split.name}")
+    model.use_cache_folder(config.text_cache_folder())
+    try:
+        img, cap = encode_split(model, split, tokenizer, device, workers=config.data.workers,
+                                desc=f"embed {split.name}")
+    finally:
+        model.save_cache()
     write_embeddings(out, img, cap, {
         "checkpoint": str(checkpoint), "weights": weights_hash(state["state_dict"]),
         "dataset": config.data.name, "split": split.name, "num_images": split.num_images,

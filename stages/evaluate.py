@@ -125,8 +125,13 @@ def _evaluate(checkpoints, states, config: Config, folds: int, out: Path, ranks:
                           path)
         model, tokenizer = model_from_checkpoint(state, str(path))
         model.to(device)
-        img, cap = encode_split(model, split, tokenizer, device, workers=config.data.workers,
-                                desc=f"encode {config.data.eval_split} ({Path(path).name})")
+        model.use_cache_folder(config.text_cache_folder())
+        try:
+            img, cap = encode_split(model, split, tokenizer, device,
+                                    workers=config.data.workers,
+                                    desc=f"encode {config.data.eval_split} ({Path(path).name})")
+        finally:
+            model.save_cache()
         imgs.append(img)
         caps.append(cap)
         hashes.append(weights_hash(state["state_dict"]))

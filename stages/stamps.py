@@ -34,9 +34,11 @@ from .errors import UserError
 from .io.atomic import write_text
 
 # Keys that never change any stage's output: paths (make tracks the files they name as
-# prerequisites) and how the work is executed.
-NO_EFFECT = {"data.path", "data.vocab", "data.images", "data.workers", "train.device",
-             "train.ckpt_every", "offcandi.threads", "offcandi.block_size", "eval.block_size"}
+# prerequisites) and how the work is executed (data.text_cache*: whether and where a frozen
+# text tower's outputs are kept on disk; a kept output is the one computed).
+NO_EFFECT = {"data.path", "data.vocab", "data.images", "data.workers", "data.text_cache",
+             "data.text_cache_dir", "train.device", "train.ckpt_every", "offcandi.threads",
+             "offcandi.block_size", "eval.block_size"}
 # Offline-candidate keys that only the retrain stage reads (how candidates are sampled
 # and checked); the others say how candidates are mined.
 SAMPLING_KEYS = {"offcandi.dir", "offcandi.base_ckpt", "offcandi.hardest",

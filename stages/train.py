@@ -288,6 +288,7 @@ def train(config: Config, run_dir: str | Path, resume: bool = False,
     data_args = {"img_dim": train_split.features.feature_dim, **tokenizer.model_args()}
     options = config.model.options()
     model = build_model(config.model.name, config.model.values, **data_args)
+    model.use_cache_folder(config.text_cache_folder())
     # parameters shared with the loss (CLIP's logit_scale), said in the run's log below
     bound = model.bind_loss(loss_fn)
     spec = {"name": config.model.name, "args": {**data_args, **options}}
@@ -358,6 +359,7 @@ def train(config: Config, run_dir: str | Path, resume: bool = False,
         try:
             trainer.fit()
         finally:
+            model.save_cache()  # the outputs of an epoch cut short too
             if trainer.scalars is not None:
                 trainer.scalars.close()
 

@@ -84,3 +84,9 @@ def test_memory_fit_takes_the_saved_tensors_when_the_peak_grows_less(bench):
     assert fit["mib_per_image"] == round((2972 - 1166) / 24, 1)
     assert fit["batch_fitting_80gb"] == int((0.9 * 80 * 1024 - 4 * 565.1) / 75.25)
     assert fit["offline_batch_fitting_80gb"] == fit["batch_fitting_80gb"] // 3
+
+
+def test_text_cache_section_reads_back_every_row(bench):
+    result = bench.bench_text_cache(rows=300, width=8, added=10)
+    assert result["read_rows"] == 300 and result["file_mb"] > 0
+    assert min(result["read_s"], result["npy_load_s"], result["add_10_rows_s"]) >= 0

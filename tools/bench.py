@@ -30,6 +30,9 @@
   cache, the next ones hit it) against the same epoch uncached; and the text encoder's
   captions/s in our training step and in our inference against the bare ``transformers``
   forward (+ backward) of the same model on the same token batch.
+* text cache: the frozen text tower's output file at COCO's size (566,435 captions x 384
+  floats): written, read in a fresh process (time, peak RSS) against ``np.load`` of the same
+  values as a bare ``.npy``, and 1,000 rows added (the whole file rewritten).
 
 Usage: python tools/bench.py --out bench/results.json
 """
@@ -599,6 +602,80 @@ def bench_text_tower(repeats: int, images: int = 300, batch: int = 128) -> dict:
     }
 
 
+# Reading a cache file in a fresh process (peak RSS): the stage's attach, and the floor
+# (np.load of the same values as a bare .npy).
+# ru_maxrss would be the bench's own peak: Linux keeps it across exec; VmHWM is the new
+# process's.
+_PEAK_RSS = """
+def peak_rss_mib():
+    status = open("/proc/self/status").read()
+    return int(status.split("VmHWM:")[1].split()[0]) / 1024
+"""
+_CACHE_READ = _PEAK_RSS + """
+import sys, time
+import torch
+from stages.models.encoder_cache import CacheFile, EncoderCache
+folder, key, width = sys.argv[1], sys.argv[2], int(sys.argv[3])
+t0 = time.perf_counter()
+cache = EncoderCache()
+cache.attach(CacheFile(folder, key, {}, width, torch.float32), torch.device("cpu"))
+print(len(cache), time.perf_counter() - t0,
+      peak_rss_mib())
+"""
+_NPY_READ = _PEAK_RSS + """
+import sys, time
+import numpy as np
+t0 = time.perf_counter()
+values = np.load(sys.argv[1])
+print(len(values), time.perf_counter() - t0,
+      peak_rss_mib())
+"""
+
+
+def _read_in_subprocess(code: str, *args) -> tuple[int, float, float]:
+    """(rows, seconds, peak RSS MiB) of ``code`` run in a fresh python."""
+    out = subprocess.run([sys.executable, "-c", code, *map(str, args)], check=True,
+                         capture_output=True, text=True).stdout.split()
+    return int(out[0]), float(out[1]), float(out[2])
+
+
+def bench_text_cache(rows: int = 566_435, width: int = 384, added: int = 1000) -> dict:
+    """The frozen text tower's cache file at COCO's size (566,435 training captions, mean
+    14 tokens) x MiniLM's 384 floats: writing it, reading it in a fresh process (the first
+    forward of a stage) against np.load of the same values, and adding rows to it."""
+    from stages.models.encoder_cache import CacheFile
+
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(8, 21, rows)
+    ids = rng.integers(1000, 30000, int(lengths.sum()), dtype=np.int64)
+    starts = np.cumsum(lengths) - lengths
+    ids[starts] = 101  # every caption starts with [CLS], as BERT's
+    keys = [k.tobytes() for k in np.split(ids, starts[1:])]
+    values = torch.from_numpy(rng.standard_normal((rows + added, width), dtype=np.float32))
+    key = "0" * 64
+    with tempfile.TemporaryDirectory() as tmp:
+        file = CacheFile(tmp, key, {}, width, torch.float32)
+        t0 = time.perf_counter()
+        file.merge(keys, values[:rows])
+        write_s = time.perf_counter() - t0
+        np.save(Path(tmp) / "values.npy", values[:rows].numpy())
+        read = _read_in_subprocess(_CACHE_READ, tmp, key, width)
+        floor = _read_in_subprocess(_NPY_READ, Path(tmp) / "values.npy")
+        more = [np.array([102, r, 102], dtype=np.int64).tobytes() for r in range(added)]
+        t0 = time.perf_counter()
+        file.merge(keys + more, values)  # a process that held every row and computed more
+        add_s = time.perf_counter() - t0
+        size = file.path.stat().st_size
+    return {"rows": rows, "width": width, "mean_tokens": round(float(lengths.mean()), 1),
+            "file_mb": round(size / 1e6, 1),
+            "values_mb": round(rows * width * 4 / 1e6, 1),
+            "write_s": round(write_s, 3), "read_rows": read[0], "read_s": round(read[1], 3),
+            "read_peak_rss_mib": round(read[2]), "npy_load_s": round(floor[1], 3),
+            "npy_load_peak_rss_mib": round(floor[2]),
+            "read_ratio_to_npy_load": round(read[1] / floor[1], 2),
+            f"add_{added}_rows_s": round(add_s, 3)}
+
+
 @click.command()
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path),
               default=Path("bench/results.json"), show_default=True)
@@ -609,7 +686,7 @@ def bench_text_tower(repeats: int, images: int = 300, batch: int = 128) -> dict:
               help="Sizes (rows) of the generated BUTD TSV files.")
 @click.option("--only", default="", help="Comma-separated sections to run (default: all): "
               "train_step, vse_inf_step, vsrn_step, eval_5k, offcandi, features_tsv, "
-              "features_cnn, text_tower, cnn_finetune, cnn_memory.")
+              "features_cnn, text_tower, text_cache, cnn_finetune, cnn_memory.")
 def main(out: Path, repeats: int, offcandi_images: int, tsv_rows: str, only: str) -> None:
     sections = {
         "train_step": lambda: [bench_train_step(256, repeats), bench_train_step(1024, repeats)],
@@ -620,6 +697,7 @@ def main(out: Path, repeats: int, offcandi_images: int, tsv_rows: str, only: str
         "features_cnn": bench_cnn,
         "vsrn_step": lambda: bench_vsrn_step(min(repeats, 3)),
         "text_tower": lambda: bench_text_tower(repeats),
+        "text_cache": bench_text_cache,
         "cnn_finetune": lambda: [bench_cnn_towers.bench_finetune(arch)
                                  for arch in ("mobilenet_v3_large", "resnet152")],
         "cnn_memory": bench_cnn_towers.bench_memory,

@@ -27,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..config import TEXT_CACHE_FOLDER
 from ..errors import UserError
 from ..io.atomic import (
     HOST,
@@ -179,7 +180,8 @@ def write_synthetic_dataset(out_dir: str | Path, splits: dict[str, int], seed: i
     The dataset is written into a temporary folder beside ``out_dir``, ``MANIFEST`` (the
     list of its files) last, and renamed into place whole: ``out_dir`` never holds half a
     dataset. A non-empty ``out_dir`` is refused unless it holds only what demo-data wrote
-    there before (its manifest and the files it lists): nothing else is ever overwritten.
+    there before (its manifest and the files it lists) and the frozen text towers' output
+    cache (``cache/``, dropped with the old dataset): nothing else is ever overwritten.
     """
     out_dir = Path(out_dir)
     check_only_demo_files(out_dir)
@@ -229,7 +231,7 @@ def check_only_demo_files(out_dir: Path) -> None:
         return
     if not out_dir.is_dir():
         raise UserError(f"{out_dir} is a file, not a folder; choose another --out")
-    entries = {p.name for p in out_dir.iterdir()} - {LOCK_NAME}
+    entries = {p.name for p in out_dir.iterdir()} - {LOCK_NAME, TEXT_CACHE_FOLDER}
     listed = set()
     with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
         listed = {MANIFEST, *map(str, json.loads((out_dir / MANIFEST).read_text())["files"])}

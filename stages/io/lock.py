@@ -24,12 +24,14 @@ LOCK_NAME = ".lock"
 
 @contextlib.contextmanager
 def folder_lock(folder: str | os.PathLike, what: str = "",
-                name: str = LOCK_NAME) -> Iterator[Path]:
+                name: str = LOCK_NAME, wait: bool = False) -> Iterator[Path]:
     """Hold the lock of ``folder`` (created if missing) for the block; yields the folder.
 
     ``what`` names the stage in the error a second process gets. ``name``: the lock file;
     a stage that writes one file of a folder other stages write too (the vocabulary in the
-    dataset folder) locks that file only, ``.<file>.lock``. The lock file is removed on
+    dataset folder) locks that file only, ``.<file>.lock``. ``wait``: wait for the holder
+    to release it instead of the error (writers that merge their rows into a shared file,
+    each holding it for a moment: the text cache). The lock file is removed on
     release; a process that opened it meanwhile notices (the file it locked is no longer
     the one at the path) and takes the lock again on the new file. A disk too full to
     write the lock file is a :class:`NoSpaceError`. When the lock cannot be taken or the
@@ -41,7 +43,7 @@ def folder_lock(folder: str | os.PathLike, what: str = "",
     try:
         with no_space_as_user_error(folder, what=f"the lock file {folder / name}"):
             folder.mkdir(parents=True, exist_ok=True)
-            fd = _lock(folder, what, name)
+            fd = _lock(folder, what, name, wait)
     except BaseException:
         _remove_if_empty(made)
         raise
@@ -66,8 +68,9 @@ def _remove_if_empty(folders: list[Path]) -> None:
             return
 
 
-def _lock(folder: Path, what: str, name: str = LOCK_NAME) -> int:
-    """Open, lock and fill ``folder/<name>`` with our pid; returns its descriptor."""
+def _lock(folder: Path, what: str, name: str = LOCK_NAME, wait: bool = False) -> int:
+    """Open, lock (``wait``: blocking until the holder releases it) and fill
+    ``folder/<name>`` with our pid; returns its descriptor."""
     path = folder / name
     while True:
         try:
@@ -76,7 +79,7 @@ def _lock(folder: Path, what: str, name: str = LOCK_NAME) -> int:
             folder.mkdir(parents=True, exist_ok=True)
             continue
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(fd, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             holder = _read_pid(fd)
             os.close(fd)

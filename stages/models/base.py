@@ -16,6 +16,7 @@ needs the weights' original files.
 """
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -102,6 +103,16 @@ class EmbeddingModel(nn.Module):
         of the file (path, sha256, words found / missing) for the checkpoint, or None when
         the model has no file to read."""
         return None
+
+    def use_cache_folder(self, folder: Path | None) -> None:
+        """Keep the outputs of frozen pretrained parts (a whole frozen text tower's) in files
+        under ``folder`` too, where later processes with the same parts read them (None: in
+        memory only); the stages call it with ``data.text_cache_dir`` (or None). Nothing by
+        default: a model without such parts has nothing to keep."""
+
+    def save_cache(self) -> None:
+        """Add the frozen parts' outputs computed since the last save to their files (the
+        trainer at each epoch's end, the stages when they finish). Nothing by default."""
 
     def param_groups(self) -> list[dict]:
         """Optimiser parameter groups, each with an ``lr_scale`` (x the scheduled rate);

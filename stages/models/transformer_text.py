@@ -14,12 +14,16 @@ Freezing (``freeze_layers``): N > 0 fixes the embeddings and the first N layers,
 whole encoder. Frozen parts are fixed functions: their weights get no gradient and they
 run in eval mode (no dropout) whatever the model's mode. With the whole encoder frozen,
 each distinct caption's pooled output is computed once and kept (:class:`EncoderCache`),
-so after the first pass over a split a step costs what the projection costs; not with GPO
-pooling, which reads every token's output (a row per token, not per caption), so the frozen
-encoder runs at every step.
+so after the first pass over a split a step costs what the projection costs; given a
+folder (:meth:`TransformerTextEncoder.use_cache_folder`), the outputs are also kept in a
+file there that later processes with the same encoder read instead of encoding
+(:class:`~.encoder_cache.CacheFile`, named by the encoder's weights and
+:meth:`TransformerTextEncoder.output_identity`). Not with GPO pooling, which reads every
+token's output (a row per token, not per caption), so the frozen encoder runs at every step.
 """
 
 import logging
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -27,7 +31,7 @@ from torch import nn
 
 from ..data.tokenizers import from_folder_or_hub, resolve_text_model
 from ..errors import UserError
-from .encoder_cache import EncoderCache
+from .encoder_cache import CacheFile, EncoderCache, encoder_key
 from .gpo import GPO
 from .tracing import is_exporting
 
@@ -71,6 +75,7 @@ class TransformerTextEncoder(nn.Module):
         self.train()  # frozen parts to eval mode
         whole = not any(p.requires_grad for p in self.encoder.parameters())
         self.cache = EncoderCache() if whole and pooling != "gpo" else None
+        self.cache_folder: Path | None = None
         self.encoder.register_load_state_dict_post_hook(self._weights_loaded)
 
     def _freeze(self, layers: int, num_layers: int) -> list[nn.Module]:
@@ -98,9 +103,48 @@ class TransformerTextEncoder(nn.Module):
         return self
 
     def clear_cache(self) -> None:
-        """Forget cached outputs (the encoder's weights, device or dtype changed)."""
+        """Forget cached outputs (the encoder's weights, device or dtype changed); the next
+        forward looks up the cache file of the encoder as it is then."""
         if self.cache is not None:
             self.cache.clear()
+
+    def use_cache_folder(self, folder: str | Path | None) -> None:
+        """Keep a whole frozen encoder's outputs in a file under ``folder`` too (None: in
+        memory only): read at the next forward, added to by :meth:`save_cache`. A partly
+        frozen or trainable encoder has no cache, and this does nothing."""
+        if self.cache is None:
+            return
+        self.cache_folder = Path(folder) if folder is not None else None
+        self.cache.detach()
+
+    def save_cache(self) -> int:
+        """Add the outputs computed since the last save to the cache file; returns how many
+        rows it gained (0 without a cache folder)."""
+        return self.cache.save() if self.cache is not None else 0
+
+    def output_identity(self) -> dict:
+        """What the pooled outputs depend on besides the encoder's weights: its class and
+        configuration (less its metadata), the pooling, dtype and device type, the
+        attention implementation, and the torch and transformers versions."""
+        import transformers
+
+        param = next(self.encoder.parameters())
+        config = {k: v for k, v in self.encoder.config.to_dict().items()
+                  if k not in ("transformers_version", "_name_or_path", "architectures",
+                               "dtype")}
+        return {"encoder": type(self.encoder).__name__, "config": config,
+                "pooling": self.pooling, "dtype": str(param.dtype),
+                "device": param.device.type,
+                "attention": self.encoder.config._attn_implementation,
+                "torch": torch.__version__, "transformers": transformers.__version__}
+
+    def _attach_cache_file(self) -> None:
+        """Look up the cache file of the encoder as it is now under ``cache_folder``."""
+        param = next(self.encoder.parameters())
+        identity = self.output_identity()
+        file = CacheFile(self.cache_folder, encoder_key(identity, self.encoder.state_dict()),
+                         identity, self.proj.in_features, param.dtype)
+        self.cache.attach(file, param.device)
 
     def _weights_loaded(self, module: nn.Module, incompatible_keys) -> None:
         """After the encoder's ``load_state_dict`` (directly or through a parent)."""
@@ -161,6 +205,10 @@ class TransformerTextEncoder(nn.Module):
         if self.gpo is not None:
             hidden, mask = self.token_states(tokens, lengths)
             return F.normalize(self.gpo(self.proj(hidden), mask), dim=-1)
-        pooled = (self.pooled(tokens, lengths) if self.cache is None or is_exporting()
-                  else self.cache(tokens, lengths, self.pooled))
+        if self.cache is None or is_exporting():
+            pooled = self.pooled(tokens, lengths)
+        else:
+            if self.cache_folder is not None and not self.cache.attached:
+                self._attach_cache_file()
+            pooled = self.cache(tokens, lengths, self.pooled)
         return F.normalize(self.proj(pooled), dim=-1)

@@ -11,6 +11,7 @@ configuration, so later stages do not need the folder.
 """
 
 import copy
+from pathlib import Path
 from typing import Annotated
 
 import torch
@@ -47,7 +48,8 @@ class VSETransformer(EmbeddingModel):
     mean | gpo: the first token's output or the mean over the caption's tokens, projected;
     or every token's output projected, then pooled by GPO, as VSE-infinity's BERT encoder);
     ``text_freeze_layers`` (0: train every layer; N: fix the embeddings and the first N
-    layers; -1: fix the whole encoder, whose outputs are then cached); ``text_lr_scale``
+    layers; -1: fix the whole encoder, whose outputs are then cached, in memory and in a
+    file under ``data.text_cache_dir``: :meth:`use_cache_folder`); ``text_lr_scale``
     (the encoder's learning rate = ``train.lr`` x this; the projections get ``train.lr``);
     ``max_length`` (tokens kept per caption, special tokens included); ``img_norm``.
     """
@@ -80,6 +82,13 @@ class VSETransformer(EmbeddingModel):
     def load_pretrained(self) -> None:
         """The text encoder's weights from ``text_model``."""
         self.text_encoder.load_pretrained(self.text_model)
+
+    def use_cache_folder(self, folder: Path | None) -> None:
+        """A whole frozen text encoder's outputs in a file under ``folder`` as well."""
+        self.text_encoder.use_cache_folder(folder)
+
+    def save_cache(self) -> None:
+        self.text_encoder.save_cache()
 
     def encode_images(self, images: torch.Tensor, regions: torch.Tensor) -> torch.Tensor:
         """(B, R, D) | (B, D) features, (B,) valid regions -> (B, E) embeddings."""

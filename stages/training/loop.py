@@ -247,6 +247,7 @@ class Trainer:
     def _end_epoch(self, lr: float, num_batches: int, seconds: float) -> None:
         p = self.progress
         metrics = self.validate(self.model) if is_main() else {}
+        self.model.save_cache()  # the epoch's new frozen outputs, for later processes
         means = {f"loss_{k}" if k != "loss" else "train_loss": v / max(num_batches, 1)
                  for k, v in p.loss_sums.items()}
         record = {"stage": "train", "epoch": p.epoch + 1, "step": p.step, **metrics,

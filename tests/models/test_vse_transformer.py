@@ -5,33 +5,15 @@ import pytest
 import torch
 
 from stages.config import MemoryConfig, TrainConfig
-from stages.data.dataset import open_split, pad_tokens
-from stages.data.tokenizers import PretrainedTokenizer
+from stages.data.dataset import open_split
 from stages.encode import encode_split
 from stages.losses import build_loss
-from stages.models import build_model
 from stages.training.loop import Trainer, build_optimizer
 from stages.training.tasks import PairTask
-from tests.models.text_tower import tiny_bert_for
+from tests.models.text_tower import batch_of, build, count_encoder_calls, tiny_bert_for
 
 CAPTIONS = ["a red cube left of a blue ball .", "the dog", "a photo of a black horse near a "
             "tree at the field , the horse is black .", "two cats on a mat"]
-
-
-def build(bert, tokenizer=None, load=True, **options):
-    """A vse_transformer (img_dim 32, embed 16) on ``bert``, its pretrained weights loaded."""
-    tokenizer = tokenizer or PretrainedTokenizer.from_pretrained(str(bert), 64)
-    model = build_model("vse_transformer", {"text_model": str(bert), "embed_size": 16,
-                                            **options},
-                        img_dim=32, **tokenizer.model_args())
-    if load:
-        model.load_pretrained()
-    return model, tokenizer
-
-
-def batch_of(tokenizer, captions):
-    ids = [torch.tensor(t) for t in tokenizer.encode_many(captions)]
-    return pad_tokens(ids, tokenizer.pad_id)
 
 
 @pytest.mark.parametrize("pooling", ["cls", "mean"])
@@ -140,13 +122,6 @@ def test_the_encoder_gets_its_own_learning_rate(tiny_root):
     assert by_lr[1e-4] == encoder
     assert rest < by_lr[1e-3] and len(by_lr[1e-3] - rest) == 1  # + the temperature
     assert {id(p) for p in model.text_encoder.proj.parameters()} <= by_lr[1e-3]
-
-
-def count_encoder_calls(model) -> list:
-    calls = []
-    model.text_encoder.encoder.register_forward_hook(
-        lambda module, args, kwargs_or_out: calls.append(1))
-    return calls
 
 
 def test_the_cached_frozen_encoder_gives_the_uncached_embeddings(tiny_root):

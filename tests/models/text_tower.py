@@ -1,5 +1,6 @@
 """A tiny random-weight BERT saved as a Hugging Face folder (no network), for the text tower
-tests: 2 layers, hidden size 32, a WordPiece vocabulary of the words it is given."""
+tests: 2 layers, hidden size 32, a WordPiece vocabulary of the words it is given; a
+vse_transformer built on it, batches of its token ids, a count of its encoder's calls."""
 
 import json
 import re
@@ -9,6 +10,9 @@ import torch
 
 from stages.config import load_config
 from stages.data.captions import read_captions
+from stages.data.dataset import pad_tokens
+from stages.data.tokenizers import PretrainedTokenizer
+from stages.models import build_model
 
 SPECIAL = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 # Word pieces, so that a word outside the list is split rather than always [UNK].
@@ -50,3 +54,26 @@ def text_tower_config(root: Path, bert: Path, *overrides: str):
         f"data.path={root}", "data.name=tiny", "data.workers=0", "train.device=cpu",
         "model.name=vse_transformer", f"model.text_model={bert}", "model.embed_size=32",
         "train.batch_size=16", "train.epochs=1", "train.lr=1e-3", *overrides])
+
+
+def build(bert, tokenizer=None, load=True, **options):
+    """A vse_transformer (img_dim 32, embed 16) on ``bert``, its pretrained weights loaded."""
+    tokenizer = tokenizer or PretrainedTokenizer.from_pretrained(str(bert), 64)
+    model = build_model("vse_transformer", {"text_model": str(bert), "embed_size": 16,
+                                            **options},
+                        img_dim=32, **tokenizer.model_args())
+    if load:
+        model.load_pretrained()
+    return model, tokenizer
+
+
+def batch_of(tokenizer, captions):
+    ids = [torch.tensor(t) for t in tokenizer.encode_many(captions)]
+    return pad_tokens(ids, tokenizer.pad_id)
+
+
+def count_encoder_calls(model) -> list:
+    calls = []
+    model.text_encoder.encoder.register_forward_hook(
+        lambda module, args, kwargs_or_out: calls.append(1))
+    return calls
