@@ -167,6 +167,10 @@ class OffcandiConfig:
     # Hardness curriculum: the sampled window slides from each row's easiest eligible
     # candidates (epoch 1) to its hardest (epoch curriculum_epochs + 1 on); 0: off.
     curriculum_epochs: Annotated[int, NonNegative] = 0
+    # Re-mine inside the run: every N epochs the model being trained embeds the training
+    # split and mines new candidates (the K and FAISS settings of offcandi.dir's files)
+    # into <run>/remined/epoch-<k>/, which replace offcandi.dir's from then on; 0: off.
+    remine_every: Annotated[int, NonNegative] = 0
 
 
 @dataclass

@@ -9,15 +9,12 @@
 import logging
 from pathlib import Path
 
-import h5py
-
 from .config import Config, load_config
 from .data.dataset import check_feature_dim
 from .device import resolve_device
-from .embeddings import EMBEDDINGS_FORMAT
+from .embeddings import write_embeddings
 from .encode import encode_split
 from .inputs import open_model_split
-from .io.atomic import atomic_path
 from .io.checkpoint import load_checkpoint, model_from_checkpoint, weights_hash
 from .io.lock import folder_lock
 from .stamps import clear_record, settings_text, write_record
@@ -44,6 +41,16 @@ def embed(checkpoint: str | Path, split_name: str = "", config_files=(), overrid
     return out
 
 
+def split_attrs(config: Config, split, data_fingerprint: dict) -> dict:
+    """The attributes of an embeddings file that say what was embedded: the dataset, the
+    split, its image count, the training captions' hash (of the model's data fingerprint)
+    and the dataset folder."""
+    return {"dataset": config.data.name, "split": split.name,
+            "num_images": split.num_images,
+            "train_captions_sha256": data_fingerprint.get("train_captions_sha256", ""),
+            "dataset_dir": str(config.dataset_dir().resolve())}
+
+
 def _embed(state: dict, checkpoint: Path, config: Config, split, out: Path) -> None:
     """Encode ``split`` with the checkpoint's model and write ``out`` (under its lock)."""
     device = resolve_device(config.train.device)
@@ -51,17 +58,8 @@ def _embed(state: dict, checkpoint: Path, config: Config, split, out: Path) -> N
     model.to(device)
     img, cap = encode_split(model, split, tokenizer, device, workers=config.data.workers,
                             desc=f"embed {split.name}")
-    need = (img.nbytes + cap.nbytes) + (1 << 20)
-    with (atomic_path(out, need_bytes=need, what="the embeddings") as tmp,
-          h5py.File(tmp, "w") as f):
-        f.create_dataset("images", data=img)
-        f.create_dataset("captions", data=cap)
-        f.attrs.update({
-            "format": EMBEDDINGS_FORMAT, "checkpoint": str(checkpoint),
-            "weights": weights_hash(state["state_dict"]), "dataset": config.data.name,
-            "split": split.name, "num_images": split.num_images,
-            "train_captions_sha256": state["data_fingerprint"].get("train_captions_sha256", ""),
-            "dataset_dir": str(config.dataset_dir().resolve()),
-        })
+    write_embeddings(out, img, cap, {
+        "checkpoint": str(checkpoint), "weights": weights_hash(state["state_dict"]),
+        **split_attrs(config, split, state["data_fingerprint"])})
     log.info("%d images and %d captions (%d-d) -> %s", img.shape[0], cap.shape[0],
              img.shape[1], out)

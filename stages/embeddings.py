@@ -13,10 +13,22 @@ import h5py
 import numpy as np
 
 from .errors import UserError
-from .io.atomic import plain_attrs
+from .io.atomic import atomic_path, plain_attrs
 
 EMBEDDINGS_FORMAT = "aoq-embeddings"
 REQUIRED_ATTRS = ("checkpoint", "weights", "dataset", "split", "num_images")
+
+
+def write_embeddings(out: str | Path, images: np.ndarray, captions: np.ndarray,
+                     attrs: dict) -> None:
+    """Write an embeddings file atomically: ``images`` (N, E) and ``captions`` (5N, E)
+    float32, ``attrs`` (at least :data:`REQUIRED_ATTRS`; ``format`` is added)."""
+    need = images.nbytes + captions.nbytes + (1 << 20)
+    with (atomic_path(out, need_bytes=need, what="the embeddings") as tmp,
+          h5py.File(tmp, "w") as f):
+        f.create_dataset("images", data=images)
+        f.create_dataset("captions", data=captions)
+        f.attrs.update({"format": EMBEDDINGS_FORMAT, **attrs})
 
 
 class Embeddings:

@@ -16,7 +16,6 @@ that its candidates were mined by that model (:func:`miner_weights`).
 import logging
 from pathlib import Path
 
-import h5py
 import numpy as np
 import torch
 
@@ -24,9 +23,8 @@ from .data.captions import CAPTIONS_PER_IMAGE
 from .data.dataset import open_split
 from .data.tokenizers import from_folder_or_hub, resolve_text_model
 from .data.vocab import file_sha256
-from .embeddings import EMBEDDINGS_FORMAT, Embeddings
+from .embeddings import Embeddings, write_embeddings
 from .errors import UserError
-from .io.atomic import atomic_path
 from .io.checkpoint import load_checkpoint, weights_hash
 from .io.lock import folder_lock
 from .progress import Progress
@@ -108,13 +106,8 @@ def embed_text(text_model: str, dataset_dir: str | Path, dataset: str, split_nam
                  dataset, split_name)
         captions = sentence_embeddings(split.captions, tokenizer, model, batch_size)
         images = image_rows(captions)
-        need = images.nbytes + captions.nbytes + (1 << 20)
-        with (atomic_path(out, need_bytes=need, what="the embeddings") as tmp,
-              h5py.File(tmp, "w") as f):
-            f.create_dataset("images", data=images)
-            f.create_dataset("captions", data=captions)
-            f.attrs.update({"format": EMBEDDINGS_FORMAT, **identity,
-                            "num_images": split.num_images, "miner": "text",
-                            "dataset_dir": str(dataset_dir.resolve())})
+        write_embeddings(out, images, captions, {
+            **identity, "num_images": split.num_images, "miner": "text",
+            "dataset_dir": str(dataset_dir.resolve())})
     log.info("wrote %s", out)
     return out
