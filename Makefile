@@ -124,6 +124,7 @@ help:
 	@echo "                   (round r > 1: offcandi/DATA/round<r>, runs/DATA/AOQ_RUN_round<r>)"
 	@echo "                   RETRAIN_INIT=miner: start from the model that mined (default scratch)"
 	@echo "                   RETRAIN_SET='key=value ...': overrides for retrain only"
+	@echo "                   RETRAIN_SET=offcandi.remine_every=N: re-mine every N epochs inside the run"
 	@echo "make eval          R@K of CKPT (default: the AOQ model) on DATA's eval split (FOLD5=1: COCO 5-fold 1K)"
 	@echo "make compare       base and AOQ side by side (the whole chain if needed)"
 	@echo "                   a changed setting redoes the stages that read it; a finished run"
@@ -511,14 +512,16 @@ table_offcandi = $(OFFCANDI_DIR)/table-$(call table_source,$(1))
 table_miner_ckpt = $(strip $(if $(MINER),$(call round_miner_ckpt,1),\
 	$(or $(TABLE_INIT),$(TABLE_DIR)/$(TABLE_MINER)-off-b$(1)/checkpoint.pt)))
 table_miner_dir = $(if $(MINER),$(call round_miner,1),$(patsubst %/,%,$(dir $(call table_miner_ckpt,$(1)))))
-# The training settings of cell $(1) beyond CONFIGS and TABLE_OVERRIDES.
+# The training settings of cell $(1) beyond CONFIGS and TABLE_OVERRIDES. A cell without
+# offline negatives has none to re-mine: TABLE_SET's offcandi.remine_every is for the others.
 table_cell_args = --set loss.name=$(call table_part,$(1),1) \
 	$(foreach s,$(TABLE_SET_$(call table_part,$(1),1)),--set $(s)) \
 	--set train.batch_size=$(call table_batch,$(1)) --set train.seed=$(call table_seed,$(1)) \
 	$(if $(TABLE_INIT),--set train.init_from=$(TABLE_INIT)) \
 	$(if $(filter on,$(call table_part,$(1),2)),--set train.offline_negatives=true \
 	--set offcandi.dir=$(call table_offcandi,$(call table_batch,$(1))) \
-	--set offcandi.base_ckpt=$(call table_miner_ckpt,$(call table_batch,$(1))))
+	--set offcandi.base_ckpt=$(call table_miner_ckpt,$(call table_batch,$(1))),\
+	--set offcandi.remine_every=0)
 
 define TABLE_CELL_RULES
 $(TABLE_DIR)/$(1)/checkpoint.pt: $(TABLE_SETTINGS)/$(1).train.yaml $(TABLE_INIT) \

@@ -182,6 +182,10 @@ class OffcandiConfig:
     # candidates (a caption, then captions of its image's eligible candidates in the top
     # hardest), so the in-batch negatives are hard too; 0: random batches.
     group_size: Annotated[int, NonNegative] = 0
+    # Re-mine inside the run: every N epochs the model being trained embeds the training
+    # split and mines new candidates (the K and FAISS settings of offcandi.dir's files)
+    # into <run>/remined/epoch-<k>/, which replace offcandi.dir's from then on; 0: off.
+    remine_every: Annotated[int, NonNegative] = 0
 
 
 @dataclass

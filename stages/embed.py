@@ -41,6 +41,16 @@ def embed(checkpoint: str | Path, split_name: str = "", config_files=(), overrid
     return out
 
 
+def split_attrs(config: Config, split, data_fingerprint: dict) -> dict:
+    """The attributes of an embeddings file that say what was embedded: the dataset, the
+    split, its image count, the training captions' hash (of the model's data fingerprint)
+    and the dataset folder."""
+    return {"dataset": config.data.name, "split": split.name,
+            "num_images": split.num_images,
+            "train_captions_sha256": data_fingerprint.get("train_captions_sha256", ""),
+            "dataset_dir": str(config.dataset_dir().resolve())}
+
+
 def _embed(state: dict, checkpoint: Path, config: Config, split, out: Path) -> None:
     """Encode ``split`` with the checkpoint's model and write ``out`` (under its lock)."""
     device = resolve_device(config.train.device)
@@ -54,9 +64,6 @@ def _embed(state: dict, checkpoint: Path, config: Config, split, out: Path) -> N
         model.save_cache()
     write_embeddings(out, img, cap, {
         "checkpoint": str(checkpoint), "weights": weights_hash(state["state_dict"]),
-        "dataset": config.data.name, "split": split.name, "num_images": split.num_images,
-        "train_captions_sha256": state["data_fingerprint"].get("train_captions_sha256", ""),
-        "dataset_dir": str(config.dataset_dir().resolve()),
-    })
+        **split_attrs(config, split, state["data_fingerprint"])})
     log.info("%d images and %d captions (%d-d) -> %s", img.shape[0], cap.shape[0],
              img.shape[1], out)

@@ -19,6 +19,18 @@ EMBEDDINGS_FORMAT = "aoq-embeddings"
 REQUIRED_ATTRS = ("checkpoint", "weights", "dataset", "split", "num_images")
 
 
+def write_embeddings(out: str | Path, images: np.ndarray, captions: np.ndarray,
+                     attrs: dict) -> None:
+    """Write an embeddings file atomically: ``images`` (N, E) and ``captions`` (5N, E)
+    float32, ``attrs`` (at least :data:`REQUIRED_ATTRS`; ``format`` is added)."""
+    need = images.nbytes + captions.nbytes + (1 << 20)
+    with (atomic_path(out, need_bytes=need, what="the embeddings") as tmp,
+          h5py.File(tmp, "w") as f):
+        f.create_dataset("images", data=images)
+        f.create_dataset("captions", data=captions)
+        f.attrs.update({"format": EMBEDDINGS_FORMAT, **attrs})
+
+
 class Embeddings:
     """An embeddings file: ``images`` (N, E) float32 in memory, ``captions`` (5N, E) read
     lazily (an open HDF5 dataset, sliced block by block), ``attrs``. Use as a context
@@ -78,18 +90,6 @@ class Embeddings:
 
     def __exit__(self, *exc) -> None:
         self.close()
-
-
-def write_embeddings(out: str | Path, images: np.ndarray, captions: np.ndarray,
-                     attrs: dict) -> None:
-    """Write an embeddings file atomically: ``images`` (N, E) and ``captions`` (5N, E)
-    float32, ``attrs`` beside ``format``."""
-    need = images.nbytes + captions.nbytes + (1 << 20)
-    with (atomic_path(out, need_bytes=need, what="the embeddings") as tmp,
-          h5py.File(tmp, "w") as f):
-        f.create_dataset("images", data=images)
-        f.create_dataset("captions", data=captions)
-        f.attrs.update({"format": EMBEDDINGS_FORMAT, **attrs})
 
 
 def made_with(path: str | Path, identity: dict) -> bool:

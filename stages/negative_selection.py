@@ -30,7 +30,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .candidates import CAPTIONS_PER_IMAGE, Candidates
+from .candidates import CAPTIONS_PER_IMAGE, Candidates, load_candidates
+from .data.vocab import file_sha256
 from .errors import UserError
 
 log = logging.getLogger(__name__)
@@ -216,3 +217,31 @@ def select(direction: str, candidates: Candidates, rules: SelectionRules, window
              candidates.path, (reasons > 0).sum(1).mean(), candidates.k,
              by_rule or "none", 100 * short.mean(), window, int((selection.counts == 0).sum()))
     return selection
+
+
+def load_selections(folder, dataset: str, split, hardest: int, weights: str,
+                    rules: SelectionRules, words: CaptionWords | None
+                    ) -> tuple[dict[str, Selection], dict[str, dict]]:
+    """The candidate files ``folder/{i2t,t2i}.h5``, checked against ``split`` (the run's
+    training :class:`~stages.data.dataset.Split` of ``dataset``) and the sampling window
+    of ``hardest`` (:func:`~stages.candidates.load_candidates`; ``weights``: the hash of
+    the model that must have mined them, empty for any), then filtered by ``rules``.
+    Returns each direction's :class:`Selection` and its file's record (``weights``,
+    ``k``, ``index``, ``sha256``)."""
+    windows = {"i2t": hardest, "t2i": -(-hardest // CAPTIONS_PER_IMAGE)}
+    i2t, t2i = (load_candidates(folder, direction, dataset, split.name, split.num_images,
+                                windows[direction], weights, with_scores=rules.needs_scores)
+                for direction in windows)
+    if i2t.attrs["weights"] != t2i.attrs["weights"]:
+        raise UserError(f"{i2t.path} and {t2i.path} were mined with different models "
+                        f"({i2t.attrs['weights']} vs {t2i.attrs['weights']}); mine both "
+                        "again with `make offcandi`")
+    log.info("offline negatives from %s (mined with %s), sampled from the top %d",
+             folder, i2t.attrs.get("checkpoint"), hardest)
+    selections = {c.attrs["direction"]: select(c.attrs["direction"], c, rules,
+                                               windows[c.attrs["direction"]], words)
+                  for c in (i2t, t2i)}
+    records = {c.attrs["direction"]: {"weights": c.attrs["weights"], "k": c.k,
+                                      "index": c.attrs.get("index", ""),
+                                      "sha256": file_sha256(c.path)} for c in (i2t, t2i)}
+    return selections, records

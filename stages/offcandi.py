@@ -123,7 +123,7 @@ def _provenance(embeddings: Embeddings) -> dict:
     return {"format": CANDIDATES_FORMAT, "version": CANDIDATES_VERSION, "dataset": a["dataset"],
             "split": a["split"], "num_images": int(a["num_images"]), "weights": a["weights"],
             "checkpoint": a["checkpoint"], "embeddings": str(embeddings.path),
-            **({"dataset_dir": a["dataset_dir"]} if "dataset_dir" in a else {})}
+            **{key: a[key] for key in ("dataset_dir", "run", "epoch") if key in a}}
 
 
 def offcandi(embeddings_path: str | Path, out_dir: str | Path,

@@ -45,7 +45,7 @@ SAMPLING_KEYS = {"offcandi.dir", "offcandi.base_ckpt", "offcandi.hardest",
                  "offcandi.false_negative_ratio", "offcandi.false_negative_margin",
                  "offcandi.duplicate_overlap", "offcandi.skip_top",
                  "offcandi.curriculum_epochs", "offcandi.mix_dir", "offcandi.mix_base_ckpt",
-                 "offcandi.mix_share", "offcandi.group_size"}
+                 "offcandi.mix_share", "offcandi.group_size", "offcandi.remine_every"}
 # What each stage reads. An unlisted key of a stage's sections counts (a new config field
 # reruns a stage rather than leaving a stale output).
 STAGE_KEYS = {

@@ -5,8 +5,9 @@ Run folder ``runs/<DATA>/<run>/``: ``config.yaml`` (resolved), ``train.log``,
 ``metrics.jsonl`` (one line per validation), ``last.pt`` (to resume), ``best.pt`` (best dev
 score: rsum, or R@1 + R@5 with ``train.select=r1r5``) and, once training has finished,
 ``checkpoint.pt`` (the best model): the file that ``make`` and the later stages take as the
-stage's output. The loop itself is :mod:`stages.training.loop`; this module checks the
-inputs, builds the parts and owns the run folder.
+stage's output; with ``offcandi.remine_every``, ``remined/epoch-<k>/`` (candidates mined by
+the run, :mod:`stages.remine`). The loop itself is :mod:`stages.training.loop`; this module
+checks the inputs, builds the parts and owns the run folder.
 """
 
 import copy
@@ -17,13 +18,13 @@ from pathlib import Path
 import torch
 import yaml
 
-from .candidates import load_candidates
 from .config import Config, config_diff
 from .data.dataset import Split, check_compatible
 from .data.offline import OfflineNegativeSampler
 from .data.tokenizers import CaptionTokenizer
 from .data.vocab import Vocab, file_sha256
 from .device import resolve_device
+from .embed import split_attrs
 from .encode import encode_split
 from .errors import UserError
 from .inputs import open_model_split
@@ -36,7 +37,8 @@ from .losses import LOSSES, build_loss
 from .metrics.retrieval import evaluate_embeddings
 from .miners import miner_weights
 from .models import MODELS, build_model
-from .negative_selection import CaptionWords, SelectionRules, select
+from .negative_selection import CaptionWords, SelectionRules, load_selections
+from .remine import LoadSelections, Reminer, mining_options
 from .stamps import clear_record, run_stage, settings_text, stage_settings, write_record
 from .training.distributed import is_main, world_size
 from .training.loop import Trainer
@@ -123,51 +125,50 @@ def _caption_tokenizer(config: Config) -> tuple[CaptionTokenizer, str]:
     return vocab, file_sha256(vocab_path)
 
 
-def _selections(config: Config, split: Split, folder, base_ckpt: str, rules: SelectionRules,
-                words: CaptionWords | None) -> tuple[dict, dict]:
-    """One candidate folder's i2t and t2i :class:`Selection` (checked against ``split`` and
-    its miner ``base_ckpt``, when given, then filtered) and their fingerprint entry."""
-    h = config.offcandi.hardest
-    expected = miner_weights(base_ckpt) if base_ckpt else ""
-    windows = {"i2t": h, "t2i": -(-h // 5)}
-    i2t, t2i = (load_candidates(folder, direction, config.data.name, split.name,
-                                split.num_images, windows[direction], expected,
-                                with_scores=rules.needs_scores)
-                for direction in ("i2t", "t2i"))
-    if i2t.attrs["weights"] != t2i.attrs["weights"]:
-        raise UserError(f"{i2t.path} and {t2i.path} were mined with different models "
-                        f"({i2t.attrs['weights']} vs {t2i.attrs['weights']}); mine both "
-                        "again with `make offcandi`")
-    log.info("offline negatives from %s (mined with %s), sampled from the top %d",
-             folder, i2t.attrs.get("checkpoint"), h)
-    selections = {c.attrs["direction"]: select(c.attrs["direction"], c, rules,
-                                               windows[c.attrs["direction"]], words)
-                  for c in (i2t, t2i)}
-    record = {d.attrs["direction"]: {"weights": d.attrs["weights"], "k": d.k,
-                                     "index": d.attrs.get("index", ""),
-                                     "sha256": file_sha256(d.path)} for d in (i2t, t2i)}
-    return selections, record
-
-
 def _offline_task(config: Config, split: Split, tokenizer: CaptionTokenizer,
-                  fingerprint: dict) -> OfflineTask:
+                  fingerprint: dict) -> tuple[OfflineTask, LoadSelections]:
     """Pairs plus negatives from checked candidate files (and a second source mixed in,
-    ``offcandi.mix_dir``); records them in the fingerprint."""
+    ``offcandi.mix_dir``); records them in the fingerprint. Also returns how a candidate
+    folder is loaded and filtered for this run, given its miner's weights hash (what
+    re-mining loads)."""
     o = config.offcandi
     rules = SelectionRules.from_config(o)
     words = CaptionWords(split.captions) if rules.duplicate_overlap else None
-    selections, fingerprint["candidates"] = _selections(
-        config, split, config.candidates_dir(), o.base_ckpt, rules, words)
+
+    def load(folder, weights: str) -> tuple[dict, dict]:
+        return load_selections(folder, config.data.name, split, o.hardest, weights, rules,
+                               words)
+
+    def selections_of(folder, base_ckpt: str) -> tuple[dict, dict]:
+        return load(folder, miner_weights(base_ckpt) if base_ckpt else "")
+
+    selections, fingerprint["candidates"] = selections_of(config.candidates_dir(),
+                                                          o.base_ckpt)
     mix = None
     if o.mix_dir:
-        mixed, fingerprint["candidates_mix"] = _selections(config, split, o.mix_dir,
-                                                           o.mix_base_ckpt, rules, words)
+        mixed, fingerprint["candidates_mix"] = selections_of(o.mix_dir, o.mix_base_ckpt)
         mix = (mixed["i2t"], mixed["t2i"])
         log.info("%.0f%% of the captions draw their offline negatives from %s",
                  100 * o.mix_share, o.mix_dir)
     sampler = OfflineNegativeSampler(selections["i2t"], selections["t2i"], o.hardest,
                                      config.train.seed, o.curriculum_epochs, mix, o.mix_share)
-    return OfflineTask(split, tokenizer, sampler, o.group_size)
+    return OfflineTask(split, tokenizer, sampler, o.group_size), load
+
+
+def _check_remine(config: Config) -> None:
+    """``offcandi.remine_every`` needs offline negatives, and a re-mine within the run."""
+    every, epochs = config.offcandi.remine_every, config.train.epochs
+    if not every:
+        return
+    if not config.train.offline_negatives:
+        raise UserError(f"offcandi.remine_every={every} re-mines a run's offline negatives, "
+                        "and this run trains without them (train.offline_negatives=false): "
+                        "give it to the retrain stage only (`aoq retrain`; make: "
+                        "RETRAIN_SET=offcandi.remine_every=N, not SET=), or leave it at 0")
+    if every >= epochs:
+        raise UserError(f"offcandi.remine_every={every} would never re-mine in a run of "
+                        f"train.epochs={epochs} (the first re-mine is at the start of epoch "
+                        f"{every + 1}): give remine_every < {epochs}, or 0 for no re-mining")
 
 
 def _init_source(spec: dict, path: str) -> dict:
@@ -257,6 +258,7 @@ def train(config: Config, run_dir: str | Path, resume: bool = False,
     if t.offline_negatives and (group == 1 or group > t.batch_size):
         raise UserError(f"offcandi.group_size={group}: give 0 (random batches) or a group "
                         f"of 2 to train.batch_size={t.batch_size} captions")
+    _check_remine(config)
     # Every input is checked before the run folder is made, so a failed start leaves
     # nothing behind.
     _absolute_paths(config)
@@ -280,9 +282,20 @@ def train(config: Config, run_dir: str | Path, resume: bool = False,
     fingerprint = data_fingerprint(config, tokenizer_sha256, train_split)
     if t.init_from:  # a resume continues only from the weights it started from
         fingerprint["init_weights"] = weights_hash(load_checkpoint(t.init_from)["state_dict"])
-    task = (_offline_task(config, train_split, tokenizer, fingerprint) if t.offline_negatives
-            else PairTask(train_split, tokenizer))
     device = resolve_device(t.device)
+    reminer = None
+    if t.offline_negatives:
+        task, load = _offline_task(config, train_split, tokenizer, fingerprint)
+        if config.offcandi.remine_every:
+            reminer = Reminer(
+                config.offcandi.remine_every,
+                open_model_split(config, config.data.train_split, reads), tokenizer, device,
+                config.data.workers, run_dir, split_attrs(config, train_split, fingerprint),
+                mining_options(config.offcandi, config.candidates_dir(),
+                               fingerprint["candidates"]),
+                load, task.dataset.sampler)
+    else:
+        task = PairTask(train_split, tokenizer)
     torch.manual_seed(t.seed)
     loss_fn = build_loss(config.loss.name, config.loss.values)
     data_args = {"img_dim": train_split.features.feature_dim, **tokenizer.model_args()}
@@ -309,6 +322,8 @@ def train(config: Config, run_dir: str | Path, resume: bool = False,
                             f"given (changed: {', '.join(changed)}); "
                             + (refused_hint or f"delete {run_dir} to start it over, or use "
                                "another run folder"))
+        if reminer is not None and state is not None and state["epoch"] < t.epochs:
+            reminer.resume(state["remined"], state["epoch"], state["epoch_step"])
         if state is None and not t.init_from and not from_scratch:  # last.pt went meanwhile
             words = _load_pretrained(model, tokenizer)
         source = _init_source(spec, t.init_from) if t.init_from and state is None else None
@@ -349,7 +364,7 @@ def train(config: Config, run_dir: str | Path, resume: bool = False,
                                            "data_fingerprint": fingerprint,
                                            "word_vectors": words},
                           workers=config.data.workers,
-                          features_hint=str(train_split.features.path))
+                          features_hint=str(train_split.features.path), reminer=reminer)
         if state is not None:
             trainer.load_state_dict(state)
             log.info("resuming %s at epoch %d step %d (best rsum %.2f)", run_dir,

@@ -304,3 +304,19 @@ def test_per_loss_settings_reach_that_loss_s_cells_only(workdir):  # noqa: F811
         refused = make(workdir, "table", *cells[1:], setting, dry_run=True, check=False)
         assert refused.returncode != 0
         assert re.search(message, refused.stderr), refused.stderr
+
+
+def test_table_set_re_mines_in_the_offline_cells_only(workdir):  # noqa: F811
+    """TABLE_SET=offcandi.remine_every=1 re-mines inside every "on" cell; the controls,
+    which have no offline negatives, train as they would without it (refused otherwise)."""
+    make(workdir, "table", "LOSSES=aoq", "BATCHES=16",
+         "TABLE_SET=train.epochs=2 offcandi.remine_every=1")
+    table_dir = workdir / "runs/tiny/table"
+    assert sorted(r["loss"] for r in read_csv(table_dir / "table.csv")) == ["aoq", "vse_max"]
+    remined = table_dir / "aoq-on-b16" / "remined" / "epoch-1"
+    assert (remined / "t2i.h5").is_file()
+    history = load_checkpoint(table_dir / "aoq-on-b16" / "last.pt")["remined"]
+    assert [h["epoch"] for h in history] == [1]
+    control = yaml.safe_load((table_dir / "vse_max-off-b16" / "config.yaml").read_text())
+    assert control["offcandi"]["remine_every"] == 0
+    assert not (table_dir / "vse_max-off-b16" / "remined").exists()

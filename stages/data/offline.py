@@ -59,17 +59,26 @@ class OfflineNegativeSampler:
     def __init__(self, i2t: Selection, t2i: Selection, hardest: int, seed: int,
                  curriculum_epochs: int = 0,
                  mix: tuple[Selection, Selection] | None = None, mix_share: float = 0.0):
-        need_t2i = -(-hardest // CAPTIONS_PER_IMAGE)
-        for a, b in ((i2t, t2i), *((mix,) if mix else ())):
-            if a.k < hardest or b.k < need_t2i:
-                raise ValueError(f"need K >= {hardest} (i2t) and >= {need_t2i} (t2i), got "
-                                 f"{a.k} and {b.k}")
+        self.hardest = hardest
+        for pair in ((i2t, t2i), *((mix,) if mix else ())):
+            self._check_k(*pair)
         self.i2t, self.t2i = i2t, t2i
         self.mix, self.mix_share = mix, mix_share if mix else 0.0
-        self.hardest = hardest
         self.seed = seed
         self.curriculum_epochs = curriculum_epochs
         self.epoch = 0
+
+    def _check_k(self, i2t: Selection, t2i: Selection) -> None:
+        need_t2i = -(-self.hardest // CAPTIONS_PER_IMAGE)
+        if i2t.k < self.hardest or t2i.k < need_t2i:
+            raise ValueError(f"need K >= {self.hardest} (i2t) and >= {need_t2i} (t2i), got "
+                             f"{i2t.k} and {t2i.k}")
+
+    def set_candidates(self, i2t: Selection, t2i: Selection) -> None:
+        """Draw from these selections from now on, in place of the first source's (the
+        candidates re-mined inside a run); a second source (``mix``) stays as it is."""
+        self._check_k(i2t, t2i)
+        self.i2t, self.t2i = i2t, t2i
 
     def _offset(self, counts: np.ndarray, window: np.ndarray) -> np.ndarray:
         """(B,) where each row's window starts: 0, or under the curriculum the share of the

@@ -1,7 +1,7 @@
 """The training loop: forward, named loss terms, backward, clip, step; validation at each
 epoch's end; checkpoints that hold every stateful part, so a resumed run equals an
 uninterrupted one (model, optimiser, loss parameters, memory bank, RNG, position in the
-epoch, the epoch's running loss sums).
+epoch, the epoch's running loss sums, the offline candidates re-mined so far).
 
 Files a run folder gets from the loop (rank 0 only): ``last.pt`` (every epoch and every
 ``ckpt_every`` steps), ``best.pt`` (best validation score: ``train.select``, see
@@ -95,13 +95,15 @@ class Trainer:
     ``checkpoint_info`` (model spec, config, vocab, data fingerprint) goes into every
     checkpoint beside the training state; ``scalars`` (optional) receives every step's loss
     terms and every validation, e.g. a TensorBoard writer with ``add(step, values,
-    prefix)``.
+    prefix)``; ``reminer`` (optional, :class:`stages.remine.Reminer`) re-mines the task's
+    offline candidates before the epochs it is due, and its ``history`` goes into every
+    checkpoint (``remined``).
     """
 
     def __init__(self, model: EmbeddingModel, loss_fn: RetrievalLoss, task, train: TrainConfig,
                  memory: MemoryConfig, device: torch.device, run_dir: Path,
                  validate: Callable[[EmbeddingModel], dict], checkpoint_info: dict,
-                 workers: int = 0, scalars=None, features_hint: str = ""):
+                 workers: int = 0, scalars=None, features_hint: str = "", reminer=None):
         self.model = model.to(device)
         self.loss_fn = loss_fn.to(device)
         self.task = task
@@ -113,6 +115,7 @@ class Trainer:
         self.workers = workers
         self.scalars = scalars
         self.features_hint = features_hint
+        self.reminer = reminer
         self.memory = MemoryBank(memory.size, memory.warmup_steps)
         self.optimizer = build_optimizer(model, loss_fn, train.lr, train.optimizer,
                                          train.weight_decay)
@@ -127,7 +130,8 @@ class Trainer:
                 "loss_state": {k: v.cpu() for k, v in self.loss_fn.state_dict().items()},
                 "optimizer": self.optimizer.state_dict(),
                 "memory": self.memory.state_dict(), **asdict(self.progress),
-                "rng": {"torch": torch.get_rng_state(), "cuda": cuda_rng}}
+                "rng": {"torch": torch.get_rng_state(), "cuda": cuda_rng},
+                **({"remined": list(self.reminer.history)} if self.reminer is not None else {})}
 
     def load_state_dict(self, state: dict) -> None:
         """Continue from a ``last.pt`` written by :meth:`state_dict`."""
@@ -215,6 +219,8 @@ class Trainer:
         t, p = self.train, self.progress
         self._drop_metrics_after(p.epoch)
         while p.epoch < t.epochs:
+            if self.reminer is not None:
+                self.reminer.start_epoch(self.model, p.epoch, p.epoch_step)
             lr = learning_rate(t, p.epoch)
             for group in self.optimizer.param_groups:
                 group["lr"] = lr * group["lr_scale"]
