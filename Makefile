@@ -461,7 +461,8 @@ demo-compare: $(DEMO_CKPTS)
 # redoes nothing. TABLE_DIR may be given to keep two experiments apart. TABLE_SET:
 # overrides for the table's runs only; TABLE_SET_<loss> (say TABLE_SET_aoq=
 # 'loss.offline_weight=0.5'): overrides for that loss's cells only (its control is another
-# loss's cell: give that loss's own TABLE_SET_<loss> to keep the pair matched).
+# loss's cell: give that loss's own TABLE_SET_<loss> to keep the pair matched; for
+# TABLE_MINER's loss only with TABLE_INIT or MINER, as its cell mines otherwise).
 LOSSES ?= vse_max infonce aoq
 BATCHES ?= 128
 SEEDS ?= 1
@@ -493,7 +494,11 @@ $(foreach v,$(filter TABLE_SET_%,$(.VARIABLES)),$(if $(filter $(patsubst TABLE_S
 	$(LOSSES) vse_max),,$(error $(v) is given, but LOSSES='$(LOSSES)' has no loss \
 	$(patsubst TABLE_SET_%,%,$(v)) (nor is it a control): name a loss of LOSSES))$(if \
 	$(filter-out loss.%,$($(v))),$(error $(v)='$($(v))': only loss.* settings go there; \
-	the others go in TABLE_SET, for every cell)))
+	the others go in TABLE_SET, for every cell))$(if $(filter loss.name=%,$($(v))),$(error \
+	$(v) may not rename the loss: its cells train $(patsubst TABLE_SET_%,%,$(v))))$(if \
+	$(and $(filter TABLE_SET_$(TABLE_MINER),$(v)),$(if $(or $(TABLE_INIT),$(MINER)),,1)),\
+	$(error $(v) would change the miner (the $(TABLE_MINER) cell without offline negatives \
+	mines every "on" cell's candidates): give TABLE_INIT or MINER, or leave it out)))
 endif
 
 table: | $(STAMP)
@@ -521,7 +526,7 @@ table_cell_args = --set loss.name=$(call table_part,$(1),1) \
 	$(if $(filter on,$(call table_part,$(1),2)),--set train.offline_negatives=true \
 	--set offcandi.dir=$(call table_offcandi,$(call table_batch,$(1))) \
 	--set offcandi.base_ckpt=$(call table_miner_ckpt,$(call table_batch,$(1))),\
-	--set offcandi.remine_every=0)
+	--set offcandi.remine_every=0 --set offcandi.group_size=0)
 
 define TABLE_CELL_RULES
 $(TABLE_DIR)/$(1)/checkpoint.pt: $(TABLE_SETTINGS)/$(1).train.yaml $(TABLE_INIT) \

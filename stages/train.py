@@ -29,7 +29,7 @@ from .encode import encode_split
 from .errors import UserError
 from .inputs import open_model_split
 from .io.atomic import atomic_path, write_text
-from .io.checkpoint import load_checkpoint, weights_hash, with_legacy_options
+from .io.checkpoint import load_checkpoint, same_model, weights_hash, with_legacy_options
 from .io.lock import LOCK_NAME, folder_lock
 from .io.scalars import ScalarWriter
 from .log import setup_logging
@@ -175,7 +175,7 @@ def _init_source(spec: dict, path: str) -> dict:
     """The checkpoint a run starts from (``train.init_from``), checked to hold this run's
     model."""
     source = load_checkpoint(path)
-    if source["model"] != spec:
+    if not same_model(source["model"], spec):
         raise UserError(f"train.init_from={path} holds model {source['model']}, which "
                         f"differs from this run's {spec}")
     return source
@@ -198,8 +198,8 @@ def promote_best(run_dir: Path, info: dict) -> None:
     if not problem:
         try:
             state = load_checkpoint(best)
-            if (state["model"], state["data_fingerprint"]) != (info["model"],
-                                                              info["data_fingerprint"]):
+            if (not same_model(state["model"], info["model"])
+                    or state["data_fingerprint"] != info["data_fingerprint"]):
                 problem = "holds another run's model or data"
         except UserError as exc:
             cause = exc.__cause__ or exc
@@ -255,7 +255,13 @@ def train(config: Config, run_dir: str | Path, resume: bool = False,
         raise UserError(f"loss {config.loss.name!r} needs offline negatives: train it with "
                         "`aoq retrain` / `make retrain` (train.offline_negatives=true)")
     group = config.offcandi.group_size
-    if t.offline_negatives and (group == 1 or group > t.batch_size):
+    if group and not t.offline_negatives:
+        raise UserError(f"offcandi.group_size={group} makes batches from a run's offline "
+                        "candidates, and this run trains without them "
+                        "(train.offline_negatives=false): give it to the retrain stage only "
+                        "(`aoq retrain`; make: RETRAIN_SET=offcandi.group_size=N, not SET=), "
+                        "or leave it at 0")
+    if group == 1 or group > t.batch_size:
         raise UserError(f"offcandi.group_size={group}: give 0 (random batches) or a group "
                         f"of 2 to train.batch_size={t.batch_size} captions")
     _check_remine(config)

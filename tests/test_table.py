@@ -300,7 +300,9 @@ def test_per_loss_settings_reach_that_loss_s_cells_only(workdir):  # noqa: F811
     assert any("aoq-on-b16" in s and "loss.offline_weight=0.5" in s for s in stamps)
     for setting, message in (("TABLE_SET_infonce=loss.temperature=0.05",
                               "TABLE_SET_infonce is given, but LOSSES='aoq' has no loss"),
-                             ("TABLE_SET_aoq=train.lr=1e-4", "only loss.\\* settings go")):
+                             ("TABLE_SET_aoq=train.lr=1e-4", "only loss.\\* settings go"),
+                             ("TABLE_SET_aoq=loss.name=infonce", "may not rename the loss"),
+                             ("TABLE_SET_vse_max=loss.margin=0.1", "would change the miner")):
         refused = make(workdir, "table", *cells[1:], setting, dry_run=True, check=False)
         assert refused.returncode != 0
         assert re.search(message, refused.stderr), refused.stderr

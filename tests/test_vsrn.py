@@ -384,3 +384,29 @@ def test_a_run_from_before_norm_axis_does_not_resume_with_the_new_defaults(vsrn_
     old = load_config(base=vsrn_config, overrides=["model.norm_axis=features",
                                                    "model.caption_double_step=false"])
     assert _prepare_run_dir(run, old, resume=True)["epoch"] == 1  # the same settings resume
+
+
+def test_a_best_pt_from_before_norm_axis_is_the_same_model_as_its_legacy_values(tmp_path):
+    """A run resumed with the legacy values ends by promoting a best.pt written before the
+    options existed, and such a checkpoint initialises a run asking for those values."""
+    from stages.io.checkpoint import load_checkpoint, same_model, save_checkpoint
+    from stages.train import _init_source, promote_best
+
+    old = {"name": "vsrn", "args": {"embed_size": 8}}
+    legacy = {"name": "vsrn", "args": {"embed_size": 8, "norm_axis": "features",
+                                       "caption_double_step": False}}
+    today = {"name": "vsrn", "args": {"embed_size": 8, "norm_axis": "regions",
+                                      "caption_double_step": False}}
+    assert same_model(old, legacy) and not same_model(old, today)
+    run = tmp_path / "run"
+    run.mkdir()
+    save_checkpoint(run / "best.pt", {"model": old, "state_dict": {}, "epoch": 1,
+                                      "config": {}, "vocab": {}, "data_fingerprint": {"a": 1}})
+    promote_best(run, {"model": legacy, "data_fingerprint": {"a": 1}})
+    assert load_checkpoint(run / "checkpoint.pt")["model"] == old
+    assert _init_source(legacy, str(run / "checkpoint.pt"))["model"] == old
+    with pytest.raises(UserError, match="differs from this run's"):
+        _init_source(today, str(run / "checkpoint.pt"))
+    (run / "checkpoint.pt").unlink()
+    with pytest.raises(UserError, match="holds another run's model or data"):
+        promote_best(run, {"model": today, "data_fingerprint": {"a": 1}})

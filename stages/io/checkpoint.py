@@ -111,6 +111,15 @@ def with_legacy_options(name: str, values: dict) -> dict:
     return {**MODELS.class_of(name).legacy_options, **values}
 
 
+def same_model(a: dict, b: dict) -> bool:
+    """Whether two checkpoints' model specs (``{"name", "args"}``) are one model, the
+    options a spec predates taken at their legacy values (:func:`with_legacy_options`): a
+    checkpoint written before an option existed is the model with that option's legacy
+    value."""
+    return a["name"] == b["name"] and (with_legacy_options(a["name"], a["args"])
+                                       == with_legacy_options(b["name"], b["args"]))
+
+
 def model_from_checkpoint(state: dict, source: str = "checkpoint"):
     """Rebuild (model, caption tokenizer) from a loaded checkpoint; the model is on the CPU,
     eval mode."""

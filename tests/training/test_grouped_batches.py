@@ -99,3 +99,22 @@ def test_a_group_size_that_cannot_group_is_refused(grouped_config, tmp_path, gro
     with pytest.raises(UserError, match=f"offcandi.group_size={group}: give 0"):
         train(grouped_config, tmp_path / "run")
     assert not (tmp_path / "run").exists()
+
+
+def test_group_size_without_offline_negatives_is_refused(tiny_config, tmp_path):
+    plain = load_config(base=tiny_config, overrides=["offcandi.group_size=4"])
+    with pytest.raises(UserError, match="offcandi.group_size=4 makes batches from a run's "
+                                        "offline candidates"):
+        train(plain, tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+
+
+def test_grouped_batches_re_mined_with_drop_last_resume_exactly(grouped_config, tmp_path):
+    """The seams together: batches grouped from candidates re-mined after epoch 1, the last
+    incomplete batch dropped; killed in epoch 2, resumed, equal to the uninterrupted run."""
+    config = load_config(base=grouped_config, overrides=[
+        "offcandi.remine_every=1", "train.drop_last=true", "train.ckpt_every=1"])
+    # 200 captions in batches of 16: 12 steps in epoch 1, then best.pt and last.pt; the
+    # 16th save is epoch 2's second step.
+    whole, _ = assert_resume_equals_uninterrupted(config, tmp_path, save=16, epoch_step=2)
+    assert [r["epoch"] for r in whole["remined"]] == [1]
