@@ -91,7 +91,7 @@ class OfflineTask:
                              drop_last)
         sampler = self.dataset.sampler
         i2t = sampler.i2t
-        window = min(sampler.hardest, i2t.k)
+        window = sampler.hardest  # the sampler holds K >= h
         neighbours = np.take_along_axis(i2t.indices, i2t.eligible[:, :window], axis=1)
         return grouped_epoch_batches(neighbours, np.minimum(i2t.counts, window),
                                      self.group_size, batch_size, seed, epoch, rank,

@@ -46,3 +46,17 @@ def assert_same_grads(module: nn.Module, rename, reference: nn.Module) -> None:
     scale = float(torch.cat(grads).norm())
     for name, param in module.named_parameters():
         assert_near(param.grad, theirs[rename(name)].grad.reshape(param.shape), name, scale)
+
+
+def randomise_norms(module: nn.Module, seed: int = 1) -> None:
+    """Give every BatchNorm1d of ``module`` random affine weights and running statistics
+    (they start at 1, 0, 0, 1: an Rs-GCN layer would be the identity, a batch norm in eval
+    mode nearly so), drawn from ``seed``."""
+    gen = torch.Generator().manual_seed(seed)
+    for m in module.modules():
+        if isinstance(m, nn.BatchNorm1d):
+            n = m.num_features
+            m.weight.data = torch.rand(n, generator=gen) + 0.5
+            m.bias.data = torch.randn(n, generator=gen)
+            m.running_mean = torch.randn(n, generator=gen) * 0.1
+            m.running_var = torch.rand(n, generator=gen) + 0.5

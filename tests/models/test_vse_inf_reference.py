@@ -29,7 +29,7 @@ from stages.models.caption_augment import augment_captions
 from stages.models.gpo import GPO
 from stages.models.vse_inf import drop_regions, prefix_mask
 from stages.training.batches import epoch_batches
-from tests.models.closeness import DTYPES, assert_near, assert_same_grads
+from tests.models.closeness import DTYPES, assert_near, assert_same_grads, randomise_norms
 
 
 # --- the reference, ported -----------------------------------------------------------------
@@ -262,17 +262,6 @@ def load_into_reference(ours: nn.Module, reference: nn.Module, rename) -> None:
     missing = reference.load_state_dict({rename(k): v for k, v in ours.state_dict().items()},
                                         strict=False).missing_keys
     assert all(k.startswith("mlp.bns.1.") for k in missing), missing
-
-
-def randomise_norms(module: nn.Module, seed: int = 1) -> None:
-    gen = torch.Generator().manual_seed(seed)
-    for m in module.modules():
-        if isinstance(m, nn.BatchNorm1d):
-            n = m.num_features
-            m.weight.data = torch.rand(n, generator=gen) + 0.5
-            m.bias.data = torch.randn(n, generator=gen)
-            m.running_mean = torch.randn(n, generator=gen) * 0.1
-            m.running_var = torch.rand(n, generator=gen) + 0.5
 
 
 def _model(**options):

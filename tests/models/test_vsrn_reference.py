@@ -31,7 +31,7 @@ from stages.models.caption_decoder import CaptionDecoder
 from stages.models.rs_gcn import RsGCN
 from stages.training.loop import build_optimizer, selection_score
 from stages.training.repeated_updates import clip_gradients, optimizer_step
-from tests.models.closeness import DTYPES, assert_near, assert_same_grads
+from tests.models.closeness import DTYPES, assert_near, assert_same_grads, randomise_norms
 
 
 # --- the reference, ported -----------------------------------------------------------------
@@ -318,19 +318,6 @@ def state_for_reference(module: nn.Module, rename, reference: nn.Module) -> dict
     theirs = reference.state_dict()
     return {rename(k): v.reshape(theirs[rename(k)].shape)
             for k, v in module.state_dict().items()}
-
-
-def randomise_norms(module, seed=1):
-    """Batch norms start at zero (each Rs-GCN layer the identity) and with unit running
-    statistics: give them other values."""
-    gen = torch.Generator().manual_seed(seed)
-    for m in module.modules():
-        if isinstance(m, nn.BatchNorm1d):
-            n = m.num_features
-            m.weight.data = torch.rand(n, generator=gen) + 0.5
-            m.bias.data = torch.randn(n, generator=gen)
-            m.running_mean = torch.randn(n, generator=gen) * 0.1
-            m.running_var = torch.rand(n, generator=gen) + 0.5
 
 
 # --- the image encoder -----------------------------------------------------------------------
