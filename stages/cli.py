@@ -6,18 +6,12 @@ from pathlib import Path
 
 import click
 
-from .config import load_config, set_value
-from .errors import UserError
-from .log import setup_logging
-from .stamps import STAMPED_STAGES
+from stages.config.sections import load_config, retrain_defaults, set_value
+from stages.core.errors import UserError
+from stages.core.log import setup_logging
+from stages.pipeline.stamps import STAMPED_STAGES
 
 log = logging.getLogger("aoq")
-
-# The retrain stage's defaults, under --config files and --set: AOQ's loss with offline
-# negatives on the AOQ reference's schedule ("lr_update=10 for all the situations": 20 epochs,
-# decayed at epoch 10).
-RETRAIN_DEFAULTS = ("loss.name=aoq", "train.offline_negatives=true", "train.epochs=20",
-                    "train.lr_update=10")
 
 
 def config_options(func):
@@ -46,9 +40,9 @@ def cli() -> None:
               help="Keep words seen at least this often in the training captions.")
 def vocab(config_files, overrides, out, threshold) -> None:
     """Build the vocabulary from the training captions only."""
-    from .data.vocab import build_vocab_file
-    from .io.lock import folder_lock
-    from .stamps import clear_record, settings_text, write_record
+    from stages.data.vocab import build_vocab_file
+    from stages.io.lock import folder_lock
+    from stages.pipeline.stamps import clear_record, settings_text, write_record
 
     config = load_config(config_files, overrides)
     captions = config.dataset_dir() / f"{config.data.train_split}_caps.txt"
@@ -73,10 +67,11 @@ def vocab(config_files, overrides, out, threshold) -> None:
                    "or data); make's table passes how to start its cells over.")
 def train(config_files, overrides, run_dir, resume, refused_hint) -> None:
     """Train a base model with online hard negatives (VSE++)."""
-    from .train import train as run_training
+    from stages.pipeline.train import default_run_dir
+    from stages.pipeline.train import train as run_training
 
     config = load_config(config_files, overrides)
-    run_training(config, run_dir or Path("runs") / config.data.name / "base", resume=resume,
+    run_training(config, run_dir or default_run_dir(config, "train"), resume=resume,
                  refused_hint=refused_hint)
 
 
@@ -95,8 +90,8 @@ def train(config_files, overrides, run_dir, resume, refused_hint) -> None:
                    "`aoq table`'s bootstrap reads them).")
 def evaluate(config_files, overrides, checkpoints, out, each, ranks) -> None:
     """Recall@K, medr, meanr, rsum on data.eval_split (eval.fold5 for COCO 5-fold 1K)."""
-    from .evaluate import evaluate as run_eval
-    from .evaluate import print_results, run_name
+    from stages.pipeline.evaluate import evaluate as run_eval
+    from stages.pipeline.evaluate import print_results, run_name
 
     if not each:
         run_eval(list(checkpoints), config_files, overrides, out, ranks=ranks)
@@ -116,7 +111,7 @@ def evaluate(config_files, overrides, checkpoints, out, each, ranks) -> None:
               help="Output HDF5 (default: embeddings_<split>.h5 beside the checkpoint).")
 def embed(config_files, overrides, checkpoint, split, out) -> None:
     """Embed every image and caption of a split, unshuffled, into one HDF5 file."""
-    from .embed import embed as run_embed
+    from stages.pipeline.embed import embed as run_embed
 
     run_embed(checkpoint, split, config_files, overrides, out)
 
@@ -132,7 +127,7 @@ def embed(config_files, overrides, checkpoint, split, out) -> None:
 def embed_text_command(config_files, overrides, text_model, split, out) -> None:
     """Embed a split's captions with a pretrained text model (images: the mean of their
     captions), to mine offline negatives without a trained model."""
-    from .text_miner import embed_text
+    from stages.pipeline.embed_text import embed_text
 
     config = load_config(config_files, overrides)
     embed_text(text_model, config.dataset_dir(), config.data.name,
@@ -153,7 +148,7 @@ def embed_text_command(config_files, overrides, text_model, split, out) -> None:
 def embed_clip_command(config_files, overrides, arch, weights, split, out) -> None:
     """Embed a split's images (data.images) and captions with a pretrained open_clip
     model, to mine offline negatives without a trained model."""
-    from .clip_miner import embed_clip
+    from stages.pipeline.embed_clip import embed_clip
 
     config = load_config(config_files, overrides)
     embed_clip(arch, weights, config, split or config.data.train_split, out)
@@ -176,7 +171,7 @@ def embed_clip_command(config_files, overrides, arch, weights, split, out) -> No
 def export_command(config_files, overrides, checkpoint, out, fmt, force, tolerance) -> None:
     """Write the image and caption encoders (TorchScript or ONNX), the vocabulary and
     export.json, checked against the checkpoint's embeddings."""
-    from .export import export
+    from stages.pipeline.export import export
 
     export(checkpoint, out, fmt, force, tolerance, config_files, overrides)
 
@@ -190,7 +185,7 @@ def export_command(config_files, overrides, checkpoint, out, fmt, force, toleran
 @click.option("--tolerance", type=float, help="Default: the one the export used.")
 def export_check(config_files, overrides, folder, checkpoint, tolerance) -> None:
     """Check an export folder again: its encoders against the checkpoint's embeddings."""
-    from .export import check_export
+    from stages.pipeline.export import check_export
 
     check_export(folder, checkpoint, tolerance, config_files, overrides)
 
@@ -204,7 +199,7 @@ def export_check(config_files, overrides, folder, checkpoint, tolerance) -> None
                    "offcandi/<dataset>).")
 def offcandi(config_files, overrides, embeddings, out_dir) -> None:
     """Mine offline hard-negative candidates (i2t, t2i) with FAISS."""
-    from .offcandi import offcandi as run_offcandi
+    from stages.pipeline.offcandi import offcandi as run_offcandi
 
     config = load_config(config_files, overrides)
     run_offcandi(embeddings, out_dir or config.candidates_dir(), config.offcandi)
@@ -220,7 +215,7 @@ def offcandi(config_files, overrides, embeddings, out_dir) -> None:
               help="Default: offcandi.dir or offcandi/<data.name>.")
 def offcandi_import(config_files, overrides, i2t_file, t2i_file, out_dir) -> None:
     """Convert AOQ's published candidate .npy files, checked against the dataset."""
-    from .candidates import import_published
+    from stages.pipeline.import_candidates import import_published
 
     config = load_config(config_files, overrides)
     import_published(i2t_file, t2i_file, config, out_dir or config.candidates_dir())
@@ -242,8 +237,8 @@ def offcandi_import(config_files, overrides, i2t_file, t2i_file, out_dir) -> Non
 def inspect_command(config_files, overrides, folder, image, caption, top, ratio) -> None:
     """Print one query's offline candidates with their captions and scores, marked by the
     false-negative filters (offcandi.*) retraining would apply."""
-    from .inspect_candidates import inspect_caption, inspect_image
-    from .negative_selection import SelectionRules
+    from stages.mining.selection import SelectionRules
+    from stages.pipeline.inspect import inspect_caption, inspect_image
 
     if (image is None) == (caption is None):
         raise UserError("give one of --image N or --caption N")
@@ -280,10 +275,10 @@ def plot_command(config_files, overrides, candidate_dirs, embeddings, out_dir, r
                  online_batches, seed) -> None:
     """PNG figures: positive vs online vs offline negative similarities, positive ranks,
     across rounds."""
-    from .plot import plot
+    from stages.pipeline.plot import plot
 
     # The retrain stage's settings (RETRAIN_SET reaches plot too): its sampling range.
-    config = load_config(config_files, overrides, base=load_config(overrides=RETRAIN_DEFAULTS),
+    config = load_config(config_files, overrides, base=retrain_defaults(),
                          retrain=True)
     plot(list(candidate_dirs), list(embeddings), config, out_dir, rank_sample,
          online_batches, seed)
@@ -297,14 +292,15 @@ def plot_command(config_files, overrides, candidate_dirs, embeddings, out_dir, r
 def retrain(config_files, overrides, run_dir, resume) -> None:
     """Train with offline hard negatives: loss.name defaults to aoq; any loss may be used
     (offline negatives then join its reference set)."""
-    from .train import train as run_training
+    from stages.pipeline.train import default_run_dir
+    from stages.pipeline.train import train as run_training
 
-    config = load_config(config_files, overrides, base=load_config(overrides=RETRAIN_DEFAULTS),
+    config = load_config(config_files, overrides, base=retrain_defaults(),
                          retrain=True)
     if not config.train.offline_negatives:
         raise UserError("retrain trains with offline negatives; for a model without them "
                         "use `aoq train`")
-    run_training(config, run_dir or Path("runs") / config.data.name / "aoq", resume=resume)
+    run_training(config, run_dir or default_run_dir(config, "retrain"), resume=resume)
 
 
 @cli.command()
@@ -327,7 +323,7 @@ def settings(config_files, overrides, stage, out, target, retrain_overrides,
              feature_command) -> None:
     """Write the resolved settings a stage reads (the Makefile's stamp for that stage),
     dated so that make redoes the stage exactly when its output was made with others."""
-    from .stamps import (
+    from stages.pipeline.stamps import (
         check_retrain_set,
         read_record,
         run_stage,
@@ -340,7 +336,7 @@ def settings(config_files, overrides, stage, out, target, retrain_overrides,
         raise UserError(f"--retrain-set is for --stage retrain, not {stage}")
 
     if stage == "features":
-        from .features.identity import recorded_identity
+        from stages.features.identity import recorded_identity
 
         identity = _feature_identity(feature_command)
         made_with = recorded_identity(target, identity)
@@ -348,7 +344,7 @@ def settings(config_files, overrides, stage, out, target, retrain_overrides,
                      None if made_with is None else stamp_text(stage, {"features": made_with}))
         return
     retrain = stage == "retrain"
-    base = load_config(overrides=RETRAIN_DEFAULTS) if retrain else None
+    base = retrain_defaults() if retrain else None
     config = load_config(config_files, overrides, base=base, retrain=retrain)
     if retrain_overrides:
         without = config
@@ -362,7 +358,7 @@ def settings(config_files, overrides, stage, out, target, retrain_overrides,
 
 def _feature_identity(command: tuple[str, ...]) -> dict:
     """What the features command ``aoq features COMMAND`` records in the files it makes."""
-    from .features.identity import cnn_identity, tsv_identity
+    from stages.features.identity import cnn_identity, tsv_identity
 
     name, *args = command or ("",)
     if name not in ("cnn", "tsv"):
@@ -392,7 +388,7 @@ def _feature_identity(command: tuple[str, ...]) -> dict:
                    "Default: one split per JSON file, named from it (train/dev/test).")
 def captions(out, karpathy, restval, coco_json, split_ids) -> None:
     """Write captions, image ids and image paths per split from the annotation sources."""
-    from .features.annotations import coco_splits, karpathy_splits, write_splits
+    from stages.features.annotations import coco_splits, karpathy_splits, write_splits
 
     if bool(karpathy) == bool(coco_json):
         raise UserError("give either --karpathy FILE or --coco-json FILE (not both)")
@@ -441,8 +437,8 @@ def _dtype_option(func):
 @_dtype_option
 def features_tsv(tsv_files, dataset_dir, splits, max_regions, feature_dim, dtype) -> None:
     """Bottom-up-attention region features from TSV, streamed, resumable."""
-    from .features.butd_tsv import tsv_to_hdf5
-    from .features.splits import listed_splits
+    from stages.data.splits import listed_splits
+    from stages.features.butd_tsv import tsv_to_hdf5
 
     names = [s for s in splits.split(",") if s] or listed_splits(dataset_dir)
     tsv_to_hdf5(list(tsv_files), dataset_dir, names, max_regions, feature_dim, dtype)
@@ -478,8 +474,8 @@ def features_tsv(tsv_files, dataset_dir, splits, max_regions, feature_dim, dtype
 def features_cnn(images, dataset_dir, splits, arch, weights, crops, grid, crop_size,
                  batch_size, workers, device, dtype, on_bad_image, seed) -> None:
     """CNN features of raw images (torchvision), batched, resumable."""
-    from .features.cnn import cnn_features
-    from .features.splits import listed_splits
+    from stages.data.splits import listed_splits
+    from stages.features.cnn import cnn_features
 
     names = [s for s in splits.split(",") if s] or listed_splits(dataset_dir)
     cnn_features(images, dataset_dir, names, arch, weights, int(crops), grid, crop_size,
@@ -493,7 +489,7 @@ def features_cnn(images, dataset_dir, splits, arch, weights, crops, grid, crop_s
 @_dtype_option
 def features_precomp(dataset_dir, splits, dtype) -> None:
     """Convert a precomp folder's .npy features into the HDF5 layout, streamed."""
-    from .features.precomp import precomp_to_hdf5
+    from stages.features.precomp import precomp_to_hdf5
 
     precomp_to_hdf5(dataset_dir, [s for s in splits.split(",") if s] or None, dtype)
 
@@ -523,7 +519,7 @@ def table(table_dir, losses, batches, miner, seeds, init, mined_by, plan) -> Non
     """Loss x offline negatives x batch size x seed: table.md, table.csv, pairs.csv and
     table.png from the cells' checkpoints and eval records (`make table` trains and
     evaluates the cells); each offline cell is paired with its matched control."""
-    from .table import parse_batches, plan_cells, split_words, write_table
+    from stages.pipeline.table import parse_batches, plan_cells, split_words, write_table
 
     if plan:
         cells = plan_cells(split_words(losses), parse_batches(batches), miner, seeds)
@@ -546,7 +542,7 @@ def table(table_dir, losses, batches, miner, seeds, init, mined_by, plan) -> Non
 def demo_data(out, train_images, dev_images, test_images, testall_images, feature_dim,
               seed) -> None:
     """Generate the synthetic demo dataset (scenes, region features, 5 captions each)."""
-    from .data.synthetic import write_synthetic_dataset
+    from stages.data.synthetic import write_synthetic_dataset
 
     splits = {"train": train_images, "dev": dev_images, "test": test_images}
     if testall_images:

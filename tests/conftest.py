@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 import torch
 
-from stages.config import load_config
+from stages.config.sections import load_config
+from stages.core.log import remove_file_handlers
 from stages.data.synthetic import write_synthetic_dataset
 from stages.data.vocab import build_vocab_file
-from stages.log import remove_file_handlers
 
 # Tests never download: a hub name missing from the cache fails at once (subprocesses too).
 os.environ["HF_HUB_OFFLINE"] = "1"

@@ -14,7 +14,7 @@ import torch
 
 import stages.training.loop as loop_module
 from stages.io.checkpoint import load_checkpoint
-from stages.train import train
+from stages.pipeline.train import train
 from tests.run_helpers import run_records
 
 

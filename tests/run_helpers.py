@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from stages.candidates import import_published
+from stages.pipeline.import_candidates import import_published
 
 
 def aoq(*args, cwd) -> subprocess.CompletedProcess:

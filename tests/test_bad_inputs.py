@@ -16,21 +16,24 @@ import numpy as np
 import pytest
 import torch
 
-from stages.candidates import import_published, load_candidates
-from stages.config import load_config
+from stages.config.sections import load_config
+from stages.core.errors import UserError
 from stages.data.dataset import open_split
+from stages.data.splits import read_ids_file
 from stages.data.synthetic import write_synthetic_dataset
 from stages.data.vocab import Vocab
-from stages.errors import UserError
-from stages.export import export
 from stages.features.annotations import coco_splits, karpathy_splits
 from stages.features.butd_tsv import tsv_to_hdf5
-from stages.features.cnn import FeatureExtractor, read_image_list
-from stages.features.splits import read_ids_file
-from stages.io.checkpoint import load_checkpoint, model_from_checkpoint
-from stages.offcandi import offcandi
-from stages.stamps import update_stamp
-from stages.train import promote_best
+from stages.features.cnn import read_image_list
+from stages.io.checkpoint import load_checkpoint
+from stages.mining.candidate_files import load_candidates
+from stages.models.cnn import FeatureExtractor
+from stages.models.restore import model_from_checkpoint
+from stages.pipeline.export import export
+from stages.pipeline.import_candidates import import_published
+from stages.pipeline.offcandi import offcandi
+from stages.pipeline.stamps import update_stamp
+from stages.pipeline.train import promote_best
 from tests.features.test_butd_tsv import DIM, make_images, write_tsv
 
 N, D = 2, 4
@@ -577,7 +580,7 @@ def test_what_is_not_the_tools_own_is_never_replaced(tmp_path, case):
     assert snapshot(target) == before
 
 
-# stages/config.py belongs to the lead (load_config must catch UnicodeDecodeError and give
+# stages/config/sections.py belongs to the lead (load_config must catch UnicodeDecodeError and give
 # the YAML error's first line only); these turn into passes when it does.
 @pytest.mark.parametrize("case", list(CASES))
 def test_bad_input_is_one_clear_user_error(tmp_path, case):

@@ -29,7 +29,7 @@ def test_demo_data_vocab_train_eval(tmp_path):
         result = aoq_ok(*step, cwd=tmp_path)
     assert "image->text" in result.stdout and "rsum" in result.stdout
     assert [r["stage"] for r in run_records(tmp_path / "run")] == ["train", "eval"]
-    assert "| INFO | stages.train |" in (tmp_path / "run" / "train.log").read_text()
+    assert "| INFO | stages.pipeline.train |" in (tmp_path / "run" / "train.log").read_text()
 
     again = aoq("train", *data, *TINY, "--run-dir", tmp_path / "run", cwd=tmp_path)
     assert again.returncode == 2

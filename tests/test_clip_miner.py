@@ -12,16 +12,16 @@ import torch
 from PIL import Image
 
 from stages.cli import cli
-from stages.clip_miner import clip_miner_weights, embed_clip, parse_clip_miner
-from stages.config import OffcandiConfig, load_config
+from stages.config.sections import OffcandiConfig, load_config
+from stages.core.errors import UserError
 from stages.data.captions import read_captions
 from stages.data.images import UnreadableImage
-from stages.embeddings import Embeddings
-from stages.errors import UserError
-from stages.miners import miner_weights
+from stages.mining.embedding_files import Embeddings
 from stages.models.clip import build_open_clip
-from stages.offcandi import offcandi
-from stages.train import train
+from stages.pipeline.embed_clip import clip_miner_weights, embed_clip, parse_clip_miner
+from stages.pipeline.miners import miner_weights
+from stages.pipeline.offcandi import offcandi
+from stages.pipeline.train import train
 from tests.models.test_clip import TINY_VIT
 from tests.raw_images import TINY_CNN, write_image_dataset
 from tests.test_pipeline import make, workdir  # noqa: F401

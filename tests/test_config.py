@@ -1,7 +1,7 @@
 import pytest
 
-from stages.config import Config, config_diff, load_config
-from stages.errors import UserError
+from stages.config.sections import Config, config_diff, load_config, retrain_defaults
+from stages.core.errors import UserError
 
 
 def test_defaults_are_vsepp_published_settings():
@@ -19,10 +19,19 @@ def test_shipped_model_config_matches_defaults():
     assert shipped.to_dict() == Config().to_dict()
 
 
-def test_shipped_model_config_keeps_the_retrain_schedule():
-    from stages.cli import RETRAIN_DEFAULTS
+def test_the_retrain_defaults_are_aoqs_protocol():
+    defaults = retrain_defaults()
+    assert (defaults.loss.name, defaults.train.offline_negatives) == ("aoq", True)
+    assert (defaults.train.epochs, defaults.train.lr_update) == (20, 10)
+    # Beyond the loss (with its own options' defaults), only those settings differ.
+    changed = [d for d in config_diff(Config().to_dict(), defaults.to_dict())
+               if not d.startswith("loss.")]
+    assert changed == ["train.epochs: 30 -> 20", "train.lr_update: 15 -> 10",
+                       "train.offline_negatives: False -> True"]
 
-    defaults = load_config(overrides=RETRAIN_DEFAULTS)
+
+def test_shipped_model_config_keeps_the_retrain_schedule():
+    defaults = retrain_defaults()
     shipped = load_config(["configs/model/vsepp.yaml"], base=defaults, retrain=True)
     assert shipped.to_dict() == defaults.to_dict()
 

@@ -4,11 +4,11 @@ import numpy as np
 import pytest
 import torch
 
+from stages.core.errors import UserError
 from stages.data.dataset import open_split
 from stages.data.vocab import Vocab
-from stages.encode import encode_split
-from stages.errors import UserError
 from stages.models import build_model
+from stages.models.encode import encode_split
 from tests.conftest import write_precomp
 
 CAPTIONS = [f"a photo number {i}" for i in range(5 * 12)]

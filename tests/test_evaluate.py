@@ -6,11 +6,11 @@ import pytest
 import torch
 import yaml
 
-from stages.errors import UserError
-from stages.evaluate import evaluate, format_table
+from stages.core.errors import UserError
 from stages.io.lock import folder_lock
-from stages.stamps import read_record
-from stages.train import train
+from stages.pipeline.evaluate import evaluate, format_table
+from stages.pipeline.stamps import read_record
+from stages.pipeline.train import train
 
 
 @pytest.fixture
@@ -108,7 +108,7 @@ def test_table_layout():
 def test_data_of_another_feature_dimension_is_refused_before_encoding(tiny_root, trained,
                                                                       tmp_path):
     from stages.data.synthetic import write_synthetic_dataset
-    from stages.embed import embed
+    from stages.pipeline.embed import embed
 
     write_synthetic_dataset(tiny_root / "wide", {"train": 6, "test": 6}, seed=4,
                             feature_dim=48)

@@ -14,12 +14,16 @@ import pytest
 import torch
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
-from stages.config import load_config
+from stages.config.sections import load_config
+from stages.core.errors import NoSpaceError, UserError
 from stages.data.dataset import pad_tokens
 from stages.data.synthetic import write_synthetic_dataset
 from stages.data.vocab import build_vocab_file
-from stages.errors import NoSpaceError, UserError
-from stages.export import (
+from stages.io.checkpoint import load_checkpoint, weights_hash
+from stages.models import MODELS, build_model
+from stages.models.restore import model_from_checkpoint
+from stages.models.rnn import padded_gru, reverse_within
+from stages.pipeline.export import (
     FORMATS,
     CaptionIds,
     check_export,
@@ -28,10 +32,7 @@ from stages.export import (
     image_item_shape,
     load_encoder,
 )
-from stages.io.checkpoint import load_checkpoint, model_from_checkpoint, weights_hash
-from stages.models import MODELS, build_model
-from stages.models.rnn import padded_gru, reverse_within
-from stages.train import train
+from stages.pipeline.train import train
 from tests.models.text_tower import tiny_bert_for
 from tests.raw_images import write_image_dataset
 from tests.run_helpers import aoq
@@ -426,7 +427,7 @@ def test_force_never_deletes_what_is_not_an_export(checkpoints, root, tmp_path, 
 def test_a_folder_swapped_in_during_the_export_is_not_deleted(checkpoints, tmp_path,
                                                               monkeypatch):
     """The check runs again right before the old folder is moved aside."""
-    import stages.export as export_module
+    import stages.pipeline.export as export_module
 
     checkpoint = checkpoints("vsepp")
     out = export(checkpoint, tmp_path / "export")

@@ -4,12 +4,12 @@ import h5py
 import numpy as np
 import pytest
 
-from stages.candidates import write_candidates
-from stages.config import OffcandiConfig
-from stages.errors import UserError
-from stages.inspect_candidates import inspect_caption, inspect_image
-from stages.negative_selection import SelectionRules
-from stages.offcandi import offcandi
+from stages.config.sections import OffcandiConfig
+from stages.core.errors import UserError
+from stages.mining.candidate_files import write_candidates
+from stages.mining.selection import SelectionRules
+from stages.pipeline.inspect import inspect_caption, inspect_image
+from stages.pipeline.offcandi import offcandi
 from tests.run_helpers import aoq
 from tests.test_offcandi import random_embeddings, write_embeddings
 

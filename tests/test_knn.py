@@ -5,7 +5,7 @@ import h5py
 import numpy as np
 import pytest
 
-from stages.knn import (
+from stages.mining.knn import (
     approximate_recall,
     build_index,
     exact_top_k,
@@ -32,7 +32,7 @@ def brute_force(items, queries, k):
 
 def test_exact_top_k_in_blocks_matches_brute_force(vectors, monkeypatch):
     items, queries, _, _ = vectors
-    import stages.knn as knn
+    import stages.mining.knn as knn
     monkeypatch.setattr(knn, "ADD_BLOCK_BYTES", 64 * 8 * 4)  # 64-row blocks to merge
     np.testing.assert_array_equal(exact_top_k(items, queries, 7), brute_force(items, queries, 7))
 

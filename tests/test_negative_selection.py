@@ -6,10 +6,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from stages.candidates import Candidates
-from stages.data.offline import OfflineNegativeSampler, counter_hash
-from stages.errors import UserError
-from stages.negative_selection import (
+from stages.core.counter_hash import counter_hash
+from stages.core.errors import UserError
+from stages.mining.candidate_files import Candidates
+from stages.mining.sampler import OfflineNegativeSampler
+from stages.mining.selection import (
     DUPLICATE,
     MARGIN,
     RATIO,

@@ -2,16 +2,13 @@ import h5py
 import numpy as np
 import pytest
 
-import stages.offcandi as offcandi_module
-from stages.candidates import (
-    import_published,
-    load_candidates,
-    positives_present,
-)
-from stages.config import OffcandiConfig, load_config
-from stages.errors import UserError
-from stages.offcandi import offcandi
-from stages.stamps import read_record, settings_text
+import stages.mining.mine as mine_module
+from stages.config.sections import OffcandiConfig, load_config
+from stages.core.errors import UserError
+from stages.mining.candidate_files import load_candidates, positives_present
+from stages.pipeline.import_candidates import import_published
+from stages.pipeline.offcandi import offcandi
+from stages.pipeline.stamps import read_record, settings_text
 from tests.run_helpers import published_style
 
 
@@ -115,13 +112,13 @@ def test_too_large_k_and_unknown_index(tmp_path):
 def test_interrupted_mining_leaves_no_candidate_file(tmp_path, monkeypatch):
     img, cap = random_embeddings(30)
     emb = write_embeddings(tmp_path / "e.h5", img, cap)
-    real = offcandi_module.search_blocks
+    real = mine_module.search_blocks
 
     def die_after_first_block(*args, **kwargs):
         yield next(real(*args, **kwargs))
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(offcandi_module, "search_blocks", die_after_first_block)
+    monkeypatch.setattr(mine_module, "search_blocks", die_after_first_block)
     with pytest.raises(KeyboardInterrupt):
         offcandi(emb, tmp_path / "out", OffcandiConfig(k_i2t=5, k_t2i=5, block_size=10))
     assert not (tmp_path / "out").exists()  # nothing: the folder it made is removed too

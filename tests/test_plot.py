@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from stages.config import OffcandiConfig, load_config
-from stages.errors import UserError
+from stages.config.sections import OffcandiConfig, load_config
+from stages.core.errors import UserError
 from stages.metrics.retrieval import rank_metrics
-from stages.offcandi import offcandi
-from stages.plot import plot
+from stages.pipeline.offcandi import offcandi
+from stages.pipeline.plot import plot
 from tests.run_helpers import aoq
 from tests.test_diagnostics import brute_ranks, noisy_embeddings
 from tests.test_offcandi import write_embeddings

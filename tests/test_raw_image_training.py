@@ -7,13 +7,13 @@ from pathlib import Path
 import h5py
 import pytest
 
-from stages.config import load_config
-from stages.errors import UserError
-from stages.inputs import image_input
+from stages.config.sections import load_config
+from stages.core.errors import UserError
 from stages.io.checkpoint import load_checkpoint
 from stages.models import MODELS
-from stages.table import finetune
-from stages.train import train
+from stages.pipeline.inputs import image_input
+from stages.pipeline.table import finetune
+from stages.pipeline.train import train
 from tests.raw_images import TINY_CNN, write_image_dataset
 from tests.resume_helpers import assert_resume_equals_uninterrupted
 from tests.run_helpers import aoq, aoq_ok, run_records

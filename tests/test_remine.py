@@ -5,19 +5,19 @@ import h5py
 import numpy as np
 import pytest
 
-import stages.remine as remine_module
+import stages.pipeline.remine as remine_module
 import stages.training.loop as loop_module
-from stages.candidates import DIRECTIONS, candidate_path
-from stages.config import OffcandiConfig, load_config
+from stages.config.sections import OffcandiConfig, load_config
+from stages.core.errors import UserError
+from stages.core.log import remove_file_handlers
 from stages.data.dataset import open_split
-from stages.data.offline import OfflineNegativeSampler
-from stages.embed import embed
-from stages.errors import UserError
 from stages.io.checkpoint import load_checkpoint, weights_hash
-from stages.log import remove_file_handlers
-from stages.negative_selection import CaptionWords, SelectionRules, load_selections
-from stages.offcandi import offcandi
-from stages.train import train
+from stages.mining.candidate_files import DIRECTIONS, candidate_path
+from stages.mining.sampler import OfflineNegativeSampler
+from stages.mining.selection import CaptionWords, SelectionRules, load_selections
+from stages.pipeline.embed import embed
+from stages.pipeline.offcandi import offcandi
+from stages.pipeline.train import train
 from tests.resume_helpers import assert_same_training, train_killed_at_save
 from tests.run_helpers import aoq_ok, imported_candidates, run_records
 

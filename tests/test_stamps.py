@@ -10,9 +10,9 @@ import pytest
 import yaml
 
 from stages.cli import RETRAIN_DEFAULTS
-from stages.config import OffcandiConfig, load_config
-from stages.errors import UserError
-from stages.stamps import (
+from stages.config.sections import OffcandiConfig, load_config
+from stages.core.errors import UserError
+from stages.pipeline.stamps import (
     NO_EFFECT,
     SAMPLING_KEYS,
     check_retrain_set,
@@ -202,7 +202,7 @@ def test_the_settings_command_needs_no_torch_once_the_options_are_cached(tmp_pat
 
 
 def test_cached_options_equal_the_live_registries(tmp_path, monkeypatch):
-    from stages import options_cache
+    from stages.config import options as options_cache
     from stages.losses import LOSSES
     from stages.models import MODELS
 

@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 import yaml
 
-from stages.errors import UserError
+from stages.core.errors import UserError
 from stages.io.checkpoint import load_checkpoint, weights_hash
 from stages.metrics.retrieval import recall_metrics
-from stages.table import (
+from stages.pipeline.table import (
     METRIC_KEYS,
     Cell,
     collect_rows,

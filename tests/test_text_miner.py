@@ -6,14 +6,14 @@ import numpy as np
 import pytest
 import torch
 
-from stages.config import OffcandiConfig, load_config
+from stages.config.sections import OffcandiConfig, load_config
+from stages.core.errors import UserError
 from stages.data.captions import read_captions
-from stages.embeddings import Embeddings
-from stages.errors import UserError
-from stages.miners import miner_weights
-from stages.offcandi import offcandi
-from stages.text_miner import embed_text, load_text_model
-from stages.train import train
+from stages.mining.embedding_files import Embeddings
+from stages.pipeline.embed_text import embed_text, load_text_model
+from stages.pipeline.miners import miner_weights
+from stages.pipeline.offcandi import offcandi
+from stages.pipeline.train import train
 from tests.conftest import TINY_OVERRIDES
 from tests.models.text_tower import tiny_bert_for
 

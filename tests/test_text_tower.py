@@ -10,9 +10,10 @@ import pytest
 import torch
 
 from stages.cli import cli
-from stages.io.checkpoint import load_checkpoint, model_from_checkpoint
+from stages.io.checkpoint import load_checkpoint
 from stages.losses import LOSSES
-from stages.train import train
+from stages.models.restore import model_from_checkpoint
+from stages.pipeline.train import train
 from tests import run_helpers
 from tests.models.text_tower import text_tower_config, tiny_bert_for
 from tests.resume_helpers import assert_resume_equals_uninterrupted

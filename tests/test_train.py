@@ -4,13 +4,13 @@ import torch
 
 import stages.losses.base as losses_base
 import stages.training.loop as loop_module
-from stages.config import load_config
+from stages.config.sections import load_config
+from stages.core.errors import UserError
+from stages.core.log import remove_file_handlers
 from stages.data.synthetic import write_synthetic_dataset
 from stages.data.vocab import build_vocab_file
-from stages.errors import UserError
 from stages.io.checkpoint import load_checkpoint
-from stages.log import remove_file_handlers
-from stages.train import train
+from stages.pipeline.train import train
 from stages.training.loop import learning_rate
 from tests.conftest import TINY_SPLITS
 from tests.io.test_scalars import raw_points
@@ -211,7 +211,7 @@ def test_a_kill_or_full_disk_before_the_first_last_pt_leaves_no_duplicate(tiny_c
                                                                           monkeypatch):
     """The metrics line of epoch 1 is written, then best.pt or last.pt is not (a kill, a
     full disk): the rerun starts over without a last.pt and must not log epoch 1 twice."""
-    from stages.errors import NoSpaceError
+    from stages.core.errors import NoSpaceError
 
     train(tiny_config, tmp_path / "whole")
     real_save = loop_module.save_checkpoint
@@ -361,7 +361,7 @@ def test_the_best_model_is_kept_by_train_select(tiny_config, tmp_path, monkeypat
                                                 best):
     """Epoch 1 has the best R@1 + R@5 both ways, epoch 2 the best rsum (its R@10 makes
     up): VSRN's rule keeps epoch 1, VSE++'s epoch 2; a resume goes on with the rule."""
-    import stages.train as train_module
+    import stages.pipeline.train as train_module
 
     script = [(30, 60, 70, 20, 50, 60), (20, 50, 95, 15, 45, 95), (10, 20, 30, 5, 10, 20)]
     monkeypatch.setattr(train_module, "evaluate_embeddings", _scripted_metrics(script))

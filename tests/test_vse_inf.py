@@ -9,13 +9,13 @@ import torch
 import torch.nn.functional as F
 
 from stages.cli import RETRAIN_DEFAULTS
-from stages.config import load_config
-from stages.errors import UserError
+from stages.config.sections import load_config
+from stages.core.errors import UserError
 from stages.io.checkpoint import load_checkpoint, weights_hash
 from stages.models import build_model
 from stages.models.gpo import GPO, positional_encoding
 from stages.models.vse_inf import drop_regions
-from stages.train import train
+from stages.pipeline.train import train
 from tests.resume_helpers import assert_resume_equals_uninterrupted
 from tests.run_helpers import aoq_ok, run_records
 

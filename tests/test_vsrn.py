@@ -8,13 +8,13 @@ import torch
 import torch.nn.functional as F
 
 from stages.cli import RETRAIN_DEFAULTS
-from stages.config import load_config
-from stages.errors import UserError
+from stages.config.sections import load_config
+from stages.core.errors import UserError
 from stages.io.checkpoint import load_checkpoint, weights_hash
 from stages.models import build_model
 from stages.models.caption_decoder import CaptionDecoder
 from stages.models.rs_gcn import RsGCN, valid_mask
-from stages.train import train
+from stages.pipeline.train import train
 from tests.conftest import write_precomp
 from tests.resume_helpers import assert_resume_equals_uninterrupted
 from tests.run_helpers import aoq_ok, imported_candidates, run_records
@@ -347,7 +347,7 @@ def test_a_checkpoint_from_before_norm_axis_is_read_as_it_was_trained():
     """Its model normalised each region over its features and updated the caption branch
     once a step: rebuilt so, not with today's defaults."""
     from stages.data.vocab import SPECIALS, Vocab
-    from stages.io.checkpoint import model_from_checkpoint
+    from stages.models.restore import model_from_checkpoint
 
     torch.manual_seed(0)
     trained = build_model("vsrn", {**TINY_VSRN, "norm_axis": "features",
@@ -368,7 +368,7 @@ def test_a_run_from_before_norm_axis_does_not_resume_with_the_new_defaults(vsrn_
     """Its stored config lacks the options: compared as what they meant then, the run
     differs from one asking for the reference's behaviour, and is refused."""
     from stages.io.checkpoint import save_checkpoint
-    from stages.train import _prepare_run_dir
+    from stages.pipeline.train import _prepare_run_dir
 
     config = vsrn_config.to_dict()
     for new in ("norm_axis", "caption_double_step"):
@@ -389,8 +389,9 @@ def test_a_run_from_before_norm_axis_does_not_resume_with_the_new_defaults(vsrn_
 def test_a_best_pt_from_before_norm_axis_is_the_same_model_as_its_legacy_values(tmp_path):
     """A run resumed with the legacy values ends by promoting a best.pt written before the
     options existed, and such a checkpoint initialises a run asking for those values."""
-    from stages.io.checkpoint import load_checkpoint, same_model, save_checkpoint
-    from stages.train import _init_source, promote_best
+    from stages.io.checkpoint import load_checkpoint, save_checkpoint
+    from stages.models.restore import same_model
+    from stages.pipeline.train import _init_source, promote_best
 
     old = {"name": "vsrn", "args": {"embed_size": 8}}
     legacy = {"name": "vsrn", "args": {"embed_size": 8, "norm_axis": "features",

@@ -10,13 +10,14 @@ import pytest
 import torch
 
 import stages.training.loop as loop_module
-from stages.config import load_config
+from stages.config.sections import load_config
+from stages.core.errors import UserError
 from stages.data.vocab import SPECIALS, Vocab
-from stages.errors import UserError
-from stages.io.checkpoint import load_checkpoint, model_from_checkpoint
+from stages.io.checkpoint import load_checkpoint
 from stages.models import build_model
+from stages.models.restore import model_from_checkpoint
 from stages.models.word_vectors import load_word_vectors
-from stages.train import train
+from stages.pipeline.train import train
 
 VOCAB = Vocab([*SPECIALS, "a", "dog", "runs", "cat", "über"])
 

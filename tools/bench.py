@@ -54,15 +54,15 @@ import h5py
 import numpy as np
 import torch
 
-from stages.config import load_config
+from stages.config.sections import load_config
 from stages.data.dataset import collate_pairs, open_split
-from stages.data.offline import OfflineNegativeSampler, collate_offline
 from stages.data.synthetic import write_synthetic_dataset
 from stages.data.tokenizers import PretrainedTokenizer
 from stages.data.vocab import Vocab
-from stages.knn import set_threads
 from stages.losses import build_loss
 from stages.metrics.retrieval import retrieval_ranks
+from stages.mining.knn import set_threads
+from stages.mining.sampler import OfflineNegativeSampler, collate_offline
 from stages.models import build_model
 from stages.training.batches import epoch_batches
 from stages.training.loop import Trainer
@@ -269,8 +269,8 @@ def clustered_embeddings(num_images: int, dim: int, seed: int = 0,
 # would also count the parent's pages, inherited through fork and kept across exec.
 STAGE_SCRIPT = """
 import sys, time
-from stages.config import OffcandiConfig
-from stages.offcandi import offcandi
+from stages.config.sections import OffcandiConfig
+from stages.pipeline.offcandi import offcandi
 t0 = time.perf_counter()
 offcandi(sys.argv[1], sys.argv[2], OffcandiConfig(index=sys.argv[3], nprobe=int(sys.argv[4])))
 hwm = next(line for line in open("/proc/self/status") if line.startswith("VmHWM"))
@@ -410,7 +410,7 @@ def bench_tsv(sizes: tuple[int, ...]) -> list[dict]:
 def bench_cnn(batch: int = 32, repeats: int = 2) -> dict:
     import torchvision
 
-    from stages.features.cnn import FeatureExtractor
+    from stages.models.cnn import FeatureExtractor
 
     torch.manual_seed(0)
     ours = FeatureExtractor("resnet152", "random")

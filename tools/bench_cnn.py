@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from stages.config import MemoryConfig, TrainConfig
+from stages.config.sections import MemoryConfig, TrainConfig
 from stages.losses import build_loss
 from stages.models import build_model
 from stages.training.loop import Trainer

@@ -2,7 +2,7 @@
 
 from pathlib import Path
 
-from ..errors import UserError
+from stages.core.errors import UserError
 
 CAPTIONS_PER_IMAGE = 5
 

@@ -22,7 +22,7 @@ import hashlib
 import json
 from pathlib import Path
 
-from ..errors import UserError
+from stages.core.errors import UserError
 
 CLIP_FORMAT = "aoq-open-clip-tokenizer"
 # Model configs of architectures open_clip does not ship, by name (stages/models/clip_configs).

@@ -12,17 +12,20 @@ import torch
 from torch.nn.utils.rnn import pad_sequence
 from torch.utils.data import Dataset
 
-from ..errors import UserError
-from ..features.splits import read_ids_file
-from .captions import CAPTIONS_PER_IMAGE, check_split, read_captions
-from .features import FeatureStore, open_features
-from .tokenizers import CaptionTokenizer
-from .vocab import PAD
+from stages.core.errors import UserError
+from stages.data.captions import CAPTIONS_PER_IMAGE, check_split, read_captions
+from stages.data.features import FeatureStore, open_features
+from stages.data.splits import read_ids_file
+from stages.data.tokenizers import CaptionTokenizer
+from stages.data.vocab import PAD
 
 if TYPE_CHECKING:  # images.py imports offline.py, which imports this module
-    from .images import ImageStore
+    from stages.data.images import ImageStore
 
 log = logging.getLogger(__name__)
+
+# The dataset folder's sub-folder of frozen text towers' outputs (data.text_cache_dir's default).
+TEXT_CACHE_FOLDER = "cache"
 
 
 class TokenizedCaptions:

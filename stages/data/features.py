@@ -22,7 +22,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from ..errors import UserError
+from stages.core.errors import UserError
 
 log = logging.getLogger(__name__)
 

@@ -29,9 +29,9 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import UserError
-from .captions import check_split, read_text_lines
-from .offline import counter_hash
+from stages.core.counter_hash import counter_hash
+from stages.core.errors import UserError
+from stages.data.captions import check_split, read_text_lines
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)

@@ -27,16 +27,16 @@ from pathlib import Path
 
 import numpy as np
 
-from ..config import TEXT_CACHE_FOLDER
-from ..errors import UserError
-from ..io.atomic import (
+from stages.core.errors import UserError
+from stages.data.dataset import TEXT_CACHE_FOLDER
+from stages.io.atomic import (
     HOST,
     check_free_space,
     no_space_as_user_error,
     remove_stale_temp_files,
     temp_path,
 )
-from ..io.lock import LOCK_NAME, folder_lock
+from stages.io.lock import LOCK_NAME, folder_lock
 
 log = logging.getLogger(__name__)
 

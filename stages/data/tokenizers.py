@@ -27,9 +27,9 @@ import tempfile
 from pathlib import Path
 from typing import Protocol
 
-from ..errors import UserError
-from .clip_tokenizer import CLIP_FORMAT, ClipTokenizer
-from .vocab import Vocab
+from stages.core.errors import UserError
+from stages.data.clip_tokenizer import CLIP_FORMAT, ClipTokenizer
+from stages.data.vocab import Vocab
 
 log = logging.getLogger(__name__)
 

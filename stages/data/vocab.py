@@ -14,8 +14,8 @@ from pathlib import Path
 
 from nltk.tokenize import TreebankWordTokenizer
 
-from ..errors import UserError
-from ..io.atomic import write_json
+from stages.core.errors import UserError
+from stages.io.atomic import write_json
 
 log = logging.getLogger(__name__)
 
@@ -158,7 +158,7 @@ def _checked_words(words: list, source: str) -> list[str]:
 
 def build_vocab_file(captions_file: str | Path, out: str | Path, threshold: int = 4) -> Vocab:
     """Build the vocabulary of a training caption file and write it atomically to ``out``."""
-    from .captions import read_captions
+    from stages.data.captions import read_captions
 
     captions = read_captions(captions_file)
     vocab = Vocab.build(captions, threshold, meta={

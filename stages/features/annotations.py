@@ -24,11 +24,11 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..data.captions import CAPTIONS_PER_IMAGE
-from ..errors import UserError
-from ..io.atomic import write_text
-from ..io.lock import folder_lock
-from .splits import read_ids_file
+from stages.core.errors import UserError
+from stages.data.captions import CAPTIONS_PER_IMAGE
+from stages.data.splits import read_ids_file
+from stages.io.atomic import write_text
+from stages.io.lock import folder_lock
 
 log = logging.getLogger(__name__)
 

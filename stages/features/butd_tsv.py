@@ -23,12 +23,12 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import NoSpaceError, UserError
-from ..io.lock import folder_lock
-from ..progress import Progress
-from .identity import refuse_other_identity, tsv_identity
-from .splits import read_split_ids
-from .writer import SplitWriter
+from stages.core.errors import NoSpaceError, UserError
+from stages.core.progress import Progress
+from stages.data.splits import read_split_ids
+from stages.features.identity import refuse_other_identity, tsv_identity
+from stages.features.writer import SplitWriter
+from stages.io.lock import folder_lock
 
 log = logging.getLogger(__name__)
 

@@ -14,8 +14,8 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from ..errors import UserError
-from ..io.atomic import plain_attrs
+from stages.core.errors import UserError
+from stages.io.atomic import plain_attrs
 
 
 def cnn_identity(images_root: str | Path, arch: str, weights: str, grid: bool, seed: int,

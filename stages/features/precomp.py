@@ -7,12 +7,12 @@ are reduced to one per image), so memory stays at one image whatever the split s
 import logging
 from pathlib import Path
 
-from ..data.dataset import open_split
-from ..errors import UserError
-from ..io.lock import folder_lock
-from ..progress import Progress
-from .splits import read_split_ids
-from .writer import SplitWriter
+from stages.core.errors import UserError
+from stages.core.progress import Progress
+from stages.data.dataset import open_split
+from stages.data.splits import read_split_ids
+from stages.features.writer import SplitWriter
+from stages.io.lock import folder_lock
 
 log = logging.getLogger(__name__)
 

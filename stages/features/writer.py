@@ -14,7 +14,7 @@ and the caller's position in its input, so a killed conversion resumes from ther
 the partial file cannot be reopened (HDF5 files killed mid-write can be unreadable) or
 was made from other inputs, the conversion restarts from the beginning. The free space the
 file needs is checked before it is started or resumed, and a disk that fills up while
-writing is a :class:`~stages.errors.NoSpaceError` (the partial file is kept: a rerun after
+writing is a :class:`~stages.core.errors.NoSpaceError` (the partial file is kept: a rerun after
 freeing space resumes).
 """
 
@@ -25,9 +25,9 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from ..data.features import HDF5_FORMAT
-from ..errors import NoSpaceError, UserError
-from ..io.atomic import check_free_space, no_space_as_user_error, plain_attrs
+from stages.core.errors import NoSpaceError, UserError
+from stages.data.features import HDF5_FORMAT
+from stages.io.atomic import check_free_space, no_space_as_user_error, plain_attrs
 
 log = logging.getLogger(__name__)
 

@@ -30,7 +30,7 @@ import socket
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from ..errors import NoSpaceError, UserError
+from stages.core.errors import NoSpaceError, UserError
 
 log = logging.getLogger(__name__)
 

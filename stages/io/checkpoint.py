@@ -16,10 +16,8 @@ from pathlib import Path
 
 import torch
 
-from ..data.tokenizers import tokenizer_from_json
-from ..errors import UserError
-from ..models import MODELS, build_model
-from .atomic import atomic_path
+from stages.core.errors import UserError
+from stages.io.atomic import atomic_path
 
 CHECKPOINT_FORMAT = "aoq-checkpoint"
 CHECKPOINT_VERSION = 1
@@ -42,7 +40,7 @@ def save_checkpoint(path: str | os.PathLike, state: dict) -> None:
     """Write ``state`` (a plain dict of tensors and Python values) atomically.
 
     The free space is checked first (the tensors' size plus 1 MiB), and a disk that fills
-    up midway is a :class:`~stages.errors.NoSpaceError`, not a traceback from torch's
+    up midway is a :class:`~stages.core.errors.NoSpaceError`, not a traceback from torch's
     writer (the file is written through a Python file object, whose ``ENOSPC`` surfaces).
     """
     need = tensor_bytes(state) + (1 << 20)
@@ -101,47 +99,6 @@ def _remake_hint(path: Path) -> str:
              else "; the run resumes from its last.pt" if path.name == "checkpoint.pt" else "")
     return (f"`make train DATA={data} RUN={run}` (or `make retrain DATA={data} "
             f"AOQ_RUN={run}` for an AOQ run){again}")
-
-
-def with_legacy_options(name: str, values: dict) -> dict:
-    """``values`` (a checkpoint's model arguments, or its stored config's model block) of
-    model ``name``, with each option the model gained since they were written set to the
-    value that gives the behaviour they were trained with
-    (:attr:`~stages.models.base.EmbeddingModel.legacy_options`)."""
-    return {**MODELS.class_of(name).legacy_options, **values}
-
-
-def same_model(a: dict, b: dict) -> bool:
-    """Whether two checkpoints' model specs (``{"name", "args"}``) are one model, the
-    options a spec predates taken at their legacy values (:func:`with_legacy_options`): a
-    checkpoint written before an option existed is the model with that option's legacy
-    value."""
-    return a["name"] == b["name"] and (with_legacy_options(a["name"], a["args"])
-                                       == with_legacy_options(b["name"], b["args"]))
-
-
-def model_from_checkpoint(state: dict, source: str = "checkpoint"):
-    """Rebuild (model, caption tokenizer) from a loaded checkpoint; the model is on the CPU,
-    eval mode."""
-    spec = state["model"]
-    try:
-        options = MODELS.options(spec["name"])
-        args = with_legacy_options(spec["name"], spec["args"])
-        model = build_model(spec["name"], {k: v for k, v in args.items() if k in options},
-                            **{k: v for k, v in args.items() if k not in options})
-    except UserError as exc:  # an unknown model name, an option out of range
-        raise UserError(f"{source}: {exc}") from exc
-    except (TypeError, ValueError) as exc:  # arguments the model does not take
-        raise UserError(f"{source}: model {spec['name']!r} cannot be built from "
-                        f"{spec['args']} ({exc}); the checkpoint comes from another version "
-                        "of the code") from exc
-    try:
-        model.load_state_dict(state["state_dict"])
-    except (RuntimeError, TypeError, AttributeError) as exc:
-        raise UserError(f"{source}: weights do not fit model {spec['name']!r} with "
-                        f"{spec['args']}: {str(exc).splitlines()[0]}") from exc
-    model.eval()
-    return model, tokenizer_from_json(state["vocab"], source)
 
 
 def weights_hash(state_dict: dict[str, torch.Tensor]) -> str:

@@ -16,8 +16,8 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
-from ..errors import UserError
-from .atomic import no_space_as_user_error
+from stages.core.errors import UserError
+from stages.io.atomic import no_space_as_user_error
 
 LOCK_NAME = ".lock"
 

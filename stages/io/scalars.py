@@ -26,7 +26,7 @@ from tensorboard.compat.proto.event_pb2 import Event, SessionLog
 from tensorboard.compat.proto.summary_pb2 import Summary
 from tensorboard.summary.writer.record_writer import RecordWriter
 
-from .atomic import atomic_path
+from stages.io.atomic import atomic_path
 
 log = logging.getLogger(__name__)
 

@@ -1,10 +1,6 @@
 """Training losses, one per module, picked by registered name (``loss.name`` in configs)."""
 
-from ..registry import Registry
-
-LOSSES = Registry("loss")
-
-from . import (  # noqa: E402,F401  (each module registers its losses by name)
+from stages.losses import (  # noqa: F401  (each module registers its losses by name)
     aoq,
     contrastive,
     focal_infonce,
@@ -16,7 +12,7 @@ from . import (  # noqa: E402,F401  (each module registers its losses by name)
     triplet_topk,
     vse_hinge,
 )
-from .base import OfflineNegatives, References, RetrievalLoss  # noqa: E402,F401
+from stages.losses.base import LOSSES, OfflineNegatives, References, RetrievalLoss  # noqa: F401
 
 
 def build_loss(name: str, options: dict | None = None) -> RetrievalLoss:

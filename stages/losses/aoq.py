@@ -20,9 +20,8 @@ from typing import Annotated
 
 import torch
 
-from ..settings import OneOf, Range
-from . import LOSSES
-from .base import RetrievalLoss, Similarities
+from stages.core.values import OneOf, Range
+from stages.losses.base import LOSSES, RetrievalLoss, Similarities
 
 VARIANTS = ("aoq", "offquin", "offtri")
 

@@ -16,7 +16,11 @@ from typing import Annotated
 import torch
 from torch import nn
 
-from ..settings import OneOf
+from stages.core.registry import Registry
+from stages.core.values import OneOf
+
+# Every loss class registers itself here by name; the package imports them all.
+LOSSES = Registry("loss")
 
 
 @dataclass

@@ -19,9 +19,8 @@ from typing import Annotated
 
 import torch
 
-from ..settings import OneOf, Range
-from . import LOSSES
-from .base import RetrievalLoss, Similarities
+from stages.core.values import OneOf, Range
+from stages.losses.base import LOSSES, RetrievalLoss, Similarities
 
 
 @LOSSES.register("contrastive")

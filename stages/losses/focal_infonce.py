@@ -17,10 +17,10 @@ from typing import Annotated
 
 import torch
 
-from ..settings import OneOf, Range
-from . import LOSSES
-from .infonce import InfoNCELoss
-from .negatives import masked_logits, zero_unless
+from stages.core.values import OneOf, Range
+from stages.losses.base import LOSSES
+from stages.losses.infonce import InfoNCELoss
+from stages.losses.negatives import masked_logits, zero_unless
 
 
 @LOSSES.register("focal_infonce")

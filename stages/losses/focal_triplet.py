@@ -22,10 +22,9 @@ from typing import Annotated
 
 import torch
 
-from ..settings import OneOf, Range
-from . import LOSSES
-from .base import RetrievalLoss, Similarities
-from .negatives import hinge, masked_logits, zero_unless
+from stages.core.values import OneOf, Range
+from stages.losses.base import LOSSES, RetrievalLoss, Similarities
+from stages.losses.negatives import hinge, masked_logits, zero_unless
 
 
 @LOSSES.register("focal_triplet")

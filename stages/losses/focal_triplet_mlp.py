@@ -27,10 +27,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..settings import OneOf, Range
-from . import LOSSES
-from .base import RetrievalLoss, Similarities
-from .negatives import hinge
+from stages.core.values import OneOf, Range
+from stages.losses.base import LOSSES, RetrievalLoss, Similarities
+from stages.losses.negatives import hinge
 
 
 class _ReverseGradient(torch.autograd.Function):

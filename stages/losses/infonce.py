@@ -26,9 +26,8 @@ from typing import Annotated
 import torch
 from torch import nn
 
-from ..settings import OneOf, Range
-from . import LOSSES
-from .base import RetrievalLoss, Similarities
+from stages.core.values import OneOf, Range
+from stages.losses.base import LOSSES, RetrievalLoss, Similarities
 
 MAX_LOGIT_SCALE = math.log(100.0)
 

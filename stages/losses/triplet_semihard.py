@@ -19,10 +19,9 @@ from typing import Annotated
 
 import torch
 
-from ..settings import OneOf, Range
-from . import LOSSES
-from .base import RetrievalLoss, Similarities
-from .negatives import hinge, masked_max, zero_unless
+from stages.core.values import OneOf, Range
+from stages.losses.base import LOSSES, RetrievalLoss, Similarities
+from stages.losses.negatives import hinge, masked_max, zero_unless
 
 
 @LOSSES.register("triplet_semihard")

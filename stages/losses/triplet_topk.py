@@ -14,10 +14,9 @@ from typing import Annotated
 
 import torch
 
-from ..settings import OneOf, Range
-from . import LOSSES
-from .base import RetrievalLoss, Similarities
-from .negatives import hinge
+from stages.core.values import OneOf, Range
+from stages.losses.base import LOSSES, RetrievalLoss, Similarities
+from stages.losses.negatives import hinge
 
 
 @LOSSES.register("triplet_topk")

@@ -1,10 +1,6 @@
 """Embedding models, picked by registered name; rebuilt from a checkpoint's ``model`` entry."""
 
-from ..registry import Registry
-
-MODELS = Registry("model")
-
-from . import (  # noqa: E402  (each module registers its model by name)
+from stages.models import (  # (each module registers its model by name)
     clip,  # noqa: F401
     vse_cnn,  # noqa: F401
     vse_inf,  # noqa: F401
@@ -12,7 +8,7 @@ from . import (  # noqa: E402  (each module registers its model by name)
     vsepp,  # noqa: F401
     vsrn,  # noqa: F401
 )
-from .base import EmbeddingModel, ModelOutput  # noqa: E402,F401
+from stages.models.base import MODELS, EmbeddingModel, ModelOutput  # noqa: F401
 
 
 def build_model(name: str, options: dict, **data_args) -> EmbeddingModel:

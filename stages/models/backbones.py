@@ -1,7 +1,7 @@
 """torchvision CNNs cut into ordered stages, for image towers trained from raw images.
 
 Each backbone is the classifier up to the global feature ``aoq features cnn`` takes (same
-cut, same weights rules: :func:`stages.features.cnn.torchvision_model`):
+cut, same weights rules: :func:`stages.models.cnn.torchvision_model`):
 
 * ``resnet152`` / ``resnet101`` / ``resnet50`` / ``resnet18``: stem (conv1, bn1, relu,
   maxpool), layer1 .. layer4, then the average pool: 5 stages, (B, 2048) (512 for 18);
@@ -12,7 +12,7 @@ cut, same weights rules: :func:`stages.features.cnn.torchvision_model`):
 * ``efficientnet_lite0`` (timm, :mod:`stages.models.efficientnet_lite`): stem, 7 block
   stages, then the 1280-d head conv with its ReLU6 and the average pool: 9 stages,
   (B, 1280). Its ImageNet weights expect mean/std 0.5
-  (:func:`stages.features.cnn.normalisation`).
+  (:func:`stages.models.cnn.normalisation`).
 
 Freezing is by stages from the input side: ``frozen`` stages get ``requires_grad=False`` and
 stay in eval mode under ``train()`` (batch norm keeps its running statistics, dropout is
@@ -23,9 +23,9 @@ them train normally, their batch norm included.
 import torch
 from torch import nn
 
-from ..errors import UserError
-from ..features.cnn import BACKBONES, torchvision_model
-from . import efficientnet_lite
+from stages.core.errors import UserError
+from stages.models import efficientnet_lite
+from stages.models.cnn import BACKBONES, torchvision_model
 
 ARCHS = ("vgg19", "resnet152", "mobilenet_v3_large", "resnet101", "resnet50", "resnet18",
          efficientnet_lite.ARCH)

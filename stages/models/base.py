@@ -21,8 +21,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..data.images import ImagePreprocessing
-from .tracing import CaptionEncoderExport, ImageEncoderExport
+from stages.core.registry import Registry
+from stages.data.images import ImagePreprocessing
+from stages.models.tracing import CaptionEncoderExport, ImageEncoderExport
+
+# Every model class registers itself here by name; the package imports them all.
+MODELS = Registry("model")
 
 
 @dataclass

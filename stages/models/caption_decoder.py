@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
-from ..data.vocab import SPECIALS
+from stages.data.vocab import SPECIALS
 
 END = SPECIALS.index("<end>")
 

@@ -37,12 +37,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..data.clip_tokenizer import ClipTokenizer, arch_config
-from ..data.images import ImagePreprocessing
-from ..errors import UserError
-from ..settings import Range
-from . import MODELS
-from .base import EmbeddingModel
+from stages.core.errors import UserError
+from stages.core.values import Range
+from stages.data.clip_tokenizer import ClipTokenizer, arch_config
+from stages.data.images import ImagePreprocessing
+from stages.models.base import MODELS, EmbeddingModel
 
 log = logging.getLogger(__name__)
 

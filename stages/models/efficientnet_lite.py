@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..errors import UserError
+from stages.core.errors import UserError
 
 ARCH = "efficientnet_lite0"
 TIMM_NAME = "tf_efficientnet_lite0"

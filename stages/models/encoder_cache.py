@@ -44,9 +44,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..errors import UserError
-from ..io.atomic import atomic_path
-from ..io.lock import folder_lock
+from stages.core.errors import UserError
+from stages.io.atomic import atomic_path
+from stages.io.lock import folder_lock
 
 log = logging.getLogger(__name__)
 

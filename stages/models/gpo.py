@@ -17,8 +17,8 @@ import math
 import torch
 from torch import nn
 
-from .rnn import run_gru
-from .tracing import is_exporting
+from stages.models.rnn import run_gru
+from stages.models.tracing import is_exporting
 
 TEMPERATURE = 0.1  # the reference's softmax temperature over positions
 

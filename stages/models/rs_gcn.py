@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .tracing import is_exporting
+from stages.models.tracing import is_exporting
 
 
 def batch_norm_rows(bn: nn.BatchNorm1d, rows: torch.Tensor) -> torch.Tensor:

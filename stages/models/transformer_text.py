@@ -29,11 +29,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..data.tokenizers import from_folder_or_hub, resolve_text_model
-from ..errors import UserError
-from .encoder_cache import CacheFile, EncoderCache, encoder_key
-from .gpo import GPO
-from .tracing import is_exporting
+from stages.core.errors import UserError
+from stages.data.tokenizers import from_folder_or_hub, resolve_text_model
+from stages.models.encoder_cache import CacheFile, EncoderCache, encoder_key
+from stages.models.gpo import GPO
+from stages.models.tracing import is_exporting
 
 log = logging.getLogger(__name__)
 

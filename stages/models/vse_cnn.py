@@ -14,14 +14,13 @@ from typing import Annotated
 
 import torch
 
-from ..data.images import ImagePreprocessing
-from ..errors import UserError
-from ..features.cnn import normalisation
-from ..settings import OneOf, Range
-from . import MODELS
-from .backbones import ARCHS, Backbone
-from .base import EmbeddingModel
-from .vsepp import ImageEncoder, TextEncoder
+from stages.core.errors import UserError
+from stages.core.values import OneOf, Range
+from stages.data.images import ImagePreprocessing
+from stages.models.backbones import ARCHS, Backbone
+from stages.models.base import MODELS, EmbeddingModel
+from stages.models.cnn import normalisation
+from stages.models.vsepp import ImageEncoder, TextEncoder
 
 log = logging.getLogger(__name__)
 

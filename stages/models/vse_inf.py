@@ -31,13 +31,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..settings import Range
-from . import MODELS
-from .base import EmbeddingModel
-from .caption_augment import augment_captions
-from .gpo import GPO
-from .rnn import run_gru
-from .word_vectors import init_embedding
+from stages.core.values import Range
+from stages.models.base import MODELS, EmbeddingModel
+from stages.models.caption_augment import augment_captions
+from stages.models.gpo import GPO
+from stages.models.rnn import run_gru
+from stages.models.word_vectors import init_embedding
 
 
 def prefix_mask(counts: torch.Tensor, num: int) -> torch.Tensor:

@@ -16,13 +16,12 @@ from typing import Annotated
 
 import torch
 
-from ..data.tokenizers import PretrainedTokenizer
-from ..errors import UserError
-from ..settings import OneOf, Range
-from . import MODELS
-from .base import EmbeddingModel
-from .transformer_text import POOLINGS, TransformerTextEncoder
-from .vsepp import ImageEncoder
+from stages.core.errors import UserError
+from stages.core.values import OneOf, Range
+from stages.data.tokenizers import PretrainedTokenizer
+from stages.models.base import MODELS, EmbeddingModel
+from stages.models.transformer_text import POOLINGS, TransformerTextEncoder
+from stages.models.vsepp import ImageEncoder
 
 
 def check_text_options(text_config: dict, max_length: int, freeze_layers: int,

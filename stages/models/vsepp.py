@@ -12,12 +12,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..settings import Range
-from . import MODELS
-from .base import EmbeddingModel
-from .rnn import run_gru
-from .tracing import is_exporting
-from .word_vectors import init_embedding
+from stages.core.values import Range
+from stages.models.base import MODELS, EmbeddingModel
+from stages.models.rnn import run_gru
+from stages.models.tracing import is_exporting
+from stages.models.word_vectors import init_embedding
 
 
 def masked_mean(images: torch.Tensor, regions: torch.Tensor) -> torch.Tensor:

@@ -39,14 +39,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import UserError
-from ..settings import OneOf, Range
-from . import MODELS
-from .base import EmbeddingModel, ModelOutput
-from .caption_decoder import CaptionDecoder
-from .rnn import run_gru
-from .rs_gcn import RsGCN, batch_norm_rows, valid_mask
-from .vsepp import TextEncoder
+from stages.core.errors import UserError
+from stages.core.values import OneOf, Range
+from stages.models.base import MODELS, EmbeddingModel, ModelOutput
+from stages.models.caption_decoder import CaptionDecoder
+from stages.models.rnn import run_gru
+from stages.models.rs_gcn import RsGCN, batch_norm_rows, valid_mask
+from stages.models.vsepp import TextEncoder
 
 NORM_AXES = ("regions", "features")
 

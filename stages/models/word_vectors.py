@@ -17,8 +17,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..data.vocab import SPECIALS, Vocab
-from ..errors import UserError
+from stages.core.errors import UserError
+from stages.data.vocab import SPECIALS, Vocab
 
 COMPRESSED = {b"\x1f\x8b": "gzip", b"PK": "zip", b"BZ": "bzip2", b"\xfd7": "xz"}
 

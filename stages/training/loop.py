@@ -20,17 +20,17 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader
 
-from ..config import MemoryConfig, TrainConfig
-from ..encode import check_finite
-from ..errors import UserError
-from ..io.atomic import append_jsonl, write_text
-from ..io.checkpoint import save_checkpoint
-from ..losses.base import RetrievalLoss
-from ..models.base import EmbeddingModel
-from ..progress import Progress
-from .distributed import is_main, rank, world_size
-from .memory import MemoryBank
-from .repeated_updates import clip_gradients, optimizer_step
+from stages.config.sections import MemoryConfig, TrainConfig
+from stages.core.errors import UserError
+from stages.core.progress import Progress
+from stages.io.atomic import append_jsonl, write_text
+from stages.io.checkpoint import save_checkpoint
+from stages.losses.base import RetrievalLoss
+from stages.models.base import EmbeddingModel
+from stages.models.encode import check_finite
+from stages.training.distributed import is_main, rank, world_size
+from stages.training.memory import MemoryBank
+from stages.training.repeated_updates import clip_gradients, optimizer_step
 
 log = logging.getLogger(__name__)
 
@@ -95,7 +95,7 @@ class Trainer:
     ``checkpoint_info`` (model spec, config, vocab, data fingerprint) goes into every
     checkpoint beside the training state; ``scalars`` (optional) receives every step's loss
     terms and every validation, e.g. a TensorBoard writer with ``add(step, values,
-    prefix)``; ``reminer`` (optional, :class:`stages.remine.Reminer`) re-mines the task's
+    prefix)``; ``reminer`` (optional, :class:`stages.pipeline.remine.Reminer`) re-mines the task's
     offline candidates before the epochs it is due, and its ``history`` goes into every
     checkpoint (``remined``).
     """

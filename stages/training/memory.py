@@ -8,7 +8,7 @@ uninterrupted one.
 
 import torch
 
-from ..losses.base import References
+from stages.losses.base import References
 
 
 def _on(tensor: torch.Tensor | None, device) -> torch.Tensor | None:

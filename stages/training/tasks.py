@@ -10,7 +10,7 @@ its rows feed the loss).
 * :class:`PairTask`: batches of (image, caption) pairs; the loss sees in-batch negatives.
 * :class:`OfflineTask`: pairs plus each pair's offline hard negatives drawn from the
   candidate files (AOQ); the batch stacks anchors and negatives (see
-  :func:`stages.data.offline.collate_offline`) and the loss gets them as
+  :func:`stages.mining.sampler.collate_offline`) and the loss gets them as
   :class:`~stages.losses.base.OfflineNegatives`.
 """
 
@@ -20,13 +20,13 @@ from functools import partial
 import numpy as np
 import torch
 
-from ..data.captions import CAPTIONS_PER_IMAGE
-from ..data.dataset import PairDataset, Split, collate_pairs
-from ..data.offline import OfflineNegativeSampler, OfflinePairDataset, collate_offline
-from ..data.tokenizers import CaptionTokenizer
-from ..losses.base import OfflineNegatives
-from ..models.base import EmbeddingModel, ModelOutput
-from .batches import epoch_batches, grouped_epoch_batches
+from stages.data.captions import CAPTIONS_PER_IMAGE
+from stages.data.dataset import PairDataset, Split, collate_pairs
+from stages.data.tokenizers import CaptionTokenizer
+from stages.losses.base import OfflineNegatives
+from stages.mining.sampler import OfflineNegativeSampler, OfflinePairDataset, collate_offline
+from stages.models.base import EmbeddingModel, ModelOutput
+from stages.training.batches import epoch_batches, grouped_epoch_batches
 
 
 @dataclass

@@ -3,9 +3,9 @@
 import numpy as np
 import pytest
 
+from stages.core.errors import UserError
 from stages.data.captions import read_captions
 from stages.data.dataset import open_split
-from stages.errors import UserError
 from tests.conftest import write_precomp
 
 CAPS = [f"caption {i}" for i in range(10)]

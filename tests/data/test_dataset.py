@@ -4,6 +4,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
+from stages.core.errors import UserError
 from stages.data.dataset import (
     CaptionDataset,
     ImageDataset,
@@ -12,7 +13,6 @@ from stages.data.dataset import (
     open_split,
 )
 from stages.data.vocab import Vocab
-from stages.errors import UserError
 from stages.training.batches import epoch_batches, epoch_permutation
 from tests.conftest import write_precomp
 
@@ -140,8 +140,8 @@ def test_epoch_batches_split_across_ranks_cover_the_single_process_order():
 
 
 def test_splits_of_other_feature_extractors_are_refused(tmp_path):
+    from stages.core.errors import UserError
     from stages.data.dataset import check_compatible
-    from stages.errors import UserError
 
     write_precomp(tmp_path, "train", _features((6, 4, 3)), CAPTIONS)
     write_precomp(tmp_path, "dev", _features((6, 4, 3)), CAPTIONS)

@@ -6,10 +6,10 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
+from stages.core.errors import UserError
 from stages.data.dataset import ImageDataset, PairDataset, collate_images, open_split
 from stages.data.images import CROP_RATIO, CROP_SCALE, UnreadableImage, crop_box, open_images
 from stages.data.vocab import Vocab
-from stages.errors import UserError
 from stages.features.cnn import image_transform
 from tests.raw_images import write_image_dataset
 

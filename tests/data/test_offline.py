@@ -2,10 +2,10 @@ import numpy as np
 import pytest
 
 from stages.data.dataset import open_split
-from stages.data.offline import OfflineNegativeSampler, OfflinePairDataset, collate_offline
 from stages.data.vocab import Vocab
-from stages.negative_selection import Selection
-from stages.offcandi import drop_positives
+from stages.mining.mine import drop_positives
+from stages.mining.sampler import OfflineNegativeSampler, OfflinePairDataset, collate_offline
+from stages.mining.selection import Selection
 
 
 def sampler_of(i2t, t2i, hardest, seed, **kwargs):

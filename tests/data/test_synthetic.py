@@ -5,10 +5,10 @@ import os
 import numpy as np
 import pytest
 
+from stages.core.errors import UserError
 from stages.data import synthetic
 from stages.data.dataset import open_split
 from stages.data.synthetic import MANIFEST, write_synthetic_dataset
-from stages.errors import UserError
 from stages.io.atomic import HOST
 
 SPLITS = {"train": 8, "dev": 4, "test": 4}

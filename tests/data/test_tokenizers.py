@@ -8,6 +8,7 @@ import shutil
 import pytest
 import torch
 
+from stages.core.errors import UserError
 from stages.data.dataset import TokenizedCaptions, open_split
 from stages.data.tokenizers import (
     PretrainedTokenizer,
@@ -17,7 +18,6 @@ from stages.data.tokenizers import (
     tokenizer_from_json,
 )
 from stages.data.vocab import Vocab
-from stages.errors import UserError
 from stages.training.tasks import PairTask
 from tests.models.text_tower import tiny_bert_for, write_tiny_bert
 

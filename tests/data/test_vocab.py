@@ -2,8 +2,8 @@ import json
 
 import pytest
 
+from stages.core.errors import UserError
 from stages.data.vocab import END, PAD, SPECIALS, START, UNK, Vocab, build_vocab_file, tokenize
-from stages.errors import UserError
 
 
 def test_tokenize_lowercases_and_splits_punctuation_without_data_files():

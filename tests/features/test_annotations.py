@@ -4,10 +4,10 @@ import logging
 import numpy as np
 import pytest
 
+from stages.core.errors import UserError
 from stages.data.captions import read_captions
-from stages.errors import UserError
+from stages.data.splits import read_split_ids
 from stages.features.annotations import coco_splits, karpathy_splits, write_splits
-from stages.features.splits import read_split_ids
 
 
 def karpathy_entry(imgid, split, n_captions, cocoid=None, filepath=None, filename=None):

@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 
 import stages.features.butd_tsv as butd_tsv
+from stages.core.errors import UserError
 from stages.data.dataset import open_split
-from stages.errors import UserError
 from stages.features.butd_tsv import tsv_to_hdf5
 
 DIM = 8
@@ -197,7 +197,7 @@ def test_a_full_disk_keeps_the_partial_files_and_a_rerun_finishes(folder, tmp_pa
                                                                   monkeypatch):
     import errno
 
-    from stages.errors import NoSpaceError
+    from stages.core.errors import NoSpaceError
     from stages.features.writer import SplitWriter
 
     images = make_images(ALL_IDS, [3] * len(ALL_IDS))

@@ -9,11 +9,13 @@ import torchvision
 from PIL import Image
 from torchvision import transforms
 
+from stages.core.errors import UserError
 from stages.data.dataset import open_split
-from stages.errors import UserError
+from stages.data.images import IMAGENET_MEAN, IMAGENET_STD
 from stages.features import cnn
 from stages.features.annotations import coco_splits, write_splits
-from stages.features.cnn import FeatureExtractor, cnn_features
+from stages.features.cnn import cnn_features
+from stages.models.cnn import FeatureExtractor
 
 CROP = 64
 
@@ -64,7 +66,7 @@ def load_image(root, dataset, split, row):
 
 
 def normalise(t):
-    return transforms.Normalize(cnn.IMAGENET_MEAN, cnn.IMAGENET_STD)(t)
+    return transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)(t)
 
 
 def read(path):

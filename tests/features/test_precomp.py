@@ -1,8 +1,8 @@
 import numpy as np
 import pytest
 
+from stages.core.errors import UserError
 from stages.data.dataset import open_split
-from stages.errors import UserError
 from stages.features import precomp
 from stages.features.precomp import precomp_to_hdf5
 from tests.conftest import write_precomp
@@ -63,7 +63,7 @@ def test_a_full_disk_is_one_clear_error_and_a_rerun_resumes(tmp_path, monkeypatc
 
     import h5py
 
-    from stages.errors import NoSpaceError
+    from stages.core.errors import NoSpaceError
 
     features = np.arange(10 * 3, dtype=np.float32).reshape(10, 3)
     write_precomp(tmp_path, "train", features, [f"c {i}" for i in range(50)])

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from stages.errors import NoSpaceError
+from stages.core.errors import NoSpaceError
 from stages.io import atomic
 from stages.io.atomic import (
     HOST,

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from stages.errors import UserError
+from stages.core.errors import UserError
 from stages.io.lock import LOCK_NAME, folder_lock
 
 HOLD = """
@@ -61,15 +61,15 @@ def test_the_lock_is_released_on_an_exception(tmp_path):
 
 def _stages(tmp_path, tiny_config):
     """Each stage that writes into a folder, pointed at ``tmp_path / 'out'``."""
-    from stages.candidates import import_published
     from stages.data.synthetic import write_synthetic_dataset
-    from stages.embed import embed
     from stages.features.annotations import write_splits
     from stages.features.butd_tsv import tsv_to_hdf5
     from stages.features.cnn import cnn_features
     from stages.features.precomp import precomp_to_hdf5
-    from stages.offcandi import offcandi
-    from stages.train import train
+    from stages.pipeline.embed import embed
+    from stages.pipeline.import_candidates import import_published
+    from stages.pipeline.offcandi import offcandi
+    from stages.pipeline.train import train
 
     out = tmp_path / "out"
     return {
@@ -102,7 +102,7 @@ def test_every_stage_locks_its_output_folder(tmp_path, tiny_config, holder, stag
 def test_a_full_disk_is_one_clear_error_and_leaves_nothing(tmp_path, monkeypatch):
     import errno
 
-    from stages.errors import NoSpaceError
+    from stages.core.errors import NoSpaceError
     from stages.io import lock
 
     def full(fd, data):

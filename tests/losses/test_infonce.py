@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from stages.errors import UserError
+from stages.core.errors import UserError
 from stages.losses import build_loss
 from tests.losses.helpers import total
 from tests.losses.naive import check_against_naive, make_case, naive_queries

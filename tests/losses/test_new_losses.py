@@ -8,8 +8,8 @@ import torch
 import torch.nn.functional as F
 import yaml
 
-from stages.config import load_config
-from stages.errors import UserError
+from stages.config.sections import load_config
+from stages.core.errors import UserError
 from stages.losses import LOSSES, build_loss
 from tests.losses.helpers import offline_negatives, total
 from tests.losses.naive import make_case

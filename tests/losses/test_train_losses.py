@@ -1,5 +1,5 @@
-"""Every added loss trains through the real engine (stages.train.train) on the tiny dataset,
-with the memory bank on, so the rectangular reference set is exercised end to end."""
+"""Every added loss trains through the real engine (stages.pipeline.train.train) on the tiny
+dataset, with the memory bank on, so the rectangular reference set is exercised end to end."""
 
 import json
 import math
@@ -7,10 +7,10 @@ import math
 import pytest
 import torch
 
-from stages.config import load_config
+from stages.config.sections import load_config
 from stages.io.checkpoint import load_checkpoint
 from stages.losses import build_loss
-from stages.train import train
+from stages.pipeline.train import train
 
 CASES = [("triplet_random", []), ("triplet_semihard", []), ("triplet_topk", ["loss.k=3"]),
          ("contrastive", []), ("infonce", []), ("focal_triplet", []),

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from stages.errors import UserError
+from stages.core.errors import UserError
 from stages.losses import build_loss
 from tests.losses.helpers import total
 from tests.losses.naive import check_against_naive, make_case

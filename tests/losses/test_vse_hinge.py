@@ -2,7 +2,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from stages.errors import UserError
+from stages.core.errors import UserError
 from stages.losses import LOSSES, build_loss
 from tests.losses.helpers import total
 

@@ -9,17 +9,17 @@ import pytest
 import torch
 
 import stages.training.loop as loop_module
-from stages.config import load_config
+from stages.config.sections import load_config
+from stages.core.errors import UserError
 from stages.data.clip_tokenizer import ClipTokenizer, arch_config, shipped_archs
 from stages.data.images import open_images
 from stages.data.tokenizers import tokenizer_from_json
-from stages.errors import UserError
 from stages.io.checkpoint import load_checkpoint
 from stages.losses import build_loss
 from stages.models import build_model
 from stages.models.clip import CLIPModel, build_open_clip
-from stages.table import finetune
-from stages.train import train
+from stages.pipeline.table import finetune
+from stages.pipeline.train import train
 from tests.raw_images import write_image_dataset
 from tests.test_cli import aoq
 

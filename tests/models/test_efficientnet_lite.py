@@ -8,9 +8,9 @@ import sys
 import pytest
 import torch
 
+from stages.core.errors import UserError
 from stages.data.dataset import open_split
 from stages.data.images import open_images
-from stages.errors import UserError
 from stages.models import MODELS, build_model
 from stages.models import efficientnet_lite as lite
 from stages.models.backbones import Backbone

@@ -13,7 +13,7 @@ from stages.data.dataset import pad_tokens
 from stages.data.tokenizers import PretrainedTokenizer
 from stages.io.checkpoint import load_checkpoint
 from stages.models import build_model
-from stages.train import train
+from stages.pipeline.train import train
 from tests.models.text_tower import text_tower_config
 
 with contextlib.redirect_stdout(io.StringIO()):  # the package prints a line on import

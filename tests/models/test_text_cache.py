@@ -14,16 +14,16 @@ import numpy as np
 import pytest
 import torch
 
-from stages.config import load_config
+from stages.config.sections import load_config
 from stages.data.dataset import open_split
 from stages.data.tokenizers import PretrainedTokenizer
-from stages.embed import embed
-from stages.encode import encode_split
-from stages.evaluate import evaluate
+from stages.models.encode import encode_split
 from stages.models.encoder_cache import CacheFile
 from stages.models.transformer_text import TransformerTextEncoder
-from stages.stamps import settings_text
-from stages.train import train
+from stages.pipeline.embed import embed
+from stages.pipeline.evaluate import evaluate
+from stages.pipeline.stamps import settings_text
+from stages.pipeline.train import train
 from tests.models.text_tower import (
     batch_of,
     build,

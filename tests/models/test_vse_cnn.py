@@ -4,17 +4,17 @@ import pytest
 import torch
 import torchvision
 
-from stages.config import MemoryConfig, TrainConfig
+from stages.config.sections import MemoryConfig, TrainConfig
+from stages.core.errors import UserError
 from stages.data.dataset import open_split
 from stages.data.images import open_images
 from stages.data.vocab import Vocab
-from stages.errors import UserError
-from stages.features.cnn import FeatureExtractor
-from stages.io.checkpoint import model_from_checkpoint
 from stages.losses import build_loss
 from stages.models import MODELS, build_model
 from stages.models import backbones as backbones_module
 from stages.models.backbones import Backbone
+from stages.models.cnn import FeatureExtractor
+from stages.models.restore import model_from_checkpoint
 from stages.training.loop import Trainer, build_optimizer
 from stages.training.tasks import PairTask
 from tests.raw_images import write_image_dataset

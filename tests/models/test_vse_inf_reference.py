@@ -22,10 +22,10 @@ from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from stages.data.vocab import Vocab
-from stages.encode import encode_split
 from stages.losses import build_loss
 from stages.models import build_model
 from stages.models.caption_augment import augment_captions
+from stages.models.encode import encode_split
 from stages.models.gpo import GPO
 from stages.models.vse_inf import drop_regions, prefix_mask
 from stages.training.batches import epoch_batches
@@ -512,7 +512,7 @@ def test_caption_augmentation_only_in_training(tiny_root):
     encode_split call) reads captions as they are; training mode alters them, fresh draws
     each call."""
     from stages.data.dataset import open_split
-    from stages.io.checkpoint import model_from_checkpoint
+    from stages.models.restore import model_from_checkpoint
 
     vocab = Vocab.load(tiny_root / "tiny" / "vocab.json")
     model = build_model("vse_inf", {"embed_size": 16, "word_dim": 8}, img_dim=32,
@@ -587,7 +587,7 @@ def test_hinge_loss_and_warmup_equal_the_reference(dtype):
 
 # --- the schedule -------------------------------------------------------------------------------
 def test_shipped_config_is_the_reference_recipe():
-    from stages.config import load_config
+    from stages.config.sections import load_config
 
     c = load_config(["configs/model/vse_inf.yaml"])
     m, t, loss = c.model.options(), c.train, c.loss.options()

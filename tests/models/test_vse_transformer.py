@@ -4,10 +4,10 @@ freezing, the text learning-rate scale, the frozen-encoder cache."""
 import pytest
 import torch
 
-from stages.config import MemoryConfig, TrainConfig
+from stages.config.sections import MemoryConfig, TrainConfig
 from stages.data.dataset import open_split
-from stages.encode import encode_split
 from stages.losses import build_loss
+from stages.models.encode import encode_split
 from stages.training.loop import Trainer, build_optimizer
 from stages.training.tasks import PairTask
 from tests.models.text_tower import batch_of, build, count_encoder_calls, tiny_bert_for
@@ -99,7 +99,7 @@ def test_freezing_everything_fixes_the_encoder_and_caches_its_outputs(tiny_root,
 
 def test_freezing_more_layers_than_the_model_has_is_refused(tiny_root):
     bert = tiny_bert_for(tiny_root)
-    from stages.errors import UserError
+    from stages.core.errors import UserError
     with pytest.raises(UserError, match="text_freeze_layers=3, but the text model .* has 2 "
                                         "layers; give 0 to 2, or -1"):
         build(bert, text_freeze_layers=3)

@@ -586,7 +586,7 @@ REFERENCE_SCHEDULE = {"margin": 0.2, "num_epochs": 30, "batch_size": 128, "word_
 
 
 def test_shipped_configs_are_the_reference_schedule():
-    from stages.config import load_config
+    from stages.config.sections import load_config
 
     for files, lr_update, region_norm, img_bn in (
             (["configs/model/vsrn.yaml"], 15, True, False),

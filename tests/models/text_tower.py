@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from stages.config import load_config
+from stages.config.sections import load_config
 from stages.data.captions import read_captions
 from stages.data.dataset import pad_tokens
 from stages.data.tokenizers import PretrainedTokenizer

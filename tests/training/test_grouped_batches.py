@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 
 import stages.training.tasks as tasks_module
-from stages.config import load_config
-from stages.errors import UserError
-from stages.train import train
+from stages.config.sections import load_config
+from stages.core.errors import UserError
+from stages.pipeline.train import train
 from stages.training.batches import epoch_batches, grouped_epoch_batches
 from tests.resume_helpers import assert_resume_equals_uninterrupted
 from tests.run_helpers import imported_candidates

@@ -4,8 +4,8 @@ import pytest
 import torch
 from torch import nn
 
-from stages.config import load_config
-from stages.errors import UserError
+from stages.config.sections import load_config
+from stages.core.errors import UserError
 from stages.training.loop import build_optimizer
 
 

@@ -1,0 +1,145 @@
+"""Mining a split's offline hard-negative candidates from its embeddings.
+
+For each image its K most similar captions of other images (i2t), for each caption its K
+most similar other images (t2i), hardest first. One FAISS search per block of queries
+fetches K plus the number of positives a query can have (5 captions, 1 image), the
+positives are removed exactly, and the first K remain: no query ever lists its own
+positive, whatever K. Each query's positive score is stored too (i2t: the mean over the
+image's 5 captions; t2i: the caption's own image), so retraining can skip likely false
+negatives (``offcandi.false_negative_ratio``). Memory: the images and the index; captions
+are read from the embeddings file block by block, so the peak is about the size of the
+embeddings plus one block of results.
+"""
+
+import logging
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from stages.config.sections import OffcandiConfig
+from stages.core.errors import UserError
+from stages.core.progress import Progress
+from stages.io.atomic import atomic_path
+from stages.mining.candidate_files import (
+    CANDIDATES_FORMAT,
+    CANDIDATES_VERSION,
+    CAPTIONS_PER_IMAGE,
+    DIRECTIONS,
+    candidate_path,
+    is_positive,
+)
+from stages.mining.embedding_files import Embeddings
+from stages.mining.knn import INDEX_KINDS, approximate_recall, build_index, search_blocks
+
+log = logging.getLogger(__name__)
+
+
+def drop_positives(direction: str, query_start: int, ids: np.ndarray, scores: np.ndarray,
+                   k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Remove each query's positives from its ranked ``ids`` (b, k + p), keep the first k.
+
+    Rows keep their order (hardest first); a stable sort moves positives to the end.
+    """
+    queries = np.arange(query_start, query_start + ids.shape[0])
+    positive = is_positive(direction, queries, ids) | (ids < 0)  # FAISS pads with -1
+    order = np.argsort(positive, axis=1, kind="stable")[:, :k]
+    kept_ids = np.take_along_axis(ids, order, axis=1)
+    if (kept_ids < 0).any():
+        raise UserError(f"the {direction} index returned fewer than {k} negatives for some "
+                        "queries; raise ef_search/nprobe or use the exact index")
+    return kept_ids, np.take_along_axis(scores, order, axis=1)
+
+
+def positive_scores(direction: str, embeddings: Embeddings, block_size: int = 2048
+                    ) -> np.ndarray:
+    """(Q,) float32 score of each query's positives: i2t, the mean over the image's 5
+    captions (N,); t2i, the caption with its own image (5N,)."""
+    images, captions = embeddings.images, embeddings.captions
+    n, dim = images.shape
+    out = np.empty(n if direction == "i2t" else n * CAPTIONS_PER_IMAGE, dtype=np.float32)
+    for start in range(0, n, block_size):
+        stop = min(n, start + block_size)
+        grouped = np.asarray(captions[start * CAPTIONS_PER_IMAGE:stop * CAPTIONS_PER_IMAGE],
+                             dtype=np.float32).reshape(-1, CAPTIONS_PER_IMAGE, dim)
+        sims = np.einsum("nd,ncd->nc", images[start:stop], grouped)  # (b, 5)
+        if direction == "i2t":
+            out[start:stop] = sims.mean(axis=1)
+        else:
+            out[start * CAPTIONS_PER_IMAGE:stop * CAPTIONS_PER_IMAGE] = sims.reshape(-1)
+    return out
+
+
+def mine_direction(direction: str, embeddings: Embeddings, options: OffcandiConfig,
+                   out: Path) -> dict:
+    """Mine one direction into ``out``; returns its attributes (timings, recall)."""
+    if direction == "i2t":
+        queries, items, k, positives = (embeddings.images, embeddings.captions,
+                                        options.k_i2t, CAPTIONS_PER_IMAGE)
+    else:
+        queries, items, k, positives = (embeddings.captions, embeddings.images,
+                                        options.k_t2i, 1)
+    if k + positives > items.shape[0]:
+        raise UserError(f"{direction}: K={k} is more than the {items.shape[0] - positives} "
+                        "negatives each query has; lower the K")
+    t0 = time.perf_counter()
+    index = build_index(items, options.index, ef_search=options.ef_search,
+                        nlist=options.nlist, nprobe=options.nprobe)
+    build_seconds = time.perf_counter() - t0
+    attrs = {"direction": direction, "index": options.index, "k": k,
+             **({"nlist": index.nlist, "nprobe": index.nprobe} if options.index == "ivf"
+                else {"ef_search": options.ef_search} if options.index == "hnsw" else {}),
+             "index_build_seconds": round(build_seconds, 2)}
+    if options.index != "flat":
+        attrs["recall_at_k"] = approximate_recall(index, items, queries, k + positives,
+                                                  options.recall_sample)
+        log.info("%s: %s index recall@%d against exact search on %d queries: %.4f",
+                 direction, options.index, k, min(options.recall_sample, len(queries)),
+                 attrs["recall_at_k"])
+    t0 = time.perf_counter()
+    need = len(queries) * (8 * k + 4) + (1 << 20)  # indices, scores, positive scores
+    with (atomic_path(out, need_bytes=need, what=f"the {direction} candidates") as tmp,
+          h5py.File(tmp, "w") as f):
+        ids_out = f.create_dataset("indices", (len(queries), k), dtype=np.int32)
+        scores_out = f.create_dataset("scores", (len(queries), k), dtype=np.float32)
+        f.create_dataset("positive_scores", data=positive_scores(direction, embeddings))
+        with Progress(len(queries), f"offcandi {direction}", unit="queries") as bar:
+            for start, scores, ids in search_blocks(index, queries, k + positives,
+                                                    options.block_size):
+                ids, scores = drop_positives(direction, start, ids, scores, k)
+                ids_out[start:start + len(ids)] = ids
+                scores_out[start:start + len(ids)] = scores
+                bar.update(len(ids))
+        attrs["search_seconds"] = round(time.perf_counter() - t0, 2)
+        f.attrs.update({**provenance(embeddings), **attrs})
+    return attrs
+
+
+def provenance(embeddings: Embeddings) -> dict:
+    a = embeddings.attrs
+    return {"format": CANDIDATES_FORMAT, "version": CANDIDATES_VERSION, "dataset": a["dataset"],
+            "split": a["split"], "num_images": int(a["num_images"]), "weights": a["weights"],
+            "checkpoint": a["checkpoint"], "embeddings": str(embeddings.path),
+            **{key: a[key] for key in ("dataset_dir", "run", "epoch") if key in a}}
+
+
+def check_index(options: OffcandiConfig) -> None:
+    """Refuse an index kind the FAISS wrapper does not know."""
+    if options.index not in INDEX_KINDS:
+        raise UserError(f"unknown index {options.index!r}; known: {', '.join(INDEX_KINDS)}")
+
+
+def mine_candidates(embeddings: Embeddings, out_dir: str | Path,
+                    options: OffcandiConfig) -> list[Path]:
+    """Mine both directions of ``embeddings`` into ``out_dir/{i2t,t2i}.h5`` (the caller holds
+    the folder's lock); returns the two paths, t2i last."""
+    check_index(options)
+    outputs = []
+    for direction in DIRECTIONS:
+        out = candidate_path(out_dir, direction)
+        attrs = mine_direction(direction, embeddings, options, out)
+        log.info("%s: K=%d in %.1f s -> %s", direction, attrs["k"], attrs["search_seconds"],
+                 out)
+        outputs.append(out)
+    return outputs

@@ -1,0 +1,68 @@
+"""Encode a split with a model, unshuffled: unique images (N, E) and captions (5N, E)."""
+
+from functools import partial
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from stages.core.errors import UserError
+from stages.core.progress import Progress
+from stages.data.dataset import (
+    CaptionDataset,
+    ImageDataset,
+    Split,
+    collate_captions,
+    collate_images,
+)
+from stages.data.tokenizers import CaptionTokenizer
+
+
+def check_finite(images: torch.Tensor, image_ids: torch.Tensor, split: Split) -> None:
+    """Refuse a batch of image features (B, R, D) | (B, D) holding NaN or inf.
+
+    ``image_ids`` (B,) are the images' indices in ``split``. A NaN feature gives a NaN
+    similarity, which the ranking treats as larger than any other: the image would rank
+    first for every caption and silently inflate the recalls.
+    """
+    finite = torch.isfinite(images.reshape(images.shape[0], -1)).all(dim=1)
+    if bool(finite.all()):
+        return
+    bad = image_ids[~finite]
+    raise UserError(f"split {split.name!r}: {split.features.path} has NaN or inf features "
+                    f"for {len(bad)} of a batch of {len(images)} images (first: image "
+                    f"{int(bad.min())}, 0-based row); regenerate the features (rerun the "
+                    "features stage), or remove those images and their captions")
+
+
+@torch.no_grad()
+def encode_split(model, split: Split, tokenizer: CaptionTokenizer, device: torch.device,
+                 batch_size: int = 256, workers: int = 0,
+                 desc: str = "encode") -> tuple[np.ndarray, np.ndarray]:
+    """Embeddings of every image and every caption of ``split``, in order.
+
+    Returns (images (N, E) float32, captions (5N, E) float32). Images are encoded once
+    each (not once per caption as the reference code does). Image features that are not
+    finite are a :class:`UserError` naming the split, the file and the first bad image.
+    """
+    was_training = model.training
+    model.eval()
+    pin = device.type == "cuda"
+    images = DataLoader(ImageDataset(split), batch_size=batch_size, collate_fn=collate_images,
+                        num_workers=workers, pin_memory=pin)
+    captions = DataLoader(CaptionDataset(split, tokenizer), batch_size=batch_size,
+                          collate_fn=partial(collate_captions, pad=tokenizer.pad_id),
+                          num_workers=workers, pin_memory=pin)
+    img_out, cap_out = [], []
+    with Progress(len(images) + len(captions), desc, unit="batch") as bar:
+        for batch in images:
+            check_finite(batch["images"], batch["image_ids"], split)
+            emb = model.encode_images(batch["images"].to(device), batch["regions"].to(device))
+            img_out.append(emb.float().cpu())
+            bar.update()
+        for batch in captions:
+            emb = model.encode_captions(batch["tokens"].to(device), batch["lengths"])
+            cap_out.append(emb.float().cpu())
+            bar.update()
+    model.train(was_training)
+    return torch.cat(img_out).numpy(), torch.cat(cap_out).numpy()
