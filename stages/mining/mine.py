@@ -124,17 +124,17 @@ def provenance(embeddings: Embeddings) -> dict:
             **{key: a[key] for key in ("dataset_dir", "run", "epoch") if key in a}}
 
 
-def check_index(options: OffcandiConfig) -> None:
+def check_index(index: str) -> None:
     """Refuse an index kind the FAISS wrapper does not know."""
-    if options.index not in INDEX_KINDS:
-        raise UserError(f"unknown index {options.index!r}; known: {', '.join(INDEX_KINDS)}")
+    if index not in INDEX_KINDS:
+        raise UserError(f"unknown index {index!r}; known: {', '.join(INDEX_KINDS)}")
 
 
 def mine_candidates(embeddings: Embeddings, out_dir: str | Path,
                     options: OffcandiConfig) -> list[Path]:
     """Mine both directions of ``embeddings`` into ``out_dir/{i2t,t2i}.h5`` (the caller holds
     the folder's lock); returns the two paths, t2i last."""
-    check_index(options)
+    check_index(options.index)
     outputs = []
     for direction in DIRECTIONS:
         out = candidate_path(out_dir, direction)

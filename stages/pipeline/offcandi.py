@@ -21,7 +21,7 @@ def offcandi(embeddings_path: str | Path, out_dir: str | Path,
              options: OffcandiConfig | None = None) -> list[Path]:
     """Mine both directions from an embeddings file into ``out_dir/{i2t,t2i}.h5``."""
     options = options or OffcandiConfig()
-    check_index(options)
+    check_index(options.index)
     threads = set_threads(options.threads)
     done = candidate_path(out_dir, "t2i")  # written last: make's target for both
     with Embeddings(embeddings_path) as embeddings, folder_lock(out_dir, "aoq offcandi"):
