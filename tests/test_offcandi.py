@@ -100,6 +100,46 @@ def test_approximate_index_reports_recall(tmp_path, index):
     assert not positives_present("i2t", indices).any()
 
 
+@pytest.mark.parametrize("block_size", [7, 4096])
+def test_mine_arrays_matches_brute_force(block_size):
+    img, cap = random_embeddings(40, seed=1)
+    mined = mine_module.mine_arrays(img, cap, k_i2t=12, k_t2i=6, block_size=block_size)
+    want_i2t, want_t2i, sims = brute_force(img, cap, 12, 6)
+    (i2t, i2t_scores), (t2i, t2i_scores) = mined["i2t"], mined["t2i"]
+    assert i2t.shape == (40, 12) and t2i.shape == (200, 6)
+    assert i2t_scores.dtype == t2i_scores.dtype == np.float32
+    np.testing.assert_array_equal(i2t, want_i2t)
+    np.testing.assert_array_equal(t2i, want_t2i)
+    np.testing.assert_allclose(i2t_scores, np.take_along_axis(sims, want_i2t, 1), atol=1e-5)
+    np.testing.assert_allclose(t2i_scores, np.take_along_axis(sims.T, want_t2i, 1), atol=1e-5)
+
+
+def test_mine_arrays_equals_the_files_offcandi_writes(tmp_path):
+    img, cap = random_embeddings(60, seed=2)
+    options = OffcandiConfig(k_i2t=15, k_t2i=8, block_size=16)
+    offcandi(write_embeddings(tmp_path / "e.h5", img, cap), tmp_path / "out", options)
+    mined = mine_module.mine_arrays(img, cap, 15, 8, block_size=16)
+    for direction in ("i2t", "t2i"):
+        indices, scores, _ = read(tmp_path / "out" / f"{direction}.h5")
+        np.testing.assert_array_equal(mined[direction][0], indices)
+        np.testing.assert_array_equal(mined[direction][1], scores)
+
+
+def test_mine_arrays_never_lists_a_positive_and_checks_its_inputs():
+    img, _ = random_embeddings(10)
+    cap = np.repeat(img, 5, axis=0)  # every positive is a perfect match
+    for index in ("flat", "hnsw"):
+        mined = mine_module.mine_arrays(img, cap, k_i2t=3, k_t2i=2, index=index)
+        for direction in ("i2t", "t2i"):
+            assert not positives_present(direction, mined[direction][0]).any()
+    with pytest.raises(UserError, match="t2i: K=10 is more than the 9 negatives"):
+        mine_module.mine_arrays(img, cap, k_i2t=3, k_t2i=10)
+    with pytest.raises(UserError, match="unknown index 'annoy'"):
+        mine_module.mine_arrays(img, cap, 3, 2, index="annoy")
+    with pytest.raises(ValueError, match="captions"):
+        mine_module.mine_arrays(img, cap[:-1], 3, 2)
+
+
 def test_too_large_k_and_unknown_index(tmp_path):
     img, cap = random_embeddings(5)
     emb = write_embeddings(tmp_path / "e.h5", img, cap)

@@ -16,5 +16,8 @@ from stages.losses.base import LOSSES, OfflineNegatives, References, RetrievalLo
 
 
 def build_loss(name: str, options: dict | None = None) -> RetrievalLoss:
-    """The registered loss ``name`` with checked ``options`` (its config block's keys)."""
+    """The registered loss ``name`` (``LOSSES.names()``) with checked ``options`` (its config
+    block's keys, e.g. ``{"margin": 0.2}``; an unknown one is an error naming the losses that
+    take it). Call it as ``loss(img_emb (B, E), cap_emb (B, E), image_ids (B,), extra=None,
+    offline=None) -> {term name: scalar}`` (:class:`RetrievalLoss`)."""
     return LOSSES.build(name, options or {}, f"loss {name}")

@@ -121,6 +121,11 @@ def evaluate_embeddings(img_embs, cap_embs, folds: int = 1,
                         block_size: int = 1024) -> dict[str, float]:
     """Metrics of a split, whole (``folds=1``) or as the mean over equal folds.
 
+    ``img_embs`` (N, E) and ``cap_embs`` (5N, E), caption c belonging to image c // 5, torch
+    tensors or numpy arrays, or lists of them (an ensemble; see :func:`retrieval_ranks`).
+    Returns ``r1``, ``r5``, ``r10`` (percent), ``medr``, ``meanr``, each suffixed ``_i2t``
+    and ``_t2i``, and ``rsum``.
+
     For COCO's 5-fold 1K protocol each fold is 1000 images and their 5000 captions; all
     metrics are averaged over folds and rsum is recomputed from the averaged recalls.
     """

@@ -1,4 +1,6 @@
-"""Mining a split's offline hard-negative candidates from its embeddings.
+"""Mining a split's offline hard-negative candidates from its embeddings: an embeddings
+file into candidate files (:func:`mine_candidates`, the offcandi stage), or arrays in memory
+(:func:`mine_arrays`, for training code of your own); both run :func:`search_direction`.
 
 For each image its K most similar captions of other images (i2t), for each caption its K
 most similar other images (t2i), hardest first. One FAISS search per block of queries
@@ -8,11 +10,12 @@ positive, whatever K. Each query's positive score is stored too (i2t: the mean o
 image's 5 captions; t2i: the caption's own image), so retraining can skip likely false
 negatives (``offcandi.false_negative_ratio``). Memory: the images and the index; captions
 are read from the embeddings file block by block, so the peak is about the size of the
-embeddings plus one block of results.
+embeddings plus one block of results (:func:`mine_arrays`: plus its results).
 """
 
 import logging
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import h5py
@@ -40,7 +43,9 @@ def drop_positives(direction: str, query_start: int, ids: np.ndarray, scores: np
                    k: int) -> tuple[np.ndarray, np.ndarray]:
     """Remove each query's positives from its ranked ``ids`` (b, k + p), keep the first k.
 
-    Rows keep their order (hardest first); a stable sort moves positives to the end.
+    Row r is query ``query_start + r`` (an image for i2t, a caption for t2i); ``ids`` and
+    ``scores`` (b, k + p) are its search results, best first. Returns ``(ids, scores)``
+    (b, k). Rows keep their order (hardest first); a stable sort moves positives to the end.
     """
     queries = np.arange(query_start, query_start + ids.shape[0])
     positive = is_positive(direction, queries, ids) | (ids < 0)  # FAISS pads with -1
@@ -71,18 +76,79 @@ def positive_scores(direction: str, embeddings: Embeddings, block_size: int = 20
     return out
 
 
-def mine_direction(direction: str, embeddings: Embeddings, options: OffcandiConfig,
-                   out: Path) -> dict:
-    """Mine one direction into ``out``; returns its attributes (timings, recall)."""
+def _sides(direction: str, images, captions, k: int):
+    """``(queries, items, positives)`` of ``direction`` (i2t: images against captions, 5
+    positives per query; t2i: captions against images, 1), after checking that each query
+    has at least ``k`` negatives."""
     if direction == "i2t":
-        queries, items, k, positives = (embeddings.images, embeddings.captions,
-                                        options.k_i2t, CAPTIONS_PER_IMAGE)
+        queries, items, positives = images, captions, CAPTIONS_PER_IMAGE
     else:
-        queries, items, k, positives = (embeddings.captions, embeddings.images,
-                                        options.k_t2i, 1)
+        queries, items, positives = captions, images, 1
     if k + positives > items.shape[0]:
         raise UserError(f"{direction}: K={k} is more than the {items.shape[0] - positives} "
                         "negatives each query has; lower the K")
+    return queries, items, positives
+
+
+def search_direction(direction: str, index, queries, k: int, block_size: int = 4096
+                     ) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
+    """The one search loop of both paths (files and arrays): yields ``(start, indices (b, k)
+    int64, scores (b, k) float32)`` per block of ``queries`` (rows ``start``..), each
+    query's k hardest negatives, hardest first, its positives removed exactly.
+
+    ``index``: a :func:`~stages.mining.knn.build_index` over the other side (captions for
+    i2t, images for t2i); ``queries`` (Q, E): images (N, E) for i2t, captions (5N, E) for
+    t2i, caption c belonging to image c // 5.
+    """
+    positives = CAPTIONS_PER_IMAGE if direction == "i2t" else 1
+    for start, scores, ids in search_blocks(index, queries, k + positives, block_size):
+        ids, scores = drop_positives(direction, start, ids, scores, k)
+        yield start, ids, scores
+
+
+def mine_arrays(images: np.ndarray, captions: np.ndarray, k_i2t: int, k_t2i: int,
+                index: str = "flat", ef_search: int = 256, nlist: int = 0, nprobe: int = 32,
+                block_size: int = 4096) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Offline hard-negative candidates of embedding arrays, in memory (no files).
+
+    ``images`` (N, E) float32 and ``captions`` (5N, E) float32, caption c belonging to image
+    c // 5 (L2-normalised: scores are inner products). Returns ``{"i2t": (indices, scores),
+    "t2i": (indices, scores)}``: i2t ``indices`` (N, k_i2t) int64 caption ids, t2i
+    ``indices`` (5N, k_t2i) int64 image ids, ``scores`` float32 of the same shape; each row
+    hardest first, never a positive of its query (i2t: no caption of the image; t2i: not the
+    caption's own image). ``index``: ``flat`` (exact), ``hnsw`` (``ef_search``) or ``ivf``
+    (``nlist``, ``nprobe``), as ``offcandi.*``; ``block_size`` queries per search. The same
+    search as ``aoq offcandi`` (:func:`mine_candidates`), whose files hold these indices.
+    """
+    if index not in INDEX_KINDS:
+        raise UserError(f"unknown index {index!r}; known: {', '.join(INDEX_KINDS)}")
+    images, captions = np.asarray(images), np.asarray(captions)
+    if images.ndim != 2 or captions.shape != (CAPTIONS_PER_IMAGE * len(images),
+                                              images.shape[1]):
+        raise ValueError(f"expected images (N, E) and captions (5N, E), got "
+                         f"{images.shape} and {captions.shape}")
+    out = {}
+    for direction, k in zip(DIRECTIONS, (k_i2t, k_t2i), strict=True):
+        queries, items, _ = _sides(direction, images, captions, k)
+        knn = build_index(items, index, ef_search=ef_search, nlist=nlist, nprobe=nprobe)
+        indices = np.empty((len(queries), k), dtype=np.int64)
+        scores = np.empty((len(queries), k), dtype=np.float32)
+        for start, ids, block_scores in search_direction(direction, knn, queries, k,
+                                                         block_size):
+            indices[start:start + len(ids)] = ids
+            scores[start:start + len(ids)] = block_scores
+        out[direction] = (indices, scores)
+    return out
+
+
+def mine_direction(direction: str, embeddings: Embeddings, options: OffcandiConfig,
+                   out: Path) -> dict:
+    """Mine one direction of ``embeddings`` (images (N, E), captions (5N, E)) into the
+    candidate file ``out``: ``indices`` (Q, K) int32, ``scores`` (Q, K) float32 and
+    ``positive_scores`` (Q,), Q = N for i2t, 5N for t2i; returns its attributes (timings,
+    recall)."""
+    k = options.k_i2t if direction == "i2t" else options.k_t2i
+    queries, items, positives = _sides(direction, embeddings.images, embeddings.captions, k)
     t0 = time.perf_counter()
     index = build_index(items, options.index, ef_search=options.ef_search,
                         nlist=options.nlist, nprobe=options.nprobe)
@@ -105,9 +171,8 @@ def mine_direction(direction: str, embeddings: Embeddings, options: OffcandiConf
         scores_out = f.create_dataset("scores", (len(queries), k), dtype=np.float32)
         f.create_dataset("positive_scores", data=positive_scores(direction, embeddings))
         with Progress(len(queries), f"offcandi {direction}", unit="queries") as bar:
-            for start, scores, ids in search_blocks(index, queries, k + positives,
-                                                    options.block_size):
-                ids, scores = drop_positives(direction, start, ids, scores, k)
+            for start, ids, scores in search_direction(direction, index, queries, k,
+                                                       options.block_size):
                 ids_out[start:start + len(ids)] = ids
                 scores_out[start:start + len(ids)] = scores
                 bar.update(len(ids))

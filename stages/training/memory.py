@@ -31,7 +31,9 @@ class MemoryBank:
         self.ids = torch.zeros(size, dtype=torch.long)  # image id of both rows
 
     def references(self) -> References | None:
-        """The stored rows as references (None while empty or warming up)."""
+        """The stored rows as :class:`References`: ``images`` and ``captions`` (F, E) with
+        the image ids (F,) of both, F = the rows filled so far (at most ``size``); None while
+        empty or warming up."""
         if self.size == 0 or self.filled == 0 or self.steps < self.warmup_steps:
             return None
         ids = self.ids[:self.filled]
