@@ -120,8 +120,7 @@ def mine_arrays(images: np.ndarray, captions: np.ndarray, k_i2t: int, k_t2i: int
     (``nlist``, ``nprobe``), as ``offcandi.*``; ``block_size`` queries per search. The same
     search as ``aoq offcandi`` (:func:`mine_candidates`), whose files hold these indices.
     """
-    if index not in INDEX_KINDS:
-        raise UserError(f"unknown index {index!r}; known: {', '.join(INDEX_KINDS)}")
+    check_index(index)
     images, captions = np.asarray(images), np.asarray(captions)
     if images.ndim != 2 or captions.shape != (CAPTIONS_PER_IMAGE * len(images),
                                               images.shape[1]):
