@@ -220,17 +220,20 @@ endif
 
 features: $(DATASET)/train_caps.txt $(TRAIN_FEATURES)
 
-# Models that read raw images (class attribute image_input = "pixels"; a test keeps this list
-# equal to the registry's) train on {split}_images.txt under IMAGES, not on features:
+# A model that reads raw images (its class's image_input is "pixels") trains on
+# {split}_images.txt under IMAGES, not on features:
 #   make train DATA=coco MODEL=vse_cnn IMAGES=/dl/coco KARPATHY=/dl/dataset_coco.json
-PIXEL_MODELS := clip vse_cnn
-TRAIN_INPUT = $(if $(filter $(MODEL),$(PIXEL_MODELS)),$(DATASET)/train_images.txt,$(TRAIN_FEATURES))
+# make asks the code which one a run reads, and only when it needs to know: see "a training
+# run's input" at the end.
 OVERRIDES += $(if $(IMAGES),--set data.images=$(IMAGES))
 
 # `aoq captions` writes the image lists with the captions.
 $(DATASET)/%_images.txt: | $(DATASET)/%_caps.txt
 	@test -f $@ || { echo "error: $@ not found: models that read raw images need the image" \
 	    "list \`aoq captions\` writes (KARPATHY= or COCO_JSON=, see docs/data.md)" >&2; exit 1; }
+# The training split's list (a run's input when its model reads pixels) is named here, so
+# that make takes it as the file it is, never as an intermediate file of its own to delete.
+$(DATASET)/train_images.txt:
 
 # --- settings stamps ---------------------------------------------------------------------
 # Each stage's output depends on a stamp holding the resolved settings that stage reads
@@ -270,10 +273,11 @@ $(SETTINGS)/features.yaml: FORCE | $(STAMP)
 
 # --- stages ------------------------------------------------------------------------------
 train: $(BASE_CKPT)
-$(BASE_CKPT): $(VOCAB) $(TRAIN_INPUT) $(SETTINGS)/$(RUN).train.yaml | $(STAMP)
+$(BASE_CKPT): $(VOCAB) $(RUN_DIR)/.train-input $(SETTINGS)/$(RUN).train.yaml | $(STAMP)
 	$(AOQ) train $(CONFIGS) $(OVERRIDES) --run-dir $(RUN_DIR) --resume
 $(SETTINGS)/$(RUN).train.yaml: FORCE | $(STAMP)
 	$(call stamp,train,$(BASE_CKPT))
+.SECONDARY: $(RUN_DIR)/.train-input
 
 # Any run's training-split embeddings, from its checkpoint.
 runs/$(DATA)/%/embeddings_train.h5: runs/$(DATA)/%/checkpoint.pt $(SETTINGS)/%.embed.yaml
@@ -530,9 +534,10 @@ table_cell_args = --set loss.name=$(call table_part,$(1),1) \
 
 define TABLE_CELL_RULES
 $(TABLE_DIR)/$(1)/checkpoint.pt: $(TABLE_SETTINGS)/$(1).train.yaml $(TABLE_INIT) \
-	    $(if $(filter on,$(call table_part,$(1),2)),$(call table_offcandi,$(call table_batch,$(1)))/t2i.h5,$(VOCAB) $(TRAIN_INPUT)) | $(STAMP)
+	    $(if $(filter on,$(call table_part,$(1),2)),$(call table_offcandi,$(call table_batch,$(1)))/t2i.h5,$(VOCAB) $(TABLE_DIR)/$(1)/.train-input) | $(STAMP)
 	$$(AOQ) train $$(CONFIGS) $$(TABLE_OVERRIDES) $(call table_cell_args,$(1)) \
 	    --run-dir $(TABLE_DIR)/$(1) --resume --refused-hint '$$(TABLE_REFUSED)'
+.SECONDARY: $(TABLE_DIR)/$(1)/.train-input
 $(TABLE_SETTINGS)/$(1).train.yaml: FORCE | $(STAMP)
 	$$(call stamp,train,$(TABLE_DIR)/$(1)/checkpoint.pt,$$(TABLE_OVERRIDE_ARGS) $(call table_cell_args,$(1)))
 
@@ -561,3 +566,35 @@ table-files: $(foreach c,$(TABLE_CELLS),$(TABLE_DIR)/$(c)/eval.jsonl) | $(STAMP)
 	$(AOQ) table $(TABLE_ARGS)
 
 .PHONY: demo-compare table table-files
+
+# --- a training run's input: what its model reads ----------------------------------------
+# A run's checkpoint depends on <run folder>/.train-input, a file never made: a secondary
+# target (make leaves it alone unless what it depends on is newer than the checkpoint)
+# depending on the input the model reads: the split's image list when the model class's
+# image_input is "pixels", else its features. make asks the code (`aoq model-input`: the
+# config's model, from the options cache, without torch) once per call, and only when a
+# run's rule is considered (.train-input's prerequisites are expanded a second time, when
+# make looks for its rule; `make help` or `make features` never ask). From a fresh clone there
+# is no aoq to ask yet: the input then waits for the environment and is made by a make of its
+# own, which can ask. MODEL_INPUT=features|pixels on the command line answers instead.
+MODEL_INPUT = $(eval MODEL_INPUT := $(shell if command -v $(firstword $(AOQ)) >/dev/null; \
+	then $(AOQ) model-input $(CONFIGS) $(OVERRIDES) || echo failed; else echo unknown; fi))$(MODEL_INPUT)
+train_input = $(if $(filter pixels,$(MODEL_INPUT)),$(DATASET)/train_images.txt,$(if \
+	$(filter features,$(MODEL_INPUT)),$(TRAIN_FEATURES),$(if $(filter unknown,$(MODEL_INPUT)),\
+	$(if $(MODEL_INPUT_AFTER_SETUP),,$(STAMP)),$(error MODEL=$(MODEL): cannot tell whether \
+	its model reads features or pixels: `$(AOQ) model-input` $(if $(filter failed,\
+	$(MODEL_INPUT)),failed (its message is above),said '$(MODEL_INPUT)')))))
+
+# Before the environment exists: a make of its own makes the input, once it does (with a
+# note instead when it still has no aoq, as under make -n).
+.SECONDEXPANSION:
+%/.train-input: $$(train_input)
+	$(if $(filter unknown,$(MODEL_INPUT)),+$(MAKE) -f $(firstword $(MAKEFILE_LIST)) \
+	    --no-print-directory train-input-after-setup MODEL_INPUT_AFTER_SETUP=1)
+
+ifneq ($(MODEL_INPUT_AFTER_SETUP),)
+.PHONY: train-input-after-setup
+train-input-after-setup: $$(train_input)
+	$(if $(filter unknown,$(MODEL_INPUT)),@echo "note: no $(AOQ) to ask what MODEL=$(MODEL)" \
+	    "reads: its training input is not made first" >&2,@:)
+endif

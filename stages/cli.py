@@ -356,6 +356,17 @@ def settings(config_files, overrides, stage, out, target, retrain_overrides,
     update_stamp(out, settings_text(config, stage), target, read_record(target))
 
 
+@cli.command(name="model-input")
+@config_options
+def model_input(config_files, overrides) -> None:
+    """Print what the config's model reads: features (the dataset folder's features) or
+    pixels (raw images, by {split}_images.txt); make asks, to know a training run's input.
+    Needs no torch once the options are cached."""
+    from stages.config.options import image_input
+
+    click.echo(image_input(load_config(config_files, overrides).model.name))
+
+
 def _feature_identity(command: tuple[str, ...]) -> dict:
     """What the features command ``aoq features COMMAND`` records in the files it makes."""
     from stages.features.identity import cnn_identity, tsv_identity

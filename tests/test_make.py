@@ -2,7 +2,9 @@
 the virtual environment it uses."""
 
 import os
+import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -133,12 +135,13 @@ def test_a_new_venv_is_made_and_marked(checkout, tmp_path):
 # Every make variable that names a file of the user's, with a goal that reads it: the
 # file is an input, never a target make would write. {i}: the inputs' folder.
 USER_INPUTS = [
-    ("VOCAB={i}/my_vocab.json", "train"),
+    # MODEL_INPUT answers what the model reads: AOQ=true cannot.
+    ("VOCAB={i}/my_vocab.json MODEL_INPUT=features", "train"),
     ("KARPATHY={i}/dataset_x.json", "features"),
     ("COCO_JSON={i}/captions_train.json COCO_SPLITS=train={i}/train_ids.txt", "features"),
     ("TSV={i}/feats.tsv", "features"),
     ("IMAGES={i}/images WEIGHTS={i}/w.pth", "features"),
-    ("IMAGES={i}/images MODEL=vse_cnn", "train"),
+    ("IMAGES={i}/images MODEL=vse_cnn MODEL_INPUT=pixels", "train"),
     ("CKPT={i}/model.pt", "eval"),
     ("CKPT={i}/model.pt", "export"),
 ]
@@ -169,3 +172,87 @@ def test_a_users_input_file_is_never_remade(tmp_path, values, goal):
     assert result.returncode == 0, result.stderr
     for path in files:
         assert f"Must remake target '{path}'" not in result.stdout, (path, result.stdout)
+
+
+def dataset_with_captions(tmp_path) -> Path:
+    """``tmp_path/data/d`` holding training captions only (no features, no image list), and
+    in ``tmp_path`` the shipped model configs."""
+    dataset = tmp_path / "data" / "d"
+    dataset.mkdir(parents=True)
+    (dataset / "train_caps.txt").write_text("x\n")
+    shutil.copytree(REPO / "configs" / "model", tmp_path / "configs" / "model")
+    return dataset
+
+
+def make_run(tmp_path, *args):
+    """make in ``tmp_path`` with this package's aoq and a ready environment, on dataset d."""
+    for name in ("setup.cfg", "pyproject.toml", "stamp"):
+        (tmp_path / name).touch()
+    return make(tmp_path, *args, "DATA=d", f"DATA_PATH={tmp_path / 'data'}", "EXP=",
+                "STAMP=stamp", f"AOQ={sys.executable} -m stages.cli")
+
+
+@pytest.mark.parametrize("values, reads", [
+    (["MODEL=vse_cnn"], "pixels"),
+    (["MODEL=clip"], "pixels"),
+    (["MODEL=vsepp"], "features"),
+    (["MODEL=vsrn"], "features"),
+    (["MODEL=vsepp", "SET=model.name=vse_cnn"], "pixels"),  # the resolved config's model
+])
+def test_a_run_of_a_model_that_reads_pixels_depends_on_the_image_list(tmp_path, values, reads):
+    """make asks what the config's model reads (`aoq model-input`): a model of pixels makes
+    the run depend on train_images.txt, a model of features on the split's features. Neither
+    is there, so `make -n` shows the recipe of the one it depends on, saying it is missing."""
+    dataset = dataset_with_captions(tmp_path)
+    result = make_run(tmp_path, "-n", "train", *values)
+    assert result.returncode == 0, result.stderr
+    assert (f"{dataset}/train_images.txt not found" in result.stdout) == (reads == "pixels")
+    assert (f"no features in {dataset}" in result.stdout) == (reads == "features")
+    assert "stages.cli train " in result.stdout
+
+
+def test_a_model_make_cannot_ask_about_stops_make(tmp_path):
+    """aoq's own message (an unknown model), then make's, naming MODEL."""
+    dataset_with_captions(tmp_path)
+    vocab = tmp_path / "vocab.json"  # the user's: no vocab stamp asks aoq first
+    vocab.write_text("{}\n")
+    result = make_run(tmp_path, "-n", "train", "SET=model.name=nope", f"VOCAB={vocab}")
+    assert result.returncode != 0
+    assert "unknown model 'nope'; known: clip" in result.stderr
+    assert "MODEL=vsepp: cannot tell whether its model reads features or pixels" in result.stderr
+
+
+def test_a_fresh_clone_asks_what_the_model_reads_once_its_environment_is_made(tmp_path):
+    """Before the environment exists there is no aoq to ask: the run's input waits for the
+    environment, then a make of its own asks and makes the input (here: finds the image list
+    missing); the next make asks at once."""
+    python = tmp_path / "system" / "python"  # its "python -m venv DIR" makes a fake venv
+    python.parent.mkdir()
+    log = tmp_path / "aoq.log"
+    python.write_text(
+        "#!/bin/sh\nmkdir -p \"$3/bin\" && cd \"$3/bin\" && printf '#!/bin/sh\\n' > pip && "
+        f"printf '#!/bin/sh\\necho $1 >> {log}\\n"
+        "[ $1 = model-input ] && echo pixels\\nexit 0\\n' > aoq && chmod +x pip aoq\n")
+    python.chmod(0o755)
+    work = tmp_path / "checkout"
+    dataset = dataset_with_captions(work)
+    for name in ("setup.cfg", "pyproject.toml"):
+        (work / name).touch()
+    vocab = tmp_path / "vocab.json"  # the user's: nothing but the run's input needs aoq
+    vocab.write_text("{}\n")
+    venv = tmp_path / "venv"
+    args = ["train", "DATA=d", f"DATA_PATH={work / 'data'}", f"VOCAB={vocab}", f"VENV={venv}",
+            f"PYTHON={python}", "TORCH=torch-wheels"]
+    result = make(work, *args)
+    assert result.returncode != 0
+    assert f"{dataset}/train_images.txt not found" in result.stderr
+    assert (venv / ".installed").exists() and "train-input-after-setup" in result.stdout
+    asked = log.read_text().split()
+    assert asked.count("model-input") == 1 and "train" not in asked
+
+    (dataset / "train_images.txt").write_text("0.jpg\n")
+    result = make(work, *args)
+    assert result.returncode == 0, result.stderr
+    assert "train-input-after-setup" not in result.stdout
+    again = log.read_text().split()[len(asked):]
+    assert sorted(again) == ["model-input", "settings", "train"] and again[-1] == "train"

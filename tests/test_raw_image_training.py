@@ -1,7 +1,8 @@
 """Training from raw images (vse_cnn): resume, the whole chain through the CLI, make."""
 
-import re
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import h5py
@@ -148,10 +149,23 @@ def test_make_features_refuses_another_extractor_for_existing_features(pixels, t
     assert "features cnn" not in make(work, "features", "CNN=resnet18", *faster, dry_run=True)
 
 
-def test_the_makefile_knows_every_pixel_model():
-    listed = re.search(r"^PIXEL_MODELS := (.*)$", (REPO / "Makefile").read_text(),
-                       re.MULTILINE).group(1).split()
-    assert sorted(listed) == [n for n in MODELS.names() if image_input(n) == "pixels"]
+def test_make_asks_the_code_what_each_model_reads():
+    """The Makefile keeps no list of the models that read pixels: it asks `aoq model-input`,
+    which answers each registered model's own image_input, without torch once the options
+    are cached (the first run may write the cache)."""
+    assert "PIXEL_MODELS" not in (REPO / "Makefile").read_text()
+    names = MODELS.names()
+    code = ("import sys; from stages.cli import cli\n"
+            f"for name in {names!r}:\n"
+            "    cli(['model-input', '--set', f'model.name={name}'], standalone_mode=False)\n"
+            "print('torch' in sys.modules)")
+    runs = [subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                           timeout=120) for _ in range(2)]
+    assert all(r.returncode == 0 for r in runs), runs[0].stderr + runs[1].stderr
+    *answers, torch_imported = runs[1].stdout.split()
+    assert answers == [MODELS.class_of(n).image_input for n in names]
+    assert answers == [image_input(n) for n in names]
+    assert {"features", "pixels"} == set(answers) and torch_imported == "False"
 
 
 def test_table_finetune_column_comes_from_the_checkpoint():

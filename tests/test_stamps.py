@@ -9,8 +9,7 @@ import time
 import pytest
 import yaml
 
-from stages.cli import RETRAIN_DEFAULTS
-from stages.config.sections import OffcandiConfig, load_config
+from stages.config.sections import OffcandiConfig, load_config, retrain_defaults
 from stages.core.errors import UserError
 from stages.pipeline.stamps import (
     NO_EFFECT,
@@ -27,7 +26,7 @@ from stages.pipeline.stamps import (
 
 def stamp(stage, *overrides, base=None):
     if stage == "retrain" and base is None:
-        base = load_config(overrides=RETRAIN_DEFAULTS)
+        base = retrain_defaults()
     return stamp_text(stage, stage_settings(load_config(overrides=overrides, base=base), stage))
 
 
@@ -78,7 +77,7 @@ def test_retrain_set_refuses_every_mining_setting(field):
     """make's RETRAIN_SET reaches the retrain stage only: a mining setting there (every
     offcandi key but those retrain reads) would be recorded in the run yet not mined with."""
     key = f"offcandi.{field.name}"
-    base = load_config(overrides=RETRAIN_DEFAULTS)
+    base = retrain_defaults()
     given = load_config(overrides=[f"{key}={another_value(field)}"], base=base)
     if key in SAMPLING_KEYS or key in NO_EFFECT:
         check_retrain_set(base, given)
@@ -89,7 +88,7 @@ def test_retrain_set_refuses_every_mining_setting(field):
 
 
 def test_retrain_set_takes_what_retrain_reads_and_refuses_the_rest():
-    base = load_config(overrides=RETRAIN_DEFAULTS)
+    base = retrain_defaults()
     for text in ("loss.detach_weights=1", "hardest=100", "train.lr=0.01"):
         check_retrain_set(base, load_config(overrides=[text], base=base))
     with pytest.raises(UserError, match="RETRAIN_SET sets eval.fold5, which the retrain stage "
@@ -214,3 +213,14 @@ def test_cached_options_equal_the_live_registries(tmp_path, monkeypatch):
     for kind, live in (("loss", LOSSES), ("model", MODELS)):
         cached = options_cache.option_registry(kind)
         assert cached is not live and cached.options_table() == live.options_table()
+    # What each model reads (make asks it): the class's image_input, answered by the cache.
+    reads = {name: MODELS.class_of(name).image_input for name in MODELS.names()}
+    assert set(reads.values()) == {"features", "pixels"}
+
+    def no_live_registry(kind):
+        raise AssertionError(f"the {kind} registry was imported: the cache did not answer")
+
+    monkeypatch.setattr(options_cache, "_live_registry", no_live_registry)
+    assert {name: options_cache.image_input(name) for name in MODELS.names()} == reads
+    with pytest.raises(UserError, match="unknown model 'nope'; known: clip, "):
+        options_cache.image_input("nope")

@@ -8,8 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from stages.cli import RETRAIN_DEFAULTS
-from stages.config.sections import load_config
+from stages.config.sections import load_config, retrain_defaults
 from stages.core.errors import UserError
 from stages.io.checkpoint import load_checkpoint, weights_hash
 from stages.models import build_model
@@ -162,7 +161,7 @@ def test_shipped_config_is_the_reference_recipe():
     demo = load_config([SHIPPED, SHIPPED.parents[1] / "experiment" / "demo.yaml"])
     assert demo.model.options()["embed_size"] == 256 and demo.model.name == "vse_inf"
     # Every loss takes the file: retrain's aoq on the AOQ reference's schedule, the table's.
-    retrain = load_config([SHIPPED], base=load_config(overrides=RETRAIN_DEFAULTS), retrain=True)
+    retrain = load_config([SHIPPED], base=retrain_defaults(), retrain=True)
     assert (retrain.loss.name, retrain.train.epochs, retrain.train.lr_update) == ("aoq", 20, 10)
     assert retrain.model.name == "vse_inf"
     assert load_config([SHIPPED], ["loss.name=infonce"]).loss.name == "infonce"

@@ -7,8 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from stages.cli import RETRAIN_DEFAULTS
-from stages.config.sections import load_config
+from stages.config.sections import RETRAIN_DEFAULTS, load_config, retrain_defaults
 from stages.core.errors import UserError
 from stages.io.checkpoint import load_checkpoint, weights_hash
 from stages.models import build_model
@@ -268,8 +267,8 @@ def test_resume_equals_uninterrupted(vsrn_config, tmp_path):
 
 def test_retrains_with_aoq_and_offline_negatives(vsrn_config, tmp_path):
     candidates = imported_candidates(vsrn_config, tmp_path)
-    config = load_config(base=vsrn_config, overrides=[
-        *RETRAIN_DEFAULTS, "train.epochs=2", "model.img_bn=true", f"offcandi.dir={candidates}",
+    config = load_config([RETRAIN_DEFAULTS], base=vsrn_config, overrides=[
+        "train.epochs=2", "model.img_bn=true", f"offcandi.dir={candidates}",
         "offcandi.hardest=20"])
     train(config, tmp_path / "aoq")
     records = run_records(tmp_path / "aoq")
@@ -285,7 +284,7 @@ def test_shipped_configs_resolve_and_leave_the_retrain_schedule():
     assert config.model.options()["embed_size"] == 2048 and config.train.lr_update == 15
     assert (config.train.lr, config.train.batch_size, config.train.grad_clip) == (2e-4, 128, 2)
     assert config.loss.name == "vse_max" and config.loss.options()["margin"] == 0.2
-    retrain = load_config(model, base=load_config(overrides=RETRAIN_DEFAULTS), retrain=True)
+    retrain = load_config(model, base=retrain_defaults(), retrain=True)
     assert (retrain.train.lr_update, retrain.train.epochs) == (10, 20)
     f30k = load_config([*model, "configs/model/vsrn_f30k_precomp.yaml"]).model.options()
     assert (f30k["img_bn"], f30k["region_norm"], f30k["max_len"]) == (True, False, 60)

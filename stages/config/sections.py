@@ -26,7 +26,6 @@ import yaml
 
 from stages.core.errors import UserError
 from stages.core.values import OneOf, Range, check_value
-from stages.data.dataset import TEXT_CACHE_FOLDER
 
 log = logging.getLogger(__name__)
 
@@ -256,6 +255,8 @@ class Config:
         None with ``data.text_cache`` false."""
         if not self.data.text_cache:
             return None
+        from stages.data.dataset import TEXT_CACHE_FOLDER  # lazily: dataset.py imports torch
+
         return (Path(self.data.text_cache_dir) if self.data.text_cache_dir
                 else self.dataset_dir() / TEXT_CACHE_FOLDER)
 

@@ -5,18 +5,17 @@ case anywhere else.
 A model class says what it reads (:attr:`stages.models.base.EmbeddingModel.image_input`):
 ``features`` (the dataset folder's precomputed features) or ``pixels`` (the split's images,
 ``{split}_images.txt`` under the ``data.images`` root, made as the model class's
-``image_preprocessing`` says).
+``image_preprocessing`` says). :func:`image_input` (from :mod:`stages.config.options`,
+where it needs no torch: make asks it through ``aoq model-input``) says which.
 """
 
+from stages.config.options import image_input
 from stages.config.sections import Config
 from stages.data.dataset import Split, open_split
 from stages.data.images import open_images
 from stages.models import MODELS
 
-
-def image_input(model_name: str) -> str:
-    """``"features"`` or ``"pixels"``: what the registered model ``model_name`` reads."""
-    return MODELS.class_of(model_name).image_input
+__all__ = ["image_input", "open_model_split"]
 
 
 def open_model_split(config: Config, split: str, model: dict, augment: bool = False) -> Split:

@@ -7,12 +7,16 @@ score: rsum, or R@1 + R@5 with ``train.select=r1r5``) and, once training has fin
 ``checkpoint.pt`` (the best model): the file that ``make`` and the later stages take as the
 stage's output; with ``offcandi.remine_every``, ``remined/epoch-<k>/`` (candidates mined by
 the run, :mod:`stages.pipeline.remine`). The loop itself is :mod:`stages.training.loop`; this module
-checks the inputs, builds the parts and owns the run folder.
+checks the inputs, builds the parts and owns the run folder: :func:`train` is a short
+sequence of named parts (:func:`check_settings`, :func:`open_data`, :func:`build_task`,
+:func:`build_model_and_loss`, :func:`resume_state`, ...), each reading the settings it needs.
 """
 
 import copy
 import logging
 import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -30,10 +34,12 @@ from stages.io.checkpoint import load_checkpoint, weights_hash
 from stages.io.lock import LOCK_NAME, folder_lock
 from stages.io.scalars import ScalarWriter
 from stages.losses import LOSSES, build_loss
+from stages.losses.base import RetrievalLoss
 from stages.metrics.retrieval import evaluate_embeddings
 from stages.mining.sampler import OfflineNegativeSampler
 from stages.mining.selection import CaptionWords, SelectionRules, load_selections
 from stages.models import MODELS, build_model
+from stages.models.base import EmbeddingModel
 from stages.models.encode import encode_split
 from stages.models.restore import same_model, with_legacy_options
 from stages.pipeline.embed import split_attrs
@@ -253,18 +259,26 @@ def default_run_dir(config: Config, stage: str) -> Path:
     return Path("runs") / config.data.name / DEFAULT_RUNS[stage]
 
 
-def train(config: Config, run_dir: str | Path, resume: bool = False,
-          refused_hint: str = "") -> Path:
-    """Train, validating on the dev split every epoch; returns ``run_dir/checkpoint.pt``.
+# --- the parts of a run, built in this order by train() ----------------------------------
 
-    With ``resume`` an existing run folder is continued from its ``last.pt`` exactly:
-    same batches, optimiser, loss parameters, memory bank and RNG, so the result equals an
-    uninterrupted run. A resume is refused, leaving the run folder as it was, when the run
-    was made with other settings or data; ``refused_hint`` then replaces the advice on
-    what to do instead (make's table says how to start its cells over).
-    """
-    run_dir = Path(run_dir)
-    config = copy.deepcopy(config)
+
+@dataclass
+class RunData:
+    """What a run reads, checked: the caption tokenizer, the training split (with training
+    crops, for a model of raw images) and the validation split as the model reads them, and
+    the data's fingerprint (:func:`run_fingerprint`)."""
+
+    tokenizer: CaptionTokenizer
+    train: Split
+    val: Split
+    fingerprint: dict
+
+
+def check_settings(config: Config) -> None:
+    """Refuse settings that contradict each other, before anything is read: the config's
+    own checks, a loss that needs offline negatives in a run without them, and the settings
+    of offline negatives (``offcandi.group_size``, ``offcandi.remine_every``) in such a run
+    or out of range."""
     t = config.train
     config.check()
     if LOSSES.class_of(config.loss.name).requires_offline and not t.offline_negatives:
@@ -281,11 +295,19 @@ def train(config: Config, run_dir: str | Path, resume: bool = False,
         raise UserError(f"offcandi.group_size={group}: give 0 (random batches) or a group "
                         f"of 2 to train.batch_size={t.batch_size} captions")
     _check_remine(config)
-    # Every input is checked before the run folder is made, so a failed start leaves
-    # nothing behind.
-    _absolute_paths(config)
-    tokenizer, tokenizer_sha256 = _caption_tokenizer(config)
-    reads = {"name": config.model.name, "args": config.model.options()}
+
+
+def _model_reads(config: Config) -> dict:
+    """The run's model as :func:`stages.pipeline.inputs.open_model_split` takes it."""
+    return {"name": config.model.name, "args": config.model.options()}
+
+
+def open_splits(config: Config) -> tuple[Split, Split]:
+    """The training split (with training crops, for a model of raw images) and the
+    validation split (its first ``data.val_images`` images) as the model reads them, checked
+    to fit each other, the model (region features) and the batch settings (``memory.size``,
+    ``train.drop_last``); logged."""
+    reads = _model_reads(config)
     train_split = open_model_split(config, config.data.train_split, reads, augment=True)
     val_split = open_model_split(config, config.data.val_split, reads).limit(
         config.data.val_images)
@@ -300,112 +322,218 @@ def train(config: Config, run_dir: str | Path, resume: bool = False,
     log.info("train: %d images / %d captions; validation: %d images of %s",
              train_split.num_images, len(train_split.captions), val_split.num_images,
              config.data.val_split)
+    return train_split, val_split
 
+
+def run_fingerprint(config: Config, tokenizer_sha256: str, train_split: Split) -> dict:
+    """The data a run trains on (:func:`data_fingerprint`) and, with ``train.init_from``,
+    the weights it starts from: a resume continues only from the weights it started from."""
     fingerprint = data_fingerprint(config, tokenizer_sha256, train_split)
-    if t.init_from:  # a resume continues only from the weights it started from
-        fingerprint["init_weights"] = weights_hash(load_checkpoint(t.init_from)["state_dict"])
-    device = resolve_device(t.device)
-    reminer = None
-    if t.offline_negatives:
-        task, load = _offline_task(config, train_split, tokenizer, fingerprint)
-        if config.offcandi.remine_every:
-            reminer = Reminer(
-                config.offcandi.remine_every,
-                open_model_split(config, config.data.train_split, reads), tokenizer, device,
-                config.data.workers, run_dir, split_attrs(config, train_split, fingerprint),
-                mining_options(config.offcandi, config.candidates_dir(),
-                               fingerprint["candidates"]),
-                load, task.dataset.sampler)
-    else:
-        task = PairTask(train_split, tokenizer)
-    torch.manual_seed(t.seed)
+    if config.train.init_from:
+        fingerprint["init_weights"] = weights_hash(
+            load_checkpoint(config.train.init_from)["state_dict"])
+    return fingerprint
+
+
+def open_data(config: Config) -> RunData:
+    """The run's tokenizer and splits, checked, and their fingerprint; the data paths in
+    ``config`` are made absolute first (what the run's checkpoints record)."""
+    _absolute_paths(config)
+    tokenizer, tokenizer_sha256 = _caption_tokenizer(config)
+    train_split, val_split = open_splits(config)
+    return RunData(tokenizer, train_split, val_split,
+                   run_fingerprint(config, tokenizer_sha256, train_split))
+
+
+def build_reminer(config: Config, data: RunData, device: torch.device, run_dir: Path,
+                  load: LoadSelections, sampler: OfflineNegativeSampler) -> Reminer | None:
+    """What re-mines the offline negatives every ``offcandi.remine_every`` epochs with the
+    model being trained (None when 0): it embeds the training split unaugmented, mines as
+    the run's candidates were mined, loads them with ``load`` and hands them to
+    ``sampler``."""
+    every = config.offcandi.remine_every
+    if not every:
+        return None
+    return Reminer(every, open_model_split(config, config.data.train_split, _model_reads(config)),
+                   data.tokenizer, device, config.data.workers, run_dir,
+                   split_attrs(config, data.train, data.fingerprint),
+                   mining_options(config.offcandi, config.candidates_dir(),
+                                  data.fingerprint["candidates"]),
+                   load, sampler)
+
+
+def build_task(config: Config, data: RunData, device: torch.device,
+               run_dir: Path) -> tuple[PairTask | OfflineTask, Reminer | None]:
+    """What a batch holds, and what re-mines it (or None): pairs, or with
+    ``train.offline_negatives`` pairs plus offline negatives from the checked candidate
+    files (recorded in ``data.fingerprint``), re-mined with ``offcandi.remine_every``."""
+    if not config.train.offline_negatives:
+        return PairTask(data.train, data.tokenizer), None
+    task, load = _offline_task(config, data.train, data.tokenizer, data.fingerprint)
+    return task, build_reminer(config, data, device, run_dir, load, task.dataset.sampler)
+
+
+def build_model_and_loss(config: Config,
+                         data: RunData) -> tuple[EmbeddingModel, RetrievalLoss, dict, str | None]:
+    """The loss and the model, drawn in this order from ``train.seed``; the model's spec
+    (what its checkpoints record: name and arguments, the data's among them) and what it
+    shares with the loss (:meth:`stages.models.base.EmbeddingModel.bind_loss`'s line for
+    the run's log, or None)."""
+    torch.manual_seed(config.train.seed)
     loss_fn = build_loss(config.loss.name, config.loss.values)
-    data_args = {"img_dim": train_split.features.feature_dim, **tokenizer.model_args()}
+    data_args = {"img_dim": data.train.features.feature_dim, **data.tokenizer.model_args()}
     options = config.model.options()
     model = build_model(config.model.name, config.model.values, **data_args)
     model.use_cache_folder(config.text_cache_folder())
-    # parameters shared with the loss (CLIP's logit_scale), said in the run's log below
     bound = model.bind_loss(loss_fn)
-    spec = {"name": config.model.name, "args": {**data_args, **options}}
+    return model, loss_fn, {"name": config.model.name, "args": {**data_args, **options}}, bound
+
+
+def resume_state(run_dir: Path, config: Config, resume: bool, refused_hint: str,
+                 fingerprint: dict) -> dict | None:
+    """The state to resume from (:func:`_prepare_run_dir`: None for a new run), refused
+    when the run was trained on other data, candidates or initial weights."""
+    state = _prepare_run_dir(run_dir, config, resume, refused_hint)
+    if state is not None and state["data_fingerprint"] != fingerprint:
+        changed = sorted(k for k in {*state["data_fingerprint"], *fingerprint}
+                         if state["data_fingerprint"].get(k) != fingerprint.get(k))
+        raise UserError(f"cannot resume {run_dir}: it was trained on other data, "
+                        "candidates or initial weights (train.init_from) than those now "
+                        f"given (changed: {', '.join(changed)}); "
+                        + (refused_hint or f"delete {run_dir} to start it over, or use "
+                           "another run folder"))
+    return state
+
+
+def open_run_folder(run_dir: Path, config: Config) -> Path:
+    """Start writing the accepted run's folder (main process): its log, its resolved
+    ``config.yaml``, and no settings record for its checkpoint.pt until this run writes
+    one; returns that final checkpoint's path."""
+    final = run_dir / "checkpoint.pt"
+    if is_main():
+        setup_logging(run_dir / "train.log")
+        write_text(run_dir / "config.yaml", yaml.safe_dump(config.to_dict(), sort_keys=False))
+        clear_record(final)  # until this run's checkpoint.pt is written
+    return final
+
+
+def start_weights(model: EmbeddingModel, init_from: str, words: dict | None,
+                  source: dict | None, state: dict | None) -> dict | None:
+    """Log the pretrained word vectors loaded (``words``), load the weights of
+    ``train.init_from`` (``source``) and return the word-vector record the run's checkpoints
+    keep: the initial checkpoint's, a resumed run's, else ``words``."""
+    if words is not None:
+        log.info("word embedding: %d vocabulary words from %s (sha256 %s), %d not in it "
+                 "keep their random init", words["found"], words["path"], words["sha256"],
+                 words["missing"])
+    if source is not None:
+        model.load_state_dict(source["state_dict"])
+        log.info("initialised from %s (weights %s)", init_from,
+                 weights_hash(source["state_dict"]))
+        return source.get("word_vectors")
+    if state is not None:
+        return state.get("word_vectors")
+    return words
+
+
+def validation(config: Config, data: RunData, device: torch.device) -> Callable:
+    """The trainer's validation: the model's recall on the validation split, each epoch."""
+    def validate(model) -> dict:
+        img, cap = encode_split(model, data.val, data.tokenizer, device,
+                                workers=config.data.workers,
+                                desc=f"validate {data.val.name}")
+        return {"split": config.data.val_split, "protocol": "all",
+                "images": data.val.num_images,
+                **evaluate_embeddings(img, cap, folds=1, block_size=config.eval.block_size)}
+    return validate
+
+
+def checkpoint_info(config: Config, data: RunData, spec: dict, words: dict | None) -> dict:
+    """What each of the run's checkpoints records besides the training state: the model's
+    spec, the resolved config, the tokenizer, the data's fingerprint and the word vectors."""
+    return {"model": spec, "config": config.to_dict(), "vocab": data.tokenizer.to_json(),
+            "data_fingerprint": data.fingerprint, "word_vectors": words}
+
+
+def restore_trainer(trainer: Trainer, state: dict | None, run_dir: Path) -> None:
+    """Give a resumed run's state to the trainer (logged), and open the TensorBoard writer
+    (main process) after the step it resumes from: later points are dropped, then redone."""
+    if state is not None:
+        trainer.load_state_dict(state)
+        log.info("resuming %s at epoch %d step %d (best rsum %.2f)", run_dir,
+                 state["epoch"] + 1, state["epoch_step"], state["best_rsum"])
+    if is_main():
+        trainer.scalars = ScalarWriter(run_dir, (0 if state is None else state["step"]) + 1)
+
+
+def fit(trainer: Trainer, model: EmbeddingModel) -> None:
+    """Train; the model's text cache and the TensorBoard file are saved however it ends (the
+    outputs of an epoch cut short too)."""
+    try:
+        trainer.fit()
+    finally:
+        model.save_cache()
+        if trainer.scalars is not None:
+            trainer.scalars.close()
+
+
+def finish_run(run_dir: Path, final: Path, config: Config, trainer: Trainer) -> None:
+    """The finished run's checkpoint.pt (its verified best.pt) with its settings record;
+    logged with its best dev score."""
+    promote_best(run_dir, trainer.checkpoint_info)
+    write_record(final, settings_text(config, run_stage(config)))
+    p, t = trainer.progress, config.train
+    rsum = f" (rsum {p.best_rsum:.2f})" if t.select != "rsum" else ""
+    log.info("done: best dev %s %.2f%s at epoch %d -> %s", t.select, p.best_score, rsum,
+             p.best_epoch, final)
+
+
+def train(config: Config, run_dir: str | Path, resume: bool = False,
+          refused_hint: str = "") -> Path:
+    """Train, validating on the dev split every epoch; returns ``run_dir/checkpoint.pt``.
+
+    With ``resume`` an existing run folder is continued from its ``last.pt`` exactly:
+    same batches, optimiser, loss parameters, memory bank and RNG, so the result equals an
+    uninterrupted run. A resume is refused, leaving the run folder as it was, when the run
+    was made with other settings or data; ``refused_hint`` then replaces the advice on
+    what to do instead (make's table says how to start its cells over).
+    """
+    run_dir, config = Path(run_dir), copy.deepcopy(config)
+    t = config.train
+    check_settings(config)
+    # Every input is checked before the run folder is made, so a failed start leaves
+    # nothing behind.
+    data = open_data(config)
+    device = resolve_device(t.device)
+    task, reminer = build_task(config, data, device, run_dir)
+    model, loss_fn, spec, bound = build_model_and_loss(config, data)
     # Pretrained weights (a text tower's folder) and word vectors (model.word_vectors) for a
     # run from scratch: a run with a last.pt resumes (or is refused) and init_from brings
     # its own weights.
     from_scratch = not t.init_from and not (run_dir / "last.pt").exists()
-    words = _load_pretrained(model, tokenizer) if from_scratch else None
+    words = _load_pretrained(model, data.tokenizer) if from_scratch else None
 
     # The lock comes after the inputs are checked: a failed start leaves no folder.
     with folder_lock(run_dir, "aoq train"):
-        state = _prepare_run_dir(run_dir, config, resume, refused_hint)
-        if state is not None and state["data_fingerprint"] != fingerprint:
-            changed = sorted(k for k in {*state["data_fingerprint"], *fingerprint}
-                             if state["data_fingerprint"].get(k) != fingerprint.get(k))
-            raise UserError(f"cannot resume {run_dir}: it was trained on other data, "
-                            "candidates or initial weights (train.init_from) than those now "
-                            f"given (changed: {', '.join(changed)}); "
-                            + (refused_hint or f"delete {run_dir} to start it over, or use "
-                               "another run folder"))
+        state = resume_state(run_dir, config, resume, refused_hint, data.fingerprint)
         if reminer is not None and state is not None and state["epoch"] < t.epochs:
             reminer.resume(state["remined"], state["epoch"], state["epoch_step"])
         if state is None and not t.init_from and not from_scratch:  # last.pt went meanwhile
-            words = _load_pretrained(model, tokenizer)
+            words = _load_pretrained(model, data.tokenizer)
         source = _init_source(spec, t.init_from) if t.init_from and state is None else None
         # The run is accepted: only now is anything in its folder written, so a refused
         # resume leaves a finished run as it was.
-        final = run_dir / "checkpoint.pt"
-        if is_main():
-            setup_logging(run_dir / "train.log")
-            write_text(run_dir / "config.yaml",
-                       yaml.safe_dump(config.to_dict(), sort_keys=False))
-            clear_record(final)  # until this run's checkpoint.pt is written
+        final = open_run_folder(run_dir, config)
         if bound:
             log.info("%s", bound)
-        if words is not None:
-            log.info("word embedding: %d vocabulary words from %s (sha256 %s), %d not in it "
-                     "keep their random init", words["found"], words["path"], words["sha256"],
-                     words["missing"])
-        if source is not None:
-            model.load_state_dict(source["state_dict"])
-            log.info("initialised from %s (weights %s)", t.init_from,
-                     weights_hash(source["state_dict"]))
-            words = source.get("word_vectors")
-        elif state is not None:
-            words = state.get("word_vectors")
-
-        def validate(model) -> dict:
-            img, cap = encode_split(model, val_split, tokenizer, device,
-                                    workers=config.data.workers,
-                                    desc=f"validate {val_split.name}")
-            return {"split": config.data.val_split, "protocol": "all",
-                    "images": val_split.num_images,
-                    **evaluate_embeddings(img, cap, folds=1,
-                                          block_size=config.eval.block_size)}
-
-        trainer = Trainer(model, loss_fn, task, t, config.memory, device, run_dir, validate,
-                          checkpoint_info={"model": spec, "config": config.to_dict(),
-                                           "vocab": tokenizer.to_json(),
-                                           "data_fingerprint": fingerprint,
-                                           "word_vectors": words},
+        words = start_weights(model, t.init_from, words, source, state)
+        trainer = Trainer(model, loss_fn, task, t, config.memory, device, run_dir,
+                          validation(config, data, device),
+                          checkpoint_info(config, data, spec, words),
                           workers=config.data.workers,
-                          features_hint=str(train_split.features.path), reminer=reminer)
-        if state is not None:
-            trainer.load_state_dict(state)
-            log.info("resuming %s at epoch %d step %d (best rsum %.2f)", run_dir,
-                     state["epoch"] + 1, state["epoch_step"], state["best_rsum"])
-        if is_main():  # TensorBoard: points after the resume point are dropped, then redone
-            trainer.scalars = ScalarWriter(run_dir, (0 if state is None else state["step"]) + 1)
-        try:
-            trainer.fit()
-        finally:
-            model.save_cache()  # the outputs of an epoch cut short too
-            if trainer.scalars is not None:
-                trainer.scalars.close()
-
+                          features_hint=str(data.train.features.path), reminer=reminer)
+        restore_trainer(trainer, state, run_dir)
+        fit(trainer, model)
         if is_main():
-            promote_best(run_dir, trainer.checkpoint_info)
-            write_record(final, settings_text(config, run_stage(config)))
-            p = trainer.progress
-            rsum = f" (rsum {p.best_rsum:.2f})" if t.select != "rsum" else ""
-            log.info("done: best dev %s %.2f%s at epoch %d -> %s", t.select, p.best_score,
-                     rsum, p.best_epoch, final)
+            finish_run(run_dir, final, config, trainer)
     return final
-
