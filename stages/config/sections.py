@@ -114,6 +114,8 @@ class TrainConfig:
     # the validation score best.pt (and so checkpoint.pt) is kept by: rsum (R@1+5+10 both
     # ways: VSE++, VSE-infinity) | r1r5 (R@1+5 both ways: VSRN)
     select: Annotated[str, OneOf("rsum", "r1r5")] = "rsum"
+    # the forward pass under autocast (bf16, fp16 with a GradScaler); losses in float32
+    precision: Annotated[str, OneOf("fp32", "bf16", "fp16")] = "fp32"
     # adam (VSE++, VSRN, AOQ) | adamw (VSE-infinity); weight_decay: Adam's L2 term, AdamW's
     # decoupled decay
     optimizer: Annotated[str, OneOf("adam", "adamw")] = "adam"
@@ -193,6 +195,8 @@ class EvalConfig:
 
     fold5: bool = False  # COCO 5-fold 1K on a 5000-image split, instead of the whole split
     block_size: Annotated[int, AtLeastOne] = 1024  # images per block of the similarity matrix
+    # the encoders' precision when embedding and evaluating (embeddings stored float32)
+    precision: Annotated[str, OneOf("fp32", "bf16", "fp16")] = "fp32"
 
 
 NAMED = ("model", "loss")

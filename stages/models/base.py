@@ -38,6 +38,11 @@ class ModelOutput:
     cap_emb: torch.Tensor
     aux_losses: dict[str, torch.Tensor] = field(default_factory=dict)
 
+    def float(self) -> "ModelOutput":
+        """The same output in float32 (from a forward pass under autocast)."""
+        return ModelOutput(self.img_emb.float(), self.cap_emb.float(),
+                           {name: value.float() for name, value in self.aux_losses.items()})
+
 
 class EmbeddingModel(nn.Module):
     """Base of registered models: ``encode_images``, ``encode_captions`` and ``forward``.

@@ -7,6 +7,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from stages.core.errors import UserError
+from stages.core.precision import autocast
 from stages.core.progress import Progress
 from stages.data.dataset import (
     CaptionDataset,
@@ -37,13 +38,15 @@ def check_finite(images: torch.Tensor, image_ids: torch.Tensor, split: Split) ->
 
 @torch.no_grad()
 def encode_split(model, split: Split, tokenizer: CaptionTokenizer, device: torch.device,
-                 batch_size: int = 256, workers: int = 0,
-                 desc: str = "encode") -> tuple[np.ndarray, np.ndarray]:
+                 batch_size: int = 256, workers: int = 0, desc: str = "encode",
+                 precision: str = "fp32") -> tuple[np.ndarray, np.ndarray]:
     """Embeddings of every image and every caption of ``split``, in order.
 
     Returns (images (N, E) float32, captions (5N, E) float32). Images are encoded once
     each (not once per caption as the reference code does). Image features that are not
     finite are a :class:`UserError` naming the split, the file and the first bad image.
+    ``precision``: the encoders' (``fp32``, ``bf16``, ``fp16``, :mod:`stages.core.precision`);
+    the embeddings are returned float32 whatever it is.
     """
     was_training = model.training
     model.eval()
@@ -57,11 +60,14 @@ def encode_split(model, split: Split, tokenizer: CaptionTokenizer, device: torch
     with Progress(len(images) + len(captions), desc, unit="batch") as bar:
         for batch in images:
             check_finite(batch["images"], batch["image_ids"], split)
-            emb = model.encode_images(batch["images"].to(device), batch["regions"].to(device))
+            with autocast(device, precision):
+                emb = model.encode_images(batch["images"].to(device),
+                                          batch["regions"].to(device))
             img_out.append(emb.float().cpu())
             bar.update()
         for batch in captions:
-            emb = model.encode_captions(batch["tokens"].to(device), batch["lengths"])
+            with autocast(device, precision):
+                emb = model.encode_captions(batch["tokens"].to(device), batch["lengths"])
             cap_out.append(emb.float().cpu())
             bar.update()
     model.train(was_training)

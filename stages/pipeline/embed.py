@@ -60,7 +60,7 @@ def _embed(state: dict, checkpoint: Path, config: Config, split, out: Path) -> N
     model.use_cache_folder(config.text_cache_folder())
     try:
         img, cap = encode_split(model, split, tokenizer, device, workers=config.data.workers,
-                                desc=f"embed {split.name}")
+                                desc=f"embed {split.name}", precision=config.eval.precision)
     finally:
         model.save_cache()
     write_embeddings(out, img, cap, {

@@ -130,7 +130,8 @@ def _evaluate(checkpoints, states, config: Config, folds: int, out: Path, ranks:
         try:
             img, cap = encode_split(model, split, tokenizer, device,
                                     workers=config.data.workers,
-                                    desc=f"encode {config.data.eval_split} ({Path(path).name})")
+                                    desc=f"encode {config.data.eval_split} ({Path(path).name})",
+                                    precision=config.eval.precision)
         finally:
             model.save_cache()
         imgs.append(img)

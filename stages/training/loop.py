@@ -22,6 +22,7 @@ from torch.utils.data import DataLoader
 
 from stages.config.sections import MemoryConfig, TrainConfig
 from stages.core.errors import UserError
+from stages.core.precision import autocast
 from stages.core.progress import Progress
 from stages.io.atomic import append_jsonl, write_text
 from stages.io.checkpoint import save_checkpoint
@@ -30,7 +31,11 @@ from stages.models.base import EmbeddingModel
 from stages.models.encode import check_finite
 from stages.training.distributed import is_main, rank, world_size
 from stages.training.memory import MemoryBank
-from stages.training.repeated_updates import clip_gradients, optimizer_step
+from stages.training.repeated_updates import (
+    clip_gradients,
+    gradients_finite,
+    optimizer_step,
+)
 
 log = logging.getLogger(__name__)
 
@@ -119,6 +124,8 @@ class Trainer:
         self.memory = MemoryBank(memory.size, memory.warmup_steps)
         self.optimizer = build_optimizer(model, loss_fn, train.lr, train.optimizer,
                                          train.weight_decay)
+        # fp16's loss scaling (off, and a no-op, for fp32 and bf16)
+        self.scaler = torch.amp.GradScaler(device.type, enabled=train.precision == "fp16")
         self.progress = Progression()
 
     # --- state ---------------------------------------------------------------------------
@@ -130,6 +137,7 @@ class Trainer:
                 "loss_state": {k: v.cpu() for k, v in self.loss_fn.state_dict().items()},
                 "optimizer": self.optimizer.state_dict(),
                 "memory": self.memory.state_dict(), **asdict(self.progress),
+                **({"scaler": self.scaler.state_dict()} if self.scaler.is_enabled() else {}),
                 "rng": {"torch": torch.get_rng_state(), "cuda": cuda_rng},
                 **({"remined": list(self.reminer.history)} if self.reminer is not None else {})}
 
@@ -140,6 +148,8 @@ class Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         if "memory" in state:
             self.memory.load_state_dict(state["memory"], self.device)
+        if self.scaler.is_enabled() and "scaler" in state:
+            self.scaler.load_state_dict(state["scaler"])
         self.progress = Progression(**{k: state[k] for k in Progression.__dataclass_fields__
                                        if k in state})
         if "best_score" not in state:  # a last.pt from before train.select: kept by rsum
@@ -187,7 +197,9 @@ class Trainer:
     def step(self, batch: dict) -> dict[str, float]:
         """One optimisation step; returns each loss term's value (and ``loss``, the sum)."""
         batch = _to_device(batch, self.device)
-        output = self.task.forward(self.model, batch)
+        with autocast(self.device, self.train.precision):
+            output = self.task.forward(self.model, batch)
+        output = output.float()  # the losses in float32, whatever the forward's precision
         inputs = self.task.loss_inputs(output, batch)
         terms = self.loss_fn(inputs.img_emb, inputs.cap_emb, inputs.image_ids,
                              extra=self.memory.references(), offline=inputs.offline)
@@ -207,10 +219,14 @@ class Trainer:
                 f"{self.features_hint or 'the features'} for NaN/inf values, or resume from "
                 f"{self.run_dir / 'last.pt'} with --resume")
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        self.scaler.scale(loss).backward()
+        if self.scaler.is_enabled():  # fp16: true gradients before clipping
+            self.scaler.unscale_(self.optimizer)
         if self.train.grad_clip > 0:
             clip_gradients(self.optimizer.param_groups, self.train.grad_clip)
-        optimizer_step(self.optimizer)
+        if not self.scaler.is_enabled() or gradients_finite(self.optimizer):
+            optimizer_step(self.optimizer)  # fp16: a step whose gradients overflowed is skipped
+        self.scaler.update()  # fp16: a smaller scale after an overflow, larger after a while
         self.memory.push(inputs.img_emb, inputs.cap_emb, inputs.image_ids)
         return values
 

@@ -58,3 +58,10 @@ def optimizer_step(optimizer: torch.optim.Optimizer) -> None:
                 for p in group["params"]:
                     p.grad = None
         optimizer.step()
+
+
+@torch.no_grad()
+def gradients_finite(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether every gradient the optimiser would apply is finite (no fp16 overflow)."""
+    grads = [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+    return not grads or bool(torch.stack([g.isfinite().all() for g in grads]).all())
