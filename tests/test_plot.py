@@ -12,7 +12,7 @@ from stages.metrics.retrieval import rank_metrics
 from stages.pipeline.offcandi import offcandi
 from stages.pipeline.plot import plot
 from tests.run_helpers import aoq
-from tests.test_diagnostics import brute_ranks, noisy_embeddings
+from tests.test_hardness import brute_ranks, noisy_embeddings
 from tests.test_offcandi import write_embeddings
 
 FIGURES = ("similarities.png", "positive_rank.png", "rounds.png")

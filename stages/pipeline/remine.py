@@ -75,14 +75,16 @@ class Reminer:
     ``attrs``: what the embeddings files say of it (:func:`stages.pipeline.embed.split_attrs`);
     ``options``: the mining settings (:func:`mining_options`); ``load``: how the run loads
     and filters a candidate folder; ``sampler``: whose candidates are replaced.
-    ``history`` lists the re-mines so far, as checkpoints keep it.
+    ``history`` lists the re-mines so far, as checkpoints keep it; ``precision``: the
+    encoders' while embedding (the run's ``train.precision``).
     """
 
     def __init__(self, every: int, split: Split, tokenizer: CaptionTokenizer,
                  device: torch.device, workers: int, run_dir: Path, attrs: dict,
                  options: OffcandiConfig, load: LoadSelections,
-                 sampler: OfflineNegativeSampler):
+                 sampler: OfflineNegativeSampler, precision: str = "fp32"):
         self.every = every
+        self.precision = precision
         self.split, self.tokenizer = split, tokenizer
         self.device, self.workers = device, workers
         self.run_dir = Path(run_dir)
@@ -152,7 +154,8 @@ class Reminer:
                                    else []):
             images, captions = encode_split(model, self.split, self.tokenizer, self.device,
                                             workers=self.workers,
-                                            desc=f"re-mine: embed {self.split.name}")
+                                            desc=f"re-mine: embed {self.split.name}",
+                                            precision=self.precision)
         weights = weights_hash(model.state_dict())
         embedded = time.perf_counter()
         embeddings = folder / "embeddings_train.h5"

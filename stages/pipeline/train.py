@@ -359,7 +359,7 @@ def build_reminer(config: Config, data: RunData, device: torch.device, run_dir: 
                    split_attrs(config, data.train, data.fingerprint),
                    mining_options(config.offcandi, config.candidates_dir(),
                                   data.fingerprint["candidates"]),
-                   load, sampler)
+                   load, sampler, precision=config.train.precision)
 
 
 def build_task(config: Config, data: RunData, device: torch.device,
@@ -441,7 +441,8 @@ def validation(config: Config, data: RunData, device: torch.device) -> Callable:
     def validate(model) -> dict:
         img, cap = encode_split(model, data.val, data.tokenizer, device,
                                 workers=config.data.workers,
-                                desc=f"validate {data.val.name}")
+                                desc=f"validate {data.val.name}",
+                                precision=config.train.precision)
         return {"split": config.data.val_split, "protocol": "all",
                 "images": data.val.num_images,
                 **evaluate_embeddings(img, cap, folds=1, block_size=config.eval.block_size)}
