@@ -36,7 +36,7 @@ def test_eval_records_its_settings_only_holding_the_lock(trained, tmp_path):
     evaluate([trained], out=out)
     assert yaml.safe_load(read_record(out)) == {
         "stage": "eval", "data": {"name": "tiny", "eval_split": "test"},
-        "eval": {"fold5": False}}
+        "eval": {"fold5": False, "precision": "fp32"}}
     written = out.read_bytes(), read_record(out)
     with folder_lock(out.parent, "another eval"), \
             pytest.raises(UserError, match="being written by another process"):
