@@ -156,11 +156,15 @@ TEST_WORKERS ?= auto
 test: lint
 	$(BIN)/python -m pytest -n $(TEST_WORKERS)
 
-# BENCH_ONLY=train_step,eval_5k runs some sections (into bench/results-<sections>.json).
+# BENCH_ONLY=train_step,eval_5k runs some sections (into bench/results-<sections>.json);
+# BENCH_ONLY=mining_scale (never run otherwise) mines 1M x 5M generated embeddings with
+# IVF-PQ; BENCH_ARGS='--scale-images 100000 --scratch /big/disk' sets its size and folder.
 BENCH_ONLY ?=
+BENCH_ARGS ?=
 bench: $(STAMP)
 	$(BIN)/python tools/bench.py $(if $(BENCH_ONLY),--only $(BENCH_ONLY) \
-	    --out bench/results-$(subst $(comma),-,$(BENCH_ONLY)).json,--out bench/results.json)
+	    --out bench/results-$(subst $(comma),-,$(BENCH_ONLY)).json,--out bench/results.json) \
+	    $(BENCH_ARGS)
 
 # --- data: the features stage -------------------------------------------------------------
 # A dataset folder needs captions/splits ({split}_caps.txt) and features ({split}_ims.npy

@@ -109,11 +109,19 @@ def evaluate(config_files, overrides, checkpoints, out, each, ranks) -> None:
 @click.option("--split", default="", help="Split to embed (default: data.train_split).")
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path),
               help="Output HDF5 (default: embeddings_<split>.h5 beside the checkpoint).")
-def embed(config_files, overrides, checkpoint, split, out) -> None:
-    """Embed every image and caption of a split, unshuffled, into one HDF5 file."""
+@click.option("--shard", default="", metavar="I/N",
+              help="Embed shard I of N (0-based): a contiguous range of the images and "
+                   "their captions, into <out stem>.shard-I-of-N.h5; a shard already "
+                   "written by the same model is kept. `aoq offcandi` reads the N files as "
+                   "one.")
+def embed(config_files, overrides, checkpoint, split, out, shard) -> None:
+    """Embed every image and caption of a split (or a shard of it), unshuffled, into one
+    HDF5 file."""
+    from stages.mining.embedding_files import parse_shard
     from stages.pipeline.embed import embed as run_embed
 
-    run_embed(checkpoint, split, config_files, overrides, out)
+    run_embed(checkpoint, split, config_files, overrides, out,
+              shard=parse_shard(shard) if shard else None)
 
 
 @cli.command(name="embed-text")
@@ -192,8 +200,10 @@ def export_check(config_files, overrides, folder, checkpoint, tolerance) -> None
 
 @cli.command()
 @config_options
-@click.option("--embeddings", required=True, type=click.Path(dir_okay=False, path_type=Path),
-              help="Training-split embeddings from `aoq embed`.")
+@click.option("--embeddings", required=True, multiple=True,
+              help="Training-split embeddings from `aoq embed`; of a split embedded in "
+                   "shards (`aoq embed --shard i/n`): its shard files (repeat the option, "
+                   "or a quoted glob), or the unsharded name, whose shards are found.")
 @click.option("--out-dir", type=click.Path(file_okay=False, path_type=Path),
               help="Where i2t.h5 and t2i.h5 go (default: offcandi.dir or "
                    "offcandi/<dataset>).")
@@ -202,7 +212,7 @@ def offcandi(config_files, overrides, embeddings, out_dir) -> None:
     from stages.pipeline.offcandi import offcandi as run_offcandi
 
     config = load_config(config_files, overrides)
-    run_offcandi(embeddings, out_dir or config.candidates_dir(), config.offcandi)
+    run_offcandi(list(embeddings), out_dir or config.candidates_dir(), config.offcandi)
 
 
 @cli.command(name="offcandi-import")

@@ -90,3 +90,16 @@ def test_text_cache_section_reads_back_every_row(bench):
     result = bench.bench_text_cache(rows=300, width=8, added=10)
     assert result["read_rows"] == 300 and result["file_mb"] > 0
     assert min(result["read_s"], result["npy_load_s"], result["add_10_rows_s"]) >= 0
+
+
+def test_mining_scale_section_mines_generated_embeddings_with_ivfpq(bench, tmp_path):
+    result = bench.bench_mining_scale(2000, 16, scratch=tmp_path,
+                                      options={"k_i2t": 20, "k_t2i": 10, "recall_sample": 100})
+    assert result["captions"] == 10000 and result["stage_peak_rss_mib"] > 0
+    for direction, items, k in (("i2t", 10000, 20), ("t2i", 2000, 10)):
+        run = result[direction]
+        assert run["items"] == items and run["k"] == k and run["recall_sample"] == 100
+        assert run["factory"] == f"IVF{int(4 * items ** 0.5)},PQ2x8np"
+        assert 0 < run["recall_at_k"] <= 1 and run["train_s"] >= 0
+        assert run["index_mib_on_paper"] >= 0
+    assert list(tmp_path.iterdir()) == []  # its temporary folder is removed

@@ -30,6 +30,11 @@
   cache, the next ones hit it) against the same epoch uncached; and the text encoder's
   captions/s in our training step and in our inference against the bare ``transformers``
   forward (+ backward) of the same model on the same token batch.
+* mining_scale (only when named: ``--only mining_scale``): the offcandi stage with the
+  IVF-PQ index on generated clustered embeddings, 1M images x 5M captions at d=256 by
+  default (``--scale-images``, ``--scale-dim``), generated block by block into a temporary
+  HDF5 file under ``--scratch``: index training, adding and search time and recall@K both
+  ways, the stage's peak RSS, and exact search extrapolated from the recall check;
 * text cache: the frozen text tower's output file at COCO's size (566,435 captions x 384
   floats): written, read in a fresh process (time, peak RSS) against ``np.load`` of the same
   values as a bare ``.npy``, and 1,000 rows added (the whole file rewritten).
@@ -41,6 +46,7 @@ import base64
 import json
 import platform
 import resource
+import shutil
 import statistics
 import subprocess
 import sys
@@ -351,6 +357,109 @@ def bench_offcandi(num_images: int, dim: int, sample: int) -> dict:
 
 
 IVF_NPROBES = (32, 128)
+
+
+def write_clustered_embeddings(path: Path, num_images: int, dim: int, seed: int = 0,
+                               clusters: int = 500, block: int = 65536) -> None:
+    """An embeddings file of :func:`clustered_embeddings`' distribution (the same centres,
+    spread and caption noise), generated and written ``block`` images (and their captions)
+    at a time, so memory stays at one block whatever the size."""
+    centers = np.random.default_rng(seed).standard_normal((clusters, dim), dtype=np.float32)
+    with h5py.File(path, "w") as f:
+        images = f.create_dataset("images", (num_images, dim), dtype=np.float32)
+        captions = f.create_dataset("captions", (5 * num_images, dim), dtype=np.float32)
+        for b, start in enumerate(range(0, num_images, block)):
+            rng = np.random.default_rng([seed, b])
+            stop = min(num_images, start + block)
+            img = centers[rng.integers(clusters, size=stop - start)]
+            img += 0.8 * rng.standard_normal(img.shape, dtype=np.float32)
+            img /= np.linalg.norm(img, axis=1, keepdims=True)
+            cap = np.repeat(img, 5, axis=0)
+            cap += 0.05 * rng.standard_normal(cap.shape, dtype=np.float32)
+            cap /= np.linalg.norm(cap, axis=1, keepdims=True)
+            images[start:stop] = img
+            captions[5 * start:5 * stop] = cap
+        f.attrs.update({"format": "aoq-embeddings", "checkpoint": "bench", "weights": "b",
+                        "dataset": "bench", "split": "train", "num_images": num_images,
+                        "train_captions_sha256": ""})
+
+
+# The offcandi stage with OffcandiConfig(**argv[3]) in a fresh process: seconds, VmHWM KiB.
+SCALE_STAGE_SCRIPT = """
+import json, sys, time
+from stages.config.sections import OffcandiConfig
+from stages.pipeline.offcandi import offcandi
+t0 = time.perf_counter()
+offcandi(sys.argv[1], sys.argv[2], OffcandiConfig(**json.loads(sys.argv[3])))
+hwm = next(line for line in open("/proc/self/status") if line.startswith("VmHWM"))
+print(time.perf_counter() - t0, hwm.split()[1])
+"""
+
+
+def ivfpq_index_bytes(n: int, dim: int, nlist: int, pq_m: int, pq_bits: int,
+                      opq: bool = False) -> int:
+    """An IVF-PQ index's memory on paper: codes n * pq_m * pq_bits / 8 (pq_m bytes at 8
+    bits), ids 8n, coarse centroids 4 * nlist * d, PQ centroids 4 * 2**pq_bits * d (OPQ:
+    its d x d matrix)."""
+    return (n * ((pq_m * pq_bits + 7) // 8) + 8 * n + 4 * nlist * dim + 4 * 2 ** pq_bits * dim
+            + (4 * dim * dim if opq else 0))
+
+
+def bench_mining_scale(num_images: int, dim: int, scratch: Path | None = None,
+                       options: dict | None = None) -> dict:
+    """The offcandi stage with the IVF-PQ index on generated clustered embeddings (N images,
+    5N captions, d), K = 300/60: index training, adding and search time per direction and
+    recall@K against exact search on 1,000 queries (the stage's own figures, from the
+    candidate files), the stage's peak RSS (a fresh process), and the embeddings' size.
+    The baseline, exact search, is extrapolated from the recall check's exact top K of its
+    1,000 queries (one pass over the items each): an upper bound, as the full search would
+    batch 4,096 queries per pass. The files go to a temporary folder under ``scratch``
+    (removed after), refused when its disk has not room for them."""
+    options = {"index": "ivfpq", **(options or {})}
+    embeddings_bytes = 6 * num_images * dim * 4
+    candidate_bytes = num_images * (300 * 8 + 4) + 5 * num_images * (60 * 8 + 4)
+    need = embeddings_bytes + candidate_bytes + (1 << 30)
+    if scratch is not None:
+        scratch.mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(scratch or tempfile.gettempdir()).free
+    if free < need:
+        raise click.ClickException(f"mining_scale needs about {need / 1e9:.1f} GB in "
+                                   f"{scratch or tempfile.gettempdir()}, {free / 1e9:.1f} GB "
+                                   "free: pass --scratch on a larger disk, or fewer "
+                                   "--scale-images")
+    threads = set_threads()
+    with tempfile.TemporaryDirectory(dir=scratch, prefix="mining-scale-") as tmp:
+        embeddings = Path(tmp) / "embeddings_train.h5"
+        t0 = time.perf_counter()
+        write_clustered_embeddings(embeddings, num_images, dim)
+        generate_s = time.perf_counter() - t0
+        result = subprocess.run([sys.executable, "-c", SCALE_STAGE_SCRIPT, str(embeddings),
+                                 str(Path(tmp) / "out"), json.dumps(options)],
+                                capture_output=True, text=True)
+        if result.returncode:
+            raise click.ClickException(f"the offcandi stage failed:\n{result.stderr[-3000:]}")
+        stage_s, rss_kib = result.stdout.split()
+        directions = {}
+        for direction, items, queries in (("i2t", 5 * num_images, num_images),
+                                          ("t2i", num_images, 5 * num_images)):
+            with h5py.File(Path(tmp) / "out" / f"{direction}.h5", "r") as f:
+                a = {k: (v.item() if hasattr(v, "item") else v) for k, v in f.attrs.items()}
+            sample = min(options.get("recall_sample", 1000), queries)
+            directions[direction] = {
+                "items": items, "queries": queries, "k": a["k"], "factory": a["factory"],
+                **{key: a[key] for key in ("nlist", "nprobe", "pq_m", "pq_bits", "train_size")},
+                "train_s": a["index_train_seconds"], "add_s": a["index_add_seconds"],
+                "search_and_write_s": a["search_seconds"],
+                "recall_check_s": a["recall_seconds"],
+                "recall_at_k": round(a["recall_at_k"], 4), "recall_sample": sample,
+                "index_mib_on_paper": round(ivfpq_index_bytes(
+                    items, dim, a["nlist"], a["pq_m"], a["pq_bits"], bool(a["opq"])) / 2**20),
+                "exact_search_s_extrapolated": round(a["recall_seconds"] * queries / sample)}
+    return {"images": num_images, "captions": 5 * num_images, "dim": dim, "threads": threads,
+            "options": options, "embeddings_gb": round(embeddings_bytes / 1e9, 2),
+            "generate_s": round(generate_s, 1), "stage_s": round(float(stage_s), 1),
+            "stage_peak_rss_mib": round(int(rss_kib) / 1024),
+            "images_mib": round(num_images * dim * 4 / 2**20), **directions}
 
 TSV_SCRIPT = """
 import sys, time
@@ -684,10 +793,20 @@ def bench_text_cache(rows: int = 566_435, width: int = 384, added: int = 1000) -
               help="Images in the offcandi benchmark (29000: Flickr30K's training set).")
 @click.option("--tsv-rows", default="1000,4000", show_default=True,
               help="Sizes (rows) of the generated BUTD TSV files.")
-@click.option("--only", default="", help="Comma-separated sections to run (default: all): "
-              "train_step, vse_inf_step, vsrn_step, eval_5k, offcandi, features_tsv, "
-              "features_cnn, text_tower, text_cache, cnn_finetune, cnn_memory.")
-def main(out: Path, repeats: int, offcandi_images: int, tsv_rows: str, only: str) -> None:
+@click.option("--only", default="", help="Comma-separated sections to run (default: all "
+              "but mining_scale): train_step, vse_inf_step, vsrn_step, eval_5k, offcandi, "
+              "features_tsv, features_cnn, text_tower, text_cache, cnn_finetune, cnn_memory, "
+              "mining_scale.")
+@click.option("--scale-images", default=1_000_000, show_default=True,
+              help="mining_scale: images (x 5 captions) of the generated embeddings.")
+@click.option("--scale-dim", default=256, show_default=True,
+              help="mining_scale: their dimension.")
+@click.option("--scratch", type=click.Path(file_okay=False, path_type=Path),
+              help="mining_scale: where its temporary folder goes (the embeddings, 24 bytes "
+                   "x images x dim, and candidates, 2.9 KB an image; default: the system's "
+                   "temporary folder).")
+def main(out: Path, repeats: int, offcandi_images: int, tsv_rows: str, only: str,
+         scale_images: int, scale_dim: int, scratch: Path | None) -> None:
     sections = {
         "train_step": lambda: [bench_train_step(256, repeats), bench_train_step(1024, repeats)],
         "vse_inf_step": lambda: bench_vse_inf_step(min(repeats, 5)),
@@ -701,8 +820,11 @@ def main(out: Path, repeats: int, offcandi_images: int, tsv_rows: str, only: str
         "cnn_finetune": lambda: [bench_cnn_towers.bench_finetune(arch)
                                  for arch in ("mobilenet_v3_large", "resnet152")],
         "cnn_memory": bench_cnn_towers.bench_memory,
+        "mining_scale": lambda: bench_mining_scale(scale_images, scale_dim, scratch),
     }
-    chosen = [s for s in only.split(",") if s] or list(sections)
+    # mining_scale (tens of minutes, ~11 GB of disk at its default size) runs when named
+    chosen = ([s for s in only.split(",") if s]
+              or [s for s in sections if s != "mining_scale"])
     unknown = sorted(set(chosen) - set(sections))
     if unknown:
         raise click.BadParameter(f"unknown sections {unknown}; known: {', '.join(sections)}",

@@ -145,10 +145,19 @@ class OffcandiConfig:
     dir: str = ""  # candidate folder; empty: offcandi/<data.name>
     k_i2t: Annotated[int, AtLeastOne] = 300  # captions kept per image
     k_t2i: Annotated[int, AtLeastOne] = 60  # images kept per caption
-    # flat (exact) | hnsw | ivf (approximate, recall reported)
-    index: Annotated[str, OneOf("flat", "hnsw", "ivf")] = "flat"
-    nlist: Annotated[int, NonNegative] = 0  # ivf: inverted lists (0: 4 * sqrt(items))
-    nprobe: Annotated[int, AtLeastOne] = 32  # ivf: lists visited per query
+    # flat (exact) | hnsw | ivf | ivfpq (approximate, recall reported; ivfpq: product-
+    # quantized codes, pq_m bytes a vector, for millions of items)
+    index: Annotated[str, OneOf("flat", "hnsw", "ivf", "ivfpq")] = "flat"
+    nlist: Annotated[int, NonNegative] = 0  # ivf, ivfpq: inverted lists (0: 4 * sqrt(items))
+    nprobe: Annotated[int, AtLeastOne] = 32  # ivf, ivfpq: lists visited per query
+    # ivfpq: sub-quantizers (code bytes a vector at 8 bits); they must divide the embedding
+    # size (0: the largest of FAISS's GPU-supported counts leaving >= 8 dims each: 32 at 256)
+    pq_m: Annotated[int, NonNegative] = 0
+    pq_bits: Annotated[int, Range(min=1, max=16)] = 8  # ivfpq: bits per sub-quantizer code
+    opq: bool = False  # ivfpq: learn an OPQ rotation first (better codes, slower training)
+    # true: when FAISS is built for GPUs (faiss-gpu) and sees some, search there (the index
+    # sharded over all of them; hnsw stays on the CPU), else on the CPU; false: the CPU
+    gpu: bool = True
     ef_search: Annotated[int, AtLeastOne] = 256  # hnsw: candidates kept per query (>= K)
     block_size: Annotated[int, AtLeastOne] = 4096  # queries per search block
     # queries on which an approximate index is checked

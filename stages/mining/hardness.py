@@ -6,8 +6,9 @@ the hardest *online* negative (the most similar other-image item in a random bat
 ``train.batch_size`` pairs, as VSE++'s max-violation loss sees it), the offline candidates
 (the first of each row and the top-h range retraining samples from) and the rank of the
 positive among all items for a sample of queries. Embeddings are read with
-:class:`stages.mining.embedding_files.Embeddings`: images (N, E) in memory, captions (5N, E)
-block by block, so memory stays at the images, one block and the outputs.
+:func:`stages.mining.embedding_files.open_embeddings` (a file or its shards): images (N, E)
+in memory, captions (5N, E) block by block, so memory stays at the images, one block and
+the outputs.
 """
 
 import dataclasses
@@ -25,7 +26,7 @@ from stages.mining.candidate_files import (
     Candidates,
     load_candidates,
 )
-from stages.mining.embedding_files import Embeddings
+from stages.mining.embedding_files import Embeddings, open_embeddings
 from stages.mining.mine import positive_scores
 from stages.mining.selection import (
     NO_FILTERS,
@@ -242,7 +243,7 @@ def round_stats(embeddings_path: str | Path, candidates_dir: str | Path, label: 
                 online_batches: int = 160, seed: int = 0) -> RoundStats:
     """The diagnostics of one round: its miner's embeddings and the candidates mined."""
     stats = RoundStats(label, Path(embeddings_path), Path(candidates_dir))
-    with Embeddings(embeddings_path) as emb:
+    with open_embeddings(embeddings_path) as emb:
         n = len(emb.images)
         pair_positive = positive_scores("t2i", emb)  # (5N,)
         online = online_hardest(emb.images, emb.captions, batch_size, online_batches, seed)

@@ -34,7 +34,14 @@ from stages.mining.candidate_files import (
     is_positive,
 )
 from stages.mining.embedding_files import Embeddings
-from stages.mining.knn import INDEX_KINDS, approximate_recall, build_index, search_blocks
+from stages.mining.knn import (
+    INDEX_KINDS,
+    approximate_recall,
+    build_index,
+    check_index_settings,
+    faiss_gpus,
+    search_blocks,
+)
 
 log = logging.getLogger(__name__)
 
@@ -108,7 +115,8 @@ def search_direction(direction: str, index, queries, k: int, block_size: int = 4
 
 def mine_arrays(images: np.ndarray, captions: np.ndarray, k_i2t: int, k_t2i: int,
                 index: str = "flat", ef_search: int = 256, nlist: int = 0, nprobe: int = 32,
-                block_size: int = 4096) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+                block_size: int = 4096, pq_m: int = 0, pq_bits: int = 8, opq: bool = False,
+                gpu: bool = True) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """Offline hard-negative candidates of embedding arrays, in memory (no files).
 
     ``images`` (N, E) float32 and ``captions`` (5N, E) float32, caption c belonging to image
@@ -116,20 +124,27 @@ def mine_arrays(images: np.ndarray, captions: np.ndarray, k_i2t: int, k_t2i: int
     "t2i": (indices, scores)}``: i2t ``indices`` (N, k_i2t) int64 caption ids, t2i
     ``indices`` (5N, k_t2i) int64 image ids, ``scores`` float32 of the same shape; each row
     hardest first, never a positive of its query (i2t: no caption of the image; t2i: not the
-    caption's own image). ``index``: ``flat`` (exact), ``hnsw`` (``ef_search``) or ``ivf``
-    (``nlist``, ``nprobe``), as ``offcandi.*``; ``block_size`` queries per search. The same
-    search as ``aoq offcandi`` (:func:`mine_candidates`), whose files hold these indices.
+    caption's own image). ``index``: ``flat`` (exact), ``hnsw`` (``ef_search``), ``ivf``
+    (``nlist``, ``nprobe``) or ``ivfpq`` (also ``pq_m``, ``pq_bits``, ``opq``), as
+    ``offcandi.*``; ``gpu``: on FAISS's GPUs when it has some;
+    ``block_size`` queries per search. The same search as ``aoq offcandi``
+    (:func:`mine_candidates`), whose files hold these indices.
     """
     check_index(index)
+    gpus = faiss_gpus(gpu)
     images, captions = np.asarray(images), np.asarray(captions)
     if images.ndim != 2 or captions.shape != (CAPTIONS_PER_IMAGE * len(images),
                                               images.shape[1]):
         raise ValueError(f"expected images (N, E) and captions (5N, E), got "
                          f"{images.shape} and {captions.shape}")
+    for direction in DIRECTIONS:  # before any work
+        items = captions if direction == "i2t" else images
+        check_index_settings(index, *items.shape, nlist, pq_m, pq_bits)
     out = {}
     for direction, k in zip(DIRECTIONS, (k_i2t, k_t2i), strict=True):
         queries, items, _ = _sides(direction, images, captions, k)
-        knn = build_index(items, index, ef_search=ef_search, nlist=nlist, nprobe=nprobe)
+        knn = build_index(items, index, ef_search=ef_search, nlist=nlist, nprobe=nprobe,
+                          pq_m=pq_m, pq_bits=pq_bits, opq=opq, gpus=gpus)
         indices = np.empty((len(queries), k), dtype=np.int64)
         scores = np.empty((len(queries), k), dtype=np.float32)
         for start, ids, block_scores in search_direction(direction, knn, queries, k,
@@ -140,25 +155,35 @@ def mine_arrays(images: np.ndarray, captions: np.ndarray, k_i2t: int, k_t2i: int
     return out
 
 
+# What build_index reports that the candidate files record (besides the timings).
+INDEX_ATTRS = ("nlist", "nprobe", "ef_search", "pq_m", "pq_bits", "opq", "factory",
+               "train_size")
+
+
 def mine_direction(direction: str, embeddings: Embeddings, options: OffcandiConfig,
-                   out: Path) -> dict:
+                   out: Path, gpus: int = 0) -> dict:
     """Mine one direction of ``embeddings`` (images (N, E), captions (5N, E)) into the
     candidate file ``out``: ``indices`` (Q, K) int32, ``scores`` (Q, K) float32 and
     ``positive_scores`` (Q,), Q = N for i2t, 5N for t2i; returns its attributes (timings,
-    recall)."""
+    recall). ``gpus``: FAISS's GPUs to search on (:func:`~stages.mining.knn.faiss_gpus`)."""
     k = options.k_i2t if direction == "i2t" else options.k_t2i
     queries, items, positives = _sides(direction, embeddings.images, embeddings.captions, k)
     t0 = time.perf_counter()
+    built: dict = {}
     index = build_index(items, options.index, ef_search=options.ef_search,
-                        nlist=options.nlist, nprobe=options.nprobe)
+                        nlist=options.nlist, nprobe=options.nprobe, pq_m=options.pq_m,
+                        pq_bits=options.pq_bits, opq=options.opq, gpus=gpus, info=built)
     build_seconds = time.perf_counter() - t0
     attrs = {"direction": direction, "index": options.index, "k": k,
-             **({"nlist": index.nlist, "nprobe": index.nprobe} if options.index == "ivf"
-                else {"ef_search": options.ef_search} if options.index == "hnsw" else {}),
-             "index_build_seconds": round(build_seconds, 2)}
+             **{key: built[key] for key in INDEX_ATTRS if key in built},
+             "gpus": built["gpus"], "index_build_seconds": round(build_seconds, 2),
+             "index_train_seconds": built["train_seconds"],
+             "index_add_seconds": built["add_seconds"]}
     if options.index != "flat":
+        t1 = time.perf_counter()
         attrs["recall_at_k"] = approximate_recall(index, items, queries, k + positives,
                                                   options.recall_sample)
+        attrs["recall_seconds"] = round(time.perf_counter() - t1, 2)
         log.info("%s: %s index recall@%d against exact search on %d queries: %.4f",
                  direction, options.index, k, min(options.recall_sample, len(queries)),
                  attrs["recall_at_k"])
@@ -199,10 +224,14 @@ def mine_candidates(embeddings: Embeddings, out_dir: str | Path,
     """Mine both directions of ``embeddings`` into ``out_dir/{i2t,t2i}.h5`` (the caller holds
     the folder's lock); returns the two paths, t2i last."""
     check_index(options.index)
+    for items in (embeddings.captions, embeddings.images):  # both directions, before any work
+        check_index_settings(options.index, *items.shape, options.nlist, options.pq_m,
+                             options.pq_bits)
+    gpus = faiss_gpus(options.gpu)
     outputs = []
     for direction in DIRECTIONS:
         out = candidate_path(out_dir, direction)
-        attrs = mine_direction(direction, embeddings, options, out)
+        attrs = mine_direction(direction, embeddings, options, out, gpus)
         log.info("%s: K=%d in %.1f s -> %s", direction, attrs["k"], attrs["search_seconds"],
                  out)
         outputs.append(out)

@@ -4,11 +4,12 @@ from functools import partial
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Subset
 
 from stages.core.errors import UserError
 from stages.core.precision import autocast
 from stages.core.progress import Progress
+from stages.data.captions import CAPTIONS_PER_IMAGE
 from stages.data.dataset import (
     CaptionDataset,
     ImageDataset,
@@ -39,21 +40,29 @@ def check_finite(images: torch.Tensor, image_ids: torch.Tensor, split: Split) ->
 @torch.no_grad()
 def encode_split(model, split: Split, tokenizer: CaptionTokenizer, device: torch.device,
                  batch_size: int = 256, workers: int = 0, desc: str = "encode",
+                 image_range: tuple[int, int] | None = None,
                  precision: str = "fp32") -> tuple[np.ndarray, np.ndarray]:
     """Embeddings of every image and every caption of ``split``, in order.
 
     Returns (images (N, E) float32, captions (5N, E) float32). Images are encoded once
     each (not once per caption as the reference code does). Image features that are not
     finite are a :class:`UserError` naming the split, the file and the first bad image.
+    ``image_range`` ``(start, stop)``: only those images and their captions (a shard).
     ``precision``: the encoders' (``fp32``, ``bf16``, ``fp16``, :mod:`stages.core.precision`);
     the embeddings are returned float32 whatever it is.
     """
     was_training = model.training
     model.eval()
     pin = device.type == "cuda"
-    images = DataLoader(ImageDataset(split), batch_size=batch_size, collate_fn=collate_images,
+    image_set, caption_set = ImageDataset(split), CaptionDataset(split, tokenizer)
+    if image_range is not None:
+        start, stop = image_range
+        image_set = Subset(image_set, range(start, stop))
+        caption_set = Subset(caption_set, range(CAPTIONS_PER_IMAGE * start,
+                                                CAPTIONS_PER_IMAGE * stop))
+    images = DataLoader(image_set, batch_size=batch_size, collate_fn=collate_images,
                         num_workers=workers, pin_memory=pin)
-    captions = DataLoader(CaptionDataset(split, tokenizer), batch_size=batch_size,
+    captions = DataLoader(caption_set, batch_size=batch_size,
                           collate_fn=partial(collate_captions, pad=tokenizer.pad_id),
                           num_workers=workers, pin_memory=pin)
     img_out, cap_out = [], []

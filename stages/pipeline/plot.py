@@ -29,7 +29,7 @@ from stages.core.errors import UserError
 from stages.data.captions import read_captions
 from stages.io.atomic import atomic_path, write_json
 from stages.mining.candidate_files import DIRECTIONS, candidate_path
-from stages.mining.embedding_files import Embeddings
+from stages.mining.embedding_files import open_embeddings
 from stages.mining.hardness import QUANTITIES, RoundStats, round_stats
 from stages.mining.selection import CaptionWords, SelectionRules
 
@@ -168,7 +168,7 @@ def _caption_words(embeddings_path: Path, config: Config, rules: SelectionRules
     """The words of the captions the embeddings index, when the duplicate filter is on."""
     if not rules.duplicate_overlap:
         return None
-    with Embeddings(embeddings_path) as emb:
+    with open_embeddings(embeddings_path) as emb:
         dataset, split = emb.attrs["dataset"], emb.attrs["split"]
     caps = Path(config.data.path) / dataset / f"{split}_caps.txt"
     if not caps.is_file():
