@@ -67,6 +67,8 @@ def another_value(field: dataclasses.Field):
     """A valid value of an offcandi field other than its default."""
     if field.name == "index":
         return "hnsw"
+    if isinstance(field.default, bool):
+        return not field.default
     if isinstance(field.default, str):
         return "x"
     return field.default + (1 if isinstance(field.default, int) else 0.5)
