@@ -19,6 +19,8 @@ from stages.config.sections import load_config
 from stages.core.errors import UserError
 from stages.io.checkpoint import load_checkpoint
 from stages.pipeline.train import build_model_and_loss, build_task, open_data, train
+from stages.training.batches import epoch_batches
+from stages.training.distributed import gather_batch
 from stages.training.loop import Trainer
 from tests.resume_helpers import assert_same_training
 from tests.run_helpers import imported_candidates
@@ -66,12 +68,24 @@ def _steps(config, folder: Path, rank: int, world: int) -> dict:
     return {"values": values, "grads": grads}
 
 
+def _uneven_gather(rank: int) -> dict:
+    """Rank 0 holds global rows 0, 2, 4 and rank 1 rows 1, 3 (an epoch's last batch cut
+    unevenly): gathered, and the gradient each rank gets of the same loss on them."""
+    rows = torch.tensor([0.0, 2.0, 4.0] if rank == 0 else [1.0, 3.0], dtype=torch.float64)
+    rows.requires_grad_(True)
+    gathered = gather_batch(rows[:, None])
+    weights = torch.arange(1.0, 6.0, dtype=torch.float64)
+    (gathered[:, 0] * weights).sum().backward()
+    return {"gathered": gathered.detach()[:, 0], "grad": rows.grad}
+
+
 def _worker(rank: int, world: int, port: int, configs: dict, folder: Path) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
-        out = {name: _steps(config, folder / name, rank, world)
-               for name, config in configs.items()}
+        out = {"uneven": _uneven_gather(rank)}
+        out.update({name: _steps(config, folder / name, rank, world)
+                    for name, config in configs.items()})
         if rank == 0:
             torch.save(out, folder / "ranks.pt")
     finally:
@@ -94,6 +108,13 @@ def configs(tiny_config, tmp_path):
 def test_two_processes_step_as_one_with_the_global_batch(configs, tmp_path):
     mp.spawn(_worker, args=(2, _free_port(), configs, tmp_path), nprocs=2)
     ranks = torch.load(tmp_path / "ranks.pt", weights_only=False)
+    # The shares come back in the global order; each rank's rows get every rank's gradient
+    # of them (both ranks computed the same loss: twice the one-process gradient, which
+    # DDP's average over the ranks halves again).
+    torch.testing.assert_close(ranks["uneven"]["gathered"],
+                               torch.arange(5, dtype=torch.float64))
+    torch.testing.assert_close(ranks["uneven"]["grad"],
+                               2 * torch.tensor([1.0, 3.0, 5.0], dtype=torch.float64))
     for name in ("memory", "offline"):
         one = _steps(configs[name], tmp_path / name, 0, 1)
         for a, b in zip(ranks[name]["values"], one["values"], strict=True):
@@ -170,3 +191,15 @@ def test_torchrun_trains_as_one_process_and_resumes_after_a_lost_rank(tiny_root,
     resumed = _torchrun([*args, "--run-dir", "killed", "--resume"], tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert_same_training(tmp_path / "whole", tmp_path / "killed")
+
+
+def test_a_last_batch_smaller_than_the_ranks_is_left_out():
+    # 10 items in global batches of 4 over 2 ranks: 4, 4, 2, each rank 3 batches.
+    # 9 items in global batches of 8 over 4 ranks: a last global batch of 1 item would leave
+    # three ranks without a batch (and waiting for the others): it is left out.
+    two = [epoch_batches(10, 2, 0, 0, r, 2) for r in range(2)]
+    assert [len(b) for b in two] == [3, 3] and sorted(sum(two[0] + two[1], [])) == list(range(10))
+    four = [epoch_batches(9, 2, 0, 0, r, 4) for r in range(4)]
+    assert [len(b) for b in four] == [1, 1, 1, 1]
+    assert sorted(sum((b[0] for b in four), [])) == sorted(
+        epoch_batches(9, 8, 0, 0)[0])
