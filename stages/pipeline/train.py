@@ -55,6 +55,7 @@ from stages.pipeline.stamps import (
     write_record,
 )
 from stages.training.distributed import (
+    barrier,
     destroy,
     init_from_env,
     is_main,
@@ -602,4 +603,5 @@ def _train(config: Config, run_dir: Path, resume: bool, refused_hint: str,
         fit(trainer, model)
         if is_main():
             finish_run(run_dir, final, config, trainer)
+    barrier()  # the ranks end together, none tearing the group down under another
     return final
