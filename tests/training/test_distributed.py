@@ -86,8 +86,7 @@ def _worker(rank: int, world: int, port: int, configs: dict, folder: Path) -> No
         out = {"uneven": _uneven_gather(rank)}
         out.update({name: _steps(config, folder / name, rank, world)
                     for name, config in configs.items()})
-        if rank == 0:
-            torch.save(out, folder / "ranks.pt")
+        torch.save(out, folder / f"rank{rank}.pt")
     finally:
         dist.destroy_process_group()
 
@@ -102,12 +101,17 @@ def configs(tiny_config, tmp_path):
     return {"memory": load_config(base=tiny_config, overrides=["memory.size=20"]),
             "offline": load_config(base=tiny_config, overrides=offline),
             "local": load_config(base=tiny_config, overrides=[
-                "loss.name=infonce", "train.global_negatives=false"])}
+                "loss.name=infonce", "loss.learnable_temperature=true",
+                "train.global_negatives=false"])}
 
 
 def test_two_processes_step_as_one_with_the_global_batch(configs, tmp_path):
     mp.spawn(_worker, args=(2, _free_port(), configs, tmp_path), nprocs=2)
-    ranks = torch.load(tmp_path / "ranks.pt", weights_only=False)
+    ranks, other = (torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1))
+    for name in configs:  # the ranks' gradients are averaged: they stay in step
+        for param, grad in ranks[name]["grads"].items():
+            torch.testing.assert_close(other[name]["grads"][param], grad, rtol=0, atol=0)
+    assert "logit_scale" in ranks["local"]["grads"]
     # The shares come back in the global order; each rank's rows get every rank's gradient
     # of them (both ranks computed the same loss: twice the one-process gradient, which
     # DDP's average over the ranks halves again).
