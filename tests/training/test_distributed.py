@@ -15,6 +15,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+import stages.pipeline.train as train_module
 from stages.config.sections import load_config
 from stages.core.errors import UserError
 from stages.io.checkpoint import load_checkpoint
@@ -207,3 +208,25 @@ def test_a_last_batch_smaller_than_the_ranks_is_left_out():
     assert [len(b) for b in four] == [1, 1, 1, 1]
     assert sorted(sum((b[0] for b in four), [])) == sorted(
         epoch_batches(9, 8, 0, 0)[0])
+
+
+@pytest.mark.parametrize("nproc, command", [
+    ("1", "/v/bin/aoq"),
+    ("4", "/v/bin/torchrun --standalone --nproc_per_node=4 /v/bin/aoq")])
+def test_make_trains_in_nproc_processes(nproc, command):
+    result = subprocess.run(["make", "-s", "-f", str(ROOT / "Makefile"), "--eval",
+                             "show-aoq-train: ; @echo $(AOQ_TRAIN)", "show-aoq-train",
+                             f"NPROC={nproc}", "VENV=/v"], capture_output=True, text=True,
+                            timeout=60)
+    assert result.stdout.strip() == command, result.stderr
+
+
+def test_a_batch_that_does_not_split_over_the_processes_is_refused(tiny_config, monkeypatch):
+    monkeypatch.setattr(train_module, "world_size", lambda: 3)
+    with pytest.raises(UserError, match="batch_size=16 is the global batch, split over 3"):
+        train_module.check_processes(tiny_config)
+    tiny_config.train.batch_size = 18
+    train_module.check_processes(tiny_config)
+    tiny_config.offcandi.remine_every = 1
+    with pytest.raises(UserError, match="remine_every=1"):
+        train_module.check_processes(tiny_config)
