@@ -53,6 +53,10 @@ CKPT ?= $(AOQ_CKPT)
 
 BIN := $(VENV)/bin
 AOQ := $(BIN)/aoq
+# NPROC=N: train and retrain in N processes (torchrun, one per GPU; train.batch_size stays
+# the global batch)
+NPROC ?= 1
+AOQ_TRAIN := $(if $(filter-out 1,$(NPROC)),$(BIN)/torchrun --standalone --nproc_per_node=$(NPROC) $(AOQ),$(AOQ))
 STAMP := $(VENV)/.installed
 # configs/data/$(DATA).yaml when there is one (a dataset made by `make features` under a new
 # name needs none unless its splits differ from train/dev/test), the model's published
@@ -115,6 +119,7 @@ help:
 	@echo "                   (KARPATHY= or COCO_JSON= for captions; TSV= or IMAGES= for features)"
 	@echo "make vocab         vocabulary of DATA's training captions   -> DATA_PATH/DATA/vocab.json"
 	@echo "make train         base VSE++ model                         -> runs/DATA/RUN/checkpoint.pt"
+	@echo "                   NPROC=n: train (and retrain) in n processes, torchrun (one per GPU)"
 	@echo "make embed         embed the training split with the base model -> runs/DATA/RUN/embeddings_train.h5"
 	@echo "make offcandi      FAISS offline candidates                 -> offcandi/DATA/{i2t,t2i}.h5"
 	@echo "                   MINER=<run>, text:<model folder> or clip:<arch>:<weights file>"
@@ -278,7 +283,7 @@ $(SETTINGS)/features.yaml: FORCE | $(STAMP)
 # --- stages ------------------------------------------------------------------------------
 train: $(BASE_CKPT)
 $(BASE_CKPT): $(VOCAB) $(RUN_DIR)/.train-input $(SETTINGS)/$(RUN).train.yaml | $(STAMP)
-	$(AOQ) train $(CONFIGS) $(OVERRIDES) --run-dir $(RUN_DIR) --resume
+	$(AOQ_TRAIN) train $(CONFIGS) $(OVERRIDES) --run-dir $(RUN_DIR) --resume
 $(SETTINGS)/$(RUN).train.yaml: FORCE | $(STAMP)
 	$(call stamp,train,$(BASE_CKPT))
 .SECONDARY: $(RUN_DIR)/.train-input
@@ -362,7 +367,7 @@ $(call round_offcandi,$(1))/.settings.offcandi.yaml: FORCE | $$(STAMP)
 
 $(call round_run,$(1))/checkpoint.pt: $(SETTINGS)/$(call round_name,$(1)).retrain.yaml \
 	    $(call round_offcandi,$(1))/t2i.h5
-	$$(AOQ) retrain $$(CONFIGS) $$(OVERRIDES) $$(call retrain_args,$(1)) \
+	$$(AOQ_TRAIN) retrain $$(CONFIGS) $$(OVERRIDES) $$(call retrain_args,$(1)) \
 	    $$(foreach s,$$(RETRAIN_SET),--set $$(s)) --run-dir $(call round_run,$(1)) --resume
 $(SETTINGS)/$(call round_name,$(1)).retrain.yaml: FORCE | $$(STAMP)
 	$$(call stamp,retrain,$(call round_run,$(1))/checkpoint.pt,$$(call retrain_args,$(1)) \

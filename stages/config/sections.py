@@ -127,6 +127,9 @@ class TrainConfig:
     init_from: str = ""  # start from this checkpoint's weights (default: from scratch)
     # pairs plus offline negatives from the candidate files (the retrain stage sets it)
     offline_negatives: bool = False
+    # with several processes (torchrun): every rank's embeddings join the loss (the global
+    # batch's negatives, as one process with the whole batch); false: each rank's own only
+    global_negatives: bool = True
 
 
 @dataclass

@@ -12,6 +12,7 @@ sequence of named parts (:func:`check_settings`, :func:`open_data`, :func:`build
 :func:`build_model_and_loss`, :func:`resume_state`, ...), each reading the settings it needs.
 """
 
+import contextlib
 import copy
 import logging
 import shutil
@@ -53,7 +54,14 @@ from stages.pipeline.stamps import (
     stage_settings,
     write_record,
 )
-from stages.training.distributed import is_main, world_size
+from stages.training.distributed import (
+    barrier,
+    destroy,
+    init_from_env,
+    is_main,
+    main_then_share,
+    world_size,
+)
 from stages.training.loop import Trainer
 from stages.training.tasks import OfflineTask, PairTask
 
@@ -231,9 +239,9 @@ def promote_best(run_dir: Path, info: dict) -> None:
 def _check_drop_last(config: Config, train_split: Split) -> None:
     """``train.drop_last`` with fewer pairs than a batch would train on nothing."""
     t, pairs = config.train, len(train_split.captions)
-    if t.drop_last and pairs < t.batch_size * world_size():
+    if t.drop_last and pairs < t.batch_size:
         raise UserError(f"train.drop_last=true drops every batch smaller than "
-                        f"train.batch_size={t.batch_size} (x {world_size()} processes), but "
+                        f"train.batch_size={t.batch_size}, but "
                         f"{train_split.name} has {pairs} pairs: every epoch would train on "
                         "nothing; lower train.batch_size or set train.drop_last=false")
 
@@ -295,6 +303,22 @@ def check_settings(config: Config) -> None:
         raise UserError(f"offcandi.group_size={group}: give 0 (random batches) or a group "
                         f"of 2 to train.batch_size={t.batch_size} captions")
     _check_remine(config)
+
+
+def check_processes(config: Config) -> None:
+    """With several processes (torchrun): the global batch ``train.batch_size`` must split
+    evenly over them, and re-mining inside a run (``offcandi.remine_every``) is one
+    process's work for now."""
+    n = world_size()
+    if n == 1:
+        return
+    if config.train.batch_size % n:
+        raise UserError(f"train.batch_size={config.train.batch_size} is the global batch, "
+                        f"split over {n} processes: give a multiple of {n}")
+    if config.offcandi.remine_every:
+        raise UserError(f"offcandi.remine_every={config.offcandi.remine_every} re-mines "
+                        "inside the run, which runs in one process only: train with one "
+                        "process (no torchrun), or re-mine between runs (aoq offcandi)")
 
 
 def _model_reads(config: Config) -> dict:
@@ -402,6 +426,13 @@ def resume_state(run_dir: Path, config: Config, resume: bool, refused_hint: str,
                         f"given (changed: {', '.join(changed)}); "
                         + (refused_hint or f"delete {run_dir} to start it over, or use "
                            "another run folder"))
+    saved = state.get("world_size", 1) if state is not None else world_size()
+    if saved != world_size():
+        raise UserError(f"cannot resume {run_dir} with {world_size()} process"
+                        f"{'es' if world_size() > 1 else ''}: it was trained with {saved}, and "
+                        "another number would cut its batches otherwise; resume it with "
+                        + (f"torchrun --nproc_per_node={saved} ..." if saved > 1 else
+                           "one process (no torchrun)") + ", or start a new run folder")
     return state
 
 
@@ -489,6 +520,23 @@ def finish_run(run_dir: Path, final: Path, config: Config, trainer: Trainer) -> 
              p.best_epoch, final)
 
 
+def shared_resume_state(run_dir: Path, config: Config, resume: bool, refused_hint: str,
+                        fingerprint: dict) -> dict | None:
+    """:func:`resume_state` decided by rank 0 (which holds the run folder's lock); the other
+    ranks read the same ``last.pt`` when it resumes, or stop with its refusal."""
+    state = None
+
+    def decide() -> bool:
+        nonlocal state
+        state = resume_state(run_dir, config, resume, refused_hint, fingerprint)
+        return state is not None
+
+    resumes = main_then_share(decide)
+    if is_main() or not resumes:
+        return state
+    return load_checkpoint(run_dir / "last.pt")
+
+
 def train(config: Config, run_dir: str | Path, resume: bool = False,
           refused_hint: str = "") -> Path:
     """Train, validating on the dev split every epoch; returns ``run_dir/checkpoint.pt``.
@@ -500,12 +548,29 @@ def train(config: Config, run_dir: str | Path, resume: bool = False,
     what to do instead (make's table says how to start its cells over).
     """
     run_dir, config = Path(run_dir), copy.deepcopy(config)
+    # torchrun's processes join their group here (nothing happens without torchrun)
+    device, started = init_from_env(resolve_device(config.train.device))
+    try:
+        return _train(config, run_dir, resume, refused_hint, device)
+    finally:
+        if started:
+            destroy()
+
+
+def _run_lock(run_dir: Path):
+    """The run folder's lock, held by rank 0 (the one process that writes it)."""
+    return folder_lock(run_dir, "aoq train") if is_main() else contextlib.nullcontext()
+
+
+def _train(config: Config, run_dir: Path, resume: bool, refused_hint: str,
+           device: torch.device) -> Path:
+    """:func:`train`'s parts, in this process (one rank of several under torchrun)."""
     t = config.train
     check_settings(config)
+    check_processes(config)
     # Every input is checked before the run folder is made, so a failed start leaves
     # nothing behind.
     data = open_data(config)
-    device = resolve_device(t.device)
     task, reminer = build_task(config, data, device, run_dir)
     model, loss_fn, spec, bound = build_model_and_loss(config, data)
     # Pretrained weights (a text tower's folder) and word vectors (model.word_vectors) for a
@@ -515,8 +580,9 @@ def train(config: Config, run_dir: str | Path, resume: bool = False,
     words = _load_pretrained(model, data.tokenizer) if from_scratch else None
 
     # The lock comes after the inputs are checked: a failed start leaves no folder.
-    with folder_lock(run_dir, "aoq train"):
-        state = resume_state(run_dir, config, resume, refused_hint, data.fingerprint)
+    # Under torchrun rank 0 takes it and decides; the others wait for its decision.
+    with _run_lock(run_dir):
+        state = shared_resume_state(run_dir, config, resume, refused_hint, data.fingerprint)
         if reminer is not None and state is not None and state["epoch"] < t.epochs:
             reminer.resume(state["remined"], state["epoch"], state["epoch_step"])
         if state is None and not t.init_from and not from_scratch:  # last.pt went meanwhile
@@ -537,4 +603,5 @@ def train(config: Config, run_dir: str | Path, resume: bool = False,
         fit(trainer, model)
         if is_main():
             finish_run(run_dir, final, config, trainer)
+    barrier()  # the ranks end together, none tearing the group down under another
     return final

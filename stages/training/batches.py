@@ -14,7 +14,9 @@ def epoch_batches(num_items: int, batch_size: int, seed: int, epoch: int, rank: 
     """This rank's batches of an epoch: the epoch's order cut into global batches of
     ``batch_size * world_size`` items (the last may be smaller; with ``drop_last`` it is left
     out, as VSE-infinity's training loader does), rank r taking items ``r, r + world_size,
-    ...`` of each. With one process: consecutive ``batch_size`` slices.
+    ...`` of each. With one process: consecutive ``batch_size`` slices. With several, a last
+    global batch of fewer items than processes is left out (a rank would have none, and
+    every rank takes the same number of steps).
     """
     return _cut(epoch_permutation(num_items, seed, epoch).tolist(), batch_size, rank,
                 world_size, drop_last)
@@ -26,6 +28,8 @@ def _cut(order: list[int], batch_size: int, rank: int, world_size: int,
     :func:`epoch_batches`)."""
     step = batch_size * world_size
     end = len(order) - len(order) % step if drop_last else len(order)
+    if world_size > 1 and 0 < end % step < world_size:
+        end -= end % step
     batches = [order[i:i + step][rank::world_size] for i in range(0, end, step)]
     return [b for b in batches if b]
 

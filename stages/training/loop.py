@@ -26,16 +26,27 @@ from stages.core.precision import autocast
 from stages.core.progress import Progress
 from stages.io.atomic import append_jsonl, write_text
 from stages.io.checkpoint import save_checkpoint
-from stages.losses.base import RetrievalLoss
-from stages.models.base import EmbeddingModel
+from stages.losses.base import OfflineNegatives, RetrievalLoss
+from stages.models.base import EmbeddingModel, ModelOutput
 from stages.models.encode import check_finite
-from stages.training.distributed import is_main, rank, world_size
+from stages.training.distributed import (
+    all_ranks,
+    barrier,
+    from_main,
+    gather_batch,
+    is_main,
+    mean_over_ranks,
+    rank,
+    world_size,
+    wrap_forward,
+)
 from stages.training.memory import MemoryBank
 from stages.training.repeated_updates import (
     clip_gradients,
     gradients_finite,
     optimizer_step,
 )
+from stages.training.tasks import LossInputs
 
 log = logging.getLogger(__name__)
 
@@ -93,6 +104,29 @@ def _to_device(batch: dict, device: torch.device) -> dict:
             for k, v in batch.items()}
 
 
+def _global_batch(inputs: LossInputs) -> LossInputs:
+    """Every rank's rows of the loss inputs gathered into the global batch, in the
+    one-process order, with gradients (:func:`~stages.training.distributed.gather_batch`):
+    the anchors and, row for row with them, their offline negatives."""
+    sizes = [int(s) for s in all_ranks(inputs.image_ids.shape[0])]
+    offline = inputs.offline
+    if offline is not None:
+        offline = OfflineNegatives(**{f: gather_batch(getattr(offline, f), sizes)
+                                      for f in OfflineNegatives.__dataclass_fields__})
+    return LossInputs(gather_batch(inputs.img_emb, sizes), gather_batch(inputs.cap_emb, sizes),
+                      gather_batch(inputs.image_ids, sizes), offline)
+
+
+def _mean_loss_gradients(loss_fn: RetrievalLoss) -> None:
+    """Average the loss's own parameters' gradients over the ranks (each rank's loss over
+    its local batch: local negatives), as DistributedDataParallel does the model's."""
+    import torch.distributed as dist
+    for p in loss_fn.parameters():
+        if p.grad is not None:
+            dist.all_reduce(p.grad)
+            p.grad /= world_size()
+
+
 class Trainer:
     """Trains ``model`` on ``task``'s batches with ``loss_fn``.
 
@@ -103,6 +137,13 @@ class Trainer:
     prefix)``; ``reminer`` (optional, :class:`stages.pipeline.remine.Reminer`) re-mines the task's
     offline candidates before the epochs it is due, and its ``history`` goes into every
     checkpoint (``remined``).
+
+    With several processes (torchrun: :mod:`stages.training.distributed`) each rank encodes
+    its share of every global batch of ``train.batch_size`` pairs through
+    DistributedDataParallel; with ``train.global_negatives`` the shares' embeddings are
+    gathered with gradients, so every rank's loss is the one-process loss of the global
+    batch, and the memory bank holds the global batches on every rank. Rank 0 validates
+    and writes the files; the others wait at a barrier.
     """
 
     def __init__(self, model: EmbeddingModel, loss_fn: RetrievalLoss, task, train: TrainConfig,
@@ -127,22 +168,33 @@ class Trainer:
         # fp16's loss scaling (off, and a no-op, for fp32 and bf16)
         self.scaler = torch.amp.GradScaler(device.type, enabled=train.precision == "fp16")
         self.progress = Progression()
+        # every step's forward pass (through DistributedDataParallel with several processes)
+        self.forward = wrap_forward(self.model, task, device)
 
     # --- state ---------------------------------------------------------------------------
     def state_dict(self) -> dict:
         """Everything a resume needs, as plain tensors and Python values."""
-        cuda_rng = torch.cuda.get_rng_state_all() if self.device.type == "cuda" else None
-        return {**self.checkpoint_info,
+        cuda_rng = torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None
+        # each rank's generators (their dropout draws differ), rank 0's first
+        rngs = all_ranks({"torch": torch.get_rng_state(), "cuda": cuda_rng})
+        return {**self.checkpoint_info, "world_size": world_size(),
                 "state_dict": {k: v.cpu() for k, v in self.model.state_dict().items()},
                 "loss_state": {k: v.cpu() for k, v in self.loss_fn.state_dict().items()},
                 "optimizer": self.optimizer.state_dict(),
                 "memory": self.memory.state_dict(), **asdict(self.progress),
                 **({"scaler": self.scaler.state_dict()} if self.scaler.is_enabled() else {}),
-                "rng": {"torch": torch.get_rng_state(), "cuda": cuda_rng},
+                "rng": rngs[0], **({"rng_ranks": rngs} if len(rngs) > 1 else {}),
                 **({"remined": list(self.reminer.history)} if self.reminer is not None else {})}
 
     def load_state_dict(self, state: dict) -> None:
-        """Continue from a ``last.pt`` written by :meth:`state_dict`."""
+        """Continue from a ``last.pt`` written by :meth:`state_dict`, with as many
+        processes as wrote it (another number would cut the batches otherwise)."""
+        saved = state.get("world_size", 1)
+        if saved != world_size():
+            raise UserError(
+                f"this run was trained with {saved} process{'es' if saved > 1 else ''} and is "
+                f"resumed with {world_size()}: resume it with the same number (torchrun "
+                f"--nproc_per_node={saved} ..., or no torchrun for 1), or start a new run")
         self.model.load_state_dict(state["state_dict"])
         self.loss_fn.load_state_dict(state.get("loss_state", {}))
         self.optimizer.load_state_dict(state["optimizer"])
@@ -154,9 +206,14 @@ class Trainer:
                                        if k in state})
         if "best_score" not in state:  # a last.pt from before train.select: kept by rsum
             self.progress.best_score = self.progress.best_rsum
-        torch.set_rng_state(state["rng"]["torch"])
-        if self.device.type == "cuda" and state["rng"].get("cuda") is not None:
-            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+        rng = state["rng_ranks"][rank()] if "rng_ranks" in state else state["rng"]
+        torch.set_rng_state(rng["torch"])
+        cuda_rng = rng.get("cuda")
+        if self.device.type == "cuda" and cuda_rng is not None:
+            if isinstance(cuda_rng, list):  # a last.pt from before: every device's state
+                torch.cuda.set_rng_state_all(cuda_rng)
+            else:
+                torch.cuda.set_rng_state(cuda_rng, self.device)
 
     def _drop_metrics_after(self, epoch: int) -> None:
         """Keep the metrics lines of epochs up to ``epoch`` only, so a run continued from
@@ -192,15 +249,20 @@ class Trainer:
             if self.scalars is not None:  # points up to a checkpoint's step are on disk first
                 self.scalars.flush()
             save_checkpoint(self.run_dir / name, state)
+        barrier()  # no rank goes on before the checkpoint is whole
 
     # --- the loop ------------------------------------------------------------------------
     def step(self, batch: dict) -> dict[str, float]:
         """One optimisation step; returns each loss term's value (and ``loss``, the sum)."""
         batch = _to_device(batch, self.device)
         with autocast(self.device, self.train.precision):
-            output = self.task.forward(self.model, batch)
-        output = output.float()  # the losses in float32, whatever the forward's precision
+            output = ModelOutput(*self.forward(batch))
+        if self.train.precision != "fp32":  # the losses in float32 (float64 kept)
+            output = output.float()
         inputs = self.task.loss_inputs(output, batch)
+        global_batch = world_size() > 1 and self.train.global_negatives
+        if global_batch:
+            inputs = _global_batch(inputs)
         terms = self.loss_fn(inputs.img_emb, inputs.cap_emb, inputs.image_ids,
                              extra=self.memory.references(), offline=inputs.offline)
         terms.update(output.aux_losses)
@@ -208,6 +270,7 @@ class Trainer:
         names = [*terms, "loss"]
         values = dict(zip(names, torch.stack([t.detach() for t in (*terms.values(), loss)])
                           .tolist(), strict=True))
+        values = mean_over_ranks(values)  # the log's: the ranks' mean
         if not math.isfinite(values["loss"]):
             # Features that are not finite are the usual cause: name the first such image.
             check_finite(batch["images"], batch["image_ids"], self.task.dataset.split)
@@ -220,6 +283,8 @@ class Trainer:
                 f"{self.run_dir / 'last.pt'} with --resume")
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
+        if world_size() > 1 and not global_batch:
+            _mean_loss_gradients(self.loss_fn)
         if self.scaler.is_enabled():  # fp16: true gradients before clipping
             self.scaler.unscale_(self.optimizer)
         if self.train.grad_clip > 0:
@@ -242,8 +307,9 @@ class Trainer:
                 group["lr"] = lr * group["lr_scale"]
             self.loss_fn.set_epoch(p.epoch)
             self.task.set_epoch(p.epoch)
-            batches = self.task.epoch_batches(t.batch_size, t.seed, p.epoch, rank(),
-                                              world_size(), t.drop_last)
+            # train.batch_size is the global batch: each rank takes its share of it
+            batches = self.task.epoch_batches(t.batch_size // world_size(), t.seed, p.epoch,
+                                              rank(), world_size(), t.drop_last)
             loader = DataLoader(self.task.dataset, batch_sampler=batches[p.epoch_step:],
                                 collate_fn=self.task.collate, num_workers=self.workers,
                                 pin_memory=self.device.type == "cuda",
@@ -269,6 +335,7 @@ class Trainer:
     def _end_epoch(self, lr: float, num_batches: int, seconds: float) -> None:
         p = self.progress
         metrics = self.validate(self.model) if is_main() else {}
+        metrics = from_main(metrics)  # every rank waits for rank 0's validation
         self.model.save_cache()  # the epoch's new frozen outputs, for later processes
         means = {f"loss_{k}" if k != "loss" else "train_loss": v / max(num_batches, 1)
                  for k, v in p.loss_sums.items()}
