@@ -464,7 +464,7 @@ demo-compare: $(DEMO_CKPTS)
 # with candidates mined by TABLE_INIT (into offcandi/DATA/table-<its run>), else by the
 # TABLE_MINER cell without offline negatives of the same batch size (seed 0, into
 # offcandi/DATA/table-b<batch>), or by MINER when given (a run, or text:<model folder>: into
-# offcandi/DATA/table-miner-<name>); losses that need offline negatives (aoq, offquin, offtri)
+# offcandi/DATA/table-miner-<name>; a TABLE_DIR of its own: table-<its name>-<source>); losses that need offline negatives (aoq, offquin, offtri)
 # only get an "on" cell, and their matched control (vse_max's "off" cell) is always planned
 # (`aoq table --plan` lists the cells). Every cell file is a target, so a killed `make
 # table` continues. Each cell's training and evaluation, and the mining, have settings
@@ -484,7 +484,13 @@ TABLE_MINER ?= vse_max
 TABLE_SET ?=
 TABLE_INIT ?=
 table_init_run = $(notdir $(patsubst %/,%,$(dir $(TABLE_INIT))))
-TABLE_DIR = runs/$(DATA)/$(model_prefix)table$(if $(TABLE_INIT),-from-$(table_init_run))
+TABLE_DIR_DEFAULT = runs/$(DATA)/$(model_prefix)table$(if $(TABLE_INIT),-from-$(table_init_run))
+TABLE_DIR = $(TABLE_DIR_DEFAULT)
+# A TABLE_DIR of its own mines into candidate folders of its own (its name before the
+# source's), so two tables never re-mine each other's candidates: another table's mining
+# settings (TABLE_SET) or miner would change the files the first one's cells were made with.
+table_own = $(if $(filter $(TABLE_DIR_DEFAULT),$(patsubst %/,%,$(TABLE_DIR))),,$(notdir \
+	$(patsubst %/,%,$(TABLE_DIR)))-)
 TABLE_SETTINGS = $(SETTINGS)/$(subst /,-,$(patsubst runs/$(DATA)/%,%,$(TABLE_DIR)))
 TABLE_OVERRIDE_ARGS = $(foreach s,$(TABLE_SET),--set $(s))
 TABLE_OVERRIDES = $(OVERRIDES) $(TABLE_OVERRIDE_ARGS)
@@ -526,7 +532,7 @@ table_seed = $(patsubst s%,%,$(or $(call table_part,$(1),4),s0))
 # MINER when given, else TABLE_INIT, else the TABLE_MINER cell of that batch size.
 table_source = $(strip $(if $(MINER),miner-$(miner_name),\
 	$(if $(TABLE_INIT),$(table_init_run),b$(1))))
-table_offcandi = $(OFFCANDI_DIR)/table-$(call table_source,$(1))
+table_offcandi = $(OFFCANDI_DIR)/table-$(table_own)$(call table_source,$(1))
 table_miner_ckpt = $(strip $(if $(MINER),$(call round_miner_ckpt,1),\
 	$(or $(TABLE_INIT),$(TABLE_DIR)/$(TABLE_MINER)-off-b$(1)/checkpoint.pt)))
 table_miner_dir = $(if $(MINER),$(call round_miner,1),$(patsubst %/,%,$(dir $(call table_miner_ckpt,$(1)))))

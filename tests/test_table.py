@@ -78,6 +78,19 @@ def commands(work, *args) -> list[str]:
     return runs
 
 
+def test_a_table_dir_of_its_own_mines_its_own_candidates(workdir):  # noqa: F811
+    """Two experiments (TABLE_DIR) never share a candidate folder: the second one's mining
+    would replace the files the first one's cells were trained with."""
+    def mined_into(*args):
+        out = make(workdir, "table", *TABLE, *args, dry_run=True)
+        return {line.split("--out-dir ")[1].split()[0] for line in out.splitlines()
+                if "stages.cli offcandi " in line}
+
+    assert mined_into() == {"offcandi/tiny/table-b16"}  # the default table's, as before
+    assert mined_into("TABLE_DIR=runs/tiny/exp1") == {"offcandi/tiny/table-exp1-b16"}
+    assert mined_into("TABLE_DIR=runs/tiny/exp2/") == {"offcandi/tiny/table-exp2-b16"}
+
+
 def read_csv(path) -> list[dict]:
     with open(path, newline="") as f:
         return list(csv.DictReader(f))

@@ -297,6 +297,21 @@ def test_any_loss_trains_with_offline_negatives(tiny_config, candidates, tmp_pat
     assert not all(torch.equal(plain[n], trained[n]) for n in plain)
 
 
+def test_a_curriculum_with_nowhere_to_slide_is_refused(tiny_config, tmp_path):
+    """With the window as wide as the candidates mined (hardest = K i2t, hardest / 5 = K
+    t2i, as AOQ's 300 / 60) the curriculum would change nothing: an error before the run
+    folder is made, not a setting ignored."""
+    candidates = imported_candidates(tiny_config, tmp_path / "k30", k_i2t=30, k_t2i=6)
+    settings = ["train.offline_negatives=true", f"offcandi.dir={candidates}",
+                "offcandi.curriculum_epochs=1"]
+    with pytest.raises(UserError, match="nowhere|nothing would change"):
+        train(load_config(base=tiny_config, overrides=[*settings, "offcandi.hardest=30"]),
+              tmp_path / "full")
+    assert not (tmp_path / "full").exists()
+    train(load_config(base=tiny_config, overrides=[*settings, "offcandi.hardest=20"]),
+          tmp_path / "slides")  # a window of 20 of the 30 mined slides
+
+
 def test_aoq_needs_offline_negatives(tiny_config, tmp_path):
     aoq = load_config(base=tiny_config, overrides=["loss.name=aoq"])
     with pytest.raises(UserError, match="needs offline negatives: train it with `aoq retrain`"):
