@@ -565,10 +565,14 @@ def train(config: Config, run_dir: str | Path, resume: bool = False,
     what to do instead (make's table says how to start its cells over).
     """
     run_dir, config = Path(run_dir), copy.deepcopy(config)
+    # Settings and inputs are checked first, so a refused start is one line, nothing else
+    # said and nothing left behind.
+    check_settings(config)
+    data = open_data(config)
     # torchrun's processes join their group here (nothing happens without torchrun)
     device, started = init_from_env(resolve_device(config.train.device))
     try:
-        return _train(config, run_dir, resume, refused_hint, device)
+        return _train(config, run_dir, resume, refused_hint, device, data)
     finally:
         if started:
             destroy()
@@ -580,14 +584,12 @@ def _run_lock(run_dir: Path):
 
 
 def _train(config: Config, run_dir: Path, resume: bool, refused_hint: str,
-           device: torch.device) -> Path:
-    """:func:`train`'s parts, in this process (one rank of several under torchrun)."""
+           device: torch.device, data: RunData) -> Path:
+    """:func:`train`'s parts after the settings and ``data`` are checked, in this process
+    (one rank of several under torchrun). Every input is checked before the run folder is
+    made, so a failed start leaves nothing behind."""
     t = config.train
-    check_settings(config)
     check_processes(config)
-    # Every input is checked before the run folder is made, so a failed start leaves
-    # nothing behind.
-    data = open_data(config)
     task, reminer = build_task(config, data, device, run_dir)
     model, loss_fn, spec, bound = build_model_and_loss(config, data)
     # Pretrained weights (a text tower's folder) and word vectors (model.word_vectors) for a

@@ -8,6 +8,7 @@ global batch (:mod:`stages.training.batches`: rank r takes items r, r + N, ... o
 :func:`gather_batch` puts the ranks' rows back into that global order, with gradients.
 """
 
+import gc
 import logging
 import os
 import warnings
@@ -71,8 +72,13 @@ def init_from_env(device: torch.device) -> tuple[torch.device, bool]:
 
 
 def destroy() -> None:
-    """End the process group :func:`init_from_env` started."""
+    """End the process group :func:`init_from_env` started, after freeing what still uses
+    it: a DistributedDataParallel wrapper held in a reference cycle would otherwise be
+    freed at interpreter exit, after the group, and gloo's threads abort the process
+    ("terminate called without an active exception")."""
     if dist.is_available() and dist.is_initialized():
+        gc.collect()
+        dist.barrier()
         dist.destroy_process_group()
 
 

@@ -21,7 +21,7 @@ from stages.core.errors import UserError
 from stages.io.checkpoint import load_checkpoint
 from stages.pipeline.train import build_model_and_loss, build_task, open_data, train
 from stages.training.batches import epoch_batches
-from stages.training.distributed import gather_batch
+from stages.training.distributed import destroy, gather_batch
 from stages.training.loop import Trainer
 from tests.resume_helpers import assert_same_training
 from tests.run_helpers import imported_candidates
@@ -89,7 +89,7 @@ def _worker(rank: int, world: int, port: int, configs: dict, folder: Path) -> No
                     for name, config in configs.items()})
         torch.save(out, folder / f"rank{rank}.pt")
     finally:
-        dist.destroy_process_group()
+        destroy()  # what train() does: the DDP wrappers freed first
 
 
 @pytest.fixture
