@@ -171,12 +171,12 @@ def test_with_gpus_the_index_is_sharded_over_all_of_them(tmp_path, pretend_gpus)
     emb = write_embeddings(tmp_path / "e.h5", img, cap)
     offcandi(emb, tmp_path / "pq", OffcandiConfig(k_i2t=20, k_t2i=10, index="ivfpq", nlist=8,
                                                   nprobe=8, pq_m=8, pq_bits=6,
-                                                  recall_sample=20))
+                                                  recall_sample=20, gpu=True))
     assert [(c["shard"], c["float16"]) for c in pretend_gpus] == [(True, True)] * 2
     assert [c["index"].ntotal for c in pretend_gpus] == [1500, 300]  # built, then moved
     assert read(tmp_path / "pq" / "t2i.h5")[2]["gpus"] == 2
     pretend_gpus.clear()
-    offcandi(emb, tmp_path / "flat", OffcandiConfig(k_i2t=20, k_t2i=10))
+    offcandi(emb, tmp_path / "flat", OffcandiConfig(k_i2t=20, k_t2i=10, gpu=True))
     # the exact index goes as IndexFlatIP in float32 (still exact: the same candidates)
     assert [(type(c["index"]), c["float16"]) for c in pretend_gpus] == [
         (faiss.IndexFlatIP, False)] * 2
@@ -184,9 +184,9 @@ def test_with_gpus_the_index_is_sharded_over_all_of_them(tmp_path, pretend_gpus)
     np.testing.assert_array_equal(read(tmp_path / "flat" / "i2t.h5")[0], cpu["i2t"][0])
     pretend_gpus.clear()
     offcandi(emb, tmp_path / "hnsw", OffcandiConfig(k_i2t=20, k_t2i=10, index="hnsw",
-                                                    recall_sample=20))
-    offcandi(emb, tmp_path / "off", OffcandiConfig(k_i2t=20, k_t2i=10, gpu=False))
-    assert pretend_gpus == []  # no GPU HNSW in FAISS; gpu off
+                                                    recall_sample=20, gpu=True))
+    offcandi(emb, tmp_path / "off", OffcandiConfig(k_i2t=20, k_t2i=10))
+    assert pretend_gpus == []  # no GPU HNSW in FAISS; gpu off by default
     assert read(tmp_path / "hnsw" / "i2t.h5")[2]["gpus"] == 0
 
 
@@ -199,7 +199,7 @@ def test_an_index_the_gpus_refuse_is_one_message(tmp_path, monkeypatch, pretend_
     with pytest.raises(UserError, match=r"FAISS could not move the ivfpq index to the GPU "
                                         r"\(Error: 'bitsPerCode == 8' failed\); .*"
                                         r"--set offcandi.gpu=false"):
-        mine_arrays(img, cap, 5, 5, index="ivfpq", nlist=8, pq_m=8, pq_bits=6)
+        mine_arrays(img, cap, 5, 5, index="ivfpq", nlist=8, pq_m=8, pq_bits=6, gpu=True)
 
 
 # ---------------------------------------------------------------------------- shards

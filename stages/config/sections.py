@@ -159,8 +159,10 @@ class OffcandiConfig:
     pq_bits: Annotated[int, Range(min=1, max=16)] = 8  # ivfpq: bits per sub-quantizer code
     opq: bool = False  # ivfpq: learn an OPQ rotation first (better codes, slower training)
     # true: when FAISS is built for GPUs (faiss-gpu) and sees some, search there (the index
-    # sharded over all of them; hnsw stays on the CPU), else on the CPU; false: the CPU
-    gpu: bool = True
+    # sharded over all of them, IVF lists in float16; hnsw stays on the CPU), else on the
+    # CPU; false (the default): the CPU, so the candidates never depend on whether the
+    # machine has faiss-gpu, which the settings stamp cannot see
+    gpu: bool = False
     ef_search: Annotated[int, AtLeastOne] = 256  # hnsw: candidates kept per query (>= K)
     block_size: Annotated[int, AtLeastOne] = 4096  # queries per search block
     # queries on which an approximate index is checked
@@ -207,7 +209,7 @@ class EvalConfig:
 
     fold5: bool = False  # COCO 5-fold 1K on a 5000-image split, instead of the whole split
     block_size: Annotated[int, AtLeastOne] = 1024  # images per block of the similarity matrix
-    # the encoders' precision when embedding and evaluating (embeddings stored float32)
+    # the encoders' precision when evaluating (the embeddings mining reads stay float32)
     precision: Annotated[str, OneOf("fp32", "bf16", "fp16")] = "fp32"
 
 

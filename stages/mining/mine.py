@@ -116,7 +116,7 @@ def search_direction(direction: str, index, queries, k: int, block_size: int = 4
 def mine_arrays(images: np.ndarray, captions: np.ndarray, k_i2t: int, k_t2i: int,
                 index: str = "flat", ef_search: int = 256, nlist: int = 0, nprobe: int = 32,
                 block_size: int = 4096, pq_m: int = 0, pq_bits: int = 8, opq: bool = False,
-                gpu: bool = True) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+                gpu: bool = False) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """Offline hard-negative candidates of embedding arrays, in memory (no files).
 
     ``images`` (N, E) float32 and ``captions`` (5N, E) float32, caption c belonging to image

@@ -122,6 +122,13 @@ class TransformerTextEncoder(nn.Module):
         rows it gained (0 without a cache folder)."""
         return self.cache.save() if self.cache is not None else 0
 
+    def _pooled_float32(self, tokens: torch.Tensor, lengths) -> torch.Tensor:
+        """:meth:`pooled` with autocast off: the cached outputs are the frozen encoder's in
+        its own dtype whatever precision the run's forward pass uses (``train.precision``),
+        so a file filled by a bf16 run gives an fp32 run the outputs it would compute."""
+        with torch.autocast(tokens.device.type, enabled=False):
+            return self.pooled(tokens, lengths)
+
     def output_identity(self) -> dict:
         """What the pooled outputs depend on besides the encoder's weights: its class and
         configuration (less its metadata), the pooling, dtype and device type, the
@@ -210,5 +217,5 @@ class TransformerTextEncoder(nn.Module):
         else:
             if self.cache_folder is not None and not self.cache.attached:
                 self._attach_cache_file()
-            pooled = self.cache(tokens, lengths, self.pooled)
+            pooled = self.cache(tokens, lengths, self._pooled_float32)
         return F.normalize(self.proj(pooled), dim=-1)

@@ -91,8 +91,7 @@ def _embed(state: dict, checkpoint: Path, config: Config, split, out: Path, attr
     part = "" if image_range is None else f" images {image_range[0]}..{image_range[1]}"
     try:
         img, cap = encode_split(model, split, tokenizer, device, workers=config.data.workers,
-                                desc=f"embed {split.name}{part}", image_range=image_range,
-                                precision=config.eval.precision)
+                                desc=f"embed {split.name}{part}", image_range=image_range)
     finally:
         model.save_cache()
     write_embeddings(out, img, cap, attrs)

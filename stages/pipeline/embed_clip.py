@@ -117,8 +117,7 @@ def embed_clip(arch: str, weights: str, config: Config, split_name: str,
         device = resolve_device(config.train.device)
         model.to(device)
         img, cap = encode_split(model, split, ClipTokenizer(arch, clip_config), device,
-                                workers=config.data.workers, desc="open_clip miner",
-                                precision=config.eval.precision)
+                                workers=config.data.workers, desc="open_clip miner")
         write_embeddings(out, img, cap,
                          {**identity, "num_images": split.num_images, "miner": "clip",
                           "dataset_dir": str(dataset_dir.resolve())})

@@ -50,7 +50,7 @@ SAMPLING_KEYS = {"offcandi.dir", "offcandi.base_ckpt", "offcandi.hardest",
 # reruns a stage rather than leaving a stale output).
 STAGE_KEYS = {
     "vocab": lambda key: key in ("data.name", "data.train_split"),
-    "embed": lambda key: key in ("data.name", "data.train_split", "eval.precision"),
+    "embed": lambda key: key in ("data.name", "data.train_split"),
     "train": lambda key: key.split(".")[0] not in ("offcandi", "eval")
     and key != "data.eval_split",
     "retrain": lambda key: key.split(".")[0] != "eval" and key != "data.eval_split"

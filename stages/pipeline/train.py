@@ -324,8 +324,8 @@ def check_settings(config: Config) -> None:
 
 def check_processes(config: Config) -> None:
     """With several processes (torchrun): the global batch ``train.batch_size`` must split
-    evenly over them, and re-mining inside a run (``offcandi.remine_every``) is one
-    process's work for now."""
+    evenly over them, re-mining inside a run (``offcandi.remine_every``) is one process's
+    work for now, and grouped batches need the global negatives."""
     n = world_size()
     if n == 1:
         return
@@ -336,6 +336,13 @@ def check_processes(config: Config) -> None:
         raise UserError(f"offcandi.remine_every={config.offcandi.remine_every} re-mines "
                         "inside the run, which runs in one process only: train with one "
                         "process (no torchrun), or re-mine between runs (aoq offcandi)")
+    group = config.offcandi.group_size
+    if group and not config.train.global_negatives:
+        raise UserError(f"offcandi.group_size={group} puts mutually hard captions in one "
+                        f"batch, but a batch is cut over {n} processes item by item and "
+                        "train.global_negatives=false keeps each process's negatives its "
+                        "own: the groups would be split and do nothing; give "
+                        "train.global_negatives=true or group_size=0")
 
 
 def _model_reads(config: Config) -> dict:
