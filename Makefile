@@ -464,7 +464,8 @@ demo-compare: $(DEMO_CKPTS)
 # with candidates mined by TABLE_INIT (into offcandi/DATA/table-<its run>), else by the
 # TABLE_MINER cell without offline negatives of the same batch size (seed 0, into
 # offcandi/DATA/table-b<batch>), or by MINER when given (a run, or text:<model folder>: into
-# offcandi/DATA/table-miner-<name>; a TABLE_DIR of its own: table-<its name>-<source>); losses that need offline negatives (aoq, offquin, offtri)
+# offcandi/DATA/table-miner-<name>; a TABLE_DIR of its own: table-<its path under runs/DATA,
+# / as ->-<source>); losses that need offline negatives (aoq, offquin, offtri)
 # only get an "on" cell, and their matched control (vse_max's "off" cell) is always planned
 # (`aoq table --plan` lists the cells). Every cell file is a target, so a killed `make
 # table` continues. Each cell's training and evaluation, and the mining, have settings
@@ -489,8 +490,8 @@ TABLE_DIR = $(TABLE_DIR_DEFAULT)
 # A TABLE_DIR of its own mines into candidate folders of its own (its name before the
 # source's), so two tables never re-mine each other's candidates: another table's mining
 # settings (TABLE_SET) or miner would change the files the first one's cells were made with.
-table_own = $(if $(filter $(TABLE_DIR_DEFAULT),$(patsubst %/,%,$(TABLE_DIR))),,$(notdir \
-	$(patsubst %/,%,$(TABLE_DIR)))-)
+table_own = $(if $(filter $(TABLE_DIR_DEFAULT),$(patsubst %/,%,$(TABLE_DIR))),,$(strip \
+	$(subst /,-,$(patsubst runs/$(DATA)/%,%,$(patsubst %/,%,$(TABLE_DIR)))))-)
 TABLE_SETTINGS = $(SETTINGS)/$(subst /,-,$(patsubst runs/$(DATA)/%,%,$(TABLE_DIR)))
 TABLE_OVERRIDE_ARGS = $(foreach s,$(TABLE_SET),--set $(s))
 TABLE_OVERRIDES = $(OVERRIDES) $(TABLE_OVERRIDE_ARGS)

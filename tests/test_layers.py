@@ -5,6 +5,8 @@ import each other in a circle. Read from the source with ``ast``, lazy imports i
 import ast
 from pathlib import Path
 
+import pytest
+
 import stages
 
 PACKAGE = Path(stages.__file__).parent
@@ -32,6 +34,9 @@ def imported_modules(path: Path) -> set[str]:
     stages.models import clip`` imports the module ``stages.models.clip``)."""
     found = set()
     for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.ImportFrom) and node.level > 0:  # the checks read no other
+            raise AssertionError(f"{path}:{node.lineno}: a relative import; the package "
+                                 "imports absolutely (stages.x.y)")
         if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
             if node.module == "stages" or node.module.startswith("stages."):
                 found.update(f"{node.module}.{a.name}" if f"{node.module}.{a.name}" in MODULES
@@ -104,3 +109,6 @@ def test_the_reader_sees_lazy_and_submodule_imports(tmp_path):
                       "from stages.models import clip, build_model\n")
     assert imported_modules(source) == {"stages.pipeline.train", "stages.models.clip",
                                         "stages.models"}
+    source.write_text("from ..pipeline import train\n")  # would escape the checks
+    with pytest.raises(AssertionError, match="relative import"):
+        imported_modules(source)

@@ -251,3 +251,20 @@ def test_mining_records_its_settings_and_importing_over_it_forgets_them(tiny_roo
     import_published(tmp_path / "i2t_tiny.npy", tmp_path / "t2i_tiny.npy", config,
                      tmp_path / "out")
     assert read_record(tmp_path / "out" / "t2i.h5") is None
+
+
+@pytest.mark.parametrize("refused", [{"k_t2i": 10_000}, {"index": "ivfpq", "pq_m": 7}])
+def test_refused_settings_leave_a_mined_folder_as_it_was(tmp_path, refused):
+    """Settings refused for either direction (a K beyond the negatives, PQ parts that do not
+    divide the dimension) are refused before anything is replaced: both files and the
+    settings record that says what mined them stay."""
+    images, captions = random_embeddings(40, 8)
+    emb = write_embeddings(tmp_path / "e.h5", images, captions)
+    out = tmp_path / "cands"
+    offcandi(emb, out, OffcandiConfig(k_i2t=10, k_t2i=5))
+    before = {p.name: p.read_bytes() for p in out.glob("*.h5")}
+    record = read_record(out / "t2i.h5")
+    with pytest.raises(UserError):
+        offcandi(emb, out, OffcandiConfig(**{"k_i2t": 10, "k_t2i": 5, **refused}))
+    assert {p.name: p.read_bytes() for p in out.glob("*.h5")} == before
+    assert read_record(out / "t2i.h5") == record is not None

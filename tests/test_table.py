@@ -89,6 +89,7 @@ def test_a_table_dir_of_its_own_mines_its_own_candidates(workdir):  # noqa: F811
     assert mined_into() == {"offcandi/tiny/table-b16"}  # the default table's, as before
     assert mined_into("TABLE_DIR=runs/tiny/exp1") == {"offcandi/tiny/table-exp1-b16"}
     assert mined_into("TABLE_DIR=runs/tiny/exp2/") == {"offcandi/tiny/table-exp2-b16"}
+    assert mined_into("TABLE_DIR=runs/tiny/a/exp") == {"offcandi/tiny/table-a-exp-b16"}
 
 
 def read_csv(path) -> list[dict]:

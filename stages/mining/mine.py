@@ -219,14 +219,23 @@ def check_index(index: str) -> None:
         raise UserError(f"unknown index {index!r}; known: {', '.join(INDEX_KINDS)}")
 
 
+def check_mining(embeddings: Embeddings, options: OffcandiConfig) -> None:
+    """Refuse, before any work and both directions first, what mining ``embeddings`` with
+    ``options`` cannot do: an unknown index, index settings the vectors do not allow, a K
+    beyond the negatives a query has. (A refusal halfway would leave one direction
+    replaced and the other not.)"""
+    check_index(options.index)
+    for direction, k in zip(DIRECTIONS, (options.k_i2t, options.k_t2i), strict=True):
+        _, items, _ = _sides(direction, embeddings.images, embeddings.captions, k)
+        check_index_settings(options.index, *items.shape, options.nlist, options.pq_m,
+                             options.pq_bits)
+
+
 def mine_candidates(embeddings: Embeddings, out_dir: str | Path,
                     options: OffcandiConfig) -> list[Path]:
     """Mine both directions of ``embeddings`` into ``out_dir/{i2t,t2i}.h5`` (the caller holds
     the folder's lock); returns the two paths, t2i last."""
-    check_index(options.index)
-    for items in (embeddings.captions, embeddings.images):  # both directions, before any work
-        check_index_settings(options.index, *items.shape, options.nlist, options.pq_m,
-                             options.pq_bits)
+    check_mining(embeddings, options)
     gpus = faiss_gpus(options.gpu)
     outputs = []
     for direction in DIRECTIONS:

@@ -13,7 +13,7 @@ from stages.io.lock import folder_lock
 from stages.mining.candidate_files import candidate_path
 from stages.mining.embedding_files import open_embeddings
 from stages.mining.knn import set_threads
-from stages.mining.mine import check_index, mine_candidates
+from stages.mining.mine import check_index, check_mining, mine_candidates
 from stages.pipeline.stamps import clear_record, settings_text, write_record
 
 log = logging.getLogger(__name__)
@@ -27,12 +27,15 @@ def offcandi(embeddings_path: str | Path | Iterable[str | Path], out_dir: str | 
     check_index(options.index)
     threads = set_threads(options.threads)
     done = candidate_path(out_dir, "t2i")  # written last: make's target for both
-    with open_embeddings(embeddings_path) as embeddings, folder_lock(out_dir,
-                                                                    "aoq offcandi"):
-        clear_record(done)
-        log.info("mining %s: %d images, %d captions, %d-d, %s index, %d threads",
-                 embeddings.path, len(embeddings.images), len(embeddings.captions),
-                 embeddings.images.shape[1], options.index, threads)
-        outputs = mine_candidates(embeddings, out_dir, options)
-        write_record(done, settings_text({"offcandi": dataclasses.asdict(options)}, "offcandi"))
+    with open_embeddings(embeddings_path) as embeddings:
+        # Refused settings leave the folder and its settings record as they were.
+        check_mining(embeddings, options)
+        with folder_lock(out_dir, "aoq offcandi"):
+            clear_record(done)
+            log.info("mining %s: %d images, %d captions, %d-d, %s index, %d threads",
+                     embeddings.path, len(embeddings.images), len(embeddings.captions),
+                     embeddings.images.shape[1], options.index, threads)
+            outputs = mine_candidates(embeddings, out_dir, options)
+            write_record(done, settings_text({"offcandi": dataclasses.asdict(options)},
+                                             "offcandi"))
     return outputs

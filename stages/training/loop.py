@@ -257,7 +257,7 @@ class Trainer:
         batch = _to_device(batch, self.device)
         with autocast(self.device, self.train.precision):
             output = ModelOutput(*self.forward(batch))
-        if self.train.precision != "fp32":  # the losses in float32 (float64 kept)
+        if self.train.precision != "fp32":  # the losses in float32 (fp32 runs: as computed)
             output = output.float()
         inputs = self.task.loss_inputs(output, batch)
         global_batch = world_size() > 1 and self.train.global_negatives
