@@ -61,6 +61,7 @@ def test_the_lock_is_released_on_an_exception(tmp_path):
 
 def _stages(tmp_path, tiny_config):
     """Each stage that writes into a folder, pointed at ``tmp_path / 'out'``."""
+    from stages.config.sections import OffcandiConfig
     from stages.data.synthetic import write_synthetic_dataset
     from stages.features.annotations import write_splits
     from stages.features.butd_tsv import tsv_to_hdf5
@@ -79,7 +80,8 @@ def _stages(tmp_path, tiny_config):
         "features tsv": lambda: tsv_to_hdf5([tiny_config.dataset_dir() / "train_caps.txt"],
                                             out, ["train"]),
         "features cnn": lambda: cnn_features(tmp_path, out, ["train"], "resnet18", "random"),
-        "offcandi": lambda: offcandi(tmp_path / "e.h5", out),
+        # settings it can mine with: refused settings are refused before the lock is taken
+        "offcandi": lambda: offcandi(tmp_path / "e.h5", out, OffcandiConfig(k_i2t=10, k_t2i=5)),
         "offcandi-import": lambda: import_published(
             tiny_config.dataset_dir() / "train_caps.txt",
             tiny_config.dataset_dir() / "train_caps.txt", tiny_config, out),
