@@ -31,8 +31,12 @@ def bench():
 def test_train_step_section_times_the_engine_against_the_pre_engine_step(bench):
     result = bench.bench_train_step(32, repeats=1)
     assert result["step_ms"] > 0 and result["pre_engine_step_ms"] > 0
-    assert result["ratio_to_pre_engine"] == pytest.approx(
-        result["step_ms"] / result["pre_engine_step_ms"], rel=0.01, abs=0.002)
+    # The ratio is of the unrounded times (to 0.001); the times are rounded to 0.1 ms, so
+    # the ratio of the rounded times may differ from it by their rounding (over 1% for
+    # steps of a few ms), and by no more.
+    step, pre = result["step_ms"], result["pre_engine_step_ms"]
+    rounding = step / pre * (0.05 / step + 0.05 / pre) + 0.0005
+    assert abs(result["ratio_to_pre_engine"] - step / pre) <= rounding
 
 
 def test_eval_and_offcandi_sections_run_on_small_embeddings(bench):
