@@ -26,6 +26,15 @@ def aoq_ok(*args, cwd) -> subprocess.CompletedProcess:
     return result
 
 
+def second_run_output(code: str) -> str:
+    """The stdout of ``python -c code`` run twice, the second time (the first may write the
+    options cache the second then reads); both must succeed."""
+    runs = [subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                           timeout=120) for _ in range(2)]
+    assert all(r.returncode == 0 for r in runs), runs[0].stderr + runs[1].stderr
+    return runs[1].stdout
+
+
 def run_records(run_dir: Path, timings: bool = True) -> list[dict]:
     """The records of ``run_dir/metrics.jsonl`` in order; without ``timings``, each
     record's ``epoch_seconds`` left out (what differs between two equal runs)."""

@@ -1,8 +1,6 @@
 """Training from raw images (vse_cnn): resume, the whole chain through the CLI, make."""
 
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import h5py
@@ -17,7 +15,7 @@ from stages.pipeline.table import finetune
 from stages.pipeline.train import train
 from tests.raw_images import TINY_CNN, write_image_dataset
 from tests.resume_helpers import assert_resume_equals_uninterrupted
-from tests.run_helpers import aoq, aoq_ok, run_records
+from tests.run_helpers import aoq, aoq_ok, run_records, second_run_output
 from tests.test_pipeline import make
 
 REPO = Path(__file__).resolve().parents[1]
@@ -159,10 +157,7 @@ def test_make_asks_the_code_what_each_model_reads():
             f"for name in {names!r}:\n"
             "    cli(['model-input', '--set', f'model.name={name}'], standalone_mode=False)\n"
             "print('torch' in sys.modules)")
-    runs = [subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                           timeout=120) for _ in range(2)]
-    assert all(r.returncode == 0 for r in runs), runs[0].stderr + runs[1].stderr
-    *answers, torch_imported = runs[1].stdout.split()
+    *answers, torch_imported = second_run_output(code).split()
     assert answers == [MODELS.class_of(n).image_input for n in names]
     assert answers == [image_input(n) for n in names]
     assert {"features", "pixels"} == set(answers) and torch_imported == "False"

@@ -13,7 +13,7 @@ from stages.io.lock import folder_lock
 from stages.mining.candidate_files import candidate_path
 from stages.mining.embedding_files import open_embeddings
 from stages.mining.knn import set_threads
-from stages.mining.mine import check_index, check_mining, mine_candidates
+from stages.mining.mine import check_mining, mine_candidates
 from stages.pipeline.stamps import clear_record, settings_text, write_record
 
 log = logging.getLogger(__name__)
@@ -24,7 +24,6 @@ def offcandi(embeddings_path: str | Path | Iterable[str | Path], out_dir: str | 
     """Mine both directions from an embeddings file (or its shards: the files, a glob, or
     the unsharded name) into ``out_dir/{i2t,t2i}.h5``."""
     options = options or OffcandiConfig()
-    check_index(options.index)
     threads = set_threads(options.threads)
     done = candidate_path(out_dir, "t2i")  # written last: make's target for both
     with open_embeddings(embeddings_path) as embeddings:
