@@ -13,6 +13,7 @@ from torch.nn.utils.rnn import pad_sequence
 from torch.utils.data import Dataset
 
 from stages.core.errors import UserError
+from stages.core.layout import CaptionLayout
 from stages.data.captions import CAPTIONS_PER_IMAGE, check_split, read_captions
 from stages.data.features import FeatureStore, open_features
 from stages.data.splits import read_ids_file
@@ -62,6 +63,7 @@ class Split:
     name: str
     features: "FeatureStore | ImageStore"
     captions: list[str]
+    layout: CaptionLayout
 
     @property
     def num_images(self) -> int:
@@ -78,8 +80,9 @@ class Split:
         """The first ``num_images`` images and their captions (COCO validates on 1000)."""
         if num_images <= 0 or num_images >= self.num_images:
             return self
+        layout = self.layout.head(num_images)
         return Split(self.name, self.features.head(num_images),
-                     self.captions[: num_images * CAPTIONS_PER_IMAGE])
+                     self.captions[: layout.num_captions], layout)
 
     def set_epoch(self, epoch: int) -> None:
         """The training epoch (raw images draw their crops for it)."""
@@ -108,7 +111,8 @@ def open_split(dataset_dir: str | Path, split: str, images: "ImageStore | None" 
         raise UserError(f"{caps_path} has {n_caps} captions but {features.path} has {rows} "
                         f"images; expected exactly {CAPTIONS_PER_IMAGE} consecutive captions "
                         "per image: check that both files come from the same split and release")
-    return Split(split, features, captions)
+    return Split(split, features, captions,
+                 CaptionLayout.uniform(len(captions) // CAPTIONS_PER_IMAGE))
 
 
 def _check_repeated_rows(dataset_dir: Path, split: str, store: FeatureStore,

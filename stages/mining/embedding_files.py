@@ -1,14 +1,17 @@
 """Embeddings files (``embeddings_<split>.h5``), read without torch: the offcandi stage
 loads them in a process that needs only numpy, h5py and FAISS.
 
-Datasets ``images`` float32 (N, E) and ``captions`` float32 (5N, E), caption c belonging
-to image c // 5; attributes ``format="aoq-embeddings"``, ``checkpoint`` (path), ``weights``
+Datasets ``images`` float32 (N, E) and ``captions`` float32 (C, E), image i owning the
+captions of its caption layout (:mod:`stages.core.layout`, stored as there: the attribute
+``captions_per_image`` or the dataset ``caption_counts``; files without either hold 5 per
+image); attributes ``format="aoq-embeddings"``, ``checkpoint`` (path), ``weights``
 (hash of the model weights), ``dataset``, ``split``, ``num_images``,
 ``train_captions_sha256``, ``dataset_dir``; the miners add theirs (``miner``, ...).
 
 A split embedded in shards (``aoq embed --shard i/n``) is n files
 ``embeddings_<split>.shard-<i>-of-<n>.h5``, i = 0..n-1, each holding a contiguous range of
-the images (:func:`shard_range`) and their 5 captions each, with the same attributes
+the images (:func:`shard_range`) and their captions (each shard storing its own part of
+the layout), with the same attributes
 (``num_images``: the split's) plus ``shard_index``, ``num_shards``, ``shard_image_start``
 and ``shard_image_stop``. :func:`open_embeddings` reads a complete set as one
 (:class:`ShardedEmbeddings`: the images joined in memory, the captions read block by block
@@ -24,6 +27,7 @@ import h5py
 import numpy as np
 
 from stages.core.errors import UserError
+from stages.core.layout import CaptionLayout
 from stages.io.atomic import atomic_path, plain_attrs
 
 EMBEDDINGS_FORMAT = "aoq-embeddings"
@@ -33,20 +37,26 @@ SHARD_NAME = re.compile(r"^(?P<stem>.+)\.shard-(?P<index>\d+)-of-(?P<shards>\d+)
 
 
 def write_embeddings(out: str | Path, images: np.ndarray, captions: np.ndarray,
-                     attrs: dict) -> None:
-    """Write an embeddings file atomically: ``images`` (N, E) and ``captions`` (5N, E)
-    float32, ``attrs`` (at least :data:`REQUIRED_ATTRS`; ``format`` is added)."""
+                     attrs: dict, layout: CaptionLayout) -> None:
+    """Write an embeddings file atomically: ``images`` (N, E) and ``captions`` (C, E)
+    float32 in ``layout`` (N images, C captions), ``attrs`` (at least
+    :data:`REQUIRED_ATTRS`; ``format`` is added)."""
+    if (layout.num_images, layout.num_captions) != (len(images), len(captions)):
+        raise ValueError(f"{len(images)} images and {len(captions)} captions written in "
+                         f"{layout!r}")
     need = images.nbytes + captions.nbytes + (1 << 20)
     with (atomic_path(out, need_bytes=need, what="the embeddings") as tmp,
           h5py.File(tmp, "w") as f):
         f.create_dataset("images", data=images)
         f.create_dataset("captions", data=captions)
         f.attrs.update({"format": EMBEDDINGS_FORMAT, **attrs})
+        layout.write_h5(f)
 
 
 class Embeddings:
-    """An embeddings file: ``images`` (N, E) float32 in memory, ``captions`` (5N, E) read
-    lazily (an open HDF5 dataset, sliced block by block), ``attrs``. Use as a context
+    """An embeddings file: ``images`` (N, E) float32 in memory, ``captions`` (C, E) read
+    lazily (an open HDF5 dataset, sliced block by block), ``layout`` (the
+    :class:`CaptionLayout` of its N images and C captions), ``attrs``. Use as a context
     manager, or call :meth:`close`. A shard of a sharded split is refused (it is not the
     split) unless ``shard`` (:class:`ShardedEmbeddings` reads them)."""
 
@@ -93,9 +103,12 @@ class Embeddings:
             self.images = np.asarray(images, dtype=np.float32)
         except OSError as exc:
             raise UserError(f"{self.path}: cannot be read as HDF5 ({exc}); {remake}") from exc
-        if self.captions.shape != (5 * self.images.shape[0], self.images.shape[1]):
+        if self.captions.ndim != 2 or self.captions.shape[1] != self.images.shape[1]:
             raise UserError(f"{self.path}: captions of shape {self.captions.shape} for "
-                            f"images of shape {self.images.shape}; expected 5 per image")
+                            f"images of shape {self.images.shape}; {remake}")
+        self.layout = CaptionLayout.read_h5(self._file, self.images.shape[0],
+                                            self.captions.shape[0], self.path)
+        self.attrs.pop("captions_per_image", None)  # the layout's, not the embedding's
         bad = ~np.isfinite(self.images).all(axis=1)
         if bad.any():
             raise UserError(f"{self.path}: {int(bad.sum())} image embeddings hold NaN or inf "
@@ -177,8 +190,9 @@ class ConcatRows:
 
 class ShardedEmbeddings:
     """A split embedded in shards, read as one :class:`Embeddings`: ``images`` (N, E)
-    float32 in memory (joined shard by shard, no second copy), ``captions`` (5N, E) a
-    :class:`ConcatRows` over the shard files, ``attrs`` (the shards' common attributes and
+    float32 in memory (joined shard by shard, no second copy), ``captions`` (C, E) a
+    :class:`ConcatRows` over the shard files, ``layout`` (the shards' layouts joined),
+    ``attrs`` (the shards' common attributes and
     ``num_shards``), ``path`` (the set's glob, ``<stem>.shard-*-of-<n>.h5``), ``paths``.
 
     Refused, naming the files: a file that is not a shard, shards of different shardings,
@@ -262,6 +276,8 @@ class ShardedEmbeddings:
         self.attrs = {k: v for k, v in first.attrs.items() if k not in SHARD_ATTRS}
         self.attrs["num_shards"] = shards
         self.captions = ConcatRows([shard.captions for shard in self.files])
+        self.layout = CaptionLayout.from_counts(
+            np.concatenate([shard.layout.counts for shard in self.files]))
         base = _unsharded(first.path)
         self.path = base.with_name(f"{base.name.removesuffix('.h5')}.shard-*-of-{shards}.h5")
 

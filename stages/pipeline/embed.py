@@ -94,6 +94,8 @@ def _embed(state: dict, checkpoint: Path, config: Config, split, out: Path, attr
                                 desc=f"embed {split.name}{part}", image_range=image_range)
     finally:
         model.save_cache()
-    write_embeddings(out, img, cap, attrs)
+    layout = (split.layout if image_range is None
+              else split.layout.images(*image_range))
+    write_embeddings(out, img, cap, attrs, layout)
     log.info("%d images and %d captions (%d-d) -> %s", img.shape[0], cap.shape[0],
              img.shape[1], out)

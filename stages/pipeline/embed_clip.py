@@ -120,7 +120,7 @@ def embed_clip(arch: str, weights: str, config: Config, split_name: str,
                                 workers=config.data.workers, desc="open_clip miner")
         write_embeddings(out, img, cap,
                          {**identity, "num_images": split.num_images, "miner": "clip",
-                          "dataset_dir": str(dataset_dir.resolve())})
+                          "dataset_dir": str(dataset_dir.resolve())}, split.layout)
     log.info("%d images and %d captions (%d-d) -> %s", img.shape[0], cap.shape[0],
              img.shape[1], out)
     return out

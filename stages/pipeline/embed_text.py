@@ -20,8 +20,8 @@ import numpy as np
 import torch
 
 from stages.core.errors import UserError
+from stages.core.layout import CaptionLayout
 from stages.core.progress import Progress
-from stages.data.captions import CAPTIONS_PER_IMAGE
 from stages.data.dataset import open_split
 from stages.data.tokenizers import from_folder_or_hub, resolve_text_model
 from stages.data.vocab import file_sha256
@@ -61,9 +61,11 @@ def sentence_embeddings(captions: list[str], tokenizer, model, batch_size: int =
     return out
 
 
-def image_rows(captions: np.ndarray) -> np.ndarray:
-    """(N, H): each image's row, the L2-normalised mean of its 5 caption rows (5N, H)."""
-    mean = captions.reshape(-1, CAPTIONS_PER_IMAGE, captions.shape[1]).mean(axis=1)
+def image_rows(captions: np.ndarray, layout: CaptionLayout) -> np.ndarray:
+    """(N, H): each image's row, the L2-normalised mean of its caption rows (C, H), image
+    i's being ``layout.captions_of(i)``."""
+    sums = np.add.reduceat(captions, layout.first_caption, axis=0)
+    mean = sums / layout.counts[:, None].astype(captions.dtype)
     return mean / np.maximum(np.linalg.norm(mean, axis=1, keepdims=True), 1e-12)
 
 
@@ -88,9 +90,9 @@ def embed_text(text_model: str, dataset_dir: str | Path, dataset: str, split_nam
         log.info("text miner %s over %d captions of %s %s", where, len(split.captions),
                  dataset, split_name)
         captions = sentence_embeddings(split.captions, tokenizer, model, batch_size)
-        images = image_rows(captions)
+        images = image_rows(captions, split.layout)
         write_embeddings(out, images, captions,
                          {**identity, "num_images": split.num_images, "miner": "text",
-                          "dataset_dir": str(dataset_dir.resolve())})
+                          "dataset_dir": str(dataset_dir.resolve())}, split.layout)
     log.info("wrote %s", out)
     return out

@@ -162,7 +162,7 @@ class Reminer:
         folder.mkdir(parents=True, exist_ok=True)
         write_embeddings(embeddings, images, captions, {
             "checkpoint": f"{self.run_dir} (epoch {epoch})", "weights": weights,
-            "run": str(self.run_dir.resolve()), "epoch": epoch, **self.attrs})
+            "run": str(self.run_dir.resolve()), "epoch": epoch, **self.attrs}, self.split.layout)
         try:
             offcandi(embeddings, folder, self.options)
         finally:
