@@ -40,12 +40,9 @@ SETTINGS := runs/$(DATA)/.settings
 BASE_CKPT := $(RUN_DIR)/checkpoint.pt
 EMBEDDINGS := $(RUN_DIR)/embeddings_train.h5
 OFFCANDI_DIR ?= offcandi/$(DATA)$(if $(model_prefix),/$(MODEL))
-ROUNDS ?= 1
-# Retraining starts from scratch (as the reference) or, RETRAIN_INIT=miner, from the model
-# that mined its candidates (the base model in round 1). RETRAIN_SET: overrides for the
-# retrain stage only (SET applies to every stage), e.g. RETRAIN_SET=loss.detach_weights=1;
-# a key retrain does not read (a mining setting: SET=) is refused by its settings stamp.
-RETRAIN_INIT ?= scratch
+# RETRAIN_SET: overrides for the retrain stage only (SET applies to every stage), e.g.
+# RETRAIN_SET=loss.detach_weights=1; a key retrain does not read (a mining setting: SET=) is
+# refused by its settings stamp.
 RETRAIN_SET ?=
 AOQ_CKPT = $(call round_run,$(ROUNDS))/checkpoint.pt
 ROUND_CKPTS = $(foreach r,$(ROUND_NUMBERS),$(call round_run,$(r))/checkpoint.pt)
@@ -79,9 +76,7 @@ positive_int = $(if $(and $(call one_word,$(1)),$(if $(strip $(call no_digits,$(
 	$(subst 0,,$($(1)))),,$(error $(1)='$($(1))' is not allowed: use a whole number >= 1))
 a_name = $(if $(and $(call one_word,$(1)),$(if $(findstring /,$($(1))),,yes)),,\
 	$(error $(1)='$($(1))' is not allowed: use one name, without spaces or /))
-$(call one_of,RETRAIN_INIT,scratch miner)
 $(call one_of,FOLD5,0 1)
-$(call positive_int,ROUNDS)
 $(call a_name,DATA)
 $(call a_name,RUN)
 $(call a_name,AOQ_RUN)
@@ -109,6 +104,38 @@ EXPERIMENTS := $(basename $(notdir $(wildcard configs/experiment/*.yaml)))
 $(if $(EXP),$(if $(filter $(EXP),$(EXPERIMENTS)),,$(error EXP='$(EXP)' is not allowed: \
 	configs/experiment/ has $(or $(EXPERIMENTS),no experiments))))
 
+# --- the mining-round recipe: policy, so it lives in the configs -------------------------
+# How many rounds of mining and retraining (round r > 1 mines with round r-1's model) and
+# what each round's retraining starts from: scratch (as the reference) or the model that
+# mined its candidates (the base model in round 1): rounds.count and rounds.retrain_init
+# (stages/config/sections.py), set in an experiment config (EXP=two_rounds) or SET=. make
+# asks `aoq rounds` for them when a goal needs them; ROUNDS=n and RETRAIN_INIT=scratch|miner
+# on the command line answer instead. From a fresh clone there is no aoq to ask yet: the
+# environment's stamp is then included as a makefile, so make builds the environment first
+# and reads this Makefile again.
+# (eval and export need it only for their default CKPT, the last round's model)
+round_goals := $(filter offcandi retrain compare $(if $(filter undefined,$(origin CKPT)),eval \
+	export),$(MAKECMDGOALS))
+ifneq ($(and $(round_goals),$(filter undefined,$(origin ROUNDS) $(origin RETRAIN_INIT))),)
+-include $(STAMP)
+ROUND_RECIPE := $(shell if command -v $(firstword $(AOQ)) >/dev/null; then \
+	$(AOQ) rounds $(CONFIGS) $(OVERRIDES) || echo failed; else echo unknown; fi)
+$(if $(filter failed,$(ROUND_RECIPE)),$(error make asks `$(AOQ) rounds` for the \
+	mining-round recipe (rounds.count, rounds.retrain_init), and it failed: its message is above))
+ifneq ($(ROUND_RECIPE),unknown)
+$(if $(filter 2,$(words $(ROUND_RECIPE))),,$(error make asks `$(AOQ) rounds` for the \
+	mining-round recipe, and it said '$(ROUND_RECIPE)' (expected the number of rounds and \
+	scratch or miner): give ROUNDS= and RETRAIN_INIT= to answer instead))
+ROUNDS ?= $(word 1,$(ROUND_RECIPE))
+RETRAIN_INIT ?= $(word 2,$(ROUND_RECIPE))
+endif
+endif
+# Goals that do not mine or retrain never ask.
+ROUNDS ?= 1
+RETRAIN_INIT ?= scratch
+$(call one_of,RETRAIN_INIT,scratch miner)
+$(call positive_int,ROUNDS)
+
 .PHONY: FORCE help install test lint demo features vocab train embed offcandi retrain eval compare \
 	f30k-all coco-all bench clean-demo export
 
@@ -126,8 +153,10 @@ help:
 	@echo "                   (IMAGES=<image root>): mine with another model"
 	@echo "make retrain       AOQ quintuplet-loss model                -> runs/DATA/AOQ_RUN/checkpoint.pt"
 	@echo "                   ROUNDS=n: mine again with round r-1's model and retrain, n times"
+	@echo "                   (default: the configs' rounds.count, 1; e.g. EXP=two_rounds)"
 	@echo "                   (round r > 1: offcandi/DATA/round<r>, runs/DATA/AOQ_RUN_round<r>)"
-	@echo "                   RETRAIN_INIT=miner: start from the model that mined (default scratch)"
+	@echo "                   RETRAIN_INIT=miner: start from the model that mined (default:"
+	@echo "                   the configs' rounds.retrain_init, scratch)"
 	@echo "                   RETRAIN_SET='key=value ...': overrides for retrain only"
 	@echo "                   RETRAIN_SET=offcandi.remine_every=N: re-mine every N epochs inside the run"
 	@echo "make eval          R@K of CKPT (default: the AOQ model) on DATA's eval split (FOLD5=1: COCO 5-fold 1K)"
@@ -140,7 +169,7 @@ help:
 	@echo "make table         loss x offline negatives x batch size x seed, LOSSES='...' BATCHES='...'"
 	@echo "                   SEEDS=n, TABLE_INIT=<checkpoint> (continue every cell from it)"
 	@echo "                   -> runs/DATA/table/table.{md,csv,png}, pairs.csv (offline vs control)"
-	@echo "variables: DATA=$(DATA) DATA_PATH=$(DATA_PATH) RUN=$(RUN) AOQ_RUN=$(AOQ_RUN) ROUNDS=$(ROUNDS)"
+	@echo "variables: DATA=$(DATA) DATA_PATH=$(DATA_PATH) RUN=$(RUN) AOQ_RUN=$(AOQ_RUN)"
 	@echo "           EXP=$(EXP) FOLD5=$(FOLD5)"
 	@echo "           CKPT=$(CKPT) SET='section.key=value ...' TORCH=$(TORCH)"
 

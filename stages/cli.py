@@ -377,6 +377,16 @@ def model_input(config_files, overrides) -> None:
     click.echo(image_input(load_config(config_files, overrides).model.name))
 
 
+@cli.command()
+@config_options
+def rounds(config_files, overrides) -> None:
+    """Print the config's mining-round recipe as make reads it: the number of rounds and
+    what each round's retraining starts from (rounds.count, rounds.retrain_init), e.g.
+    "2 miner". Needs no torch once the options are cached."""
+    recipe = load_config(config_files, overrides).rounds
+    click.echo(f"{recipe.count} {recipe.retrain_init}")
+
+
 def _feature_identity(command: tuple[str, ...]) -> dict:
     """What the features command ``aoq features COMMAND`` records in the files it makes."""
     from stages.features.identity import cnn_identity, tsv_identity

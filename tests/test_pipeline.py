@@ -275,6 +275,23 @@ def test_miner_picks_what_mines_round_one(workdir):
     assert refused.returncode != 0 and "needs a trained miner" in refused.stderr
 
 
+def test_mining_round_recipe_comes_from_the_configs(workdir):
+    """The mining-round recipe is config policy (rounds.count, rounds.retrain_init), which
+    make asks aoq for; ROUNDS= and RETRAIN_INIT= on the command line answer instead."""
+    work = workdir
+    two = make(work, "retrain", "SET=rounds.count=2 rounds.retrain_init=miner", dry_run=True)
+    assert "--run-dir runs/tiny/aoq_round2 " in two
+    assert "--out-dir offcandi/tiny/round2" in two
+    assert "--set train.init_from=runs/tiny/aoq/checkpoint.pt" in two
+    one = make(work, "retrain", "SET=rounds.count=2", "ROUNDS=1", dry_run=True)
+    assert "aoq_round2" not in one and "--run-dir runs/tiny/aoq " in one
+    assert "train.init_from" not in one
+    refused = make(work, "retrain", "SET=rounds.retrain_init=best", dry_run=True, check=False)
+    assert refused.returncode != 0
+    assert "rounds.retrain_init must be one of scratch, miner" in refused.stderr
+    assert "mining-round recipe" in refused.stderr
+
+
 def test_clip_miner_embeds_the_images_with_its_arch_and_weights(workdir):
     """MINER=clip:<arch>:<weights>: `aoq embed-clip` over IMAGES, its own candidate folder,
     retraining checks it; a miner without weights, or RETRAIN_INIT=miner, is refused."""

@@ -213,6 +213,19 @@ class EvalConfig:
     precision: Annotated[str, OneOf("fp32", "bf16", "fp16")] = "fp32"
 
 
+@dataclass
+class RoundsConfig:
+    """The mining-round recipe, read by make (`aoq rounds`) and by no stage: round 1 mines
+    with the base model (or MINER) and retrains; each later round mines with the previous
+    round's model and retrains again. ROUNDS= and RETRAIN_INIT= on make's command line
+    answer instead."""
+
+    count: Annotated[int, AtLeastOne] = 1  # mining rounds (make ROUNDS)
+    # what each round's retraining starts from: scratch (as the reference) or the model
+    # that mined its candidates (make RETRAIN_INIT)
+    retrain_init: Annotated[str, OneOf("scratch", "miner")] = "scratch"
+
+
 NAMED = ("model", "loss")
 
 
@@ -227,6 +240,7 @@ class Config:
     memory: MemoryConfig = field(default_factory=MemoryConfig)
     offcandi: OffcandiConfig = field(default_factory=OffcandiConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    rounds: RoundsConfig = field(default_factory=RoundsConfig)
 
     def to_dict(self) -> dict:
         return {s: (getattr(self, s).to_dict() if s in NAMED

@@ -47,13 +47,15 @@ SAMPLING_KEYS = {"offcandi.dir", "offcandi.base_ckpt", "offcandi.hardest",
                  "offcandi.curriculum_epochs", "offcandi.mix_dir", "offcandi.mix_base_ckpt",
                  "offcandi.mix_share", "offcandi.group_size", "offcandi.remine_every"}
 # What each stage reads. An unlisted key of a stage's sections counts (a new config field
-# reruns a stage rather than leaving a stale output).
+# reruns a stage rather than leaving a stale output). No stage reads the rounds section
+# (make's recipe of which runs exist).
 STAGE_KEYS = {
     "vocab": lambda key: key in ("data.name", "data.train_split"),
     "embed": lambda key: key in ("data.name", "data.train_split"),
-    "train": lambda key: key.split(".")[0] not in ("offcandi", "eval")
+    "train": lambda key: key.split(".")[0] not in ("offcandi", "eval", "rounds")
     and key != "data.eval_split",
-    "retrain": lambda key: key.split(".")[0] != "eval" and key != "data.eval_split"
+    "retrain": lambda key: key.split(".")[0] not in ("eval", "rounds")
+    and key != "data.eval_split"
     and (not key.startswith("offcandi.") or key in SAMPLING_KEYS),
     "offcandi": lambda key: key.startswith("offcandi.") and key not in SAMPLING_KEYS,
     "eval": lambda key: key.startswith("eval.") or key in ("data.name", "data.eval_split"),
