@@ -119,3 +119,58 @@ def test_data_of_another_feature_dimension_is_refused_before_encoding(tiny_root,
     with pytest.raises(UserError, match=message.replace("test", "train")):
         embed(trained, overrides=["data.name=wide"], out=tmp_path / "e.h5")
     assert not (tmp_path / "m.jsonl").exists() and not (tmp_path / "e.h5").exists()
+
+
+def test_eval_scores_with_the_split_s_caption_layout(trained, tmp_path, monkeypatch):
+    """The eval split's layout (here 1 to 9 captions per image over the tiny split's 50)
+    reaches the ranks, the record says it, and the ranks carry it for the table."""
+    import dataclasses
+
+    import numpy as np
+
+    import stages.pipeline.evaluate as evaluate_module
+    from stages.core.layout import CaptionLayout
+    from stages.metrics.retrieval import evaluate_ranks, fold_ranks
+    from stages.pipeline.table import per_image_rsum
+    from tests.metrics.test_retrieval import loop_ranks
+
+    counts = [1, 3, 5, 2, 7, 8, 4, 6, 9, 5]
+    layout = CaptionLayout.from_counts(counts)
+    opened = evaluate_module.open_model_split
+
+    def open_variable(*args, **kwargs):
+        return dataclasses.replace(opened(*args, **kwargs), layout=layout)
+
+    scored = []
+
+    def spy(imgs, caps, *args, **kwargs):
+        scored.append((imgs[0], caps[0]))
+        return fold_ranks(imgs, caps, *args, **kwargs)
+
+    monkeypatch.setattr(evaluate_module, "open_model_split", open_variable)
+    monkeypatch.setattr(evaluate_module, "fold_ranks", spy)
+    for overrides, folds in (([], 1), (["eval.fold5=true"], 5)):
+        record = evaluate([trained], overrides=overrides, out=tmp_path / "m.jsonl",
+                          ranks=True)
+        assert record["captions_per_image"] == layout.identity() != 5
+        ranks = record["ranks"]
+        assert ranks["caption_counts"] == counts and ranks.get("folds", 1) == folds
+        img, cap = scored[-1]
+        want_i2t, want_t2i = [], []
+        for f in range(folds):  # folds of 10 // folds images with their own captions
+            i0, i1 = f * 10 // folds, (f + 1) * 10 // folds
+            c0, c1 = sum(counts[:i0]), sum(counts[:i1])
+            a, b = loop_ranks(img[i0:i1] @ cap[c0:c1].T, counts[i0:i1])
+            want_i2t += a.tolist()
+            want_t2i += b.tolist()
+        assert (ranks["i2t"], ranks["t2i"]) == (want_i2t, want_t2i)
+        metrics = evaluate_ranks(np.array(want_i2t), np.array(want_t2i), layout, folds)
+        assert {k: record[k] for k in metrics} == metrics
+        assert per_image_rsum(ranks).mean() == pytest.approx(record["rsum"])
+
+
+def test_a_five_per_image_record_says_so_and_its_ranks_stay_as_they_were(trained, tmp_path):
+    record = evaluate([trained], out=tmp_path / "m.jsonl", ranks=True)
+    assert record["captions_per_image"] == 5
+    assert set(record["ranks"]) == {"i2t", "t2i"}
+    assert len(record["ranks"]["t2i"]) == 5 * len(record["ranks"]["i2t"]) == 50

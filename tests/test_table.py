@@ -12,11 +12,13 @@ import pytest
 import yaml
 
 from stages.core.errors import UserError
+from stages.core.layout import CaptionLayout
 from stages.io.checkpoint import load_checkpoint, weights_hash
-from stages.metrics.retrieval import recall_metrics
+from stages.metrics.retrieval import evaluate_ranks, recall_metrics
 from stages.pipeline.table import (
     METRIC_KEYS,
     Cell,
+    _check_comparable,
     collect_rows,
     control_loss,
     pair_rows,
@@ -24,6 +26,7 @@ from stages.pipeline.table import (
     parse_batches,
     per_image_rsum,
     plan_cells,
+    ranks_layout,
     split_words,
     write_table,
 )
@@ -215,6 +218,60 @@ def test_per_image_rsum_averages_to_rsum():
     assert shares.mean() == pytest.approx(recall_metrics(ranks["i2t"], ranks["t2i"])["rsum"])
 
 
+def loop_per_image_rsum(i2t, t2i, counts, folds=1):
+    """Each image's share of rsum by loops: its i2t hits plus its captions' t2i hits times
+    images / captions of its fold."""
+    size = len(counts) // folds
+    shares, caption = [], 0
+    for image, count in enumerate(counts):
+        fold = counts[image // size * size:(image // size + 1) * size]
+        hits = sum(int(t2i[c] < k) for c in range(caption, caption + count)
+                   for k in (1, 5, 10))
+        shares.append(100 * (sum(int(i2t[image] < k) for k in (1, 5, 10))
+                             + hits * len(fold) / sum(fold)))
+        caption += count
+    return np.array(shares)
+
+
+@pytest.mark.parametrize("counts", [[1] * 40, [1, 3, 5, 2, 7, 1, 4, 6, 2, 5] * 4, [5] * 40])
+@pytest.mark.parametrize("folds", [1, 5])
+def test_per_image_rsum_of_any_layout_against_a_loop(counts, folds):
+    rng = np.random.default_rng(3)
+    layout = CaptionLayout.from_counts(counts)
+    ranks = {"i2t": rng.integers(0, 12, 40), "t2i": rng.integers(0, 12, sum(counts))}
+    if layout.per_image is None:
+        ranks["caption_counts"] = counts
+    if folds > 1:
+        ranks["folds"] = folds
+    assert ranks_layout(ranks) == layout
+    shares = per_image_rsum(ranks)
+    np.testing.assert_allclose(shares, loop_per_image_rsum(ranks["i2t"], ranks["t2i"], counts,
+                                                           folds), rtol=1e-12)
+    # rsum is the mean of the shares: the bootstrap resamples what the table reports.
+    want = evaluate_ranks(ranks["i2t"], ranks["t2i"], layout, folds)["rsum"]
+    assert shares.mean() == pytest.approx(want, rel=1e-12)
+
+
+def test_per_image_rsum_of_five_per_image_is_the_mean_over_5_captions_bit_for_bit():
+    """The share of records of 5 captions per image (all records before layouts) is what
+    it was: i2t hits plus the mean of the image's 5 captions' t2i hits."""
+    rng = np.random.default_rng(5)
+    ranks = {"i2t": rng.integers(0, 30, 1000), "t2i": rng.integers(0, 30, 5000)}
+    hits_i2t = sum((ranks["i2t"] < k).astype(np.float64) for k in (1, 5, 10))
+    hits_t2i = sum((ranks["t2i"] < k).astype(np.float64) for k in (1, 5, 10))
+    before = 100.0 * (hits_i2t + hits_t2i.reshape(-1, 5).mean(axis=1))
+    np.testing.assert_array_equal(per_image_rsum(ranks), before)
+    np.testing.assert_array_equal(per_image_rsum({**ranks, "folds": 5}), before)
+
+
+def test_ranks_that_do_not_fit_their_layout_are_refused():
+    with pytest.raises(UserError, match="10 i2t and 49 t2i ranks for CaptionLayout.*delete "
+                                        "that cell's eval.jsonl"):
+        ranks_layout({"i2t": [0] * 10, "t2i": [0] * 49})
+    with pytest.raises(UserError, match="3 i2t and 7 t2i ranks"):
+        ranks_layout({"i2t": [0] * 3, "t2i": [0] * 7, "caption_counts": [1, 2, 3]})
+
+
 def test_paired_bootstrap_against_a_loop():
     rng = np.random.default_rng(1)
     offline, control = rng.normal(size=(3, 50)), rng.normal(size=(3, 50))
@@ -336,3 +393,15 @@ def test_table_set_re_mines_in_the_offline_cells_only(workdir):  # noqa: F811
     control = yaml.safe_load((table_dir / "vse_max-off-b16" / "config.yaml").read_text())
     assert control["offcandi"]["remine_every"] == 0
     assert not (table_dir / "vse_max-off-b16" / "remined").exists()
+
+
+def test_cells_scored_with_other_captions_per_image_are_not_compared():
+    row = {"epochs": 2, "dataset": "coco", "split": "test", "protocol": "all", "images": 100,
+           "captions_per_image": 5, "checkpoint": "a/checkpoint.pt"}
+    _check_comparable([row, {**row, "checkpoint": "b/checkpoint.pt"}])
+    other = {**row, "captions_per_image": "counts:0123456789abcdef",
+             "checkpoint": "b/checkpoint.pt"}
+    with pytest.raises(UserError, match=r"evaluated differently \(dataset/split/protocol/"
+                                        r"images/captions_per_image\): .*b/checkpoint.pt: "
+                                        r"coco, test, all, 100, counts:0123456789abcdef"):
+        _check_comparable([row, other])

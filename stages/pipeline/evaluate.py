@@ -59,8 +59,12 @@ def evaluate(checkpoints: list[str | Path], config_files=(), overrides=(),
     is appended to ``out`` (default: ``metrics.jsonl`` beside the first checkpoint), holding
     its folder's lock, and returned; the settings of the last record appended are recorded
     beside ``out`` for make's stamps (make's table evaluates each cell into eval.jsonl).
-    ``ranks``: the record also holds every query's 0-based rank (``ranks``: ``{"i2t": [N],
-    "t2i": [5N]}``, each within its fold), for paired comparisons.
+    The record's ``captions_per_image`` says the split's caption layout
+    (:meth:`~stages.core.layout.CaptionLayout.identity`: the common count, or a digest of
+    the counts when they differ). ``ranks``: the record also holds every query's 0-based
+    rank (``ranks``: ``{"i2t": [N], "t2i": [C]}``, each within its fold, with
+    ``"caption_counts": [N]`` when images own different numbers of captions and ``"folds"``
+    when there are several), for paired comparisons.
     """
     if not checkpoints:
         raise UserError("no checkpoint given; pass --ckpt PATH (repeat it for an ensemble)")
@@ -137,17 +141,23 @@ def _evaluate(checkpoints, states, config: Config, folds: int, out: Path, ranks:
         imgs.append(img)
         caps.append(cap)
         hashes.append(weights_hash(state["state_dict"]))
-    i2t_ranks, t2i_ranks = fold_ranks(imgs, caps, folds=folds,
+    layout = split.layout  # the eval split's, whichever checkpoint opened it
+    i2t_ranks, t2i_ranks = fold_ranks(imgs, caps, layout, folds=folds,
                                       block_size=config.eval.block_size)
-    metrics = evaluate_ranks(i2t_ranks, t2i_ranks, folds)
+    metrics = evaluate_ranks(i2t_ranks, t2i_ranks, layout, folds)
     record = {"stage": "eval", "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
               "checkpoints": [str(p) for p in checkpoints], "weights": hashes,
               "epoch": states[0]["epoch"], "dataset": config.data.name,
               "split": config.data.eval_split,
               "protocol": f"{folds}fold" if folds > 1 else "all",
-              "images": split.num_images // folds, **metrics}
+              "images": split.num_images // folds,
+              "captions_per_image": layout.identity(), **metrics}
     if ranks:
         record["ranks"] = {"i2t": i2t_ranks.tolist(), "t2i": t2i_ranks.tolist()}
+        if layout.per_image is None:
+            record["ranks"]["caption_counts"] = layout.counts.tolist()
+        if folds > 1:
+            record["ranks"]["folds"] = folds
     clear_record(out)
     append_jsonl(out, record)
     write_record(out, settings_text(config, "eval"))  # its last record's settings

@@ -24,8 +24,9 @@ that they belong together: the eval record is the one of the checkpoint's curren
 (a record of earlier weights is never used), the checkpoint was trained as its cell says
 (loss, offline negatives, batch size, seed, init), every cell trained the same epochs,
 "on" cells used candidates mined by their miner, and every row was evaluated on the same
-split and protocol. :func:`write_table` writes ``table.md``, ``table.csv`` (one line per
-cell), ``pairs.csv`` and ``table.png`` (each pair's rsum side by side).
+split and protocol, with the same captions per image. :func:`write_table` writes
+``table.md``, ``table.csv`` (one line per cell), ``pairs.csv`` and ``table.png`` (each
+pair's rsum side by side).
 """
 
 import csv
@@ -38,7 +39,7 @@ from pathlib import Path
 import numpy as np
 
 from stages.core.errors import UserError
-from stages.data.captions import CAPTIONS_PER_IMAGE
+from stages.core.layout import LEGACY_CAPTIONS_PER_IMAGE, CaptionLayout
 from stages.io.atomic import atomic_path, write_text
 from stages.io.checkpoint import load_checkpoint, weights_hash
 from stages.metrics.retrieval import RECALL_KS
@@ -53,7 +54,8 @@ METRIC_KEYS = [f"{key}_{d}" for d in DIRECTIONS
 CSV_COLUMNS = ["loss", "offline_negatives", "finetune", "batch_size", "seed", "epochs",
                "best_epoch",
                *METRIC_KEYS, "meanr_i2t", "meanr_t2i", "weights", "negatives_mined_by",
-               "checkpoint", "init", "mined_by", "dataset", "split", "protocol", "images"]
+               "checkpoint", "init", "mined_by", "dataset", "split", "protocol", "images",
+               "captions_per_image"]
 PAIR_COLUMNS = ["loss", "control", "batch_size", "seeds", "control_rsum", "control_rsum_std",
                 "offline_rsum", "offline_rsum_std", "delta_rsum", "delta_std",
                 "delta_ci_low", "delta_ci_high", "delta_per_seed"]
@@ -237,19 +239,47 @@ def collect_rows(table_dir: str | Path, cells: list[Cell], miner: str, init: str
                      "checkpoint": str(path), "init": init, "mined_by": miner_name,
                      "dataset": record["dataset"],
                      "split": record["split"], "protocol": record["protocol"],
-                     "images": record["images"], "ranks": record.get("ranks")})
+                     "images": record["images"],
+                     "captions_per_image": record.get("captions_per_image",
+                                                      LEGACY_CAPTIONS_PER_IMAGE),
+                     "ranks": record.get("ranks")})
     _check_comparable(rows)
     return rows
 
 
+def ranks_layout(ranks: dict) -> CaptionLayout:
+    """The caption layout of an eval record's ``ranks``: its ``caption_counts`` when images
+    own different numbers of captions, else as many per image as the ranks say (5 in
+    records written before layouts)."""
+    if "caption_counts" in ranks:
+        layout = CaptionLayout.from_counts(ranks["caption_counts"])
+    else:
+        num_images = len(ranks["i2t"])
+        layout = CaptionLayout.uniform(num_images, len(ranks["t2i"]) // max(num_images, 1))
+    if (layout.num_images, layout.num_captions) != (len(ranks["i2t"]), len(ranks["t2i"])):
+        raise UserError(f"an eval record's ranks do not fit its captions: "
+                        f"{len(ranks['i2t'])} i2t and {len(ranks['t2i'])} t2i ranks for "
+                        f"{layout!r}; delete that cell's eval.jsonl and run `make table` "
+                        "again (it re-evaluates)")
+    return layout
+
+
 def per_image_rsum(ranks: dict) -> np.ndarray:
-    """(N,) each test image's share of rsum: 100 x (its i2t hits at K = 1, 5, 10 plus the
-    mean over its 5 captions of their t2i hits), so rsum is the mean over images. ``ranks``:
-    an eval record's ``{"i2t": (N,), "t2i": (5N,)}`` 0-based ranks."""
+    """(N,) each test image's share of rsum, so that rsum is the mean over images: 100 x
+    (its i2t hits at K = 1, 5, 10 plus its captions' t2i hits times images / captions of
+    its fold; with n captions per image, the mean over its n captions). ``ranks``: an eval
+    record's ``{"i2t": (N,), "t2i": (C,)}`` 0-based ranks, with ``caption_counts`` (N,)
+    when images own different numbers of captions and ``folds`` when there were several
+    (its rsum averages each fold's recalls)."""
+    layout = ranks_layout(ranks)
     i2t, t2i = np.asarray(ranks["i2t"]), np.asarray(ranks["t2i"])
     hits_i2t = sum((i2t < k).astype(np.float64) for k in RECALL_KS)
     hits_t2i = sum((t2i < k).astype(np.float64) for k in RECALL_KS)
-    return 100.0 * (hits_i2t + hits_t2i.reshape(-1, CAPTIONS_PER_IMAGE).mean(axis=1))
+    per_image = np.add.reduceat(hits_t2i, layout.first_caption)  # (N,) its captions' sum
+    fold = np.arange(layout.num_images) // (layout.num_images // ranks.get("folds", 1))
+    fold_images = np.bincount(fold).astype(np.float64)  # (folds,)
+    fold_captions = np.bincount(fold, weights=layout.counts)  # (folds,)
+    return 100.0 * (hits_i2t + per_image * fold_images[fold] / fold_captions[fold])
 
 
 def paired_bootstrap(offline: np.ndarray, control: np.ndarray,
@@ -336,9 +366,11 @@ def finetune(model: dict) -> str:
 
 
 def _check_comparable(rows: list[dict]) -> None:
-    """Every row trained the same epochs and was evaluated on the same split/protocol."""
+    """Every row trained the same epochs and was evaluated on the same split/protocol (and
+    the same captions per image: records written before layouts hold 5)."""
     for keys, what in ((("epochs",), "trained for different epochs"),
-                       (("dataset", "split", "protocol", "images"), "evaluated differently")):
+                       (("dataset", "split", "protocol", "images", "captions_per_image"),
+                        "evaluated differently")):
         seen = {tuple(r[k] for k in keys): r["checkpoint"] for r in rows}
         if len(seen) > 1:
             listed = "; ".join(f"{path}: {', '.join(map(str, value))}"
