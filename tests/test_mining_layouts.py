@@ -424,6 +424,10 @@ def test_inspect_shows_each_images_own_captions(tmp_path):
                            rules=rules, hardest=6)
     assert text.count(" +  caption") == 10  # the other 10 of image 10's 11
     assert "(window 1)" in text  # ceil(6 / 11)
+    with h5py.File(tmp_path / "cand" / "i2t.h5", "r+") as f:
+        f["indices"][4, 2] = layout.num_captions  # one past the last caption
+    with pytest.raises(UserError, match=rf"row 4 lists ids outside \[0, {len(cap)}\)"):
+        inspect_image(tmp_path / "cand", 4, tmp_path)
 
 
 def test_plot_names_the_t2i_window_by_layout():

@@ -83,7 +83,7 @@ def read_query(folder: str | Path, direction: str, query: int) -> QueryRow:
             raise UserError(f"{path} holds {attrs.get('direction')!r} candidates, not "
                             f"{direction}; mine the folder again with `make offcandi`")
         layout = file_layout(f, attrs, path)
-        n, _ = queries_and_items(direction, layout)
+        n, items = queries_and_items(direction, layout)
         if not 0 <= query < n:
             what = "image" if direction == "i2t" else "caption"
             raise UserError(f"{what} {query} is out of range: {path} holds {what}s 0..{n - 1} "
@@ -92,6 +92,9 @@ def read_query(folder: str | Path, direction: str, query: int) -> QueryRow:
         indices = np.asarray(f["indices"][query], dtype=np.int64)
         scores = np.asarray(f["scores"][query], dtype=np.float32) if "scores" in f else None
         positive = float(f["positive_scores"][query]) if "positive_scores" in f else None
+    if len(indices) and (indices.min() < 0 or indices.max() >= items):
+        raise UserError(f"{path}: row {query} lists ids outside [0, {items}): the file is "
+                        "damaged; mine it again with `make offcandi`")
     return QueryRow(path, attrs, layout, query, indices, scores, positive)
 
 
