@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 from stages.config.sections import OffcandiConfig
+from stages.core.layout import CaptionLayout
 from stages.metrics.retrieval import rank_metrics, retrieval_ranks
 from stages.mining import hardness
 from stages.mining.candidate_files import write_candidates
@@ -67,7 +68,8 @@ def test_positive_ranks_match_brute_force_and_the_eval_ranks(emb_file, block_siz
     path, img, cap = emb_file
     sample = np.array([0, 3, 4, 11, 22])
     with h5py.File(path, "r") as f:
-        i2t, t2i = positive_ranks(img, f["captions"], sample, block_size=block_size)
+        i2t, t2i = positive_ranks(img, f["captions"], CaptionLayout.uniform(23), sample,
+                                  block_size=block_size)
     want_i2t, want_t2i = brute_ranks(img, cap, sample)
     np.testing.assert_array_equal(i2t, want_i2t)
     np.testing.assert_array_equal(t2i, want_t2i)
@@ -81,7 +83,8 @@ def test_positive_ranks_match_brute_force_and_the_eval_ranks(emb_file, block_siz
 def test_online_hardest_matches_a_loop(emb_file, batch_size, batches):
     path, img, cap = emb_file  # 23 images: batches of 8 often hold two captions of one image
     with h5py.File(path, "r") as f:
-        got = online_hardest(img, f["captions"], batch_size, batches, seed=5, block_size=6)
+        got = online_hardest(img, f["captions"], CaptionLayout.uniform(23), batch_size,
+                             batches, seed=5, block_size=6)
     b = min(batch_size, len(cap))
     nb = min(batches, len(cap) // b)
     picked = np.random.default_rng(5).permutation(len(cap))[:nb * b]
@@ -105,7 +108,7 @@ def test_online_hardest_leaves_out_anchors_without_another_image(tmp_path):
     img, cap = random_embeddings(1, dim=4)  # one image: no negative in any batch
     path = write_embeddings(tmp_path / "one.h5", img, cap)
     with h5py.File(path, "r") as f:
-        got = online_hardest(img, f["captions"], 4, 2)
+        got = online_hardest(img, f["captions"], CaptionLayout.uniform(1), 4, 2)
     assert all(len(v) == 0 for v in got.values())
 
 
@@ -136,7 +139,8 @@ def test_offline_scores_read_or_rescored_agree(mined, tmp_path, direction, keep)
         with h5py.File(folder / f"{direction}.h5", "r") as f:
             attrs = dict(f.attrs)
         write_candidates(tmp_path / "imp" / f"{direction}.h5", indices, None,
-                         {**attrs, "weights": "imported:x", "index": "imported"})
+                         {**attrs, "weights": "imported:x", "index": "imported"},
+                         CaptionLayout.uniform(23))
         again = offline_scores(tmp_path / "imp", direction, emb, pair_positive, 5,
                                NO_FILTERS)
     assert again.rescored

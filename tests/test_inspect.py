@@ -6,6 +6,7 @@ import pytest
 
 from stages.config.sections import OffcandiConfig
 from stages.core.errors import UserError
+from stages.core.layout import CaptionLayout
 from stages.mining.candidate_files import write_candidates
 from stages.mining.selection import SelectionRules
 from stages.pipeline.inspect import inspect_caption, inspect_image
@@ -113,14 +114,16 @@ def test_bad_query_numbers_name_the_range(mined, tiny_root):
 def test_files_without_positive_scores_or_scores(mined, tiny_root, tmp_path):
     folder, captions = mined
     indices, scores, _, attrs = read(folder, "i2t")
-    write_candidates(tmp_path / "v1" / "i2t.h5", indices, scores, {**attrs, "version": 1})
+    write_candidates(tmp_path / "v1" / "i2t.h5", indices, scores, {**attrs, "version": 1},
+                     CaptionLayout.uniform(40))
     text = inspect_image(tmp_path / "v1", 7, tiny_root, rules=SelectionRules(ratio=1.0))
     assert "no positive scores in this file (version 1" in text
     assert "score filters cannot be shown" in text
     assert [r[1] for r in table_rows(text)] == [f"{s:.4f}" for s in scores[7][:10]]
     assert f"     - +  caption      35  {captions[35]}" in text  # no t2i.h5 beside it
     write_candidates(tmp_path / "imp" / "i2t.h5", indices, None,
-                     {**attrs, "index": "imported", "weights": "imported:x"})
+                     {**attrs, "index": "imported", "weights": "imported:x"},
+                     CaptionLayout.uniform(40))
     text = inspect_image(tmp_path / "imp", 7, tiny_root, top=2)
     assert "no scores in this file (imported candidates)" in text
     assert [(r[1], r[3]) for r in table_rows(text)] == [

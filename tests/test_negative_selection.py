@@ -8,6 +8,7 @@ import pytest
 
 from stages.core.counter_hash import counter_hash
 from stages.core.errors import UserError
+from stages.core.layout import CaptionLayout
 from stages.mining.candidate_files import Candidates
 from stages.mining.sampler import OfflineNegativeSampler
 from stages.mining.selection import (
@@ -43,7 +44,7 @@ def scored(n=12, k_i2t=20, k_t2i=6, seed=0):
         scores = -np.sort(-rng.uniform(-0.2, 0.9, indices.shape), axis=1).astype(np.float32)
         positive = rng.uniform(0.1, 0.8, len(indices)).astype(np.float32)
         out[direction] = Candidates(Path(f"{direction}.h5"), indices, {"direction": direction},
-                                    scores, positive)
+                                    CaptionLayout.uniform(n), scores, positive)
     return out
 
 
@@ -56,7 +57,8 @@ def set_jaccard(a, b):
 def test_word_overlap_of_chosen_captions():
     """Case, punctuation and repeated words do not count; two empty captions overlap 0."""
     captions = ["A dog, a DOG!", "dog", "", "", "", "a dog runs", "", "", "", ""]
-    got = duplicate_scores("i2t", np.array([[5, 6], [0, 1]]), CaptionWords(captions))
+    got = duplicate_scores("i2t", np.array([[5, 6], [0, 1]]), CaptionWords(captions),
+                           CaptionLayout.uniform(2))
     # image 0's captions vs caption 5 ("a dog runs": 2 of 3 words with "a dog") and 6 (empty)
     assert got[0].tolist() == pytest.approx([2 / 3, 0.0])
     # image 1's captions ("a dog runs", empties) vs caption 0 ("a dog") and 1 ("dog")
@@ -68,7 +70,8 @@ def test_word_overlap_of_chosen_captions():
 def test_duplicate_scores_match_a_loop(direction, block):
     c = scored(n=10)[direction]
     captions = random_captions(50, seed=3)
-    got = duplicate_scores(direction, c.indices, CaptionWords(captions), block=block)
+    got = duplicate_scores(direction, c.indices, CaptionWords(captions), c.layout,
+                           block=block)
     for q in range(len(c.indices)):
         for j, cand in enumerate(c.indices[q]):
             if direction == "i2t":  # candidate caption vs the anchor image's captions
@@ -88,7 +91,7 @@ def test_drop_reasons_match_a_loop(rules, direction):
     c = scored(n=10)[direction]
     captions = random_captions(50, seed=4)
     got = drop_reasons(direction, c, rules, CaptionWords(captions))
-    overlap = duplicate_scores(direction, c.indices, CaptionWords(captions))
+    overlap = duplicate_scores(direction, c.indices, CaptionWords(captions), c.layout)
     for q in range(len(c.indices)):
         for j in range(c.k):
             want = 0
@@ -106,7 +109,7 @@ def test_drop_reasons_match_a_loop(rules, direction):
 
 def test_score_filters_need_scores():
     c = scored()["i2t"]
-    bare = Candidates(c.path, c.indices, c.attrs)
+    bare = Candidates(c.path, c.indices, c.attrs, c.layout)
     with pytest.raises(UserError, match="no candidate or positive scores"):
         drop_reasons("i2t", bare, SelectionRules(margin=0.1))
     assert not drop_reasons("i2t", bare, SelectionRules(skip_top=2))[:, 2:].any()
@@ -132,7 +135,7 @@ def test_unfiltered_draw_is_the_reference_draw():
     n, h = 20, 15
     i2t, t2i = mined_candidates(n, 40, 8)
     sampler = OfflineNegativeSampler(Selection.unfiltered(i2t), Selection.unfiltered(t2i),
-                                     h, seed=7)
+                                     h, seed=7, layout=CaptionLayout.uniform(n))
     captions = np.arange(5 * n)
     for epoch, d in enumerate(draws(sampler, captions, range(3))):
         rank = (counter_hash(7, epoch, captions) % np.uint64(h)).astype(np.int64)
@@ -146,7 +149,8 @@ def test_filtered_draws_come_from_the_first_kept_candidates():
     rules = SelectionRules(ratio=0.95, skip_top=1)
     sel = {d: select(d, c[d], rules, w) for d, w in (("i2t", h), ("t2i", 2))}
     reasons = {d: drop_reasons(d, c[d], rules) for d in sel}
-    sampler = OfflineNegativeSampler(sel["i2t"], sel["t2i"], h, seed=1)
+    sampler = OfflineNegativeSampler(sel["i2t"], sel["t2i"], h, seed=1,
+                                     layout=CaptionLayout.uniform(n))
     captions = np.arange(5 * n)
     seen = {d: {q: set() for q in range(len(c[d].indices))} for d in sel}
     for d in draws(sampler, captions, range(60)):
@@ -166,7 +170,8 @@ def test_curriculum_slides_from_the_easiest_to_the_hardest_kept():
     n, h, e = 6, 4, 3
     i2t, t2i = mined_candidates(n, 16, 4)
     sampler = OfflineNegativeSampler(Selection.unfiltered(i2t), Selection.unfiltered(t2i),
-                                     h, seed=2, curriculum_epochs=e)
+                                     h, seed=2, curriculum_epochs=e,
+                                     layout=CaptionLayout.uniform(n))
     captions = np.arange(5 * n)
     for epoch in range(e + 2):
         start = (16 - h) * max(e - epoch, 0) // e
@@ -194,10 +199,11 @@ def test_a_second_source_is_mixed_in_by_share():
     first = [Selection.unfiltered(a_i2t), Selection.unfiltered(a_t2i)]
     second = (Selection.unfiltered(b_i2t), Selection.unfiltered(b_t2i))
     captions = np.arange(5 * n)
-    alone = OfflineNegativeSampler(*first, h, seed=3).draw(captions.tolist())
+    layout = CaptionLayout.uniform(n)
+    alone = OfflineNegativeSampler(*first, h, seed=3, layout=layout).draw(captions.tolist())
     for share in (0.0, 0.3, 1.0):
-        d = OfflineNegativeSampler(*first, h, seed=3, mix=second, mix_share=share).draw(
-            captions.tolist())
+        d = OfflineNegativeSampler(*first, h, seed=3, mix=second, mix_share=share,
+                                   layout=layout).draw(captions.tolist())
         rank = (counter_hash(3, 0, captions) % np.uint64(h)).astype(np.int64)
         from_b = d["captions"] == b_i2t[captions // 5, rank]
         from_a = d["captions"] == a_i2t[captions // 5, rank]

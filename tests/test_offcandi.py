@@ -5,6 +5,7 @@ import pytest
 import stages.mining.mine as mine_module
 from stages.config.sections import OffcandiConfig, load_config
 from stages.core.errors import UserError
+from stages.core.layout import CaptionLayout
 from stages.mining.candidate_files import load_candidates, positives_present
 from stages.pipeline.import_candidates import import_published
 from stages.pipeline.offcandi import offcandi
@@ -86,7 +87,7 @@ def test_positives_are_excluded_even_when_they_are_the_nearest(tmp_path):
     for direction in ("i2t", "t2i"):
         indices, _, _ = read(tmp_path / "out" / f"{direction}.h5")
         assert indices.shape[1] == 1
-        assert not positives_present(direction, indices).any()
+        assert not positives_present(direction, indices, CaptionLayout.uniform(10)).any()
 
 
 @pytest.mark.parametrize("index", ["hnsw", "ivf"])
@@ -97,7 +98,7 @@ def test_approximate_index_reports_recall(tmp_path, index):
                                                    recall_sample=50))
     indices, _, attrs = read(tmp_path / "out" / "i2t.h5")
     assert attrs["index"] == index and 0.5 < attrs["recall_at_k"] <= 1.0
-    assert not positives_present("i2t", indices).any()
+    assert not positives_present("i2t", indices, CaptionLayout.uniform(200)).any()
 
 
 @pytest.mark.parametrize("block_size", [7, 4096])
@@ -131,7 +132,8 @@ def test_mine_arrays_never_lists_a_positive_and_checks_its_inputs():
     for index in ("flat", "hnsw"):
         mined = mine_module.mine_arrays(img, cap, k_i2t=3, k_t2i=2, index=index)
         for direction in ("i2t", "t2i"):
-            assert not positives_present(direction, mined[direction][0]).any()
+            assert not positives_present(direction, mined[direction][0],
+                                         CaptionLayout.uniform(10)).any()
     with pytest.raises(UserError, match="t2i: K=10 is more than the 9 negatives"):
         mine_module.mine_arrays(img, cap, k_i2t=3, k_t2i=10)
     with pytest.raises(UserError, match="unknown index 'annoy'"):

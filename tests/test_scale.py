@@ -15,6 +15,7 @@ from click.testing import CliRunner
 from stages.cli import cli
 from stages.config.sections import OffcandiConfig, load_config
 from stages.core.errors import UserError
+from stages.core.layout import CaptionLayout
 from stages.mining.candidate_files import positives_present
 from stages.mining.embedding_files import (
     Embeddings,
@@ -120,7 +121,7 @@ def test_offcandi_with_ivfpq_records_recall_and_settings(tmp_path):
         recall_sample=100))
     for direction in ("i2t", "t2i"):
         indices, _, attrs = read(tmp_path / "out" / f"{direction}.h5")
-        assert not positives_present(direction, indices).any()
+        assert not positives_present(direction, indices, CaptionLayout.uniform(300)).any()
         assert attrs["index"] == "ivfpq" and attrs["factory"] == "IVF8,PQ8x6np"
         assert (attrs["pq_m"], attrs["pq_bits"], attrs["nlist"], attrs["nprobe"]) == (8, 6, 8, 8)
         assert attrs["gpus"] == 0 and attrs["recall_at_k"] >= 0.8  # measured: 0.89, 0.95

@@ -1,13 +1,17 @@
 """Training items with offline hard negatives drawn from the candidate files (AOQ).
 
-For caption c of image i = c // 5, a rank n is drawn uniformly from {0, ..., h − 1},
-fresh for every epoch (a pure function of seed, epoch and c, so resumed runs and
-DataLoader workers draw the same), and gives
+For caption c of image i (which owns k_i captions: 5 in Flickr30K and COCO, the split's
+caption layout says, :mod:`stages.core.layout`), a rank n is drawn uniformly from
+{0, ..., h − 1}, fresh for every epoch (a pure function of seed, epoch and c, so resumed
+runs and DataLoader workers draw the same), and gives
 
 * T'  = i2t[i][n]          the anchor image's offline negative caption,
-* I'  = t2i[c][n // 5]     the anchor caption's offline negative image,
+* I'  = t2i[c][n // k_i]   the anchor caption's offline negative image,
 * T'' = a random caption of I',
 * I'' = the image of T'.
+
+(AOQ's reference draw, for k_i = 5; t2i rows need ceil(h / the fewest captions an image
+has) candidates.)
 
 With false-negative filters or a curriculum (:mod:`stages.mining.selection`), n indexes
 each row's eligible candidates instead, within the window the sampler describes.
@@ -18,11 +22,11 @@ import torch
 from torch.utils.data import Dataset
 
 from stages.core.counter_hash import counter_hash, splitmix64
-from stages.data.captions import CAPTIONS_PER_IMAGE
+from stages.core.layout import CaptionLayout
 from stages.data.dataset import Split, pad_tokens
 from stages.data.tokenizers import CaptionTokenizer
 from stages.data.vocab import PAD
-from stages.mining.selection import Selection
+from stages.mining.selection import Selection, sampling_windows
 
 
 class OfflineNegativeSampler:
@@ -31,11 +35,15 @@ class OfflineNegativeSampler:
     the false-negative filters keep).
 
     Each row's draw is uniform over a window of its eligible candidates: the first h (i2t)
-    or ceil(h / 5) (t2i), or, with ``curriculum_epochs`` E > 0, a window that starts at the
-    easiest eligible ones in epoch 0 and slides linearly to the hardest by epoch E. A row
-    with fewer eligible candidates than the window samples from those it has; a row with
-    none takes its last (least similar) candidate. With no filter and no curriculum this is
-    the reference's draw: one n for both directions, T' = i2t[i][n], I' = t2i[c][n // 5].
+    or ceil(h / k_i) (t2i, a caption of an image of k_i captions), or, with
+    ``curriculum_epochs`` E > 0, a window that starts at the easiest eligible ones in epoch
+    0 and slides linearly to the hardest by epoch E. A row with fewer eligible candidates
+    than the window samples from those it has; a row with none takes its last (least
+    similar) candidate. With no filter and no curriculum this is the reference's draw: one n
+    for both directions, T' = i2t[i][n], I' = t2i[c][n // k_i].
+
+    ``layout``: the training split's caption layout, which the selections' rows follow
+    (i2t: its N images, t2i: its C captions).
 
     ``mix``: a second source's (i2t, t2i) selections (another miner's candidates); a caption
     takes both its negatives from it with probability ``mix_share``, drawn as from the first
@@ -44,8 +52,11 @@ class OfflineNegativeSampler:
 
     def __init__(self, i2t: Selection, t2i: Selection, hardest: int, seed: int,
                  curriculum_epochs: int = 0,
-                 mix: tuple[Selection, Selection] | None = None, mix_share: float = 0.0):
+                 mix: tuple[Selection, Selection] | None = None, mix_share: float = 0.0, *,
+                 layout: CaptionLayout):
         self.hardest = hardest
+        self.layout = layout
+        self.windows = sampling_windows(layout, hardest)
         for pair in ((i2t, t2i), *((mix,) if mix else ())):
             self._check_k(*pair)
         self.i2t, self.t2i = i2t, t2i
@@ -55,7 +66,11 @@ class OfflineNegativeSampler:
         self.epoch = 0
 
     def _check_k(self, i2t: Selection, t2i: Selection) -> None:
-        need_t2i = -(-self.hardest // CAPTIONS_PER_IMAGE)
+        rows = (len(i2t.indices), len(t2i.indices))
+        if rows != (self.layout.num_images, self.layout.num_captions):
+            raise ValueError(f"candidates of {rows[0]} images (i2t) and {rows[1]} captions "
+                             f"(t2i) for a split of {self.layout!r}")
+        need_t2i = int(self.windows["t2i"].max(initial=1))
         if i2t.k < self.hardest or t2i.k < need_t2i:
             raise ValueError(f"need K >= {self.hardest} (i2t) and >= {need_t2i} (t2i), got "
                              f"{i2t.k} and {t2i.k}")
@@ -75,9 +90,9 @@ class OfflineNegativeSampler:
         return (counts - window) * left // self.curriculum_epochs
 
     def _pick(self, selection: Selection, rows: np.ndarray, rank: np.ndarray,
-              full: int, words: np.ndarray) -> np.ndarray:
+              full: np.ndarray, words: np.ndarray) -> np.ndarray:
         """Candidate ids (B,) of ``rows``: the reference's ``rank`` where a row's window is
-        full (``full`` wide), else uniform by ``words`` over what the row keeps."""
+        full (``full`` (B,) wide), else uniform by ``words`` over what the row keeps."""
         counts = selection.counts[rows]
         window = np.minimum(counts, full)
         own = (words % np.maximum(window, 1).astype(np.uint64)).astype(np.int64)
@@ -90,23 +105,24 @@ class OfflineNegativeSampler:
         """(B,) caption ids -> int64 (B,) arrays ``captions`` (T'), ``images`` (I'),
         ``captions2`` (T''), ``images2`` (I'')."""
         c = np.asarray(captions, dtype=np.int64)
+        layout = self.layout
         words = counter_hash(self.seed, self.epoch, c)
         rank = (words % np.uint64(self.hardest)).astype(np.int64)
         second = splitmix64(words)
-        which = (second % np.uint64(CAPTIONS_PER_IMAGE)).astype(np.int64)
-        image = c // CAPTIONS_PER_IMAGE
-        need_t2i = -(-self.hardest // CAPTIONS_PER_IMAGE)
+        image = layout.owner[c]
+        rank_t2i = rank // layout.counts[image]
+        full_i2t, full_t2i = self.windows["i2t"][image], self.windows["t2i"][c]
         third = splitmix64(second)
-        t1 = self._pick(self.i2t, image, rank, self.hardest, words)
-        i1 = self._pick(self.t2i, c, rank // CAPTIONS_PER_IMAGE, need_t2i, third)
+        t1 = self._pick(self.i2t, image, rank, full_i2t, words)
+        i1 = self._pick(self.t2i, c, rank_t2i, full_t2i, third)
         if self.mix_share:  # a caption's negatives both come from the second source
             coin = (splitmix64(third) >> np.uint64(11)).astype(np.float64) / 2.0 ** 53
             other = coin < self.mix_share
-            t1 = np.where(other, self._pick(self.mix[0], image, rank, self.hardest, words), t1)
-            i1 = np.where(other, self._pick(self.mix[1], c, rank // CAPTIONS_PER_IMAGE,
-                                            need_t2i, third), i1)
-        return {"captions": t1, "images": i1, "captions2": i1 * CAPTIONS_PER_IMAGE + which,
-                "images2": t1 // CAPTIONS_PER_IMAGE}
+            t1 = np.where(other, self._pick(self.mix[0], image, rank, full_i2t, words), t1)
+            i1 = np.where(other, self._pick(self.mix[1], c, rank_t2i, full_t2i, third), i1)
+        which = (second % layout.counts[i1].astype(np.uint64)).astype(np.int64)
+        return {"captions": t1, "images": i1, "captions2": layout.starts[i1] + which,
+                "images2": layout.owner[t1]}
 
 
 class OfflinePairDataset(Dataset):
@@ -119,6 +135,9 @@ class OfflinePairDataset(Dataset):
 
     def __init__(self, split: Split, tokenizer: CaptionTokenizer,
                  sampler: OfflineNegativeSampler):
+        if sampler.layout != split.layout:
+            raise ValueError(f"the sampler's candidates follow {sampler.layout!r}, the split "
+                             f"{split.layout!r}")
         self.split = split
         self.tokens = split.tokenized(tokenizer)
         self.sampler = sampler
@@ -134,7 +153,7 @@ class OfflinePairDataset(Dataset):
 
     def __getitems__(self, captions: list[int]) -> list[dict]:
         neg = self.sampler.draw(captions)
-        anchors = np.asarray(captions, dtype=np.int64) // CAPTIONS_PER_IMAGE
+        anchors = self.split.layout.owner[np.asarray(captions, dtype=np.int64)]
         image_ids = np.stack([anchors, neg["images"], neg["images2"]], axis=1)  # (B, 3)
         caption_ids = np.stack([np.asarray(captions), neg["captions"], neg["captions2"]], 1)
         feats = self.split.features.read_many(image_ids.reshape(-1))

@@ -21,7 +21,8 @@ a filter never needs mining again. Each filter is off at 0:
 The query's positive score is the file's ``positive_scores`` (i2t: the mean over the
 image's captions; t2i: the caption with its own image). What passes is the row's
 *eligible* list, still hardest first; :class:`Selection` holds it as positions into the
-row. The sampler draws from a window of it (see :mod:`stages.mining.sampler`).
+row. The sampler draws from a window of it (see :mod:`stages.mining.sampler`): h wide for
+i2t, ceil(h / k) for a caption of an image of k captions (:func:`sampling_windows`).
 """
 
 import logging
@@ -31,8 +32,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from stages.core.errors import UserError
+from stages.core.layout import CaptionLayout
 from stages.data.vocab import file_sha256
-from stages.mining.candidate_files import CAPTIONS_PER_IMAGE, Candidates, load_candidates
+from stages.mining.candidate_files import Candidates, load_candidates, padded_captions
 
 log = logging.getLogger(__name__)
 
@@ -87,18 +89,40 @@ class CaptionWords:
 
 NO_FILTERS = SelectionRules()
 
+# Own captions one word table holds: one bit each of its uint8 entries.
+TABLE_BITS = 8
+
+
+def sampling_windows(layout: CaptionLayout, hardest: int) -> dict[str, np.ndarray]:
+    """How many eligible candidates each row's draw ranges over (:mod:`stages.mining.sampler`):
+    i2t (N,) h for every image; t2i (C,) ceil(h / k) for a caption of an image of k captions
+    (the sampler's I' = t2i[c][n // k] for n < h)."""
+    counts = layout.counts[layout.owner]
+    return {"i2t": np.full(layout.num_images, hardest, np.int64),
+            "t2i": -(-hardest // counts)}
+
+
+def window_text(window: np.ndarray) -> str:
+    """A row-window array as text: ``"4"``, or ``"2-5"`` when rows differ."""
+    low, high = (int(window.min()), int(window.max())) if len(window) else (0, 0)
+    return str(high) if low == high else f"{low}-{high}"
+
 
 def duplicate_scores(direction: str, indices: np.ndarray, words: CaptionWords,
-                     rows: np.ndarray | None = None, block: int = 256) -> np.ndarray:
+                     layout: CaptionLayout, rows: np.ndarray | None = None,
+                     block: int = 256) -> np.ndarray:
     """(Q, K) float32: the largest word overlap (Jaccard of word sets, exact; two empty
     captions overlap 0) between each candidate and its query's text: i2t, the candidate
     caption against each of the anchor image's captions; t2i, the anchor caption against
-    each caption of the candidate image. ``rows``: the query ids of ``indices``' rows
-    (default 0..Q−1).
+    each caption of the candidate image (captions owned as ``layout`` says). ``rows``: the
+    query ids of ``indices``' rows (default 0..Q−1).
 
     Per block of queries, a (b, V + 1) table holds which of the query's own captions (one
-    bit each) contain each word, so a candidate caption's overlaps are table lookups of its
-    words: b x K x L x 5 operations, not a comparison of every word pair.
+    bit each, up to 8 per table) contain each word, so a candidate caption's overlaps are
+    table lookups of its words: b x K x L x m operations (m captions per image), not a
+    comparison of every word pair. Images of fewer captions than a block's widest repeat
+    their last caption (:func:`~stages.mining.candidate_files.padded_captions`), which
+    leaves the maxima as they are.
     """
     q, k = indices.shape
     rows = np.arange(q) if rows is None else np.asarray(rows)
@@ -108,23 +132,25 @@ def duplicate_scores(direction: str, indices: np.ndarray, words: CaptionWords,
     for start in range(0, q, block):
         stop = min(q, start + block)
         n = stop - start
-        if direction == "i2t":  # own: the anchor's 5 captions; each candidate is one caption
-            own = rows[start:stop, None] * CAPTIONS_PER_IMAGE + np.arange(CAPTIONS_PER_IMAGE)
+        if direction == "i2t":  # own: the anchor's captions; each candidate is one caption
+            own, _ = padded_captions(layout, rows[start:stop])  # (n, m)
             theirs = indices[start:stop, :, None].astype(np.int64)  # (n, K, 1)
-        else:  # own: the anchor caption; each candidate is an image of 5 captions
+        else:  # own: the anchor caption; each candidate is an image of its captions
             own = rows[start:stop, None]
-            theirs = (indices[start:stop, :, None].astype(np.int64) * CAPTIONS_PER_IMAGE
-                      + np.arange(CAPTIONS_PER_IMAGE))  # (n, K, 5)
-        table = np.zeros((n, pad + 1), np.uint8)
-        for j in range(own.shape[1]):
-            table[np.arange(n)[:, None], ids[own[:, j]]] |= np.uint8(1 << j)
-        table[:, pad] = 0
-        bits = table[np.arange(n)[:, None, None, None], ids[theirs]]  # (n, K, c, L)
-        for j in range(own.shape[1]):
-            common = ((bits >> j) & 1).sum(axis=-1)  # (n, K, c)
-            union = words.sizes[own[:, j]][:, None, None] + words.sizes[theirs] - common
-            jaccard = np.where(union > 0, common / np.maximum(union, 1), 0.0)
-            best[start:stop] = np.maximum(best[start:stop], jaccard.max(axis=-1))
+            theirs, _ = padded_captions(layout, indices[start:stop].ravel())
+            theirs = theirs.reshape(n, k, -1)  # (n, K, m)
+        for first in range(0, own.shape[1], TABLE_BITS):
+            group = own[:, first:first + TABLE_BITS]
+            table = np.zeros((n, pad + 1), np.uint8)
+            for j in range(group.shape[1]):
+                table[np.arange(n)[:, None], ids[group[:, j]]] |= np.uint8(1 << j)
+            table[:, pad] = 0
+            bits = table[np.arange(n)[:, None, None, None], ids[theirs]]  # (n, K, c, L)
+            for j in range(group.shape[1]):
+                common = ((bits >> j) & 1).sum(axis=-1)  # (n, K, c)
+                union = words.sizes[group[:, j]][:, None, None] + words.sizes[theirs] - common
+                jaccard = np.where(union > 0, common / np.maximum(union, 1), 0.0)
+                best[start:stop] = np.maximum(best[start:stop], jaccard.max(axis=-1))
     return best
 
 
@@ -133,7 +159,8 @@ def drop_reasons(direction: str, candidates: Candidates, rules: SelectionRules,
                  ) -> np.ndarray:
     """(Q, K) uint8: for each candidate, the bit flags of the filters that drop it (0: it
     stays eligible). ``candidates`` must hold scores when the ratio or margin filter is
-    on, and ``words`` the split's captions when the duplicate filter is."""
+    on, and ``words`` the split's captions when the duplicate filter is (owned as
+    ``candidates.layout`` says)."""
     indices = candidates.indices
     reasons = np.zeros(indices.shape, np.uint8)
     if rules.skip_top:
@@ -152,7 +179,7 @@ def drop_reasons(direction: str, candidates: Candidates, rules: SelectionRules,
     if rules.duplicate_overlap:
         if words is None:
             raise ValueError("the duplicate filter needs the split's CaptionWords")
-        overlap = duplicate_scores(direction, indices, words, rows)
+        overlap = duplicate_scores(direction, indices, words, candidates.layout, rows)
         reasons[overlap >= rules.duplicate_overlap] |= DUPLICATE
     return reasons
 
@@ -185,11 +212,11 @@ class Selection:
         return self.indices.shape[1]
 
 
-def select(direction: str, candidates: Candidates, rules: SelectionRules, window: int,
-           words: CaptionWords | None = None) -> Selection:
-    """Apply ``rules`` to a loaded candidate file and log what they drop; ``window`` is how
-    many eligible candidates the sampler draws from per row (h for i2t, ceil(h / 5) for
-    t2i)."""
+def select(direction: str, candidates: Candidates, rules: SelectionRules,
+           window: int | np.ndarray, words: CaptionWords | None = None) -> Selection:
+    """Apply ``rules`` to a loaded candidate file and log what they drop; ``window`` (an
+    int, or (Q,) per row) is how many eligible candidates the sampler draws from per row
+    (:func:`sampling_windows`)."""
     if not rules.active:
         return Selection.unfiltered(candidates.indices)
     if rules.skip_top >= candidates.k:
@@ -212,10 +239,11 @@ def select(direction: str, candidates: Candidates, rules: SelectionRules, window
                         for bit, name in REASON_NAMES.items() if (reasons & bit).any())
     short = selection.counts < window
     log.info("%s: the filters drop %.1f of K=%d candidates per query on average (%s); "
-             "%.1f%% of queries keep fewer than the %d sampled from (they sample from what "
+             "%.1f%% of queries keep fewer than the %s sampled from (they sample from what "
              "they keep), %d keep none (they fall back to their last candidate)",
              candidates.path, (reasons > 0).sum(1).mean(), candidates.k,
-             by_rule or "none", 100 * short.mean(), window, int((selection.counts == 0).sum()))
+             by_rule or "none", 100 * short.mean(), window_text(np.atleast_1d(window)),
+             int((selection.counts == 0).sum()))
     return selection
 
 
@@ -223,14 +251,16 @@ def load_selections(folder, dataset: str, split, hardest: int, weights: str,
                     rules: SelectionRules, words: CaptionWords | None
                     ) -> tuple[dict[str, Selection], dict[str, dict]]:
     """The candidate files ``folder/{i2t,t2i}.h5``, checked against ``split`` (the run's
-    training :class:`~stages.data.dataset.Split` of ``dataset``) and the sampling window
-    of ``hardest`` (:func:`~stages.mining.candidate_files.load_candidates`; ``weights``: the hash of
-    the model that must have mined them, empty for any), then filtered by ``rules``.
-    Returns each direction's :class:`Selection` and its file's record (``weights``,
-    ``k``, ``index``, ``sha256``)."""
-    windows = {"i2t": hardest, "t2i": -(-hardest // CAPTIONS_PER_IMAGE)}
+    training :class:`~stages.data.dataset.Split` of ``dataset``: its images and caption
+    layout) and the sampling windows of ``hardest`` (t2i needs ceil(h / the fewest captions
+    an image has) columns; :func:`~stages.mining.candidate_files.load_candidates`;
+    ``weights``: the hash of the model that must have mined them, empty for any), then
+    filtered by ``rules``. Returns each direction's :class:`Selection` and its file's
+    record (``weights``, ``k``, ``index``, ``sha256``)."""
+    windows = sampling_windows(split.layout, hardest)
     i2t, t2i = (load_candidates(folder, direction, dataset, split.name, split.num_images,
-                                windows[direction], weights, with_scores=rules.needs_scores)
+                                int(windows[direction].max(initial=1)), weights,
+                                with_scores=rules.needs_scores, layout=split.layout)
                 for direction in windows)
     if i2t.attrs["weights"] != t2i.attrs["weights"]:
         raise UserError(f"{i2t.path} and {t2i.path} were mined with different models "

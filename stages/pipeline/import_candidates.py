@@ -1,6 +1,7 @@
 """``aoq import``: AOQ's published candidate arrays (``i2t_<data>.npy`` (N, K) and
-``t2i_<data>.npy`` (5N, K'), int32) as this project's candidate files, after checks that
-they belong to the dataset's training split."""
+``t2i_<data>.npy`` (5N, K'), int32; for a split of another caption layout, (N, K) and
+(C, K')) as this project's candidate files, after checks that they belong to the dataset's
+training split and its caption layout."""
 
 import hashlib
 import logging
@@ -14,9 +15,9 @@ from stages.data.features import refuse_object_npy
 from stages.data.vocab import file_sha256
 from stages.io.lock import folder_lock
 from stages.mining.candidate_files import (
-    CAPTIONS_PER_IMAGE,
     candidate_path,
     positives_present,
+    queries_and_items,
     write_candidates,
 )
 from stages.pipeline.stamps import clear_record
@@ -26,9 +27,10 @@ log = logging.getLogger(__name__)
 
 def import_published(i2t_file: str | Path, t2i_file: str | Path, config, out_dir: str | Path
                      ) -> list[Path]:
-    """Convert AOQ's published ``i2t_<data>.npy`` (N, K) / ``t2i_<data>.npy`` (5N, K') int32
-    files into candidate files for ``config``'s dataset, after checking shapes, ranges and
-    that no query lists its own positive (which would mean another caption order)."""
+    """Convert AOQ's published ``i2t_<data>.npy`` (N, K) / ``t2i_<data>.npy`` (C, K') int32
+    files (C = 5N for AOQ's) into candidate files for ``config``'s dataset, after checking
+    shapes, ranges and that no query lists its own positive (which would mean another
+    caption order)."""
     split = open_split(config.dataset_dir(), config.data.train_split)
     for path in (Path(i2t_file), Path(t2i_file)):
         if not path.is_file():
@@ -47,8 +49,7 @@ def _import_direction(direction: str, path: Path, split, dataset: str, tag: str,
                       out_dir: str | Path) -> Path:
     """Check one published candidate array against ``split`` and write its candidate file."""
     n = split.num_images
-    queries, limit = ((n, CAPTIONS_PER_IMAGE * n) if direction == "i2t"
-                      else (CAPTIONS_PER_IMAGE * n, n))
+    queries, limit = queries_and_items(direction, split.layout)
     indices = _load_published(path, direction)
     if indices.ndim != 2 or indices.shape[0] != queries:
         raise UserError(f"{path}: shape {indices.shape}, but {dataset} {split.name} needs "
@@ -58,14 +59,14 @@ def _import_direction(direction: str, path: Path, split, dataset: str, tag: str,
     indices = np.asarray(indices, dtype=np.int64)
     if indices.min() < 0 or indices.max() >= limit:
         raise UserError(f"{path}: indices outside [0, {limit}) for {dataset}")
-    if positives_present(direction, indices).any():
+    if positives_present(direction, indices, split.layout).any():
         raise UserError(f"{path}: some queries list their own positives; it does not "
                         f"follow the caption order of {split.name}_caps.txt")
     out = candidate_path(out_dir, direction)
     write_candidates(out, indices, None, {
         "direction": direction, "dataset": dataset, "split": split.name,
         "num_images": n, "weights": tag,
-        "checkpoint": str(path), "index": "imported", "k": indices.shape[1]})
+        "checkpoint": str(path), "index": "imported", "k": indices.shape[1]}, split.layout)
     log.info("imported %s %s -> %s", path, indices.shape, out)
     return out
 

@@ -1,6 +1,6 @@
 """``aoq inspect``: one query's offline candidates, as text a person can judge.
 
-For an image: its 5 captions, then its hardest candidate captions; for a caption: its
+For an image: its captions, then its hardest candidate captions; for a caption: its
 text and its image's other captions, then its hardest candidate images (each shown by its
 first caption). Scores, the query's positive score, which candidates each false-negative
 filter drops (:mod:`stages.mining.selection`) and the window retraining samples from are
@@ -17,14 +17,16 @@ import h5py
 import numpy as np
 
 from stages.core.errors import UserError
+from stages.core.layout import CaptionLayout
 from stages.data.captions import read_captions
 from stages.io.atomic import plain_attrs
 from stages.mining.candidate_files import (
     CANDIDATES_FORMAT,
-    CAPTIONS_PER_IMAGE,
     Candidates,
     candidate_path,
+    file_layout,
     is_positive,
+    queries_and_items,
 )
 from stages.mining.selection import (
     DUPLICATE,
@@ -44,10 +46,11 @@ from stages.mining.selection import (
 class QueryRow:
     """One query's row of a candidate file: ``indices`` (K,) int64, ``scores`` (K,)
     float32 or None (imported files), ``positive_score`` or None (files before version 2),
-    the file's attributes."""
+    the file's attributes and caption layout."""
 
     path: Path
     attrs: dict
+    layout: CaptionLayout
     query: int
     indices: np.ndarray
     scores: np.ndarray | None
@@ -70,10 +73,6 @@ def _open(path: Path):
     return f
 
 
-def num_queries(attrs: dict, direction: str) -> int:
-    return int(attrs["num_images"]) * (CAPTIONS_PER_IMAGE if direction == "t2i" else 1)
-
-
 def read_query(folder: str | Path, direction: str, query: int) -> QueryRow:
     """Read query ``query``'s row of ``folder/<direction>.h5``; an index outside the file's
     queries is an error that names the valid range."""
@@ -83,7 +82,8 @@ def read_query(folder: str | Path, direction: str, query: int) -> QueryRow:
         if attrs.get("direction") != direction:
             raise UserError(f"{path} holds {attrs.get('direction')!r} candidates, not "
                             f"{direction}; mine the folder again with `make offcandi`")
-        n = num_queries(attrs, direction)
+        layout = file_layout(f, attrs, path)
+        n, items = queries_and_items(direction, layout)
         if not 0 <= query < n:
             what = "image" if direction == "i2t" else "caption"
             raise UserError(f"{what} {query} is out of range: {path} holds {what}s 0..{n - 1} "
@@ -92,26 +92,34 @@ def read_query(folder: str | Path, direction: str, query: int) -> QueryRow:
         indices = np.asarray(f["indices"][query], dtype=np.int64)
         scores = np.asarray(f["scores"][query], dtype=np.float32) if "scores" in f else None
         positive = float(f["positive_scores"][query]) if "positive_scores" in f else None
-    return QueryRow(path, attrs, query, indices, scores, positive)
+    if len(indices) and (indices.min() < 0 or indices.max() >= items):
+        raise UserError(f"{path}: row {query} lists ids outside [0, {items}): the file is "
+                        "damaged; mine it again with `make offcandi`")
+    return QueryRow(path, attrs, layout, query, indices, scores, positive)
 
 
-def caption_positive_scores(folder: str | Path, attrs: dict, image: int) -> np.ndarray | None:
-    """(5,) score of each caption of ``image`` with it, from ``t2i.h5`` when it was mined
-    by the same model as ``attrs``'s file and has positive scores; else None."""
+def caption_positive_scores(folder: str | Path, row: QueryRow, image: int
+                            ) -> np.ndarray | None:
+    """(k,) score of each of the k captions of ``image`` with it, from ``t2i.h5`` when it
+    was mined by the same model and on the same captions as ``row``'s file and has positive
+    scores; else None."""
     path = candidate_path(folder, "t2i")
     if not path.is_file():
         return None
     with _open(path) as f:
-        if "positive_scores" not in f or f.attrs.get("weights") != attrs.get("weights"):
+        attrs = plain_attrs(f.attrs)
+        if ("positive_scores" not in f or attrs.get("weights") != row.attrs.get("weights")
+                or file_layout(f, attrs, path) != row.layout):
             return None
-        start = image * CAPTIONS_PER_IMAGE
-        return np.asarray(f["positive_scores"][start:start + CAPTIONS_PER_IMAGE])
+        own = row.layout.captions_of(image)
+        return np.asarray(f["positive_scores"][own.start:own.stop])
 
 
-def dataset_captions(attrs: dict, data_path: str | Path, path: Path) -> tuple[list[str], Path]:
-    """The captions of the split the candidate file at ``path`` indexes, checked against
-    its image count: under ``data_path``, else in the dataset folder the file records it
-    was mined from (``dataset_dir``, absolute)."""
+def dataset_captions(row: QueryRow, data_path: str | Path) -> tuple[list[str], Path]:
+    """The captions of the split ``row``'s candidate file indexes, checked against its
+    caption count: under ``data_path``, else in the dataset folder the file records it was
+    mined from (``dataset_dir``, absolute)."""
+    attrs, path = row.attrs, row.path
     name = f"{attrs['split']}_caps.txt"
     caps_file = Path(data_path) / attrs["dataset"] / name
     if not caps_file.is_file() and attrs.get("dataset_dir"):
@@ -122,7 +130,7 @@ def dataset_captions(attrs: dict, data_path: str | Path, path: Path) -> tuple[li
                         f"{attrs['split']}; point data.path at the datasets root that holds "
                         f"{attrs['dataset']}/ (--set data.path=... or DATA_PATH=...)")
     captions = read_captions(caps_file)
-    want = CAPTIONS_PER_IMAGE * int(attrs["num_images"])
+    want = row.layout.num_captions
     if len(captions) != want:
         raise UserError(f"{caps_file} has {len(captions)} captions, but {path} indexes "
                         f"{attrs['num_images']} images ({want} captions): another dataset "
@@ -136,7 +144,7 @@ def _row_reasons(row: QueryRow, rules: SelectionRules, captions: list[str] | Non
     margin filters are left out when the file lacks the scores they need."""
     if rules.needs_scores and (row.scores is None or row.positive_score is None):
         rules = dataclasses.replace(rules, ratio=0.0, margin=0.0)
-    one = Candidates(row.path, row.indices[None], row.attrs,
+    one = Candidates(row.path, row.indices[None], row.attrs, row.layout,
                      None if row.scores is None else row.scores[None],
                      None if row.positive_score is None
                      else np.array([row.positive_score], dtype=np.float32))
@@ -188,7 +196,8 @@ def _table(row: QueryRow, top: int, reasons: np.ndarray, window: int,
     epoch E + 1 on: earlier epochs sample easier kept candidates)."""
     direction = row.attrs["direction"]
     shown = min(top, len(row.indices))
-    positive = is_positive(direction, np.array([row.query]), row.indices[None, :shown])[0]
+    positive = is_positive(direction, np.array([row.query]), row.indices[None, :shown],
+                           row.layout)[0]
     sampled = np.zeros(len(row.indices), bool)
     sampled[np.flatnonzero(reasons == 0)[:window]] = True
     lines = []
@@ -221,46 +230,53 @@ def inspect_image(folder: str | Path, image: int, data_path: str | Path, top: in
     marked by the false-negative ``rules``; ``hardest``: h, the window retraining samples
     from."""
     row = read_query(folder, "i2t", image)
-    captions, caps_file = dataset_captions(row.attrs, data_path, row.path)
-    own = caption_positive_scores(folder, row.attrs, image)
-    lines = [_header(row), "", f"image {image}, its {CAPTIONS_PER_IMAGE} captions "
+    captions, caps_file = dataset_captions(row, data_path)
+    own = caption_positive_scores(folder, row, image)
+    mine = row.layout.captions_of(image)
+    lines = [_header(row), "", f"image {image}, its {len(mine)} caption"
+             f"{'s' if len(mine) > 1 else ''} "
              f"({caps_file}{', score with the image' if own is not None else ''}):"]
-    for j in range(CAPTIONS_PER_IMAGE):
-        c = image * CAPTIONS_PER_IMAGE + j
+    for j, c in enumerate(mine):
         score = f"{own[j]:.4f}" if own is not None else "     -"
         lines.append(f"       {score} +  caption {c:>7}  {captions[c]}")
     reasons = _row_reasons(row, rules, captions)
-    lines += ["", *_filter_lines(row, rules, reasons, hardest, "mean over the 5 captions"),
+    owner = row.layout.owner
+    lines += ["", *_filter_lines(row, rules, reasons, hardest,
+                                 f"mean over the {len(mine)} caption"
+                                 f"{'s' if len(mine) > 1 else ''}"),
               "", f"top {min(top, len(row.indices))} of {len(row.indices)} candidate "
               "captions, hardest first (* in the window retraining samples from):",
               " rank   score  mark candidate (caption id, its image)"]
     lines += _table(row, top, reasons, hardest,
-                    lambda c: f"caption {c:>7} (image {c // 5:>6})  {captions[c]}")
+                    lambda c: f"caption {c:>7} (image {owner[c]:>6})  {captions[c]}")
     return "\n".join(lines)
 
 
 def inspect_caption(folder: str | Path, caption: int, data_path: str | Path, top: int = 10,
                     rules: SelectionRules = NO_FILTERS, hardest: int = 300) -> str:
     """Caption ``caption``, its image's other captions and its ``top`` hardest candidate
-    images (each shown by its first caption), as text."""
+    images (each shown by its first caption), as text; retraining samples from the top
+    ceil(h / k) of them, k the captions of its image."""
     row = read_query(folder, "t2i", caption)
-    captions, caps_file = dataset_captions(row.attrs, data_path, row.path)
-    image = caption // CAPTIONS_PER_IMAGE
-    own = caption_positive_scores(folder, row.attrs, image)
+    captions, caps_file = dataset_captions(row, data_path)
+    image = int(row.layout.owner[caption])
+    own = caption_positive_scores(folder, row, image)
+    mine = row.layout.captions_of(image)
+    others = [(j, c) for j, c in enumerate(mine) if c != caption]
     lines = [_header(row), "", f"caption {caption} ({caps_file}):", f"    {captions[caption]}",
              f"its image {image}, whose other captions are"
-             f"{' (score with the image)' if own is not None else ''}:"]
-    for j in range(CAPTIONS_PER_IMAGE):
-        c = image * CAPTIONS_PER_IMAGE + j
-        if c != caption:
-            score = f"{own[j]:.4f}" if own is not None else "     -"
-            lines.append(f"       {score} +  caption {c:>7}  {captions[c]}")
-    window = -(-hardest // CAPTIONS_PER_IMAGE)
+             f"{' (score with the image)' if own is not None else ''}:"
+             if others else f"its image {image}, which has no other caption"]
+    for j, c in others:
+        score = f"{own[j]:.4f}" if own is not None else "     -"
+        lines.append(f"       {score} +  caption {c:>7}  {captions[c]}")
+    window = -(-hardest // len(mine))
+    first = row.layout.first_caption
     reasons = _row_reasons(row, rules, captions)
     lines += ["", *_filter_lines(row, rules, reasons, window, "the caption with its image"),
               "", f"top {min(top, len(row.indices))} of {len(row.indices)} candidate images, "
               "hardest first (each by its first caption; * in the window retraining samples "
               "from):", " rank   score  mark candidate"]
     lines += _table(row, top, reasons, window,
-                    lambda i: f"image {i:>7}  {captions[i * CAPTIONS_PER_IMAGE]}")
+                    lambda i: f"image {i:>7}  {captions[first[i]]}")
     return "\n".join(lines)

@@ -26,6 +26,7 @@ from matplotlib.figure import Figure
 
 from stages.config.sections import Config
 from stages.core.errors import UserError
+from stages.core.layout import CaptionLayout
 from stages.data.captions import read_captions
 from stages.io.atomic import atomic_path, write_json
 from stages.mining.candidate_files import DIRECTIONS, candidate_path
@@ -41,13 +42,17 @@ COLOURS = {"positive": "tab:green", "online": "tab:orange", "offline_top1": "tab
 BINS = 80
 
 
-def quantity_names(batch_size: int, hardest: int) -> dict[str, dict[str, str]]:
-    """Legend names per direction (t2i samples from the top ceil(h / 5))."""
+def quantity_names(batch_size: int, hardest: int, layout: CaptionLayout
+                   ) -> dict[str, dict[str, str]]:
+    """Legend names per direction (t2i samples from the top ceil(h / k), k the captions of
+    the caption's image in ``layout``)."""
+    k = layout.per_image
+    t2i = str(-(-hardest // k)) if k else f"ceil({hardest} / captions of the image)"
     return {d: {"positive": "positive pairs",
                 "online": f"hardest online negative (batch {batch_size})",
                 "offline_top1": "offline candidate #1",
                 "offline_range": f"offline top {h} (sampled range)"}
-            for d, h in (("i2t", hardest), ("t2i", -(-hardest // 5)))}
+            for d, h in (("i2t", str(hardest)), ("t2i", t2i))}
 
 
 def _bins(values: list[np.ndarray]) -> np.ndarray:
@@ -85,8 +90,11 @@ def similarity_figure(rounds: list[RoundStats], names: dict) -> Figure:
     return fig
 
 
-def rank_figure(rounds: list[RoundStats]) -> Figure:
-    """One panel per direction: CDF of the 1-based positive rank, one curve per round."""
+def rank_figure(rounds: list[RoundStats], layout: CaptionLayout) -> Figure:
+    """One panel per direction: CDF of the 1-based positive rank, one curve per round
+    (``layout``: the captions of the first round's split)."""
+    k = layout.per_image
+    of_each = f" x {k} captions" if k else " x their captions"
     fig = Figure(figsize=(13, 4.5), layout="constrained")
     axes = fig.subplots(1, 2)
     colours = _round_colours(len(rounds))
@@ -103,11 +111,11 @@ def rank_figure(rounds: list[RoundStats]) -> Figure:
         ax.set_ylim(0, 1.01)
         ax.set_xlabel("rank of the positive (1 = retrieved first)")
         ax.set_ylabel("fraction of queries with rank <= x")
-        what = ("best of its 5 captions among all captions" if direction == "i2t"
-                else "its image among all images")
+        what = (f"best of its {f'{k} ' if k else ''}captions among all captions"
+                if direction == "i2t" else "its image among all images")
         n = rounds[0].summary["rank_sample_images"]
         ax.set_title(f"{DIRECTION_NAMES[direction]}: {what}\n(training split, "
-                     f"{n} sampled images{'' if direction == 'i2t' else ' x 5 captions'})",
+                     f"{n} sampled images{'' if direction == 'i2t' else of_each})",
                      fontsize=10)
         ax.legend(fontsize=8, loc="lower right")
     return fig
@@ -201,10 +209,11 @@ def plot(candidate_dirs: list[Path], embeddings: list[Path], config: Config, out
                                   words=_caption_words(emb, config, rules),
                                   rank_sample=rank_sample, online_batches=online_batches,
                                   seed=seed))
-    names = quantity_names(config.train.batch_size, config.offcandi.hardest)
+    layout = rounds[0].layout
+    names = quantity_names(config.train.batch_size, config.offcandi.hardest, layout)
     out_dir = Path(out_dir)
     written = [_save(similarity_figure(rounds, names), out_dir / "similarities.png"),
-               _save(rank_figure(rounds), out_dir / "positive_rank.png"),
+               _save(rank_figure(rounds, layout), out_dir / "positive_rank.png"),
                _save(rounds_figure(rounds, names), out_dir / "rounds.png")]
     write_json(out_dir / "diagnostics.json", {"rounds": [r.summary for r in rounds]})
     written.append(out_dir / "diagnostics.json")

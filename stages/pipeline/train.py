@@ -26,8 +26,8 @@ import yaml
 from stages.config.sections import Config, config_diff
 from stages.core.device import resolve_device
 from stages.core.errors import UserError
+from stages.core.layout import CaptionLayout
 from stages.core.log import setup_logging
-from stages.data.captions import CAPTIONS_PER_IMAGE
 from stages.data.dataset import Split, check_compatible
 from stages.data.tokenizers import CaptionTokenizer
 from stages.data.vocab import Vocab, file_sha256
@@ -172,17 +172,19 @@ def _offline_task(config: Config, split: Split, tokenizer: CaptionTokenizer,
         mix = (mixed["i2t"], mixed["t2i"])
         log.info("%.0f%% of the captions draw their offline negatives from %s",
                  100 * o.mix_share, o.mix_dir)
-    _check_curriculum(o, selections["i2t"].k, selections["t2i"].k)
+    _check_curriculum(o, selections["i2t"].k, selections["t2i"].k, split.layout)
     sampler = OfflineNegativeSampler(selections["i2t"], selections["t2i"], o.hardest,
-                                     config.train.seed, o.curriculum_epochs, mix, o.mix_share)
+                                     config.train.seed, o.curriculum_epochs, mix, o.mix_share,
+                                     layout=split.layout)
     return OfflineTask(split, tokenizer, sampler, o.group_size), load
 
 
-def _check_curriculum(o, k_i2t: int, k_t2i: int) -> None:
+def _check_curriculum(o, k_i2t: int, k_t2i: int, layout: CaptionLayout) -> None:
     """``offcandi.curriculum_epochs`` slides the window of ``offcandi.hardest`` candidates a
     caption draws from, over the K mined: a window holding all K in both directions has
-    nowhere to slide, and the setting would do nothing."""
-    window_t2i = -(-o.hardest // CAPTIONS_PER_IMAGE)
+    nowhere to slide, and the setting would do nothing (t2i: the widest window, of the
+    captions of the images of fewest captions in ``layout``)."""
+    window_t2i = -(-o.hardest // layout.min_per_image)
     if o.curriculum_epochs and o.hardest >= k_i2t and window_t2i >= k_t2i:
         raise UserError(
             f"offcandi.curriculum_epochs={o.curriculum_epochs} slides the window of the "

@@ -1,6 +1,7 @@
 import numpy as np
 import pytest
 
+from stages.core.layout import CaptionLayout
 from stages.data.dataset import open_split
 from stages.data.vocab import Vocab
 from stages.mining.mine import drop_positives
@@ -10,7 +11,8 @@ from stages.mining.selection import Selection
 
 def sampler_of(i2t, t2i, hardest, seed, **kwargs):
     return OfflineNegativeSampler(Selection.unfiltered(i2t), Selection.unfiltered(t2i),
-                                  hardest, seed, **kwargs)
+                                  hardest, seed, layout=CaptionLayout.uniform(len(i2t)),
+                                  **kwargs)
 
 
 def mined_candidates(n, k_i2t, k_t2i, seed=0):
@@ -19,8 +21,11 @@ def mined_candidates(n, k_i2t, k_t2i, seed=0):
     i2t_ranked = np.argsort(rng.random((n, 5 * n)), axis=1)
     t2i_ranked = np.argsort(rng.random((5 * n, n)), axis=1)
     zeros = np.zeros_like
-    i2t, _ = drop_positives("i2t", 0, i2t_ranked, zeros(i2t_ranked, dtype=float), k_i2t)
-    t2i, _ = drop_positives("t2i", 0, t2i_ranked, zeros(t2i_ranked, dtype=float), k_t2i)
+    layout = CaptionLayout.uniform(n)
+    i2t, _ = drop_positives("i2t", 0, i2t_ranked, zeros(i2t_ranked, dtype=float), k_i2t,
+                            layout)
+    t2i, _ = drop_positives("t2i", 0, t2i_ranked, zeros(t2i_ranked, dtype=float), k_t2i,
+                            layout)
     return i2t, t2i
 
 
