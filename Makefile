@@ -225,12 +225,15 @@ endif
 $(DATA_PATH)/demo/train_caps.txt $(DATA_PATH)/demo/train_ims.npy &: | $(STAMP)
 	$(AOQ) demo-data --out $(DATA_PATH)/demo
 
+# CAPTION_OPTS: options of `aoq captions`, e.g. "--captions-per-image 0" (keep all of each
+# image's captions; the default keeps the first 5, the benchmarks' protocol).
+CAPTION_OPTS ?=
 $(DATASET)/%_caps.txt: | $(STAMP)
 ifneq ($(KARPATHY),)
-	$(AOQ) captions --karpathy $(KARPATHY) --out $(DATASET)
+	$(AOQ) captions --karpathy $(KARPATHY) $(CAPTION_OPTS) --out $(DATASET)
 else ifneq ($(COCO_JSON),)
 	$(AOQ) captions $(foreach j,$(COCO_JSON),--coco-json $(j)) \
-	    $(foreach s,$(COCO_SPLITS),--split $(s)) --out $(DATASET)
+	    $(foreach s,$(COCO_SPLITS),--split $(s)) $(CAPTION_OPTS) --out $(DATASET)
 else
 	@echo "error: $@ not found. Put the $(DATA) precomp folder under DATA_PATH=$(DATA_PATH)" \
 	      "(see docs/data.md), point DATA_PATH at the folder that holds it, or" \
@@ -633,7 +636,7 @@ train_input = $(if $(filter pixels,$(MODEL_INPUT)),$(DATASET)/train_images.txt,$
 # Before the environment exists: a make of its own makes the input, once it does (with a
 # note instead when it still has no aoq, as under make -n).
 .SECONDEXPANSION:
-%/.train-input: $$(train_input)
+%/.train-input: $$(train_input) $$(wildcard $$(DATASET)/train_ids.txt)
 	$(if $(filter unknown,$(MODEL_INPUT)),+$(MAKE) -f $(firstword $(MAKEFILE_LIST)) \
 	    --no-print-directory train-input-after-setup MODEL_INPUT_AFTER_SETUP=1)
 

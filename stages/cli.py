@@ -417,14 +417,18 @@ def _feature_identity(command: tuple[str, ...]) -> dict:
 @click.option("--split", "split_ids", multiple=True, metavar="NAME=IDS_FILE",
               help="With --coco-json: a split and its file of COCO image ids; repeatable. "
                    "Default: one split per JSON file, named from it (train/dev/test).")
-def captions(out, karpathy, restval, coco_json, split_ids) -> None:
+@click.option("--captions-per-image", type=int, default=5, show_default=True,
+              help="Captions each image keeps: its first k (fewer is an error; 5 is the "
+                   "benchmarks' protocol), or 0 to keep all of them.")
+def captions(out, karpathy, restval, coco_json, split_ids, captions_per_image) -> None:
     """Write captions, image ids and image paths per split from the annotation sources."""
     from stages.features.annotations import coco_splits, karpathy_splits, write_splits
 
     if bool(karpathy) == bool(coco_json):
         raise UserError("give either --karpathy FILE or --coco-json FILE (not both)")
     if karpathy:
-        splits = karpathy_splits(karpathy, restval_into_train=restval == "train")
+        splits = karpathy_splits(karpathy, restval_into_train=restval == "train",
+                                 captions_per_image=captions_per_image)
     else:
         named = {}
         for text in split_ids:
@@ -433,7 +437,7 @@ def captions(out, karpathy, restval, coco_json, split_ids) -> None:
                                 "--split train=coco_train_ids.txt")
             name, path = text.split("=", 1)
             named[name] = path
-        splits = coco_splits(list(coco_json), named)
+        splits = coco_splits(list(coco_json), named, captions_per_image)
     write_splits(splits, out)
 
 

@@ -83,11 +83,11 @@ def image_list(content: bytes):
     return run
 
 
-def one_caption_per_image(tmp_path):
-    """As many feature rows and ids as captions: not SCAN's repeated rows, whatever 5 | N."""
+def ids_runs_of_other_images(tmp_path):
+    """An ids file of one id per caption whose runs (3 images) are not the features' rows."""
     ds = folder(tmp_path)
-    np.save(ds / "train_ims.npy", np.arange(5 * N * D, dtype=np.float32).reshape(5 * N, D))
-    (ds / "train_ids.txt").write_text("".join(f"{i}\n" for i in range(5 * N)))
+    np.save(ds / "train_ims.npy", np.arange(N * D, dtype=np.float32).reshape(N, D))
+    (ds / "train_ids.txt").write_text("".join(f"{i}\n" for i in [1] * 4 + [2] * 3 + [3] * 3))
     return lambda: read_split(ds), "train_ids.txt"
 
 
@@ -330,8 +330,9 @@ CASES = {
     "ids/repeated": (ids(b"1\n1\n2\n"), "listed more than once"),
     "images-list/not-utf8": (image_list(b"a.jpg\n\xff.jpg\n"), "not UTF-8"),
     "images-list/empty": (image_list(b""), "lists no images"),
-    "layout/one-caption-per-image": (one_caption_per_image, "lists 10 images: one caption "
-                                                            "per image cannot be trained on"),
+    "layout/ids-runs-of-other-images": (ids_runs_of_other_images,
+                                        r"train_ims.npy has 2 images but .* lists 3 \(one id "
+                                        "per caption"),
     # .npy features
     "npy/empty-file": (npy_bytes(b""), "cannot be read as .npy"),
     "npy/text": (npy_bytes(b"hello\n"), "cannot be read as .npy"),

@@ -70,3 +70,29 @@ def test_embeddings_are_made_again_only_for_another_model(tiny_root, text_mined)
     embed_text(str(other), tiny_root / "tiny", "tiny", "train", path)
     with Embeddings(path) as emb:
         assert emb.attrs["weights"] == miner_weights(f"text:{other}")
+
+
+def test_images_are_their_own_captions_means_whatever_their_counts(tmp_path):
+    from stages.data.synthetic import write_synthetic_dataset
+
+    counts = [1, 3, 5, 2, 7, 1]
+    write_synthetic_dataset(tmp_path / "tiny", {"train": 12}, seed=3, feature_dim=8,
+                            captions_per_image=counts)
+    bert = tiny_bert_for(tmp_path)
+    path = embed_text(str(bert), tmp_path / "tiny", "tiny", "train", tmp_path / "text.h5")
+    owner = [i for i, n in enumerate(counts * 2) for _ in range(n)]
+    with Embeddings(path) as emb:
+        cap, img = np.asarray(emb.captions), emb.images
+        assert emb.layout.owner.tolist() == owner
+    for i in range(12):
+        mean = cap[[c for c, o in enumerate(owner) if o == i]].mean(0)
+        np.testing.assert_allclose(img[i], mean / np.linalg.norm(mean), atol=1e-6)
+    # The same captions owned otherwise (the ids file edited): made again.
+    ids = tmp_path / "tiny" / "train_ids.txt"
+    lines = ids.read_text().splitlines()
+    ids.write_text("\n".join(["0", "0", *lines[2:]]) + "\n")  # images 0 and 1: 2 + 2
+    before = path.stat().st_mtime_ns
+    embed_text(str(bert), tmp_path / "tiny", "tiny", "train", path)
+    assert path.stat().st_mtime_ns != before
+    with Embeddings(path) as emb:
+        assert emb.layout.counts[:2].tolist() == [2, 2]

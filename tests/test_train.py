@@ -364,7 +364,7 @@ def _scripted_metrics(script):
     (R@1, R@5, R@10 each direction)."""
     calls = iter(script)
 
-    def evaluate(img, cap, folds, block_size):
+    def evaluate(img, cap, layout, folds, block_size):
         r1, r5, r10, r1i, r5i, r10i = next(calls)
         return {"r1_i2t": r1, "r5_i2t": r5, "r10_i2t": r10, "r1_t2i": r1i, "r5_t2i": r5i,
                 "r10_t2i": r10i, "rsum": r1 + r5 + r10 + r1i + r5i + r10i}

@@ -1,9 +1,12 @@
-"""Caption files: ``{split}_caps.txt``, one caption per line, 5 consecutive lines per image."""
+"""Caption files: ``{split}_caps.txt``, one caption per line, each image's captions on
+consecutive lines (5 per image in the standard benchmarks; the split's caption layout,
+:func:`stages.data.dataset.open_split`, says which image owns which)."""
 
 from pathlib import Path
 
 from stages.core.errors import UserError
 
+# The standard benchmarks' captions per image (Flickr30K, COCO as released for retrieval).
 CAPTIONS_PER_IMAGE = 5
 
 
@@ -57,7 +60,8 @@ def read_captions(path: str | Path) -> list[str]:
     for i, line in enumerate(lines, 1):
         caption = line.strip()
         if not caption:
-            raise UserError(f"{path}:{i}: empty caption line; every image needs exactly "
-                            f"{CAPTIONS_PER_IMAGE} non-empty consecutive caption lines")
+            raise UserError(f"{path}:{i}: empty caption line; every caption is one "
+                            "non-empty line, an image's captions on consecutive lines: write "
+                            "the missing caption there, or the file again")
         captions.append(caption)
     return captions

@@ -1,5 +1,5 @@
 """Torch datasets over one split: (image, caption) pairs for training, and images and
-captions separately for embedding. Caption ``c`` belongs to image ``c // 5``.
+captions separately for embedding. Caption ``c`` belongs to image ``split.layout.owner[c]``.
 """
 
 import logging
@@ -13,10 +13,10 @@ from torch.nn.utils.rnn import pad_sequence
 from torch.utils.data import Dataset
 
 from stages.core.errors import UserError
-from stages.core.layout import CaptionLayout
-from stages.data.captions import CAPTIONS_PER_IMAGE, check_split, read_captions
+from stages.core.layout import LEGACY_CAPTIONS_PER_IMAGE, CaptionLayout
+from stages.data.captions import check_split, read_captions
 from stages.data.features import FeatureStore, open_features
-from stages.data.splits import read_ids_file
+from stages.data.splits import ids_path, read_id_runs
 from stages.data.tokenizers import CaptionTokenizer
 from stages.data.vocab import PAD
 
@@ -54,7 +54,8 @@ class TokenizedCaptions:
 
 @dataclass
 class Split:
-    """One split of a dataset folder: features of N images and their 5N captions.
+    """One split of a dataset folder: features of N images and their C captions, image i
+    owning captions ``layout.captions_of(i)``.
 
     ``features`` is a :class:`FeatureStore`, or for models that read pixels an
     :class:`~stages.data.images.ImageStore` (decoded images, same interface).
@@ -90,7 +91,15 @@ class Split:
 
 
 def open_split(dataset_dir: str | Path, split: str, images: "ImageStore | None" = None) -> Split:
-    """Open ``split`` of a dataset folder and check that captions match images 5 to 1.
+    """Open ``split`` of a dataset folder and tell which image owns each caption.
+
+    The caption layout (:class:`~stages.core.layout.CaptionLayout`) comes from the data: a
+    ``{split}_ids.txt`` listing one id per caption gives each image's count (its runs); else
+    every image has the same number, captions / images. A file of one feature row per
+    caption (SCAN's layout, each image's row repeated) is read as one row per image once
+    the ids or the rows confirm it. What the files do not determine is a
+    :class:`UserError` naming them, never a guess that pairs captions with the wrong
+    images.
 
     ``images``: the split's raw images (:func:`~stages.data.images.open_images`), read
     instead of its features.
@@ -99,49 +108,88 @@ def open_split(dataset_dir: str | Path, split: str, images: "ImageStore | None" 
     caps_path = check_split(dataset_dir, split)
     features = images if images is not None else open_features(dataset_dir, split)
     captions = read_captions(caps_path)
-    n_caps, rows = len(captions), features.num_images
-    if n_caps == CAPTIONS_PER_IMAGE * rows:
-        pass
-    elif images is None and n_caps == rows and rows % CAPTIONS_PER_IMAGE == 0:
-        _check_repeated_rows(dataset_dir, split, features, caps_path)
-        log.info("%s: %d feature rows for %d captions: one row per caption, reading every "
-                 "%dth row as the image", features.path, rows, n_caps, CAPTIONS_PER_IMAGE)
-        features = FeatureStore(features.path, rows, features.item_shape, CAPTIONS_PER_IMAGE)
-    else:
-        raise UserError(f"{caps_path} has {n_caps} captions but {features.path} has {rows} "
-                        f"images; expected exactly {CAPTIONS_PER_IMAGE} consecutive captions "
-                        "per image: check that both files come from the same split and release")
-    return Split(split, features, captions,
-                 CaptionLayout.uniform(len(captions) // CAPTIONS_PER_IMAGE))
-
-
-def _check_repeated_rows(dataset_dir: Path, split: str, store: FeatureStore,
-                         caps_path: Path) -> None:
-    """As many feature rows as captions is either SCAN's layout (each image's row repeated
-    for its 5 captions) or one caption per image. The split's ids file tells them apart
-    (one id per image, or per caption in runs of 5), else the rows themselves (an image's 5
-    rows are equal): what neither confirms is a :class:`UserError`, never a guess that
-    would pair captions with the wrong images."""
-    rows = store.num_images
-    ids_file = dataset_dir / f"{split}_ids.txt"
+    ids_file = ids_path(dataset_dir, split)
     if ids_file.is_file():
-        ids = read_ids_file(ids_file)
-        if len(ids) * CAPTIONS_PER_IMAGE == rows:
-            return
-        problem = f"{ids_file} lists {len(ids)} images"
+        layout, repeated = _listed_layout(ids_file, features, len(captions), caps_path,
+                                          images is None)
     else:
-        ends = [*range(CAPTIONS_PER_IMAGE), *range(rows - CAPTIONS_PER_IMAGE, rows)]
-        groups = store.read_many(ends).reshape(2, CAPTIONS_PER_IMAGE, -1)
+        layout, repeated = _data_layout(features, len(captions), caps_path, ids_file,
+                                        images is None)
+    if repeated:
+        log.info("%s: %d feature rows for %d captions: one row per caption, reading each "
+                 "image's first", features.path, features.num_images, len(captions))
+        features = FeatureStore.one_row_per_caption(features, layout.first_caption,
+                                                    layout.per_image)
+    return Split(split, features, captions, layout)
+
+
+def _listed_layout(ids_file: Path, features: "FeatureStore | ImageStore", num_captions: int,
+                   caps_path: Path, rows_may_repeat: bool) -> tuple[CaptionLayout, bool]:
+    """The layout the ids file gives, and whether the features hold one row per caption."""
+    ids, runs = read_id_runs(ids_file)
+    rows = features.num_images
+    if runs is not None:
+        if runs.sum() != num_captions:
+            raise UserError(f"{caps_path} has {num_captions} captions but {ids_file} lists "
+                            f"one id per caption for {runs.sum()}: check that both files come "
+                            "from the same split and release (`aoq captions` writes both)")
+        layout = CaptionLayout.from_counts(runs)
+        shape = "one id per caption, its runs each image's captions"
+    elif num_captions >= len(ids) and num_captions % len(ids) == 0:
+        layout = CaptionLayout.uniform(len(ids), num_captions // len(ids))
+        shape = "one id per image"
+    else:
+        raise UserError(f"{caps_path} has {num_captions} captions but {ids_file} lists "
+                        f"{len(ids)} images once each, which needs the same number of "
+                        "consecutive captions for every image: check that both files come "
+                        "from the same split and release, or list each image's id once per "
+                        "caption in the ids file")
+    if rows == layout.num_images:
+        return layout, False
+    if rows_may_repeat and rows == num_captions:
+        return layout, True
+    raise UserError(f"{features.path} has {rows} images but {ids_file} lists "
+                    f"{layout.num_images} ({shape}) for the {num_captions} captions of "
+                    f"{caps_path.name}: check that the features and the ids file come from "
+                    "the same split and release")
+
+
+# Feature rows compared at each end of a file of as many rows as captions (no ids file).
+CHECKED_ROWS = 16
+
+
+def _data_layout(features: "FeatureStore | ImageStore", num_captions: int, caps_path: Path,
+                 ids_file: Path, rows_may_repeat: bool) -> tuple[CaptionLayout, bool]:
+    """The layout captions and features give without an ids file (and whether the features
+    hold one row per caption): the same number of captions for every image. As many
+    feature rows as captions is SCAN's layout when both ends' groups of 5 rows are each one
+    row repeated (as before layouts), one caption per image when no two consecutive rows
+    of the first and last ``CHECKED_ROWS`` are equal, and a :class:`UserError` otherwise."""
+    rows = features.num_images
+    if num_captions < rows or num_captions % rows:
+        raise UserError(f"{caps_path} has {num_captions} captions but {features.path} has "
+                        f"{rows} images; expected the same number of consecutive captions "
+                        f"for every image, or a {ids_file.name} listing each image's id once "
+                        "per caption: check that both files come from the same split and "
+                        "release")
+    if num_captions > rows or not rows_may_repeat:
+        return CaptionLayout.uniform(rows, num_captions // rows), False
+    per = LEGACY_CAPTIONS_PER_IMAGE
+    if rows % per == 0:
+        groups = features.read_many([*range(per), *range(rows - per, rows)]).reshape(2, per, -1)
         if (groups == groups[:, :1]).all():
-            return
-        problem = (f"rows 0-{CAPTIONS_PER_IMAGE - 1} or the last {CAPTIONS_PER_IMAGE} of "
-                   f"{store.path.name} differ (there is no {ids_file.name} to say more)")
+            return CaptionLayout.uniform(rows // per, per), True
+    ends = np.unique(np.r_[np.arange(min(rows, CHECKED_ROWS)),
+                           np.arange(max(rows - CHECKED_ROWS, 0), rows)])
+    block = features.read_many(ends).reshape(len(ends), -1)
+    if not ((block[1:] == block[:-1]).all(axis=1) & (np.diff(ends) == 1)).any():
+        return CaptionLayout.uniform(rows, 1), False
     raise UserError(f"{caps_path} has {rows} captions for the {rows} feature rows of "
-                    f"{store.path}, which would be {rows // CAPTIONS_PER_IMAGE} images with "
-                    f"their row repeated for each of {CAPTIONS_PER_IMAGE} captions (SCAN's "
-                    f"layout), but {problem}: one caption per image cannot be trained on yet "
-                    f"(this tool needs {CAPTIONS_PER_IMAGE} consecutive captions per image); "
-                    "otherwise check that the files come from the same split and release")
+                    f"{features.path}, some consecutive rows equal but not in groups of "
+                    f"{per} at both ends (SCAN's layout, each image's row repeated once per "
+                    "caption): the files do not say which image owns which caption; write "
+                    f"{ids_file} listing each image's id once per caption (its captions' "
+                    "lines consecutive)")
 
 
 def check_compatible(train_split: Split, other_split: Split) -> None:
@@ -174,7 +222,8 @@ def _shape(store: FeatureStore) -> str:
 
 
 class PairDataset(Dataset):
-    """Training pairs, one item per caption c: ``(image, regions, tokens, c, c // 5)``.
+    """Training pairs, one item per caption c: ``(image, regions, tokens, c, i)``, ``i`` the
+    image owning caption c (``split.layout.owner[c]``).
 
     ``image`` is (R, D) or (D,) float32. ``__getitems__`` fetches a whole batch with one
     feature read (DataLoader uses it when present).
@@ -191,7 +240,7 @@ class PairDataset(Dataset):
         return self.__getitems__([c])[0]
 
     def __getitems__(self, captions: list[int]) -> list[tuple]:
-        images = [c // CAPTIONS_PER_IMAGE for c in captions]
+        images = self.split.layout.owner[np.asarray(captions, dtype=np.int64)].tolist()
         feats = torch.from_numpy(self.split.features.read_many(images))
         regions = self.split.features.regions_many(images)
         return [(feats[k], int(regions[k]), self.tokens[c], c, i)

@@ -4,8 +4,8 @@ Two layouts are read:
 
 * SCAN/VSE++ precomp: ``{split}_ims.npy``, (N, R, D) region features or (N, D) global
   features, opened memory-mapped. Some VSE++ releases repeat each image's row once per
-  caption (5N rows); those are read as N images (every 5th row) once the split's ids or
-  rows confirm it (:func:`stages.data.dataset.open_split`).
+  caption (5N rows); those are read as N images (each image's first caption's row) once
+  the split's ids or rows confirm it (:func:`stages.data.dataset.open_split`).
 * The project's HDF5: ``{split}.h5`` with dataset ``features`` (N, R, D) or (N, D), float32
   or float16, chunked one image per chunk; optional ``num_regions`` (N,) for padded
   adaptive region sets, ``boxes`` (N, R, 4), ``image_size`` (N, 2), ``image_ids`` (N,).
@@ -34,17 +34,40 @@ class FeatureStore:
 
     ``store[i]`` is a float32 array (R, D) or (D,); ``store.num_regions(i)`` the number of
     valid (unpadded) regions of image i (R for fixed region sets, 1 for global features).
+    Image i is stored row ``i * row_step`` of the file's ``num_rows``, or with
+    ``image_rows`` (N,) int64 (SCAN's one row per caption, images owning different numbers
+    of captions) row ``image_rows[i]``; ``row_step`` is then None.
     """
 
     def __init__(self, path: Path, num_rows: int, item_shape: tuple[int, ...],
-                 row_step: int = 1):
+                 row_step: int = 1, image_rows: np.ndarray | None = None):
         self.path = Path(path)
         self.item_shape = tuple(item_shape)
-        self.row_step = row_step
-        self.num_images = num_rows // row_step
+        if image_rows is not None:
+            self._rows = np.asarray(image_rows, dtype=np.int64)
+            self.row_step = None
+            self.num_images = len(self._rows)
+        else:
+            self._rows = None
+            self.row_step = row_step
+            self.num_images = num_rows // row_step
         self._array = None
         self._counts = None
         self._pid = None
+
+    @classmethod
+    def one_row_per_caption(cls, store: "FeatureStore", first_caption: np.ndarray,
+                            per_image: int | None) -> "FeatureStore":
+        """``store``'s file read as SCAN's layout, each image's row repeated once per
+        caption: image i is the row of its first caption ``first_caption[i]`` ((N,) int64);
+        ``per_image``: the common number of captions (every ``per_image``-th row), or None."""
+        if per_image is not None:
+            return cls(store.path, store.num_images, store.item_shape, per_image)
+        return cls(store.path, store.num_images, store.item_shape, image_rows=first_caption)
+
+    def stored_rows(self, images: np.ndarray) -> np.ndarray:
+        """The file's rows of images ``images`` (B,) int64 -> (B,) int64."""
+        return images * self.row_step if self._rows is None else self._rows[images]
 
     def __len__(self) -> int:
         return self.num_images
@@ -59,6 +82,9 @@ class FeatureStore:
 
     def head(self, num_images: int) -> "FeatureStore":
         """The first ``num_images`` images."""
+        if self._rows is not None:
+            return FeatureStore(self.path, 0, self.item_shape,
+                                image_rows=self._rows[:num_images])
         return FeatureStore(self.path, num_images * self.row_step, self.item_shape,
                             self.row_step)
 
@@ -97,7 +123,7 @@ class FeatureStore:
         self._open()
         unique, inverse = np.unique(indices, return_inverse=True)
         try:
-            block = np.asarray(self._array[unique * self.row_step], dtype=np.float32)
+            block = np.asarray(self._array[self.stored_rows(unique)], dtype=np.float32)
         except OSError as exc:  # a chunk past the end of a truncated HDF5 file
             raise UserError(f"{self.path}: reading images {unique[0]}..{unique[-1]} failed "
                             f"({str(exc).splitlines()[0][:160]}); the file is truncated or "
@@ -112,13 +138,15 @@ class FeatureStore:
         self._open()
         if self._counts is None:
             return np.full(len(indices), self.item_shape[0], dtype=np.int64)
-        return self._counts[indices].astype(np.int64)
+        return self._counts[self.stored_rows(indices)].astype(np.int64)
 
     def num_regions(self, index: int) -> int:
         if not self.has_regions:
             return 1
         self._open()
-        return int(self._counts[index]) if self._counts is not None else self.item_shape[0]
+        if self._counts is None:
+            return self.item_shape[0]
+        return int(self._counts[int(self.stored_rows(np.int64(index)))])
 
     def __getstate__(self):
         # DataLoader workers reopen the file themselves; never pickle an open handle.
@@ -136,7 +164,8 @@ def features_fingerprint(store: FeatureStore) -> dict:
     File kind (``npy`` | ``hdf5``), stored shape and dtype, file size, the HDF5 attributes
     the features stage wrote (none for ``.npy``), and the SHA-256 of the stored bytes of a
     deterministic sample of image rows: the first, the last and ``SAMPLE_ROWS`` evenly
-    spaced ones (rows as stored: every 5th of a one-row-per-caption file). Reads about 18
+    spaced ones (rows as stored: each image's first of a one-row-per-caption file; its
+    ``row_step`` is None when images own different numbers of rows). Reads about 18
     rows, so it costs milliseconds on COCO's 31 GiB. A copy of the file has the same
     fingerprint; features recomputed with other values almost surely do not.
     """
@@ -171,7 +200,7 @@ def _sample_rows(store: FeatureStore) -> np.ndarray:
     if n == 0:
         return np.zeros(0, dtype=np.int64)
     images = np.unique(np.linspace(0, n - 1, SAMPLE_ROWS + 2).round().astype(np.int64))
-    return images * store.row_step
+    return store.stored_rows(images)
 
 
 def _json_value(value):

@@ -179,7 +179,8 @@ class ImageStore:
         except (OSError, ValueError, SyntaxError) as exc:  # missing, truncated, not an image
             raise UnreadableImage(
                 f"cannot read image {path} (image {index} of {self.path}): {exc}; replace "
-                f"the file, or remove its line from {self.path.name} and its 5 captions") from exc
+                f"the file, or remove its line from {self.path.name} and its captions (and "
+                "ids)") from exc
         pre = self.preprocessing
         mode = InterpolationMode(pre.interpolation)
         if self.augment:

@@ -5,7 +5,8 @@ relation between the first two. Its region features are what a detector would gi
 region per object (object, colour and their binding), one for the relation (which of the
 two objects is where), a few for the place, a few clutter regions, all plus noise, mapped
 through a fixed random ReLU layer into D dimensions and shuffled. Its 5 captions are
-paraphrases from templates with synonyms, some leaving details out as people do.
+paraphrases from templates with synonyms, some leaving details out as people do (or as
+many as ``captions_per_image`` says: k each, or counts that differ from image to image).
 
 Scenes come in families: a base scene and variants that change one colour, the relation,
 the place, or swap the two objects' roles. So the nearest negatives of an image are
@@ -13,7 +14,8 @@ captions that differ in one attribute or relation: genuinely hard negatives, whi
 offline hard-negative mining is about.
 
 The output is the SCAN precomp layout: ``{split}_ims.npy`` (N, R, D) float32,
-``{split}_caps.txt`` (5 lines per image), ``{split}_ids.txt``, plus ``demo_manifest.json``
+``{split}_caps.txt`` (5 lines per image), ``{split}_ids.txt`` (one id per image, or per
+caption when images have different numbers of captions), plus ``demo_manifest.json``
 listing them.
 """
 
@@ -22,6 +24,7 @@ import json
 import logging
 import os
 import shutil
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -131,12 +134,12 @@ def _variant(scene: Scene, rng: np.random.Generator) -> Scene:
     return Scene(objects, relation, place)
 
 
-def _captions(scene: Scene, rng: np.random.Generator) -> list[str]:
+def _captions(scene: Scene, rng: np.random.Generator, count: int = 5) -> list[str]:
     def pick(options: list[str]) -> str:
         return options[int(rng.integers(len(options)))]
 
     (o1, c1), (o2, c2) = scene.objects[:2]
-    templates = rng.choice(len(TEMPLATES), size=5, replace=False)
+    templates = rng.choice(len(TEMPLATES), size=count, replace=count > len(TEMPLATES))
     captions = []
     for t in templates:
         extra = " ."
@@ -159,8 +162,12 @@ def _fix_articles(caption: str) -> str:
 
 
 def generate_split(num_images: int, renderer: SceneRenderer, rng: np.random.Generator,
-                   family_size: int = 4) -> tuple[np.ndarray, list[str]]:
-    """(features (N, R, D) float32, 5N captions) for ``num_images`` scenes in families."""
+                   family_size: int = 4, counts: np.ndarray | None = None
+                   ) -> tuple[np.ndarray, list[str]]:
+    """(features (N, R, D) float32, captions) for ``num_images`` scenes in families: image
+    i's ``counts[i]`` captions ((N,) ints; None: 5 each), image by image."""
+    if counts is None:
+        counts = np.full(num_images, 5, dtype=np.int64)
     scenes: list[Scene] = []
     while len(scenes) < num_images:
         base = _random_scene(rng)
@@ -168,15 +175,20 @@ def generate_split(num_images: int, renderer: SceneRenderer, rng: np.random.Gene
         scenes += [_variant(base, rng) for _ in range(family_size - 1)]
     scenes = [scenes[i] for i in rng.permutation(len(scenes))[:num_images]]
     features = np.stack([renderer.render(s, rng) for s in scenes])
-    captions = [c for s in scenes for c in _captions(s, rng)]
+    captions = [c for s, n in zip(scenes, counts.tolist(), strict=True)
+                for c in _captions(s, rng, n)]
     return features, captions
 
 
 def write_synthetic_dataset(out_dir: str | Path, splits: dict[str, int], seed: int = 0,
-                            feature_dim: int = 256) -> Path:
+                            feature_dim: int = 256,
+                            captions_per_image: int | Sequence[int] = 5) -> Path:
     """Write a synthetic dataset in the SCAN precomp layout; returns ``out_dir``.
 
     ``splits`` maps split name to number of images, e.g. ``{"train": 5000, "dev": 500}``.
+    ``captions_per_image``: k captions for every image, or counts repeated over each
+    split's images (image i has ``counts[i % len(counts)]``; the ids files then list one
+    id per caption).
     The dataset is written into a temporary folder beside ``out_dir``, ``MANIFEST`` (the
     list of its files) last, and renamed into place whole: ``out_dir`` never holds half a
     dataset. A non-empty ``out_dir`` is refused unless it holds only what demo-data wrote
@@ -192,7 +204,7 @@ def write_synthetic_dataset(out_dir: str | Path, splits: dict[str, int], seed: i
         tmp = temp_path(target)
         try:
             tmp.mkdir()
-            _write_splits(tmp, splits, seed, feature_dim)
+            _write_splits(tmp, splits, seed, feature_dim, captions_per_image)
             old = target.with_name(f".{target.name}.old.tmp-{os.getpid()}-{HOST}")
             os.rename(target, old)  # only our own files and the lock, checked above
             os.rename(tmp, target)
@@ -204,25 +216,33 @@ def write_synthetic_dataset(out_dir: str | Path, splits: dict[str, int], seed: i
     return out_dir
 
 
-def _write_splits(folder: Path, splits: dict[str, int], seed: int, feature_dim: int) -> None:
+def _write_splits(folder: Path, splits: dict[str, int], seed: int, feature_dim: int,
+                  captions_per_image: int | Sequence[int] = 5) -> None:
     """Every split's ``_ims.npy``, ``_ids.txt``, ``_caps.txt``, then the manifest."""
     renderer = SceneRenderer(feature_dim, seed)
     names = []
     for index, (split, num_images) in enumerate(splits.items()):
         rng = np.random.default_rng([seed, 100 + index])
-        features, captions = generate_split(num_images, renderer, rng)
+        counts = np.resize(np.asarray(captions_per_image, dtype=np.int64), num_images)
+        if num_images and counts.min() < 1:
+            raise ValueError(f"captions_per_image {captions_per_image}: at least 1 each")
+        features, captions = generate_split(num_images, renderer, rng, counts=counts)
+        ids = index * 1_000_000 + np.arange(num_images)
+        if len(np.unique(counts)) > 1:  # one id per caption: the runs are the counts
+            ids = np.repeat(ids, counts)
         check_free_space(folder, features.nbytes + 100 * len(captions), "the demo dataset")
         with no_space_as_user_error(folder, features.nbytes, "the demo dataset"):
             np.save(folder / f"{split}_ims.npy", features)
-            (folder / f"{split}_ids.txt").write_text(
-                "".join(f"{index * 1_000_000 + i}\n" for i in range(num_images)))
+            (folder / f"{split}_ids.txt").write_text("".join(f"{i}\n" for i in ids.tolist()))
             (folder / f"{split}_caps.txt").write_text("".join(c + "\n" for c in captions))
         names += [f"{split}_ims.npy", f"{split}_ids.txt", f"{split}_caps.txt"]
         log.info("%s: %d images %s, %d captions", split, num_images,
                  tuple(features.shape[1:]), len(captions))
+    layout = ({} if np.array_equal(captions_per_image, 5)
+              else {"captions_per_image": np.asarray(captions_per_image).tolist()})
     (folder / MANIFEST).write_text(json.dumps(
         {"format": "aoq-demo-data", "seed": seed, "feature_dim": feature_dim,
-         "splits": splits, "files": names}, indent=1) + "\n")
+         "splits": splits, **layout, "files": names}, indent=1) + "\n")
 
 
 def check_only_demo_files(out_dir: Path) -> None:

@@ -1,7 +1,8 @@
 """Captions and splits from the usual sources, written as the dataset folder's text files.
 
-For each split: ``{split}_caps.txt`` (5 consecutive captions per image, raw sentences),
-``{split}_ids.txt`` (one image id per image, see :mod:`.splits`) and ``{split}_images.txt``
+For each split: ``{split}_caps.txt`` (each image's captions on consecutive lines, raw
+sentences), ``{split}_ids.txt`` (one image id per image, or per caption when images keep
+different numbers of captions: see :mod:`stages.data.splits`) and ``{split}_images.txt``
 (each image's path relative to the image root, for CNN features).
 
 Sources:
@@ -12,8 +13,10 @@ Sources:
 * COCO caption JSON (``captions_train2014.json`` ...) through pycocotools, with split id
   lists, or one split per JSON file (train / val -> dev / test by its name).
 
-Images with more than 5 captions (some of COCO's have 6 or 7) keep their first 5, and the
-log says how many; an image with fewer than 5 is an error naming it.
+How many captions each image keeps is ``captions_per_image`` (``aoq captions
+--captions-per-image``): k keeps the first k non-empty ones, an image with fewer being an
+error naming it (5 by default, the benchmarks' protocol: some of COCO's images have 6 or 7,
+and the log says how many were cut); 0 keeps all of them (at least one per image).
 """
 
 import contextlib
@@ -37,7 +40,7 @@ KARPATHY_SPLITS = {"train": "train", "val": "dev", "test": "test", "restval": "r
 
 @dataclass
 class ImageRecord:
-    """One image of a split: its id, its path under the image root, its 5 captions."""
+    """One image of a split: its id, its path under the image root, its captions."""
 
     image_id: int
     file: str
@@ -49,15 +52,26 @@ def clean_caption(text: str) -> str:
     return re.sub(r"\s+", " ", text).strip()
 
 
-def first_five(captions: list[str], image: str, source: Path) -> tuple[list[str], bool]:
-    """The first 5 non-empty captions, and whether any were dropped."""
+def kept_captions(captions: list[str], image: str, source: Path,
+                  per_image: int = CAPTIONS_PER_IMAGE) -> tuple[list[str], bool]:
+    """The first ``per_image`` non-empty captions (0: all of them), and whether any were
+    dropped; fewer (none, for 0) is a :class:`UserError` naming the image."""
     if not all(isinstance(t, str) for t in captions):
         raise UserError(f"{source}: a caption of image {image} is not text")
     kept = [c for c in (clean_caption(t) for t in captions) if c]
-    if len(kept) < CAPTIONS_PER_IMAGE:
+    if len(kept) < max(per_image, 1):
         raise UserError(f"{source}: image {image} has {len(kept)} non-empty captions; every "
-                        f"image needs at least {CAPTIONS_PER_IMAGE}")
-    return kept[:CAPTIONS_PER_IMAGE], len(kept) > CAPTIONS_PER_IMAGE
+                        f"image needs at least {max(per_image, 1)} (--captions-per-image "
+                        f"{per_image}{'' if per_image else ': all of them'})")
+    if not per_image:
+        return kept, False
+    return kept[:per_image], len(kept) > per_image
+
+
+def _check_per_image(per_image: int) -> None:
+    if per_image < 0:
+        raise UserError(f"--captions-per-image {per_image}: give the number of captions each "
+                        "image keeps (5: the benchmarks' protocol), or 0 to keep all")
 
 
 def read_json(path: Path, what: str):
@@ -69,9 +83,12 @@ def read_json(path: Path, what: str):
         raise UserError(f"{path}: not {what} (not UTF-8 JSON: {exc})") from exc
 
 
-def karpathy_splits(path: str | Path, restval_into_train: bool = True
+def karpathy_splits(path: str | Path, restval_into_train: bool = True,
+                    captions_per_image: int = CAPTIONS_PER_IMAGE
                     ) -> dict[str, list[ImageRecord]]:
-    """Read a Karpathy split file: {split: [ImageRecord]} in the file's order."""
+    """Read a Karpathy split file: {split: [ImageRecord]} in the file's order, each image
+    keeping ``captions_per_image`` captions (see the module docstring)."""
+    _check_per_image(captions_per_image)
     path = Path(path)
     if not path.is_file():
         raise UserError(f"Karpathy split file {path} not found (dataset_coco.json, "
@@ -94,13 +111,13 @@ def karpathy_splits(path: str | Path, restval_into_train: bool = True
                             f"{', '.join(KARPATHY_SPLITS)}") from exc
         if name == "restval" and restval_into_train:
             name = "train"
-        captions, dropped = first_five(raw, filename, path)
+        captions, dropped = kept_captions(raw, filename, path, captions_per_image)
         trimmed += dropped
         file = f"{entry['filepath']}/{filename}" if entry.get("filepath") else filename
         splits.setdefault(name, []).append(ImageRecord(_image_id(entry, path), file, captions))
     if trimmed:
         log.info("%s: %d images have more than %d captions; their first %d are kept", path,
-                 trimmed, CAPTIONS_PER_IMAGE, CAPTIONS_PER_IMAGE)
+                 trimmed, captions_per_image, captions_per_image)
     return splits
 
 
@@ -124,9 +141,10 @@ def _image_id(entry: dict, path: Path) -> int:
                         "an integer image id") from exc
 
 
-def coco_splits(json_files: list[str | Path], split_ids: dict[str, str | Path] | None = None
-                ) -> dict[str, list[ImageRecord]]:
-    """Read COCO caption JSON files through pycocotools.
+def coco_splits(json_files: list[str | Path], split_ids: dict[str, str | Path] | None = None,
+                captions_per_image: int = CAPTIONS_PER_IMAGE) -> dict[str, list[ImageRecord]]:
+    """Read COCO caption JSON files through pycocotools, each image keeping
+    ``captions_per_image`` captions (see the module docstring).
 
     ``split_ids`` maps a split name to a file of COCO image ids (one per line), looked up
     across all the JSON files; without it each file is one split named from the file
@@ -135,6 +153,7 @@ def coco_splits(json_files: list[str | Path], split_ids: dict[str, str | Path] |
     """
     from pycocotools.coco import COCO
 
+    _check_per_image(captions_per_image)
     images: dict[int, tuple[str, list[str], Path]] = {}  # id -> (file, captions, source)
     default_splits: dict[str, list[int]] = {}
     for json_file in map(Path, json_files):
@@ -179,12 +198,13 @@ def coco_splits(json_files: list[str | Path], split_ids: dict[str, str | Path] |
         records, trimmed = [], 0
         for image_id in ids:
             file, captions, source = images[image_id]
-            kept, dropped = first_five(captions, str(image_id), source)
+            kept, dropped = kept_captions(captions, str(image_id), source,
+                                          captions_per_image)
             trimmed += dropped
             records.append(ImageRecord(image_id, file, kept))
         if trimmed:
             log.info("split %s: %d images have more than %d captions; their first %d are "
-                     "kept", name, trimmed, CAPTIONS_PER_IMAGE, CAPTIONS_PER_IMAGE)
+                     "kept", name, trimmed, captions_per_image, captions_per_image)
         splits[name] = records
     return splits
 
@@ -199,7 +219,10 @@ def _split_name(json_file: Path) -> str:
 
 
 def write_splits(splits: dict[str, list[ImageRecord]], dataset_dir: str | Path) -> list[Path]:
-    """Write ``{split}_caps.txt``, ``{split}_ids.txt``, ``{split}_images.txt`` atomically."""
+    """Write ``{split}_caps.txt``, ``{split}_ids.txt``, ``{split}_images.txt`` atomically.
+
+    The ids file lists each image once when every image of the split has the same number
+    of captions, else once per caption (its runs say how many each has)."""
     dataset_dir = Path(dataset_dir)
     with folder_lock(dataset_dir, "aoq captions"):
         return _write_splits(splits, dataset_dir)
@@ -210,9 +233,11 @@ def _write_splits(splits: dict[str, list[ImageRecord]], dataset_dir: Path) -> li
     # train last: make takes train_caps.txt as the sign that every split is written.
     for name in sorted(splits, key=lambda split: split == "train"):
         records = splits[name]
+        per_caption = len({len(r.captions) for r in records}) > 1
         files = {
             "caps": "".join(f"{c}\n" for r in records for c in r.captions),
-            "ids": "".join(f"{r.image_id}\n" for r in records),
+            "ids": "".join(f"{r.image_id}\n" * (len(r.captions) if per_caption else 1)
+                           for r in records),
             "images": "".join(f"{r.file}\n" for r in records),
         }
         for kind in ("ids", "images", "caps"):
@@ -220,5 +245,5 @@ def _write_splits(splits: dict[str, list[ImageRecord]], dataset_dir: Path) -> li
             write_text(path, files[kind])
             written.append(path)
         log.info("split %s: %d images, %d captions -> %s", name, len(records),
-                 CAPTIONS_PER_IMAGE * len(records), dataset_dir / f"{name}_caps.txt")
+                 sum(len(r.captions) for r in records), dataset_dir / f"{name}_caps.txt")
     return written

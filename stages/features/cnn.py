@@ -31,8 +31,8 @@ from torch.utils.data import DataLoader, Dataset
 from stages.core.device import resolve_device
 from stages.core.errors import UserError
 from stages.core.progress import Progress
-from stages.data.captions import CAPTIONS_PER_IMAGE, read_captions, read_text_lines
-from stages.data.splits import read_split_ids
+from stages.data.captions import read_captions, read_text_lines
+from stages.data.splits import read_split_ids, read_split_runs
 from stages.features.identity import cnn_identity, refuse_other_identity
 from stages.features.writer import SplitWriter, partial_path
 from stages.io.atomic import JOURNAL_SUFFIX, finish_replacements, replace_together
@@ -224,16 +224,21 @@ def _drop_bad_images(writer: SplitWriter, dataset_dir: Path, split: str,
     keep[bad] = False
     files = read_image_list(dataset_dir, split)
     captions = read_captions(dataset_dir / f"{split}_caps.txt")
+    _, runs = read_split_runs(dataset_dir, split)
+    counts = (runs if runs is not None  # else the same number for every image
+              else np.full(len(keep), len(captions) // len(keep), dtype=np.int64))
     kept_ids = writer.image_ids[keep]
+    # An ids file of one id per caption stays one: it holds the images' caption counts.
+    listed = kept_ids if runs is None else np.repeat(kept_ids, runs[keep])
     source = {k: v for k, v in writer.identity.items()
               if k not in ("format", "version", "dtype", "item_shape", "padded",
                            "with_boxes")}
     texts = {
         "skipped": "".join(f"{files[p]}\n" for p in bad),
         "images": "".join(f"{f}\n" for f, k in zip(files, keep, strict=True) if k),
-        "ids": "".join(f"{i}\n" for i in kept_ids),
-        "caps": "".join(f"{c}\n" for i, c in enumerate(captions)
-                        if keep[i // CAPTIONS_PER_IMAGE]),
+        "ids": "".join(f"{i}\n" for i in listed),
+        "caps": "".join(f"{c}\n" for c, k in zip(captions, np.repeat(keep, counts),
+                                                   strict=True) if k),
     }
     kept = dataset_dir / f"{split}.kept.h5"
     with replace_together(drop_journal(dataset_dir, split)) as stage:

@@ -1,4 +1,4 @@
-"""Encode a split with a model, unshuffled: unique images (N, E) and captions (5N, E)."""
+"""Encode a split with a model, unshuffled: unique images (N, E) and captions (C, E)."""
 
 from functools import partial
 
@@ -9,7 +9,6 @@ from torch.utils.data import DataLoader, Subset
 from stages.core.errors import UserError
 from stages.core.precision import autocast
 from stages.core.progress import Progress
-from stages.data.captions import CAPTIONS_PER_IMAGE
 from stages.data.dataset import (
     CaptionDataset,
     ImageDataset,
@@ -44,10 +43,12 @@ def encode_split(model, split: Split, tokenizer: CaptionTokenizer, device: torch
                  precision: str = "fp32") -> tuple[np.ndarray, np.ndarray]:
     """Embeddings of every image and every caption of ``split``, in order.
 
-    Returns (images (N, E) float32, captions (5N, E) float32). Images are encoded once
-    each (not once per caption as the reference code does). Image features that are not
-    finite are a :class:`UserError` naming the split, the file and the first bad image.
-    ``image_range`` ``(start, stop)``: only those images and their captions (a shard).
+    Returns (images (N, E) float32, captions (C, E) float32), in the split's order (its
+    ``layout`` says which image owns which caption). Images are encoded once each (not
+    once per caption as the reference code does). Image features that are not finite are a
+    :class:`UserError` naming the split, the file and the first bad image.
+    ``image_range`` ``(start, stop)``: only those images and their captions (a shard;
+    ``split.layout.caption_range(start, stop)``).
     ``precision``: the encoders' (``fp32``, ``bf16``, ``fp16``, :mod:`stages.core.precision`);
     the embeddings are returned float32 whatever it is.
     """
@@ -58,8 +59,7 @@ def encode_split(model, split: Split, tokenizer: CaptionTokenizer, device: torch
     if image_range is not None:
         start, stop = image_range
         image_set = Subset(image_set, range(start, stop))
-        caption_set = Subset(caption_set, range(CAPTIONS_PER_IMAGE * start,
-                                                CAPTIONS_PER_IMAGE * stop))
+        caption_set = Subset(caption_set, range(*split.layout.caption_range(start, stop)))
     images = DataLoader(image_set, batch_size=batch_size, collate_fn=collate_images,
                         num_workers=workers, pin_memory=pin)
     captions = DataLoader(caption_set, batch_size=batch_size,

@@ -1,9 +1,10 @@
 """The embed stage: encode a whole split with a checkpoint, unshuffled, into one HDF5 file.
 
 ``embeddings_<split>.h5``: datasets ``images`` float32 (N, E) and ``captions`` float32
-(5N, E), caption c belonging to image c // 5; attributes ``format="aoq-embeddings"``,
-``checkpoint`` (path), ``weights`` (hash of the model weights), ``dataset``, ``split``,
-``num_images``, ``train_captions_sha256`` (from the checkpoint's data fingerprint).
+(C, E), with the split's caption layout (:mod:`stages.core.layout`: which image owns each
+caption); attributes ``format="aoq-embeddings"``, ``checkpoint`` (path), ``weights`` (hash
+of the model weights), ``dataset``, ``split``, ``num_images``, ``caption_layout`` (the
+layout's identity), ``train_captions_sha256`` (from the checkpoint's data fingerprint).
 
 ``shard=(i, n)`` (``aoq embed --shard i/n``) encodes only shard i of n, a contiguous range
 of the images (:func:`~stages.mining.embedding_files.shard_range`) and their captions, into
@@ -72,10 +73,10 @@ def embed(checkpoint: str | Path, split_name: str = "", config_files=(), overrid
 
 def split_attrs(config: Config, split, data_fingerprint: dict) -> dict:
     """The attributes of an embeddings file that say what was embedded: the dataset, the
-    split, its image count, the training captions' hash (of the model's data fingerprint)
-    and the dataset folder."""
+    split, its image count and caption layout (the whole split's, a shard's too), the
+    training captions' hash (of the model's data fingerprint) and the dataset folder."""
     return {"dataset": config.data.name, "split": split.name,
-            "num_images": split.num_images,
+            "num_images": split.num_images, "caption_layout": split.layout.identity(),
             "train_captions_sha256": data_fingerprint.get("train_captions_sha256", ""),
             "dataset_dir": str(config.dataset_dir().resolve())}
 

@@ -14,7 +14,7 @@ each caption as CLIP's BPE tokens padded to the context length. Both go through 
 ``clip`` model's pipeline (:class:`~stages.models.clip.CLIPModel`,
 :func:`~stages.models.encode.encode_split`): images (B, 3, S, S), decoded a batch at a time in
 ``data.workers`` DataLoader workers (an unreadable image is an error naming the file) ->
-``encode_image`` -> (N, E); captions (B, L) -> ``encode_text`` -> (5N, E); both
+``encode_image`` -> (N, E); captions (B, L) -> ``encode_text`` -> (C, E); both
 L2-normalised, E the architecture's ``embed_dim``.
 
 Written as an ordinary embeddings file (:mod:`stages.mining.embedding_files`), so ``aoq offcandi``
@@ -87,8 +87,8 @@ def embed_clip(arch: str, weights: str, config: Config, split_name: str,
     """Encode the images and captions of ``config``'s split ``split_name`` with the open_clip
     model ``arch`` of the weights file ``weights`` into the embeddings file ``out`` (see the
     module docstring), on ``train.device``. An ``out`` made by the same architecture and
-    weights file from the same captions and images is left as it is (so make, which runs
-    this every time, mines again only when one of them changed)."""
+    weights file from the same captions (and caption layout) and images is left as it is
+    (so make, which runs this every time, mines again only when one of them changed)."""
     out = Path(out)
     dataset_dir = config.dataset_dir()
     if not dataset_dir.is_dir():
@@ -102,6 +102,7 @@ def embed_clip(arch: str, weights: str, config: Config, split_name: str,
                 "weights": _weights_id(clip_config, digest), "weights_sha256": digest,
                 "dataset": config.data.name, "split": split_name,
                 "train_captions_sha256": file_sha256(dataset_dir / f"{split_name}_caps.txt"),
+                "caption_layout": split.layout.identity(),
                 "images_sha256": images["list_sha256"],
                 "images_sample_sha256": images["sample_sha256"]}
     with folder_lock(out.parent, "aoq embed-clip"):

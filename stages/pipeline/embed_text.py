@@ -3,7 +3,7 @@
 Caption-caption similarity gives both directions' candidates, as sentence-transformers'
 ``mine_hard_negatives`` does for text: each caption is the mean of the encoder's token
 outputs (sentence-transformers' mean pooling), L2-normalised, and each image is represented
-by the L2-normalised mean of its 5 captions. Written as an ordinary embeddings file
+by the L2-normalised mean of its captions. Written as an ordinary embeddings file
 (:mod:`stages.mining.embedding_files`), so ``aoq offcandi`` mines it like any other: an image's
 candidates are the captions of other images closest to its own captions, a caption's the
 images whose captions are closest to it.
@@ -74,7 +74,7 @@ def embed_text(text_model: str, dataset_dir: str | Path, dataset: str, split_nam
     """Encode ``split_name``'s captions of ``dataset_dir`` with ``text_model`` into the
     embeddings file ``out`` (see the module docstring); an ``out`` made by the same model
     weights from the same captions is left as it is (so make, which runs this every time,
-    mines again only when the model or the captions changed)."""
+    mines again only when the model, the captions or their layout changed)."""
     dataset_dir, out = Path(dataset_dir), Path(out)
     if not dataset_dir.is_dir():
         raise UserError(f"dataset folder {dataset_dir} not found; set data.path / data.name")
@@ -82,7 +82,8 @@ def embed_text(text_model: str, dataset_dir: str | Path, dataset: str, split_nam
     tokenizer, model, where = load_text_model(text_model)
     identity = {"checkpoint": TEXT_PREFIX + where, "weights": weights_hash(model.state_dict()),
                 "dataset": dataset, "split": split_name,
-                "train_captions_sha256": file_sha256(dataset_dir / f"{split_name}_caps.txt")}
+                "train_captions_sha256": file_sha256(dataset_dir / f"{split_name}_caps.txt"),
+                "caption_layout": split.layout.identity()}
     with folder_lock(out.parent, "aoq embed-text"):
         if made_with(out, identity):
             log.info("%s is up to date (the same model and captions): nothing to do", out)

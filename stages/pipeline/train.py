@@ -26,7 +26,7 @@ import yaml
 from stages.config.sections import Config, config_diff
 from stages.core.device import resolve_device
 from stages.core.errors import UserError
-from stages.core.layout import CaptionLayout
+from stages.core.layout import LEGACY_CAPTIONS_PER_IMAGE, CaptionLayout
 from stages.core.log import setup_logging
 from stages.data.dataset import Split, check_compatible
 from stages.data.tokenizers import CaptionTokenizer
@@ -76,8 +76,9 @@ RESUMABLE_CHANGES = {"train.epochs"}
 
 def data_fingerprint(config: Config, tokenizer_sha256: str, train_split: Split) -> dict:
     """What identifies the data a model was trained on (checked by later stages and by a
-    resume): the captions, the caption tokenizer (``vocab_sha256``: the vocabulary file's
-    hash, or a pretrained tokenizer's) and the features of the training split."""
+    resume): the captions and their layout, the caption tokenizer (``vocab_sha256``: the
+    vocabulary file's hash, or a pretrained tokenizer's) and the features of the training
+    split."""
     dataset_dir = config.dataset_dir()
     return {
         "dataset": config.data.name,
@@ -86,6 +87,10 @@ def data_fingerprint(config: Config, tokenizer_sha256: str, train_split: Split) 
         "train_captions_sha256": file_sha256(dataset_dir / f"{config.data.train_split}_caps.txt"),
         "vocab_sha256": tokenizer_sha256,
         "train_features": train_split.features.fingerprint(),
+        # Which image owns each caption (an edited ids file changes it, not the captions);
+        # left out for 5 per image, so runs from before layouts still resume.
+        **({} if train_split.layout.identity() == LEGACY_CAPTIONS_PER_IMAGE
+           else {"caption_layout": train_split.layout.identity()}),
     }
 
 
@@ -502,7 +507,8 @@ def validation(config: Config, data: RunData, device: torch.device) -> Callable:
                                 precision=config.train.precision)
         return {"split": config.data.val_split, "protocol": "all",
                 "images": data.val.num_images,
-                **evaluate_embeddings(img, cap, folds=1, block_size=config.eval.block_size)}
+                **evaluate_embeddings(img, cap, data.val.layout, folds=1,
+                                      block_size=config.eval.block_size)}
     return validate
 
 

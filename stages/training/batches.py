@@ -3,6 +3,8 @@ exactly the batches an uninterrupted one would, and every rank agrees on it."""
 
 import numpy as np
 
+from stages.core.layout import CaptionLayout
+
 
 def epoch_permutation(num_items: int, seed: int, epoch: int) -> np.ndarray:
     """The shuffled item order of an epoch, (num_items,) int64."""
@@ -37,11 +39,12 @@ def _cut(order: list[int], batch_size: int, rank: int, world_size: int,
 def grouped_epoch_batches(neighbours: np.ndarray, counts: np.ndarray, group_size: int,
                           batch_size: int, seed: int, epoch: int, rank: int = 0,
                           world_size: int = 1, drop_last: bool = False,
-                          captions_per_image: int = 5) -> list[list[int]]:
+                          layout: CaptionLayout | None = None) -> list[list[int]]:
     """This rank's batches of an epoch made of groups of mutually hard captions.
 
     ``neighbours`` (N, W) int: for each image, caption ids it may be grouped with, hardest
     first (its offline i2t candidates that the filters keep, padded past ``counts`` (N,)).
+    ``layout``: which image owns each caption (None: 5 per image, as before layouts).
     Captions are visited in the epoch's order (:func:`epoch_permutation`); the first one
     not yet placed starts a group, which takes up to ``group_size`` − 1 more captions among
     its image's first W neighbours, in an order drawn afresh each epoch, each neither placed
@@ -55,7 +58,10 @@ def grouped_epoch_batches(neighbours: np.ndarray, counts: np.ndarray, group_size
     in place of query clusters: the in-batch negatives of every caption include captions
     its image's miner found hard.
     """
-    num_items = neighbours.shape[0] * captions_per_image
+    if layout is None:
+        layout = CaptionLayout.uniform(neighbours.shape[0])
+    owner = layout.owner
+    num_items = layout.num_captions
     rng = np.random.default_rng([seed, epoch, 1])
     # Each image's neighbours in a random order of the epoch (its padding last).
     width = neighbours.shape[1]
@@ -64,19 +70,20 @@ def grouped_epoch_batches(neighbours: np.ndarray, counts: np.ndarray, group_size
     shuffled = np.take_along_axis(neighbours, np.argsort(keys, axis=1), axis=1)
     placed = np.zeros(num_items, dtype=bool)
     order: list[int] = []
-    for anchor in epoch_permutation(num_items, seed, epoch).tolist():
+    permutation = epoch_permutation(num_items, seed, epoch)
+    for anchor, image in zip(permutation.tolist(), owner[permutation].tolist(), strict=True):
         if placed[anchor]:
             continue
         placed[anchor] = True
         order.append(anchor)
-        image = anchor // captions_per_image
         images = {image}
-        for caption in shuffled[image, :min(int(counts[image]), width)].tolist():
+        row = shuffled[image, :min(int(counts[image]), width)]
+        for caption, its_image in zip(row.tolist(), owner[row].tolist(), strict=True):
             if len(images) == group_size:
                 break
-            if placed[caption] or caption // captions_per_image in images:
+            if placed[caption] or its_image in images:
                 continue
             placed[caption] = True
-            images.add(caption // captions_per_image)
+            images.add(its_image)
             order.append(caption)
     return _cut(order, batch_size, rank, world_size, drop_last)

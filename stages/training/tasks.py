@@ -20,7 +20,6 @@ from functools import partial
 import numpy as np
 import torch
 
-from stages.data.captions import CAPTIONS_PER_IMAGE
 from stages.data.dataset import PairDataset, Split, collate_pairs
 from stages.data.tokenizers import CaptionTokenizer
 from stages.losses.base import OfflineNegatives
@@ -79,6 +78,7 @@ class OfflineTask:
         self.dataset = OfflinePairDataset(split, tokenizer, sampler)
         self.collate = partial(collate_offline, pad=tokenizer.pad_id)
         self.group_size = group_size
+        self.owner = torch.from_numpy(np.array(split.layout.owner))  # (C,) caption -> image
 
     def epoch_batches(self, batch_size: int, seed: int, epoch: int, rank: int = 0,
                       world_size: int = 1, drop_last: bool = False) -> list[list[int]]:
@@ -95,7 +95,7 @@ class OfflineTask:
         neighbours = np.take_along_axis(i2t.indices, i2t.eligible[:, :window], axis=1)
         return grouped_epoch_batches(neighbours, np.minimum(i2t.counts, window),
                                      self.group_size, batch_size, seed, epoch, rank,
-                                     world_size, drop_last, CAPTIONS_PER_IMAGE)
+                                     world_size, drop_last, self.dataset.split.layout)
 
     def set_epoch(self, epoch: int) -> None:
         """Offline negatives (and raw images' crops) are drawn afresh every epoch."""
@@ -121,7 +121,7 @@ class OfflineTask:
         b = output.img_emb.shape[0] // 3
         img, cap = output.img_emb, output.cap_emb
         image_ids = batch["image_ids"]
-        caption_images = batch["caption_ids"] // CAPTIONS_PER_IMAGE
+        caption_images = self.owner[batch["caption_ids"].cpu()].to(image_ids.device)
         offline = OfflineNegatives(
             captions=cap[b:2 * b], images=img[b:2 * b], captions2=cap[2 * b:],
             images2=img[2 * b:], caption_ids=caption_images[b:2 * b],

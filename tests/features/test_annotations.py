@@ -128,3 +128,87 @@ def test_ids_file_checks(tmp_path, caplog):
     (tmp_path / "test_ids.txt").write_text("1\nx2\n")
     with pytest.raises(UserError, match="test_ids.txt:2: 'x2' is not an integer"):
         read_split_ids(tmp_path, "test")
+
+
+# --- captions per image: k, or all of them ---------------------------------------------------
+def _karpathy_file(tmp_path, counts):
+    images = [karpathy_entry(i, "train", n, 100 + i) for i, n in enumerate(counts)]
+    path = tmp_path / "dataset_coco.json"
+    path.write_text(json.dumps({"images": images, "dataset": "coco"}))
+    return path
+
+
+def _open_with_features(dataset, counts):
+    """open_split of the captions stage's train split, beside (N, 4) features."""
+    from stages.data.dataset import open_split
+
+    np.save(dataset / "train_ims.npy", np.zeros((len(counts), 4), np.float32)
+            + np.arange(len(counts), dtype=np.float32)[:, None])
+    return open_split(dataset, "train")
+
+
+def test_keeping_all_captions_lists_one_id_per_caption(tmp_path):
+    counts = [5, 7, 1, 6, 5, 3]
+    splits = karpathy_splits(_karpathy_file(tmp_path, counts), captions_per_image=0)
+    assert [len(r.captions) for r in splits["train"]] == counts
+    write_splits(splits, tmp_path / "ds")
+    lines = (tmp_path / "ds" / "train_ids.txt").read_text().split()
+    assert lines == [str(100 + i) for i, n in enumerate(counts) for _ in range(n)]
+    split = _open_with_features(tmp_path / "ds", counts)
+    assert split.layout.counts.tolist() == counts
+    for c, caption in enumerate(split.captions):  # "image <imgid> caption <j>"
+        assert int(caption.split()[1]) == split.layout.owner[c]
+    assert read_split_ids(tmp_path / "ds", "train").tolist() == [100 + i for i in range(6)]
+
+
+def test_keeping_the_first_k_captions(tmp_path, caplog):
+    caplog.set_level(logging.INFO)
+    path = _karpathy_file(tmp_path, [5, 7, 2, 6])
+    splits = karpathy_splits(path, captions_per_image=2)
+    assert [r.captions for r in splits["train"]][1] == ["image 1 caption 0",
+                                                         "image 1 caption 1"]
+    assert "3 images have more than 2 captions; their first 2 are kept" in caplog.text
+    write_splits(splits, tmp_path / "ds")
+    assert (tmp_path / "ds" / "train_ids.txt").read_text().split() == ["100", "101", "102",
+                                                                       "103"]
+    split = _open_with_features(tmp_path / "ds", [2] * 4)
+    assert split.layout.per_image == 2 and split.layout.owner.tolist() == [0, 0, 1, 1, 2, 2,
+                                                                           3, 3]
+    with pytest.raises(UserError, match=r"image COCO_000002.jpg has 2 non-empty captions; "
+                                        r"every image needs at least 3 \(--captions-per-image "
+                                        r"3\)"):
+        karpathy_splits(path, captions_per_image=3)
+    with pytest.raises(UserError, match="--captions-per-image -1: give the number"):
+        karpathy_splits(path, captions_per_image=-1)
+
+
+def test_coco_json_keeping_all_captions(tmp_path):
+    train = coco_json(tmp_path / "captions_train2017.json", [9, 4, 7], [5, 6, 1])
+    splits = coco_splits([train], captions_per_image=0)
+    assert [len(r.captions) for r in splits["train"]] == [6, 1, 5]  # images by id: 4, 7, 9
+    with pytest.raises(UserError, match="image 7 has 1 non-empty captions"):
+        coco_splits([train])
+    empty = coco_json(tmp_path / "captions_val2017.json", [3], [0])
+    with pytest.raises(UserError, match=r"image 3 has 0 non-empty captions; every image needs "
+                                        r"at least 1 \(--captions-per-image 0: all of them\)"):
+        coco_splits([empty], {"dev": _ids(tmp_path, [3])}, captions_per_image=0)
+
+
+def _ids(tmp_path, ids):
+    path = tmp_path / "ids.txt"
+    path.write_text("".join(f"{i}\n" for i in ids))
+    return path
+
+
+def test_the_captions_command_takes_the_count(tmp_path):
+    from click.testing import CliRunner
+
+    from stages.cli import cli
+
+    counts = [5, 7, 1]
+    path = _karpathy_file(tmp_path, counts)
+    result = CliRunner().invoke(cli, ["captions", "--karpathy", str(path), "--out",
+                                      str(tmp_path / "ds"), "--captions-per-image", "0"])
+    assert result.exit_code == 0, result.output
+    assert len(read_captions(tmp_path / "ds" / "train_caps.txt")) == sum(counts)
+    assert _open_with_features(tmp_path / "ds", counts).layout.counts.tolist() == counts

@@ -280,3 +280,28 @@ def test_workers_are_sized_to_the_machine_and_said_once(image_dataset, tmp_path,
     assert said == ["--workers 4: this process may use 2 cores; decoding images in 2 worker "
                     "processes"]
     assert read(dataset / "train.h5")[0].shape[0] == 5
+
+
+def test_dropping_an_image_keeps_the_others_captions_when_counts_differ(image_dataset,
+                                                                        resnet18_weights):
+    root, dataset = image_dataset
+    counts = [2, 1, 4, 3, 1]  # train images 1..5
+    captions = [f"photo {i + 1} number {j}" for i, n in enumerate(counts) for j in range(n)]
+    (dataset / "train_caps.txt").write_text("".join(c + "\n" for c in captions))
+    (dataset / "train_ids.txt").write_text("".join(f"{i + 1}\n" * n
+                                                   for i, n in enumerate(counts)))
+    broken = root / "train2017" / "000000000003.jpg"
+    broken.write_bytes(broken.read_bytes()[:200])
+    cnn_features(root, dataset, ["train"], "resnet18", str(resnet18_weights), crop_size=CROP,
+                 workers=0, device="cpu", on_bad_image="skip")
+    feats, ids, _ = read(dataset / "train.h5")
+    assert ids.tolist() == [1, 2, 4, 5]
+    kept = [2, 1, 3, 1]
+    assert (dataset / "train_ids.txt").read_text().split() == [
+        str(i) for i, n in zip([1, 2, 4, 5], kept, strict=True) for _ in range(n)]
+    split = open_split(dataset, "train")
+    assert split.layout.counts.tolist() == kept
+    assert split.captions == [c for c in captions if not c.startswith("photo 3 ")]
+    for c, caption in enumerate(split.captions):
+        assert int(caption.split()[1]) == ids[split.layout.owner[c]]
+    np.testing.assert_array_equal(split.features.read_many(range(4)), feats)

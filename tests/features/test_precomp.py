@@ -94,3 +94,23 @@ def test_a_full_disk_is_one_clear_error_and_a_rerun_resumes(tmp_path, monkeypatc
     (tmp_path / "train_ims.npy").unlink()
     np.testing.assert_array_equal(open_split(tmp_path, "train").features.read_many(range(10)),
                                   features)
+
+
+def test_repeated_rows_of_images_with_counts_that_differ_become_one_row_per_image(tmp_path):
+    import h5py
+
+    counts = [1, 3, 5, 2, 7]
+    feats = np.random.default_rng(2).normal(size=(5, 4)).astype(np.float32)
+    captions = [f"c {i} {j}" for i, n in enumerate(counts) for j in range(n)]
+    write_precomp(tmp_path, "dev", np.repeat(feats, counts, axis=0), captions)
+    (tmp_path / "dev_ids.txt").write_text("".join(f"{40 + i}\n" * n
+                                                  for i, n in enumerate(counts)))
+    precomp_to_hdf5(tmp_path, dtype="float32")
+    with h5py.File(tmp_path / "dev.h5", "r") as f:
+        np.testing.assert_array_equal(f["features"][...], feats)
+        assert f["image_ids"][...].tolist() == [40, 41, 42, 43, 44]
+    (tmp_path / "dev_ims.npy").unlink()
+    dev = open_split(tmp_path, "dev")
+    assert dev.layout.counts.tolist() == counts and dev.features.path.name == "dev.h5"
+    assert [captions[c].split()[1] for c in range(len(captions))] == [
+        str(i) for i in dev.layout.owner.tolist()]
