@@ -1,5 +1,7 @@
 """Tasks and grouped batches map captions to images by the split's caption layout."""
 
+from types import SimpleNamespace
+
 import numpy as np
 import torch
 
@@ -77,7 +79,9 @@ def test_offline_negatives_get_the_images_owning_their_captions(tmp_path):
                   + np.arange(len(COUNTS), dtype=np.float32)[:, None], captions)
     (tmp_path / "train_ids.txt").write_text("".join(f"{i}\n" * n for i, n in enumerate(COUNTS)))
     split = open_split(tmp_path, "train")
-    task = OfflineTask(split, Vocab.build(captions, threshold=1), sampler=None)
+    # loss_inputs reads the batch alone: the sampler stands in for its layout only
+    task = OfflineTask(split, Vocab.build(captions, threshold=1),
+                       sampler=SimpleNamespace(layout=split.layout))
     b = 4
     caption_ids = torch.tensor([0, 5, 11, 28, 3, 9, 1, 33, 34, 17, 6, 2])
     batch = {"image_ids": torch.arange(3 * b), "caption_ids": caption_ids}
