@@ -155,21 +155,6 @@ def test_offcandi_files_hold_the_layout_and_exact_positive_scores(tmp_path, name
     assert len(selections["t2i"].indices) == layout.num_captions
 
 
-@pytest.mark.parametrize("counts, want_k_t2i", [([5] * 12, 2), ([1] * 12, 8),
-                                               ([3, 1, 2] * 4, 8), ([2, 3] * 6, 4)])
-def test_default_t2i_k_covers_the_default_window(tmp_path, counts, want_k_t2i):
-    """offcandi.k_t2i=0 (the default) keeps ceil(k_i2t / the fewest captions an image
-    has) images per caption: what retraining samples from when it samples all k_i2t."""
-    layout = CaptionLayout.from_counts(counts)
-    img, cap = layout_embeddings(layout, seed=5)
-    emb = write_layout_embeddings(tmp_path / "e.h5", img, cap, layout)
-    offcandi(emb, tmp_path / "out", OffcandiConfig(k_i2t=8))
-    t2i = load_candidates(tmp_path / "out", "t2i", "var", "train", len(img), min_k=1,
-                          layout=layout)
-    assert t2i.indices.shape == (layout.num_captions, want_k_t2i)
-    assert t2i.attrs["k"] == want_k_t2i
-
-
 def test_a_file_whose_layout_does_not_add_up_is_refused(tmp_path):
     layout = LAYOUTS["varied"]
     img, cap = layout_embeddings(layout)

@@ -147,9 +147,7 @@ class OffcandiConfig:
 
     dir: str = ""  # candidate folder; empty: offcandi/<data.name>
     k_i2t: Annotated[int, AtLeastOne] = 300  # captions kept per image
-    # images kept per caption; 0: as many as retraining samples from by default, k_i2t
-    # over the fewest captions an image has (rounded up: 60 for 5 per image, 300 for 1)
-    k_t2i: Annotated[int, NonNegative] = 0
+    k_t2i: Annotated[int, AtLeastOne] = 60  # images kept per caption
     # flat (exact) | hnsw | ivf | ivfpq (approximate, recall reported; ivfpq: product-
     # quantized codes, pq_m bytes a vector, for millions of items)
     index: Annotated[str, OneOf("flat", "hnsw", "ivf", "ivfpq")] = "flat"

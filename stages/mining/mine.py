@@ -184,8 +184,8 @@ def mine_direction(direction: str, embeddings: Embeddings, options: OffcandiConf
     ``positive_scores`` (Q,), Q = N for i2t, C for t2i, and the embeddings' caption layout;
     returns its attributes (timings, recall). ``gpus``: FAISS's GPUs to search on
     (:func:`~stages.mining.knn.faiss_gpus`)."""
+    k = options.k_i2t if direction == "i2t" else options.k_t2i
     layout = embeddings.layout
-    k = direction_k(options, direction, layout)
     queries, items, positives = _sides(direction, embeddings.images, embeddings.captions,
                                        layout, k)
     t0 = time.perf_counter()
@@ -241,23 +241,13 @@ def check_index(index: str) -> None:
         raise UserError(f"unknown index {index!r}; known: {', '.join(INDEX_KINDS)}")
 
 
-def direction_k(options: OffcandiConfig, direction: str, layout: CaptionLayout) -> int:
-    """The candidates kept per query in ``direction``: ``offcandi.k_i2t`` or
-    ``offcandi.k_t2i``, whose 0 means ceil(k_i2t / the fewest captions an image has) (the
-    t2i window retraining samples from when it samples from all k_i2t)."""
-    if direction == "i2t":
-        return options.k_i2t
-    return options.k_t2i or -(-options.k_i2t // layout.min_per_image)
-
-
 def check_mining(embeddings: Embeddings, options: OffcandiConfig) -> None:
     """Refuse, before any work and both directions first, what mining ``embeddings`` with
     ``options`` cannot do: an unknown index, index settings the vectors do not allow, a K
     beyond the negatives a query has. (A refusal halfway would leave one direction
     replaced and the other not.)"""
     check_index(options.index)
-    for direction in DIRECTIONS:
-        k = direction_k(options, direction, embeddings.layout)
+    for direction, k in zip(DIRECTIONS, (options.k_i2t, options.k_t2i), strict=True):
         _, items, _ = _sides(direction, embeddings.images, embeddings.captions,
                              embeddings.layout, k)
         check_index_settings(options.index, *items.shape, options.nlist, options.pq_m,
