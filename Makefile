@@ -46,6 +46,8 @@ OFFCANDI_DIR ?= offcandi/$(DATA)$(if $(model_prefix),/$(MODEL))
 RETRAIN_SET ?=
 AOQ_CKPT = $(call round_run,$(ROUNDS))/checkpoint.pt
 ROUND_CKPTS = $(foreach r,$(ROUND_NUMBERS),$(call round_run,$(r))/checkpoint.pt)
+# Whether CKPT was given (else it is the last round's model: the round recipe decides it).
+ckpt_given := $(filter-out undefined,$(origin CKPT))
 CKPT ?= $(AOQ_CKPT)
 
 BIN := $(VENV)/bin
@@ -114,15 +116,23 @@ $(if $(EXP),$(if $(filter $(EXP),$(EXPERIMENTS)),,$(error EXP='$(EXP)' is not al
 # environment's stamp is then included as a makefile, so make builds the environment first
 # and reads this Makefile again.
 # (eval and export need it only for their default CKPT, the last round's model)
-round_goals := $(filter offcandi retrain compare $(if $(filter undefined,$(origin CKPT)),eval \
-	export),$(MAKECMDGOALS))
+round_goals := $(filter offcandi retrain compare $(if $(ckpt_given),,eval export),$(MAKECMDGOALS))
+# make -n / -q install nothing: there the stamp is not included (a fresh clone's dry run
+# then shows round 1 alone, with a note).
+dry_run := $(findstring n,$(firstword -$(MAKEFLAGS)))$(findstring q,$(firstword -$(MAKEFLAGS)))
 ifneq ($(and $(round_goals),$(filter undefined,$(origin ROUNDS) $(origin RETRAIN_INIT))),)
+ifeq ($(dry_run),)
 -include $(STAMP)
+endif
 ROUND_RECIPE := $(shell if command -v $(firstword $(AOQ)) >/dev/null; then \
 	$(AOQ) rounds $(CONFIGS) $(OVERRIDES) || echo failed; else echo unknown; fi)
 $(if $(filter failed,$(ROUND_RECIPE)),$(error make asks `$(AOQ) rounds` for the \
 	mining-round recipe (rounds.count, rounds.retrain_init), and it failed: its message is above))
-ifneq ($(ROUND_RECIPE),unknown)
+ifeq ($(ROUND_RECIPE),unknown)
+$(if $(dry_run),$(warning note: no $(AOQ) to ask for the mining-round recipe \
+	(rounds.count, rounds.retrain_init) before the environment exists: planning round 1 \
+	from scratch))
+else
 $(if $(filter 2,$(words $(ROUND_RECIPE))),,$(error make asks `$(AOQ) rounds` for the \
 	mining-round recipe, and it said '$(ROUND_RECIPE)' (expected the number of rounds and \
 	scratch or miner): give ROUNDS= and RETRAIN_INIT= to answer instead))

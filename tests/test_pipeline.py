@@ -283,6 +283,9 @@ def test_mining_round_recipe_comes_from_the_configs(workdir):
     assert "--run-dir runs/tiny/aoq_round2 " in two
     assert "--out-dir offcandi/tiny/round2" in two
     assert "--set train.init_from=runs/tiny/aoq/checkpoint.pt" in two
+    # eval's default CKPT is the last round's model
+    assert "--ckpt runs/tiny/aoq_round2/checkpoint.pt" in make(
+        work, "eval", "SET=rounds.count=2", dry_run=True)
     one = make(work, "retrain", "SET=rounds.count=2", "ROUNDS=1", dry_run=True)
     assert "aoq_round2" not in one and "--run-dir runs/tiny/aoq " in one
     assert "train.init_from" not in one

@@ -173,7 +173,7 @@ def load_candidates(folder: str | Path, direction: str, dataset: str, split: str
     if indices.shape[1] < min_k or indices.shape[1] == 0:
         raise UserError(f"{path} holds K={indices.shape[1]} candidates per query but the run "
                         f"samples from the top {min_k}; lower offcandi.hardest or mine "
-                        f"again with a larger K")
+                        f"again with a larger K (SET=offcandi.k_{direction}={min_k})")
     if indices.min() < 0 or indices.max() >= limit:
         raise UserError(f"{path}: indices out of range [0, {limit}); {remake}")
     if positives_present(direction, indices, stored).any():

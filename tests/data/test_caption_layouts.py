@@ -220,6 +220,19 @@ def test_repeated_rows_in_runs_no_file_explains_are_refused(tmp_path):
         open_split(tmp_path, "train")
 
 
+@pytest.mark.parametrize("per_image", [6, 10])
+def test_repeated_rows_in_runs_longer_than_five_without_ids_are_refused(tmp_path, per_image):
+    """10 images of 6 (or 10) repeated rows each: both ends' first 5 rows are one row
+    repeated, as in SCAN's layout, but read as 5 per image caption 7 would get image 1's
+    row's neighbour; without an ids file that says so, it is refused."""
+    rows = np.repeat(_features((10, 3)), per_image, axis=0)
+    write_precomp(tmp_path, "train", rows, _captions([per_image] * 10))
+    with pytest.raises(UserError, match=r"write \S*train_ids.txt"):
+        open_split(tmp_path, "train")
+    _write_ids(tmp_path, "train", range(10))
+    assert open_split(tmp_path, "train").layout == CaptionLayout.uniform(10, per_image)
+
+
 def test_captions_not_a_multiple_of_the_images_without_ids_name_the_fix(tmp_path):
     write_precomp(tmp_path, "train", _features((8, 3)), _captions(COUNTS))
     with pytest.raises(UserError, match=r"has 29 captions but \S*train_ims.npy has 8 images; "
