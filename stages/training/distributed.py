@@ -136,6 +136,19 @@ def all_ranks(obj) -> list:
     return out
 
 
+def rank_sizes(size: int, device: torch.device) -> list[int]:
+    """Every rank's ``size`` (its share of a global batch), in rank order: one all_gather
+    of an int64 tensor on ``device`` (all_gather_object would pickle it, and under NCCL
+    copy it through the GPU, every step)."""
+    n = world_size()
+    if n == 1:
+        return [size]
+    mine = torch.tensor([size], dtype=torch.int64, device=device)
+    parts = [torch.empty_like(mine) for _ in range(n)]
+    dist.all_gather(parts, mine)
+    return [int(p) for p in torch.cat(parts).tolist()]
+
+
 def gather_batch(tensor: torch.Tensor, sizes: list[int] | None = None) -> torch.Tensor:
     """The global batch's rows from each rank's share ``tensor`` (b_r, ...), in the global
     order (row g from rank g % N, its row g // N: how :mod:`stages.training.batches` cuts a
@@ -148,7 +161,7 @@ def gather_batch(tensor: torch.Tensor, sizes: list[int] | None = None) -> torch.
     if n == 1:
         return tensor
     if sizes is None:
-        sizes = [int(s) for s in all_ranks(tensor.shape[0])]
+        sizes = rank_sizes(tensor.shape[0], tensor.device)
     most = max(sizes)
     padded = tensor
     if tensor.shape[0] < most:

@@ -37,6 +37,7 @@ from stages.training.distributed import (
     is_main,
     mean_over_ranks,
     rank,
+    rank_sizes,
     world_size,
     wrap_forward,
 )
@@ -108,7 +109,7 @@ def _global_batch(inputs: LossInputs) -> LossInputs:
     """Every rank's rows of the loss inputs gathered into the global batch, in the
     one-process order, with gradients (:func:`~stages.training.distributed.gather_batch`):
     the anchors and, row for row with them, their offline negatives."""
-    sizes = [int(s) for s in all_ranks(inputs.image_ids.shape[0])]
+    sizes = rank_sizes(inputs.image_ids.shape[0], inputs.image_ids.device)
     offline = inputs.offline
     if offline is not None:
         offline = OfflineNegatives(**{f: gather_batch(getattr(offline, f), sizes)
