@@ -87,8 +87,11 @@ def read_ids_file(path: str | Path) -> np.ndarray:
     if (runs != CAPTIONS_PER_IMAGE).any():
         repeated = ids[runs > 1]
         raise UserError(f"{path}: {len(repeated)} image ids listed more than once (first: "
-                        f"{', '.join(map(str, repeated[:5]))}); each image once, in caption "
-                        "order")
+                        f"{', '.join(map(str, repeated[:5]))}); this is a list of images: "
+                        "name each once (or each 5 times, SCAN's per-caption lists); a "
+                        "dataset's ids file listing each image once per caption goes beside "
+                        "its captions as {split}_ids.txt, and `aoq captions "
+                        "--captions-per-image 0` writes one")
     return ids
 
 
