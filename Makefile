@@ -643,6 +643,11 @@ train_input = $(if $(filter pixels,$(MODEL_INPUT)),$(DATASET)/train_images.txt,$
 	its model reads features or pixels: `$(AOQ) model-input` $(if $(filter failed,\
 	$(MODEL_INPUT)),failed (its message is above),said '$(MODEL_INPUT)')))))
 
+# The input includes the split's ids file when there is one (it decides which image owns
+# each caption). It is never made here, but a dataset made earlier in the same make call
+# (the demo's) is not in make's cache of the folder: this rule stands for it there.
+$(DATASET)/train_ids.txt: ;
+
 # Before the environment exists: a make of its own makes the input, once it does (with a
 # note instead when it still has no aoq, as under make -n).
 .SECONDEXPANSION:

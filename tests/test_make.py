@@ -256,3 +256,42 @@ def test_a_fresh_clone_asks_what_the_model_reads_once_its_environment_is_made(tm
     assert "train-input-after-setup" not in result.stdout
     again = log.read_text().split()[len(asked):]
     assert sorted(again) == ["model-input", "settings", "train"] and again[-1] == "train"
+
+
+FAKE_AOQ = """#!/bin/sh
+# A stand-in for aoq that writes what each command's make rule expects.
+command=$1; shift
+out=""; vocab=""
+while [ $# -gt 0 ]; do
+    case "$1" in
+        --out) out=$2; shift ;;
+        --run-dir) out=$2/checkpoint.pt; shift ;;
+        --set) case "$2" in data.vocab=*) vocab=${2#data.vocab=} ;; esac; shift ;;
+    esac
+    shift
+done
+case "$command" in
+    demo-data) mkdir -p "$out"
+               for f in train_caps.txt train_ims.npy train_ids.txt; do echo x > "$out/$f"; done ;;
+    vocab) echo x > "$vocab" ;;
+    settings|train) mkdir -p "$(dirname "$out")"; echo x > "$out" ;;
+esac
+echo "$command" >> "$(dirname "$0")/commands"
+"""
+
+
+def test_a_dataset_made_in_the_same_call_is_a_training_input(tmp_path):
+    """The demo makes its dataset and trains on it in one make call: the ids file the
+    run's input includes is then not in make's cache of the folder, which must not stop
+    the chain ("No rule to make target .train-input")."""
+    aoq = tmp_path / "bin" / "aoq"
+    aoq.parent.mkdir()
+    aoq.write_text(FAKE_AOQ)
+    aoq.chmod(0o755)
+    for name in ("setup.cfg", "pyproject.toml", "stamp"):  # a ready environment
+        (tmp_path / name).touch()
+    result = make(tmp_path, "runs/demo/base/checkpoint.pt", "DATA=demo", "DATA_PATH=data",
+                  "STAMP=stamp", f"AOQ={aoq}", "MODEL_INPUT=features")
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "runs/demo/base/checkpoint.pt").is_file()
+    assert "train" in (aoq.parent / "commands").read_text().split()
