@@ -3,6 +3,7 @@ splits of 1 caption per image and of a different number per image, against brute
 and naive per-caption loops."""
 
 import types
+from pathlib import Path
 
 import h5py
 import numpy as np
@@ -15,6 +16,7 @@ from stages.core.layout import CaptionLayout
 from stages.mining.candidate_files import load_candidates, positives_present
 from stages.mining.embedding_files import Embeddings, write_embeddings
 from stages.mining.hardness import (
+    RoundStats,
     image_means,
     offline_scores,
     online_hardest,
@@ -36,7 +38,7 @@ from stages.mining.selection import (
 from stages.pipeline.import_candidates import _import_direction
 from stages.pipeline.inspect import inspect_caption, inspect_image
 from stages.pipeline.offcandi import offcandi
-from stages.pipeline.plot import quantity_names
+from stages.pipeline.plot import quantity_names, rank_figure
 from tests.test_negative_selection import random_captions, set_jaccard
 
 # A varied layout: 1 to 11 captions per image (11 > the 8 own captions one word table holds).
@@ -437,3 +439,17 @@ def test_plot_names_the_t2i_window_by_layout():
         "offline top 12 (sampled range)"
     assert "captions of the image" in quantity_names(8, 12, LAYOUTS["varied"])["t2i"][
         "offline_range"]
+
+
+@pytest.mark.parametrize("layout, captions", [
+    (CaptionLayout.uniform(4, 5), "best of its 5 captions"),
+    (CaptionLayout.uniform(4, 1), "its only caption"),
+    (CaptionLayout.from_counts([1, 3, 2, 5]), "best of its captions")])
+def test_rank_figure_titles_say_the_layouts_captions(layout, captions):
+    stats = RoundStats("r1", Path("e.h5"), Path("c"), layout,
+                       ranks={"i2t": np.arange(4), "t2i": np.arange(layout.num_captions)},
+                       summary={"rank_sample_images": 4,
+                                **{d: {"r1": 1.0, "r5": 2.0, "r10": 3.0, "medr": 2}
+                                   for d in ("i2t", "t2i")}})
+    i2t_axes = rank_figure([stats], layout).axes[0]
+    assert f"{captions} among all captions" in i2t_axes.get_title()

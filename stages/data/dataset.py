@@ -173,22 +173,13 @@ def _data_layout(features: "FeatureStore | ImageStore", num_captions: int, caps_
                         "per caption: check that both files come from the same split and "
                         "release")
     if num_captions > rows or not rows_may_repeat:
-        if not ids_file.is_file():
-            log.info("%s: %d captions for %d images and no %s: reading %d captions per "
-                     "image (an ids file listing each id once per caption gives images "
-                     "different numbers)", caps_path, num_captions, rows, ids_file.name,
-                     num_captions // rows)
+        log.info("%s: %d captions for %d images and no %s: reading %d captions per image "
+                 "(an ids file listing each id once per caption gives images different "
+                 "numbers)", caps_path, num_captions, rows, ids_file.name, num_captions // rows)
         return CaptionLayout.uniform(rows, num_captions // rows), False
     per = LEGACY_CAPTIONS_PER_IMAGE
-    if rows % per == 0:
-        groups = features.read_many([*range(per), *range(rows - per, rows)]).reshape(2, per, -1)
-        # each end's run of equal rows is exactly 5 long (6 or 10 repeated rows per image
-        # would pass a check of the first 5 alone, and pair captions with other images)
-        runs_end = rows == per or not (
-            features.read_many([per])[0] == groups[0, 0]).all() and not (
-            features.read_many([rows - per - 1])[0] == groups[1, 0]).all()
-        if (groups == groups[:, :1]).all() and runs_end:
-            return CaptionLayout.uniform(rows // per, per), True
+    if rows % per == 0 and _runs_of_exactly(per, features):
+        return CaptionLayout.uniform(rows // per, per), True
     ends = np.unique(np.r_[np.arange(min(rows, CHECKED_ROWS)),
                            np.arange(max(rows - CHECKED_ROWS, 0), rows)])
     block = features.read_many(ends).reshape(len(ends), -1)
@@ -200,6 +191,20 @@ def _data_layout(features: "FeatureStore | ImageStore", num_captions: int, caps_
                     "caption): the files do not say which image owns which caption; write "
                     f"{ids_file} listing each image's id once per caption (its captions' "
                     "lines consecutive)")
+
+
+def _runs_of_exactly(per: int, features: "FeatureStore | ImageStore") -> bool:
+    """Whether the first and the last ``per`` feature rows are each one row repeated, and
+    the rows next to them (when there are more) differ: runs of exactly ``per`` at both ends
+    (6 or 10 repeated rows per image would pass a check of the first ``per`` alone)."""
+    rows = features.num_images
+    for first, stop in ((0, min(per + 1, rows)), (max(rows - per - 1, 0), rows)):
+        block = features.read_many(list(range(first, stop))).reshape(stop - first, -1)
+        run, neighbour = (block[:per], block[per:]) if first == 0 else (block[-per:],
+                                                                         block[:-per])
+        if not (run == run[:1]).all() or (neighbour == run[:1]).all(axis=1).any():
+            return False
+    return True
 
 
 def check_compatible(train_split: Split, other_split: Split) -> None:

@@ -136,11 +136,10 @@ def mine_arrays(images: np.ndarray, captions: np.ndarray, k_i2t: int, k_t2i: int
     caption c of image c // 5), L2-normalised: scores are inner products. Returns
     ``{"i2t": (indices, scores), "t2i": (indices, scores)}``: i2t ``indices`` (N, k_i2t)
     int64 caption ids, t2i ``indices`` (C, k_t2i) int64 image ids, ``scores`` float32 of
-    the same shape; each row
-    hardest first, never a positive of its query (i2t: no caption of the image; t2i: not the
-    caption's own image). ``index``: ``flat`` (exact), ``hnsw`` (``ef_search``), ``ivf``
-    (``nlist``, ``nprobe``) or ``ivfpq`` (also ``pq_m``, ``pq_bits``, ``opq``), as
-    ``offcandi.*``; ``gpu``: on FAISS's GPUs when it has some;
+    the same shape; each row hardest first, never a positive of its query (i2t: no caption
+    of the image; t2i: not the caption's own image). ``index``: ``flat`` (exact), ``hnsw``
+    (``ef_search``), ``ivf`` (``nlist``, ``nprobe``) or ``ivfpq`` (also ``pq_m``,
+    ``pq_bits``, ``opq``), as ``offcandi.*``; ``gpu``: on FAISS's GPUs when it has some;
     ``block_size`` queries per search. The same search as ``aoq offcandi``
     (:func:`mine_candidates`), whose files hold these indices.
     """

@@ -93,8 +93,8 @@ def similarity_figure(rounds: list[RoundStats], names: dict) -> Figure:
 def rank_figure(rounds: list[RoundStats], layout: CaptionLayout) -> Figure:
     """One panel per direction: CDF of the 1-based positive rank, one curve per round
     (``layout``: the captions of the first round's split)."""
-    k = layout.per_image
-    of_each = f" x {k} captions" if k else " x their captions"
+    per_image = layout.per_image
+    of_each = f" x {per_image} captions" if per_image else " x their captions"
     fig = Figure(figsize=(13, 4.5), layout="constrained")
     axes = fig.subplots(1, 2)
     colours = _round_colours(len(rounds))
@@ -111,7 +111,9 @@ def rank_figure(rounds: list[RoundStats], layout: CaptionLayout) -> Figure:
         ax.set_ylim(0, 1.01)
         ax.set_xlabel("rank of the positive (1 = retrieved first)")
         ax.set_ylabel("fraction of queries with rank <= x")
-        what = (f"best of its {f'{k} ' if k else ''}captions among all captions"
+        its = ("its only caption" if per_image == 1 else
+               f"best of its {f'{per_image} ' if per_image else ''}captions")
+        what = (f"{its} among all captions"
                 if direction == "i2t" else "its image among all images")
         n = rounds[0].summary["rank_sample_images"]
         ax.set_title(f"{DIRECTION_NAMES[direction]}: {what}\n(training split, "

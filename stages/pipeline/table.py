@@ -468,7 +468,8 @@ def plot_pairs(pairs: list[dict], rows: list[dict], path: Path) -> None:
     ax.margins(y=0.15)
     fig.tight_layout()
     with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=120)
+        # tight: a title wider than one or two pairs' bars is kept whole, not cut
+        fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
     plt.close(fig)
 
 

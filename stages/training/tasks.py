@@ -78,7 +78,9 @@ class OfflineTask:
         self.dataset = OfflinePairDataset(split, tokenizer, sampler)
         self.collate = partial(collate_offline, pad=tokenizer.pad_id)
         self.group_size = group_size
-        self.owner = torch.from_numpy(np.array(split.layout.owner))  # (C,) caption -> image
+        # (C,) caption -> image, moved to the batches' device once (a lookup there, not a
+        # round trip through the CPU every step)
+        self.owner = torch.from_numpy(np.array(split.layout.owner))
 
     def epoch_batches(self, batch_size: int, seed: int, epoch: int, rank: int = 0,
                       world_size: int = 1, drop_last: bool = False) -> list[list[int]]:
@@ -121,7 +123,9 @@ class OfflineTask:
         b = output.img_emb.shape[0] // 3
         img, cap = output.img_emb, output.cap_emb
         image_ids = batch["image_ids"]
-        caption_images = self.owner[batch["caption_ids"].cpu()].to(image_ids.device)
+        if self.owner.device != image_ids.device:
+            self.owner = self.owner.to(image_ids.device)
+        caption_images = self.owner[batch["caption_ids"].to(image_ids.device)]
         offline = OfflineNegatives(
             captions=cap[b:2 * b], images=img[b:2 * b], captions2=cap[2 * b:],
             images2=img[2 * b:], caption_ids=caption_images[b:2 * b],
